@@ -1,0 +1,40 @@
+"""Shared fixtures: the real data in ../shared/data and the tiny models, built once per test session.
+
+The tiny models are built into a fresh temporary cache (not ~/.cache/xlgen), so every test run
+exercises the build from scratch, exactly as a user's first `--model tiny-mt5` would.
+"""
+
+import os
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+DATA_DIR = os.path.normpath(os.path.join(REPO, "..", "shared", "data"))
+TEXT_LANGS = ["en", "fr", "es", "ru", "zh", "ko", "ja", "ar", "de", "th", "ro", "vi"]
+FAMILIES = {"tiny-mt5": "mt5", "tiny-mbart": "mbart", "tiny-nllb": "nllb"}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def tiny_cache(tmp_path_factory):
+    cache = str(tmp_path_factory.mktemp("xlgen-cache"))
+    old = os.environ.get("XLGEN_CACHE")
+    os.environ["XLGEN_CACHE"] = cache
+    yield cache
+    if old is None:
+        os.environ.pop("XLGEN_CACHE", None)
+    else:
+        os.environ["XLGEN_CACHE"] = old
+
+
+@pytest.fixture(scope="session")
+def tokenizers(tiny_cache):
+    import models
+    return {name: models.load_tokenizer(name, DATA_DIR) for name in FAMILIES}
+
+
+@pytest.fixture(scope="session")
+def squad_train():
+    import data
+    return data.read_squad(data.squad_path(DATA_DIR, "train"))
