@@ -229,6 +229,44 @@ def family_of_name(name, data_dir=None):
     return data.family_of(AutoConfig.from_pretrained(resolve(name, data_dir)))
 
 
+# -----------------------------------------------------------------------------
+# Real architectures without weights (meta device): parameter counts, memory and speed benchmarks
+
+REAL_CONFIGS = {
+    # config.json values of the hub checkpoints
+    "google/mt5-base": ("mt5", dict(vocab_size=250112, d_model=768, d_kv=64, d_ff=2048, num_layers=12,
+                                    num_decoder_layers=12, num_heads=12, feed_forward_proj="gated-gelu")),
+    "google/mt5-large": ("mt5", dict(vocab_size=250112, d_model=1024, d_kv=64, d_ff=2816, num_layers=24,
+                                     num_decoder_layers=24, num_heads=16, feed_forward_proj="gated-gelu")),
+    "facebook/mbart-large-50": ("mbart", dict(vocab_size=250054, d_model=1024, encoder_layers=12, decoder_layers=12,
+                                              encoder_attention_heads=16, decoder_attention_heads=16,
+                                              encoder_ffn_dim=4096, decoder_ffn_dim=4096, max_position_embeddings=1024,
+                                              scale_embedding=True, activation_function="gelu")),
+    "facebook/nllb-200-distilled-600M": ("nllb", dict(vocab_size=256206, d_model=1024, encoder_layers=12,
+                                                      decoder_layers=12, encoder_attention_heads=16,
+                                                      decoder_attention_heads=16, encoder_ffn_dim=4096,
+                                                      decoder_ffn_dim=4096, max_position_embeddings=1024,
+                                                      scale_embedding=True, activation_function="relu")),
+}
+
+
+def real_architecture(name, device="meta"):
+    """The model of a real checkpoint with its real dimensions and random (or, on meta, no) weights."""
+    from transformers import (M2M100Config, M2M100ForConditionalGeneration, MBartConfig,
+                              MBartForConditionalGeneration, MT5Config, MT5ForConditionalGeneration)
+    family, kwargs = REAL_CONFIGS[name]
+    with torch.device(device):
+        if family == "mt5":
+            model = MT5ForConditionalGeneration(MT5Config(**kwargs))
+            # untied lm_head, as in the checkpoint (see _tiny_model)
+            model.lm_head.weight = torch.nn.Parameter(torch.empty(kwargs["vocab_size"], kwargs["d_model"]))
+        elif family == "mbart":
+            model = MBartForConditionalGeneration(MBartConfig(**kwargs))
+        else:
+            model = M2M100ForConditionalGeneration(M2M100Config(**kwargs))
+    return model
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tiny-mt5", help="tiny-mt5, tiny-mbart, tiny-nllb or a checkpoint")
