@@ -135,9 +135,10 @@ def _tiny_model(name, tokenizer, seed):
         model = MT5ForConditionalGeneration(config)
         # Real mT5 has an lm_head separate from the shared embedding. MT5Config forces
         # tie_word_embeddings=True, and setting it False would also untie the encoder/decoder input
-        # embeddings from `shared`. So we keep the config and give lm_head its own weight (std 1.0,
-        # mT5's init for an untied head); from_pretrained then keeps it untied, as for google/mt5-*.
-        model.lm_head.weight = torch.nn.Parameter(torch.randn(len(tokenizer), d))
+        # embeddings from `shared`. So we keep the config and give lm_head its own weight;
+        # from_pretrained then keeps it untied, as for google/mt5-*. (Std d_model**-0.5 rather than
+        # mT5's 1.0, so that a tiny random model starts with logits of unit scale and learns fast.)
+        model.lm_head.weight = torch.nn.Parameter(torch.randn(len(tokenizer), d) * d ** -0.5)
         return model
     common = dict(vocab_size=len(tokenizer), d_model=d, encoder_layers=layers, decoder_layers=layers,
                   encoder_attention_heads=heads, decoder_attention_heads=heads, encoder_ffn_dim=ff,
