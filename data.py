@@ -83,8 +83,9 @@ def get_language(code, flag="--lang"):
 
 
 def parse_langs(text, flag="--langs"):
-    """'fr,zh, ko' -> ['fr', 'zh', 'ko'], each checked against the table."""
-    codes = [c.strip() for c in text.split(",") if c.strip()]
+    """'fr,zh, ko' (or an already split list) -> ['fr', 'zh', 'ko'], each checked against the table."""
+    items = text if isinstance(text, (list, tuple)) else text.split(",")
+    codes = [c.strip() for c in items if c.strip()]
     if not codes:
         raise DataError(f"{flag}: empty language list")
     for code in codes:

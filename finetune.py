@@ -56,6 +56,8 @@ def parse_args(argv=None):
     p.add_argument("--xlsum-dir", default=None, help="XL-Sum jsonl files (default: DATA_DIR/xlsum)")
     p.add_argument("--train-file", default=None, help="training file in the task's official format (e.g. translate-train output)")
     p.add_argument("--train-lang", default="en", help="language of the training data")
+    p.add_argument("--max-train-examples", type=int, default=None,
+                   help="use only the first N training examples of each source language (quick runs)")
     p.add_argument("--val-langs", default=None, help="comma-separated validation languages (task default)")
     p.add_argument("--test-langs", default=None, help="comma-separated test languages (task default)")
     p.add_argument("--src-langs", default=None, help="multisrc: source languages, uniformly mixed (XL-Sum only)")
@@ -66,6 +68,8 @@ def parse_args(argv=None):
     p.add_argument("--init", default=None, help="start from this checkpoint (e.g. a pretrain_it.py run directory)")
     p.add_argument("--out-dir", default=None, help="run directory (default runs/TASK/MODEL/METHOD-lrLR[-it]-seedSEED)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out-dir from its last/ checkpoint")
+    p.add_argument("--stop-at-step", type=int, default=None,
+                   help="exit after the checkpoint of this evaluation step (for job time limits); continue with --resume")
     p.add_argument("--seed", type=int, default=0, help="random seed (data order, dropout, initialisation of added weights)")
     p.add_argument("--num-beams", type=int, default=1, help="beams for evaluation generation (1 = greedy)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="generation length limit (task default: 84 XL-Sum, 32 XQuAD)")
@@ -184,7 +188,7 @@ def build_stream(args, files, encoder):
     for `mix`, Prefix-LM streams of the target languages with total probability --mix-prob."""
     task_streams = {}
     for i, (lang, path) in enumerate(files["train"].items()):
-        examples, _ = read_task(args.task, path, lang)
+        examples, _ = read_task(args.task, path, lang, args.max_train_examples)
         encoded = encoder.encode(examples)
         task_streams[lang] = data.TokenBatches(encoded, args.max_tokens, seed=args.seed + i, name=f"task/{lang}")
         print(f"train {lang}: {len(examples):,} examples from {path}, "
@@ -303,13 +307,17 @@ def main(args):
         return average[main_metric]
 
     try:
-        best_step, best_metric = loop.train(
+        best_step, best_metric, stopped = loop.train(
             model, tokenizer, stream, run_dir=run_dir, base_model=base_model, lr=args.lr,
             warmup_steps=args.warmup_steps, max_steps=args.max_steps, eval_every=args.eval_every,
             evaluate_fn=evaluate_fn, device=device, grad_clip=args.grad_clip, weight_decay=args.weight_decay,
-            log_every=args.log_every, resume=args.resume, eval_at_start=args.eval_at_start)
+            log_every=args.log_every, resume=args.resume, eval_at_start=args.eval_at_start,
+            stop_at_step=args.stop_at_step)
     except FloatingPointError as e:
         sys.exit(f"error: {e}")
+    if stopped:
+        print(f"stopped after the checkpoint of step {args.stop_at_step}; continue with --resume")
+        return None
 
     # ---- final evaluation of the best checkpoint on the test languages ----
     best_dir = os.path.join(run_dir, "best")

@@ -267,12 +267,14 @@ def generate(model, tokenizer, encoded, generation_kwargs, device, max_new_token
 
 def train(model, tokenizer, stream, *, run_dir, base_model, lr, warmup_steps, max_steps, eval_every,
           evaluate_fn, device, grad_clip=1.0, weight_decay=0.0, log_every=10, resume=False,
-          eval_at_start=False, metric_mode="max"):
-    """Train `model` on batches from `stream` (a data.Mixture); returns (best_step, best_metric).
+          eval_at_start=False, metric_mode="max", stop_at_step=None):
+    """Train `model` on batches from `stream` (a data.Mixture); returns (best_step, best_metric, stopped).
 
     evaluate_fn(step) -> a scalar to select best/ by (higher is better for metric_mode "max"),
     or None to keep only last/. Resuming restores weights (from last/, loaded by the caller),
     optimizer, schedule position, RNG and data-iterator state, so the run continues bit for bit.
+    `stop_at_step`: return right after the checkpoint of that (evaluation) step, stopped=True, as a
+    job with a time limit would; --resume continues it.
     """
     model.to(device)
     optimizer = make_optimizer(model, lr, weight_decay)
@@ -301,6 +303,9 @@ def train(model, tokenizer, stream, *, run_dir, base_model, lr, warmup_steps, ma
                            "rng": rng_state(), "best_step": best_step, "best_metric": best_metric}
             save_checkpoint(run_dir, "last", model, tokenizer, base_model, train_state)
             model.train()
+            if step == stop_at_step and step < max_steps:
+                bar.close()
+                return best_step, best_metric, True
         if step == max_steps:
             break
 
@@ -340,4 +345,4 @@ def train(model, tokenizer, stream, *, run_dir, base_model, lr, warmup_steps, ma
             bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{step_lr:.2e}", tok_s=f"{row['tokens_per_s']:,.0f}")
             window = {"loss_sum": 0.0, "tokens": 0, "real": 0, "padded": 0, "time": time.perf_counter(), "steps": 0}
     bar.close()
-    return best_step, best_metric
+    return best_step, best_metric, False

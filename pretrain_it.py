@@ -143,7 +143,7 @@ def main(args):
         return average
 
     try:
-        best_step, best_loss = loop.train(
+        best_step, best_loss, _ = loop.train(
             model, tokenizer, stream, run_dir=run_dir, base_model=args.model, lr=args.lr,
             warmup_steps=args.warmup_steps, max_steps=args.max_steps, eval_every=args.eval_every,
             evaluate_fn=evaluate_fn, device=device, grad_clip=args.grad_clip, weight_decay=args.weight_decay,

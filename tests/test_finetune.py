@@ -1,0 +1,293 @@
+"""finetune.py, pretrain_it.py and loop.py: every method on every family, the schedule, it learns,
+determinism, resume, kill-safety, bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import adapt
+import data
+import finetune
+import loop
+import models
+import pretrain_it
+from conftest import DATA_DIR, FAMILIES, REPO
+
+FIXTURES = os.path.join(REPO, "tests", "fixtures", "xlsum")
+QUICK = ["--data-dir", DATA_DIR, "--max-steps", "20", "--eval-every", "10", "--warmup-steps", "5",
+         "--max-tokens", "1500", "--max-eval-examples", "4", "--max-new-tokens", "8", "--log-every", "5",
+         "--lr", "1e-3", "--adapter-dim", "8", "--prompt-length", "4", "--max-train-examples", "300"]
+TASK_ARGS = {"xquad": ["--task", "xquad", "--val-langs", "th,vi", "--test-langs", "zh,de"],
+             "xlsum": ["--task", "xlsum", "--xlsum-dir", FIXTURES, "--val-langs", "fr,zh", "--test-langs", "ko,ru"]}
+METHOD_ARGS = {"mix": ["--mix-langs", "fr,zh"], "multisrc": ["--src-langs", "en,es"]}
+
+
+def run_finetune(out_dir, *extra, task="xquad", method="full", model="tiny-mt5"):
+    argv = QUICK + TASK_ARGS[task] + ["--model", model, "--method", method, "--out-dir", str(out_dir)]
+    return finetune.main(finetune.parse_args(argv + METHOD_ARGS.get(method, []) + list(extra)))
+
+
+CASES = [(name, method, task) for task in ("xquad", "xlsum") for name in FAMILIES for method in adapt.METHODS
+         if not (task == "xquad" and method == "multisrc")]
+
+
+@pytest.mark.parametrize("name,method,task", CASES, ids=["-".join(c) for c in CASES])
+def test_every_method_every_family_produces_the_run_directory(name, method, task, tmp_path):
+    results = run_finetune(tmp_path, task=task, method=method, model=name)
+    for path in ("args.json", "log.jsonl", "eval/step_10.json", "eval/step_20.json", "results.json",
+                 "last/train_state.pt", "last/tokenizer.json", "best/tokenizer.json"):
+        assert (tmp_path / path).exists(), path
+    weights = "adapter_model.safetensors" if method in ("adapters", "prompt") else "model.safetensors"
+    assert (tmp_path / "last" / weights).exists() and (tmp_path / "best" / weights).exists()
+    log = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
+    assert [row["step"] for row in log] == [5, 10, 15, 20]
+    assert {"loss", "lr", "grad_norm", "tokens_per_s", "padding_efficiency"} <= set(log[0])
+    main = "f1_filtered" if task == "xquad" else "rouge2"
+    test_langs = ["zh", "de"] if task == "xquad" else ["ko", "ru"]
+    assert json.loads((tmp_path / "results.json").read_text()) == json.loads(json.dumps(results))
+    for lang in test_langs:
+        assert {main, "lcr", "avg_len"} <= set(results["test"][lang])
+        assert (tmp_path / "predictions" / f"test.{lang}.json").exists()
+    assert results["best_step"] in (10, 20) and results["main_metric"] == main
+
+
+def test_mix_draws_prefix_lm_batches(tmp_path):
+    run_finetune(tmp_path, "--mix-prob", "0.5", method="mix")
+    streams = [json.loads(line)["stream"] for line in open(tmp_path / "log.jsonl")]
+    assert any(s.startswith("prefix_lm/") for s in streams) and any(s.startswith("task/") for s in streams)
+
+
+# ----------------------------------------------------------------------------- schedule and loss
+
+class FairseqInverseSqrt:
+    """fairseq's InverseSquareRootSchedule, transcribed: warmup_init_lr = 0, lr_step =
+    lr / warmup_updates, decay_factor = lr * sqrt(warmup_updates); step_update(num_updates)."""
+
+    def __init__(self, lr, warmup_updates):
+        self.warmup_updates, self.lr_step = warmup_updates, lr / warmup_updates
+        self.decay_factor = lr * warmup_updates ** 0.5
+
+    def step_update(self, num_updates):
+        if num_updates < self.warmup_updates:
+            return 0.0 + num_updates * self.lr_step
+        return self.decay_factor * num_updates ** -0.5
+
+
+def test_get_lr_equals_fairseq_inverse_sqrt():
+    fairseq = FairseqInverseSqrt(1e-3, 4000)
+    for step in (1, 4000, 16000, 2000, 20000):
+        assert loop.get_lr(step, 1e-3, 4000) == pytest.approx(fairseq.step_update(step), rel=1e-12)
+    assert loop.get_lr(1, 1e-3, 4000) == pytest.approx(2.5e-7)
+    assert loop.get_lr(4000, 1e-3, 4000) == pytest.approx(1e-3)
+    assert loop.get_lr(16000, 1e-3, 4000) == pytest.approx(5e-4)
+
+
+def test_loss_is_token_normalised(tokenizers):
+    model = models.load_model("tiny-nllb", DATA_DIR).eval()
+    encoder = data.Seq2SeqEncoder(tokenizers["tiny-nllb"], "nllb")
+    examples = [data.Example("1", "Hello.", "A much longer target sentence here.", "en", "fr"),
+                data.Example("2", "Hi there, friend.", "Short.", "en", "fr")]
+    batch = data.collate(encoder.encode(examples), tokenizers["tiny-nllb"].pad_token_id)
+    with torch.no_grad():
+        loss, num_tokens = loop.token_loss(model, batch)
+        hf = model(**batch).loss  # HF's mean over non-ignored tokens = our sum / count for one batch
+    assert num_tokens == int((batch["labels"] != -100).sum()) and torch.allclose(loss, hf, atol=1e-5)
+
+
+def test_overfitting_one_batch_halves_the_loss(tokenizers, squad_train):
+    torch.manual_seed(0)
+    model = adapt.apply(models.load_model("tiny-mt5", DATA_DIR), "full", verbose=False)
+    encoder = data.Seq2SeqEncoder(tokenizers["tiny-mt5"], "mt5")
+    batch = data.collate(encoder.encode(data.qa_examples(squad_train[:8], "en")), 0)
+    optimizer = loop.make_optimizer(model, 1e-3)
+    model.train()
+    losses = []
+    for _ in range(50):
+        loss, _ = loop.token_loss(model, batch)
+        losses.append(loss.item())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    print(f"overfitting one batch: loss {losses[0]:.3f} -> {losses[-1]:.3f}")
+    assert min(losses) < losses[0] / 2
+
+
+# ----------------------------------------------------------------------------- determinism and resume
+
+def _weights(directory):
+    return load_file(os.path.join(directory, "model.safetensors"))
+
+
+def _equal(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_same_seed_bitwise_equal_and_resume_bitwise_equal(tmp_path):
+    run_finetune(tmp_path / "a", "--seed", "3")
+    run_finetune(tmp_path / "b", "--seed", "3")
+    assert _equal(_weights(tmp_path / "a" / "last"), _weights(tmp_path / "b" / "last"))
+    run_finetune(tmp_path / "c", "--seed", "4")
+    assert not _equal(_weights(tmp_path / "a" / "last"), _weights(tmp_path / "c" / "last"))
+    # 10 steps, stop, then --resume for the other 10: the same weights, log and results as 20 straight
+    assert run_finetune(tmp_path / "r", "--seed", "3", "--stop-at-step", "10") is None
+    assert loop.load_train_state(str(tmp_path / "r" / "last"))["step"] == 10
+    assert not (tmp_path / "r" / "results.json").exists()
+    resumed = run_finetune(tmp_path / "r", "--seed", "3", "--resume")
+    assert _equal(_weights(tmp_path / "a" / "last"), _weights(tmp_path / "r" / "last"))
+    assert (tmp_path / "a" / "log.jsonl").read_text().count("\n") == (tmp_path / "r" / "log.jsonl").read_text().count("\n")
+    straight = json.loads((tmp_path / "a" / "results.json").read_text())
+    assert resumed["test"] == straight["test"] and resumed["best_step"] == straight["best_step"]
+    # a finished run is skipped
+    assert run_finetune(tmp_path / "a", "--seed", "3")["best_step"] == straight["best_step"]
+
+
+def test_resume_with_adapters_is_bitwise_equal(tmp_path):
+    run_finetune(tmp_path / "a", method="adapters")
+    run_finetune(tmp_path / "r", "--stop-at-step", "10", method="adapters")
+    run_finetune(tmp_path / "r", "--resume", method="adapters")
+    a = load_file(str(tmp_path / "a" / "last" / adapt.ADDED_WEIGHTS_FILE))
+    r = load_file(str(tmp_path / "r" / "last" / adapt.ADDED_WEIGHTS_FILE))
+    assert _equal(a, r) and len(a) > 0
+
+
+KILL_SCRIPT = r"""
+import os, sys, time
+sys.path.insert(0, {repo!r})
+import finetune, loop
+save_model, calls = loop.save_model, []
+def slow_save(model, tokenizer, directory, base_model):
+    save_model(model, tokenizer, directory, base_model)
+    calls.append(directory)
+    if ".tmp-last-" in directory and len([c for c in calls if ".tmp-last-" in c]) == 2:
+        open({marker!r}, "w").close()   # the second last/ is half-saved: now kill us
+        time.sleep(120)
+loop.save_model = slow_save
+finetune.main(finetune.parse_args({argv!r}))
+"""
+
+
+def test_sigkill_while_saving_leaves_a_loadable_last(tmp_path):
+    out, marker = tmp_path / "run", tmp_path / "saving"
+    argv = QUICK + TASK_ARGS["xquad"] + ["--model", "tiny-mt5", "--out-dir", str(out)]
+    script = KILL_SCRIPT.format(repo=REPO, marker=str(marker), argv=argv)
+    env = dict(os.environ, PYTHONPATH=REPO)
+    proc = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 240
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert marker.exists(), proc.stderr.read().decode()[-2000:]
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert any(p.name.startswith(".tmp-last-") for p in out.iterdir())  # the interrupted save
+    model = models.load_model(str(out / "last"))                        # the previous one loads
+    assert loop.load_train_state(str(out / "last"))["step"] == 10 and model is not None
+    results = run_finetune(out, "--resume")                              # and the run completes
+    assert results["best_step"] in (10, 20)
+    assert not any(p.name.startswith(".tmp-last-") for p in out.iterdir())
+
+
+def test_recover_checkpoint_between_the_two_renames(tmp_path):
+    (tmp_path / ".old-last").mkdir()
+    (tmp_path / ".old-last" / "config.json").write_text("{}")
+    (tmp_path / ".tmp-last-abc").mkdir()
+    assert loop.recover_checkpoint(str(tmp_path), "last") == str(tmp_path / "last")
+    assert (tmp_path / "last" / "config.json").exists() and not (tmp_path / ".tmp-last-abc").exists()
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    token_loss, calls = loop.token_loss, []
+
+    def poisoned(model, batch):
+        calls.append(1)
+        loss, n = token_loss(model, batch)
+        return (loss * float("nan") if len(calls) > 13 else loss), n
+    monkeypatch.setattr(loop, "token_loss", poisoned)
+    with pytest.raises(SystemExit) as e:
+        run_finetune(tmp_path)
+    message = str(e.value.code)
+    assert "non-finite loss (nan) at step 14" in message and "last good checkpoint" in message
+    assert "\n" not in message
+    assert loop.load_train_state(str(tmp_path / "last"))["step"] == 10
+    assert models.load_model(str(tmp_path / "last")) is not None
+
+
+# ----------------------------------------------------------------------------- pretrain_it
+
+def test_pretrain_it_loss_falls_and_finetune_init_loads_it(tmp_path):
+    out = tmp_path / "it"
+    pretrain_it.main(pretrain_it.parse_args([
+        "--model", "tiny-mt5", "--data-dir", DATA_DIR, "--langs", "en,fr,zh", "--max-steps", "50",
+        "--warmup-steps", "10", "--eval-every", "25", "--lr", "3e-3", "--max-tokens", "1000",
+        "--log-every", "10", "--out-dir", str(out), "--num-samples", "2", "--max-new-tokens", "8"]))
+    log = [json.loads(line) for line in open(out / "log.jsonl")]
+    print("Prefix-LM loss by 10 steps:", [round(r["loss"], 3) for r in log])
+    assert log[-1]["loss"] < log[0]["loss"] - 1.0
+    evals = [json.loads((out / "eval" / f"step_{s}.json").read_text()) for s in (25, 50)]
+    assert evals[1]["average"] < evals[0]["average"]
+    assert set(evals[1]["samples"]) == {"en", "fr", "zh"}
+    # finetune --init takes the run directory; training starts from the intermediate-tuned weights
+    args = finetune.parse_args(QUICK + TASK_ARGS["xquad"] + ["--model", "tiny-mt5", "--init", str(out),
+                                                             "--out-dir", str(tmp_path / "ft")])
+    finetune.check_args(args)
+    assert args.init == str(out / "last")
+    started = finetune.build_model(args)
+    it_weights = _weights(out / "last")
+    assert torch.equal(started.state_dict()["shared.weight"], it_weights["shared.weight"])
+    assert not torch.equal(it_weights["shared.weight"], _weights(models.resolve("tiny-mt5"))["shared.weight"])
+    results = finetune.main(args)
+    assert results["config"]["init"] == str(out / "last")
+
+
+def test_zmbart_objective_runs(tmp_path):
+    pretrain_it.main(pretrain_it.parse_args([
+        "--model", "tiny-nllb", "--data-dir", DATA_DIR, "--langs", "en,ru", "--objective", "zmbart",
+        "--max-steps", "4", "--warmup-steps", "1", "--eval-every", "2", "--out-dir", str(tmp_path),
+        "--max-tokens", "2000", "--num-samples", "1", "--max-new-tokens", "4"]))
+    assert (tmp_path / "last" / "model.safetensors").exists() and (tmp_path / "results.json").exists()
+
+
+# ----------------------------------------------------------------------------- bad input
+
+BAD = [
+    (["--model", "gpt-2"], "--model: unknown model 'gpt-2'"),
+    (["--method", "lora"], "--method: unknown method 'lora'"),
+    (["--val-langs", "th,xx"], "--val-langs: unknown language 'xx'"),
+    (["--task", "glue"], "--task: unknown task 'glue'"),
+    (["--lr", "0"], "--lr: must be positive"),
+    (["--lr=-1e-3"], "--lr: must be positive"),
+    (["--train-file", "/nonexistent/train.json"], "/nonexistent/train.json: file not found"),
+    (["--method", "multisrc"], "--method multisrc: XQuAD has only English training data"),
+    (["--model", "tiny-mbart", "--test-langs", "el"], "mbart has no language code for 'el'"),
+]
+
+
+@pytest.mark.parametrize("extra,message", BAD, ids=[b[1][:30] for b in BAD])
+def test_bad_input_fails_before_any_model_loads(extra, message, tmp_path, monkeypatch):
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded before the arguments were checked")
+    monkeypatch.setattr(models, "load_model", no_loading)
+    monkeypatch.setattr(models, "load_tokenizer", no_loading)
+    argv = QUICK + TASK_ARGS["xquad"] + ["--model", "tiny-mt5", "--out-dir", str(tmp_path / "run")]
+    with pytest.raises(SystemExit) as e:
+        finetune.main(finetune.parse_args(argv + extra))
+    assert message in str(e.value.code) and "\n" not in str(e.value.code)
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_xlsum_data_points_at_download(tmp_path):
+    with pytest.raises(SystemExit, match="python data.py download"):
+        finetune.main(finetune.parse_args(["--model", "tiny-mt5", "--task", "xlsum", "--data-dir", str(tmp_path),
+                                           "--out-dir", str(tmp_path / "run")]))
+
+
+def test_existing_checkpoint_needs_resume(tmp_path):
+    run_finetune(tmp_path, "--stop-at-step", "10")
+    with pytest.raises(SystemExit, match="pass --resume"):
+        run_finetune(tmp_path)
