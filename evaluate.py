@@ -37,10 +37,16 @@ MAIN_METRIC = {"xquad": "f1_filtered", "squad": "f1", "xlsum": "rouge2"}  # what
 # -----------------------------------------------------------------------------
 # Clean-up of pretraining rudiments (paper Section 5, Appendix A)
 
-RUDIMENTS = re.compile(
-    r"<extra_id_\d+>|<sep>|<pad>|</s>|<s>|<mask>"
-    r"|\b[a-z]{2}_[A-Z]{2}\b"          # mBART-50 language codes: fr_XX, zh_CN, ...
-    r"|\b[a-z]{3}_[A-Z][a-z]{3}\b")    # NLLB language codes: fra_Latn, zho_Hans, ...
+def _rudiments_pattern():
+    """Sentinels and special tokens, and every language code of mBART-50 and NLLB-200, matched
+    without word boundaries: decoded special tokens are glued together ("fra_Latnfra_Latn")."""
+    from transformers.models.mbart50.tokenization_mbart50 import FAIRSEQ_LANGUAGE_CODES as MBART_CODES
+    from transformers.models.nllb.tokenization_nllb import FAIRSEQ_LANGUAGE_CODES as NLLB_CODES
+    codes = sorted(set(MBART_CODES) | set(NLLB_CODES), key=len, reverse=True)
+    return re.compile(r"<extra_id_\d+>|<sep>|<pad>|</s>|<s>|<mask>|" + "|".join(map(re.escape, codes)))
+
+
+RUDIMENTS = _rudiments_pattern()
 
 
 def clean_prediction(text):

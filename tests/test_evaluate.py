@@ -139,6 +139,12 @@ def test_clean_prediction_rudiments():
     assert evaluate.clean_prediction("<pad> zho_Hans 北京 <sep> </s>") == ("北京", True)
     assert evaluate.clean_prediction("<extra_id_12>") == ("", True)
     assert evaluate.clean_prediction("Paris, France") == ("Paris, France", False)
+    # decoded special tokens are glued together; every code of both families is known
+    assert evaluate.clean_prediction("fra_Latnfra_Latnfra_Latn") == ("", True)
+    assert evaluate.clean_prediction("ja_XXko_KR Tokyo") == ("Tokyo", True)
+    assert evaluate.clean_prediction("zul_Latn ace_Arab x") == ("x", True)
+    # Vietnamese word-segmented text keeps its underscores
+    assert evaluate.clean_prediction("thanh_Hoang Hà_Nội") == ("thanh_Hoang Hà_Nội", False)
 
 
 # ----------------------------------------------------------------------------- CLI and bad input

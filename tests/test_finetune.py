@@ -291,3 +291,26 @@ def test_existing_checkpoint_needs_resume(tmp_path):
     run_finetune(tmp_path, "--stop-at-step", "10")
     with pytest.raises(SystemExit, match="pass --resume"):
         run_finetune(tmp_path)
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_training_and_generation_agree_on_the_decoder_layout(name, tokenizers, squad_train):
+    """Overfit four examples with the training loss, then generate them back with the evaluation
+    settings (decoder start, forced target code): teacher forcing and generation must agree."""
+    torch.manual_seed(0)
+    family, tokenizer = FAMILIES[name], tokenizers[name]
+    distinct = list({q["context"]: q for q in squad_train}.values())[:4]       # one question per paragraph
+    examples = data.qa_examples(distinct, "fr")                                   # exercise the language codes
+    encoder = data.Seq2SeqEncoder(tokenizer, family, max_source_length=64)
+    encoded = encoder.encode(examples)
+    batch = data.collate(encoded, tokenizer.pad_token_id)
+    model = adapt.apply(models.load_model(name, DATA_DIR), "full", verbose=False)
+    optimizer = loop.make_optimizer(model, 3e-3)
+    model.train()
+    for _ in range(100):
+        loss, _ = loop.token_loss(model, batch)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    predictions = loop.generate(model, tokenizer, encoded, encoder.generation_kwargs("fr"), torch.device("cpu"), 16)
+    assert sum(p == ex.target for p, ex in zip(predictions, examples)) >= 3, list(zip(predictions, [e.target for e in examples]))
