@@ -256,9 +256,10 @@ ABBREVIATIONS = {
     "no", "fig", "inc", "ltd", "co", "corp", "jan", "feb", "mar", "apr", "jun", "jul", "aug", "sep",
     "sept", "oct", "nov", "dec", "mt", "gen", "col", "lt", "sgt", "capt", "gov", "sen", "rep", "approx",
     "cf", "al", "ca", "p", "pp", "vol", "ed", "eds", "art", "nr", "bzw", "z.b", "usw", "mme", "mlle",
-    "av", "sra", "sr", "dña", "г", "гг", "им", "т.е", "т.д", "др", "ул", "стр",
+    "av", "sra", "dra", "dña", "nr", "z.b", "г", "гг", "им", "т.е", "т.д", "т.к", "др", "ул", "стр", "чел",
+    "букв", "англ", "см", "тыс", "млн", "млрд", "руб", "проф", "св",
 }
-_SENTENCE_END = re.compile(r"([.!?؟…]+[\"'”’»)\]]*)(\s+)|([。！？]+[」』”’）]*)")
+_SENTENCE_END = re.compile(r"([.!?؟…]+[\"'”’»)\]]*)(\s+)|([。！？][。！？」』”’）]*)")
 
 
 def split_sentences(text):
@@ -274,12 +275,11 @@ def split_sentences(text):
         if match.group(1):  # Western punctuation followed by whitespace
             word = text[start:match.start()].split()[-1:] or [""]
             last_word = re.sub(r"^[\"'“‘«(\[]+", "", word[0]).lower()
-            if match.group(1).startswith(".") and len(match.group(1)) == 1:
-                if last_word in ABBREVIATIONS or re.fullmatch(r"\w", last_word):
-                    continue
-                next_char = text[match.end():match.end() + 1]
-                if next_char and next_char.islower():  # "approx. five", "etc. and": not an end
-                    continue
+            if match.group(1) == "." and (last_word in ABBREVIATIONS or re.fullmatch(r"\w", last_word)):
+                continue
+            next_char = text[match.end():match.end() + 1]
+            if next_char and next_char.islower():  # "approx. five", "enfin... les", "Yahoo! is": no end
+                continue
             end = match.end(1) + len(match.group(2))
         else:
             end = match.end()
@@ -287,7 +287,7 @@ def split_sentences(text):
             sentences.append(text[start:end])
             start = end
     if start < len(text):
-        if sentences and not text[start:].strip():
+        if sentences and not any(ch.isalnum() for ch in text[start:]):  # trailing space or a lone quote
             sentences[-1] += text[start:]
         else:
             sentences.append(text[start:])

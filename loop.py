@@ -238,9 +238,22 @@ def decode_generated(tokenizer, sequences, generation_kwargs):
 
 
 @torch.no_grad()
+def generate_batch(model, tokenizer, sources, generation_kwargs, device, max_new_tokens, num_beams=1):
+    """Generated ids (batch, length) for a list of source id lists, padded on the right."""
+    tensors = data.collate([{"input_ids": ids, "labels": [0]} for ids in sources], tokenizer.pad_token_id)
+    with autocast(device):
+        return model.generate(input_ids=tensors["input_ids"].to(device),
+                              attention_mask=tensors["attention_mask"].to(device),
+                              max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False,
+                              **generation_kwargs).cpu()
+
+
 def generate(model, tokenizer, encoded, generation_kwargs, device, max_new_tokens, num_beams=1,
              max_tokens=8000, desc="generate", sort_by_length=True):
-    """Predictions for encoded sources (list of {"input_ids"}), in input order."""
+    """Predictions for encoded sources (list of {"input_ids"}), in input order.
+
+    `max_new_tokens` is a number, or a function of the longest source in the batch (translation
+    bounds its output relative to its input)."""
     model.eval()
     lengths = [len(e["input_ids"]) for e in encoded]
     if sort_by_length:
@@ -250,14 +263,10 @@ def generate(model, tokenizer, encoded, generation_kwargs, device, max_new_token
         batches = [list(range(i, min(i + size, len(encoded)))) for i in range(0, len(encoded), size)]
     predictions = [None] * len(encoded)
     for batch in tqdm(batches, desc=desc, leave=False, disable=len(batches) < 2, file=sys.stderr):
-        tensors = data.collate([{"input_ids": encoded[i]["input_ids"], "labels": [0]} for i in batch],
-                               tokenizer.pad_token_id)
-        with autocast(device):
-            out = model.generate(input_ids=tensors["input_ids"].to(device),
-                                 attention_mask=tensors["attention_mask"].to(device),
-                                 max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False,
-                                 **generation_kwargs)
-        for i, text in zip(batch, decode_generated(tokenizer, out.cpu(), generation_kwargs)):
+        limit = max_new_tokens(max(lengths[i] for i in batch)) if callable(max_new_tokens) else max_new_tokens
+        out = generate_batch(model, tokenizer, [encoded[i]["input_ids"] for i in batch], generation_kwargs,
+                             device, limit, num_beams)
+        for i, text in zip(batch, decode_generated(tokenizer, out, generation_kwargs)):
             predictions[i] = text
     return predictions
 

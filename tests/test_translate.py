@@ -1,0 +1,195 @@
+"""translate_train.py: valid output in the official formats, resume without retranslation,
+sentence splitting on real text, forced target language, bad input."""
+
+import json
+import os
+
+import pytest
+import torch
+
+import data
+import evaluate
+import loop
+import models
+import translate_train
+from conftest import DATA_DIR, REPO
+
+STANDIN = os.path.join(DATA_DIR, "squad", "train-standin-v1.1.json.gz")
+FIXTURE_EN = os.path.join(REPO, "tests", "fixtures", "xlsum", "english_train.jsonl")
+
+
+def run(*argv):
+    return translate_train.main(translate_train.parse_args(["--model", "tiny-nllb", "--data-dir", DATA_DIR,
+                                                            "--max-length-ratio", "0.5", "--max-length-offset", "4"]
+                                                           + list(argv)))
+
+
+def test_thirty_squad_examples_translate_into_valid_squad_json(tmp_path, capsys):
+    out = tmp_path / "squad.fr.json"
+    run("--task", "xquad", "--train-file", STANDIN, "--tgt-lang", "fr", "--out-file", str(out), "--limit", "30")
+    source = data.read_squad(STANDIN)[:30]
+    translated = data.read_squad(str(out))              # the reader loads it
+    assert [q["id"] for q in translated] == [q["id"] for q in source]
+    assert [len(q["answers"]) for q in translated] == [len(q["answers"]) for q in source]
+    assert len({q["context"] for q in translated}) == len({q["context"] for q in source})
+    assert [q["title"] for q in translated] == [q["title"] for q in source]
+    raw = json.loads(out.read_text())
+    assert raw["translated_to"] == "fr" and not os.path.exists(str(out) + ".progress.jsonl")
+    for paragraph in (p for article in raw["data"] for p in article["paragraphs"]):
+        for qa in paragraph["qas"]:
+            for answer in qa["answers"]:  # position in the translated context when found, else flagged
+                if answer["answer_in_context"]:
+                    assert paragraph["context"][answer["answer_start"]:].startswith(answer["text"]) or \
+                        paragraph["context"].lower()[answer["answer_start"]:].startswith(answer["text"].lower())
+                else:
+                    assert answer["answer_start"] == -1
+    assert "translated answers not found in their translated context" in capsys.readouterr().out
+
+
+def test_find_answer():
+    assert translate_train.find_answer("La tour Eiffel est à Paris.", "Paris") == 21
+    assert translate_train.find_answer("La tour Eiffel est à Paris.", "la tour") == 0
+    assert translate_train.find_answer("La tour Eiffel", "Londres") == -1
+
+
+class Counter:
+    """Counts the sentences the model is asked to translate; can stop the run like a kill."""
+
+    def __init__(self, monkeypatch, stop_after_examples=None):
+        self.sentences = 0
+        generate_batch = loop.generate_batch
+
+        def counting(model, tokenizer, sources, *args, **kwargs):
+            self.sentences += len(sources)
+            return generate_batch(model, tokenizer, sources, *args, **kwargs)
+        monkeypatch.setattr(loop, "generate_batch", counting)
+        if stop_after_examples is not None:
+            add_example, done = translate_train.Progress.add_example, []
+
+            def interrupted(progress, key, value):
+                add_example(progress, key, value)
+                done.append(key)
+                if len(done) == stop_after_examples:
+                    raise KeyboardInterrupt("killed")
+            monkeypatch.setattr(translate_train.Progress, "add_example", interrupted)
+
+
+@pytest.mark.parametrize("task,train_file,limit", [("xlsum", FIXTURE_EN, "4"), ("xquad", STANDIN, "90")])
+def test_resume_gives_the_same_file_without_retranslating(task, train_file, limit, tmp_path, monkeypatch):
+    common = ["--task", task, "--train-file", train_file, "--tgt-lang", "de", "--limit", limit, "--chunk-size", "1"]
+    straight = Counter(monkeypatch)
+    run(*common, "--out-file", str(tmp_path / "straight"))
+    monkeypatch.undo()
+
+    first = Counter(monkeypatch, stop_after_examples=2)
+    with pytest.raises(KeyboardInterrupt):
+        run(*common, "--out-file", str(tmp_path / "resumed"))
+    monkeypatch.undo()
+    assert not (tmp_path / "resumed").exists() and (tmp_path / "resumed.progress.jsonl").exists()
+    second = Counter(monkeypatch)
+    run(*common, "--out-file", str(tmp_path / "resumed"))
+    assert (tmp_path / "resumed").read_bytes() == (tmp_path / "straight").read_bytes()
+    assert first.sentences > 0 and second.sentences > 0
+    assert first.sentences + second.sentences == straight.sentences  # nothing translated twice
+
+
+def test_a_kill_loses_at_most_the_batch_in_flight(tmp_path, monkeypatch):
+    common = ["--task", "xlsum", "--train-file", FIXTURE_EN, "--tgt-lang", "fr", "--max-tokens", "60"]
+    generate_batch, calls = loop.generate_batch, []
+
+    def dies_on_third_batch(model, tokenizer, sources, *args, **kwargs):
+        calls.append(len(sources))
+        if len(calls) == 3:
+            raise KeyboardInterrupt("killed mid-batch")
+        return generate_batch(model, tokenizer, sources, *args, **kwargs)
+    monkeypatch.setattr(loop, "generate_batch", dies_on_third_batch)
+    with pytest.raises(KeyboardInterrupt):
+        run(*common, "--out-file", str(tmp_path / "out.jsonl"))
+    monkeypatch.undo()
+    cached = [json.loads(l) for l in open(tmp_path / "out.jsonl.progress.jsonl") if '"sentence"' in l]
+    assert len(cached) == calls[0] + calls[1]  # the two finished batches are kept
+    counter = Counter(monkeypatch)
+    run(*common, "--out-file", str(tmp_path / "out.jsonl"))
+    total = len({s for r in data.read_xlsum(FIXTURE_EN) for s in translate_train.xlsum_segments(r)})
+    assert counter.sentences == total - len(cached)
+    assert len(data.read_xlsum(str(tmp_path / "out.jsonl"))) == 4
+
+
+# Real paragraphs of ../shared/data/text: (language, line index, expected number of sentences).
+SPLITS = [
+    ("en", 1334, 6),   # "(i.e. U.S. and U.K. branches)" and "the U.S.." inside sentences
+    ("fr", 32, 2),     # "... Les plats": an ellipsis before a capital ends the sentence
+    ("ru", 169, 1),    # "(2008 г.)" and "13 чел. / км2.": abbreviations, no break
+    ("zh", 2141, 5),   # CJK full stops, no spaces
+    ("ja", 1051, 4),
+    ("ar", 49, 2),
+]
+
+
+@pytest.mark.parametrize("lang,index,expected", SPLITS, ids=[s[0] for s in SPLITS])
+def test_sentence_splitting_on_real_paragraphs(lang, index, expected):
+    text = data.read_text(data.text_path(DATA_DIR, lang))[index]
+    sentences = data.split_sentences(text)
+    assert "".join(sentences) == text and len(sentences) == expected, sentences
+    for sentence in sentences[:-1]:
+        assert sentence.rstrip()[-1] in ".!?。！？」』”’）\"'»)", sentence
+
+
+def test_sentence_splitting_worked_examples():
+    split = data.split_sentences
+    assert split("Dr. Watson met Mr. Holmes. They talked.") == ["Dr. Watson met Mr. Holmes. ", "They talked."]
+    assert split("Prices rose 3.5 percent in the U.S. last year. Analysts agreed.") == \
+        ["Prices rose 3.5 percent in the U.S. last year. ", "Analysts agreed."]
+    assert split("Il est arrivé. Elle est partie !") == ["Il est arrivé. ", "Elle est partie !"]
+    assert split("Он пришёл. Она ушла.") == ["Он пришёл. ", "Она ушла."]
+    assert split("他来了。她走了！") == ["他来了。", "她走了！"]
+    assert split("「行こう。」と彼は言った。") == ["「行こう。」", "と彼は言った。"]
+    assert split("وصل الرجل. غادرت المرأة؟ نعم.") == ["وصل الرجل. ", "غادرت المرأة؟ ", "نعم."]
+
+
+def test_forced_target_language_is_the_first_generated_token(tokenizers):
+    tokenizer = tokenizers["tiny-nllb"]
+    model = models.load_model("tiny-nllb", DATA_DIR).eval()
+    encoder = data.Seq2SeqEncoder(tokenizer, "nllb")
+    sources = [e["input_ids"] for e in encoder.encode([data.Example("1", "The cat sleeps.", "", "en", "en"),
+                                                       data.Example("2", "Hello.", "", "en", "en")])]
+    for lang in ("fr", "zh", "ko", "ru", "ar"):
+        out = loop.generate_batch(model, tokenizer, sources, encoder.generation_kwargs(lang), torch.device("cpu"),
+                                  5, num_beams=4)
+        assert out[:, 0].tolist() == [2, 2]  # decoder start </s>
+        assert tokenizer.convert_ids_to_tokens(out[:, 1].tolist()) == [data.language_code("nllb", lang)] * 2
+
+
+def test_predictions_mode(tmp_path):
+    predictions = os.path.join(DATA_DIR, "xquad", "predictions", "CL-mt5base.en.json")
+    out = tmp_path / "preds.fr.json"
+    run("--predictions", predictions, "--tgt-lang", "fr", "--out-file", str(out), "--limit", "12")
+    translated = evaluate.read_predictions(str(out))
+    assert list(translated) == list(evaluate.read_predictions(predictions))[:12]
+
+
+def test_bad_input(tmp_path, monkeypatch):
+    def fails(*argv):
+        with pytest.raises(SystemExit) as e:
+            run(*argv)
+        assert "\n" not in str(e.value.code)
+        return str(e.value.code)
+    out = tmp_path / "good.json"
+    out.write_text('{"already": "good"}')
+    common = ["--task", "xquad", "--train-file", STANDIN, "--out-file", str(out)]
+    assert "unknown language 'xx'" in fails(*common, "--tgt-lang", "xx")
+    assert "not a translation model" in fails("--model", "tiny-mt5", *common, "--tgt-lang", "fr")
+    assert "not a translation checkpoint" in fails("--model", "facebook/mbart-large-50", *common, "--tgt-lang", "fr")
+    assert "mbart has no language code for 'el'" in fails("--model", "tiny-mbart", *common, "--tgt-lang", "el")
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"data": [\n oops')
+    assert "broken.json:2: invalid JSON" in fails("--task", "xquad", "--train-file", str(broken), "--tgt-lang", "fr",
+                                                   "--out-file", str(out))
+    assert out.read_text() == '{"already": "good"}'
+    # an interrupted run never replaces a good output file
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt("killed")
+    monkeypatch.setattr(loop, "generate_batch", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run(*common, "--tgt-lang", "fr", "--limit", "5")
+    assert out.read_text() == '{"already": "good"}'

@@ -1,0 +1,323 @@
+"""Translate-train: translate English task data (or English predictions) into a target language.
+
+    python translate_train.py --model facebook/nllb-200-3.3B --task xquad \\
+        --train-file data/squad/train-v1.1.json --tgt-lang fr --out-file data/translated/squad.fr.json
+    python translate_train.py --model tiny-nllb --task xquad --data-dir ../shared/data \\
+        --train-file ../shared/data/squad/train-standin-v1.1.json.gz --tgt-lang fr --out-file fr.json --limit 30
+    python translate_train.py --model facebook/nllb-200-3.3B --predictions preds.en.json --tgt-lang fr \\
+        --out-file preds.fr.json                                      # Appendix D: translate outputs
+
+The paper's upper baseline (Section 4, "Comparison versus data translation"; Appendix D): every text
+field the task uses is translated sentence by sentence with NLLB (XL-Sum: text and summary; QA:
+context, question and each answer separately, since answers are generated, not extracted), keeping
+paragraph structure, and finetune.py trains on the result (`--train-file G --train-lang fr`).
+
+How the work is organised (so that a long job survives being killed):
+
+    examples (paragraphs / articles), in order, in chunks of --chunk-size
+      -> the chunk's sentences, deduplicated, minus those already in the cache
+      -> sorted by length, cut into batches of <= --max-tokens source tokens, beam 4,
+         target language forced, output <= ratio * input + offset tokens
+      -> each finished batch is appended to OUT.progress.jsonl (sentence -> translation)
+      -> each finished example is appended to OUT.progress.jsonl
+    all examples done -> OUT written via a temporary file and a rename; progress file removed.
+
+A rerun with the same arguments skips finished examples and cached sentences: a kill loses at most
+the batch in flight, and an existing good OUT is never replaced by a partial one.
+"""
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import tempfile
+
+import torch
+from tqdm import tqdm
+
+import data
+import evaluate
+import loop
+import models
+from data import DataError
+
+TRANSLATION_HUB = ("facebook/nllb-200-", "facebook/m2m100", "facebook/mbart-large-50-many-to-many",
+                   "facebook/mbart-large-50-one-to-many")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="facebook/nllb-200-3.3B", help="NLLB/M2M100 or mBART-50 many-to-many checkpoint, or tiny-nllb")
+    p.add_argument("--task", default=None, help="xquad (SQuAD JSON) or xlsum (XL-Sum jsonl); not with --predictions")
+    p.add_argument("--train-file", default=None, help="the English file to translate")
+    p.add_argument("--predictions", default=None, help="translate these {id: text} predictions instead (Appendix D)")
+    p.add_argument("--src-lang", default="en", help="source language")
+    p.add_argument("--tgt-lang", required=True, help="target language, e.g. fr")
+    p.add_argument("--out-file", required=True, help="output file, same format as the input")
+    p.add_argument("--limit", type=int, default=None, help="translate only the first N questions (QA) or records")
+    p.add_argument("--num-beams", type=int, default=4, help="beam size")
+    p.add_argument("--max-tokens", type=int, default=4000, help="source-token budget of a generation batch")
+    p.add_argument("--chunk-size", type=int, default=64, help="examples per chunk (progress is saved per example)")
+    p.add_argument("--max-length-ratio", type=float, default=2.0, help="output tokens <= ratio * input tokens + offset")
+    p.add_argument("--max-length-offset", type=int, default=10, help="see --max-length-ratio")
+    p.add_argument("--data-dir", default=os.path.join("..", "shared", "data"), help="data directory (for tiny models)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    return p.parse_args(argv)
+
+
+# -----------------------------------------------------------------------------
+# Units of work: an "example" is a list of segments to translate and a function that rebuilds it
+
+def paragraphs_and_sentences(text):
+    """[[sentence, ...] per paragraph]: the translation units of a long text, structure kept."""
+    return [[s.strip() for s in data.split_sentences(p) if s.strip()] for p in text.split("\n")]
+
+
+def join_translation(paragraphs, translate, tgt_lang):
+    glue = "" if tgt_lang in data.UNSEGMENTED_SCRIPTS else " "
+    return "\n".join(glue.join(translate[s] for s in sentences) for sentences in paragraphs)
+
+
+def find_answer(context, answer):
+    """Character offset of the translated answer in the translated context, or -1."""
+    start = context.find(answer)
+    if start < 0 and answer:
+        start = context.lower().find(answer.lower())
+    return start
+
+
+def qa_units(path, limit):
+    """One unit per paragraph of the SQuAD JSON: its context, questions and answers."""
+    data.read_squad(path)  # validates the file first: a bad one gives a file:line / record error
+    with data._open_text(path) as f:
+        raw = json.load(f)
+    units, count = [], 0
+    for a, article in enumerate(raw["data"]):
+        for p, paragraph in enumerate(article["paragraphs"]):
+            if limit is not None and count >= limit:
+                return raw, units
+            qas = paragraph["qas"][:None if limit is None else limit - count]
+            count += len(qas)
+            units.append({"key": f"{a}/{p}", "title": article.get("title", ""), "context": paragraph["context"], "qas": qas})
+    return raw, units
+
+
+def qa_segments(unit):
+    segments = [s for para in paragraphs_and_sentences(unit["context"]) for s in para]
+    for qa in unit["qas"]:
+        segments.append(qa["question"].strip())
+        segments += [ans["text"].strip() for ans in qa["answers"]]
+    return segments
+
+
+def qa_rebuild(unit, translate, tgt_lang):
+    context = join_translation(paragraphs_and_sentences(unit["context"]), translate, tgt_lang)
+    qas = []
+    for qa in unit["qas"]:
+        answers = []
+        for ans in qa["answers"]:
+            text = translate[ans["text"].strip()]
+            start = find_answer(context, text)
+            answers.append({"text": text, "answer_start": start, "answer_in_context": start >= 0})
+        qas.append({"id": qa["id"], "question": translate[qa["question"].strip()], "answers": answers})
+    return {"title": unit["title"], "context": context, "qas": qas}
+
+
+def xlsum_segments(record):
+    return [s for field in ("text", "summary") for para in paragraphs_and_sentences(record[field]) for s in para]
+
+
+def xlsum_rebuild(record, translate, tgt_lang):
+    out = dict(record)
+    for field in ("text", "summary"):
+        out[field] = join_translation(paragraphs_and_sentences(record[field]), translate, tgt_lang)
+    return out
+
+
+def prediction_segments(item):
+    return [s for para in paragraphs_and_sentences(item["text"]) for s in para]
+
+
+def prediction_rebuild(item, translate, tgt_lang):
+    return join_translation(paragraphs_and_sentences(item["text"]), translate, tgt_lang)
+
+
+# -----------------------------------------------------------------------------
+# Checks
+
+def check_args(args):
+    """Input file, languages and model family, before the model is loaded."""
+    if (args.train_file is None) == (args.predictions is None):
+        raise DataError("give exactly one of --train-file (with --task) and --predictions")
+    if args.train_file is not None and args.task not in ("xquad", "xlsum"):
+        raise DataError(f"--task: must be xquad or xlsum with --train-file, got {args.task}")
+    for flag in ("num_beams", "max_tokens", "chunk_size"):
+        if getattr(args, flag) < 1:
+            raise DataError(f"--{flag.replace('_', '-')}: must be at least 1")
+    models.check_model_name(args.model)
+    family = models.family_of_name(args.model, args.data_dir)
+    if family == "mt5":
+        raise DataError(f"--model: {args.model} is an mT5 model, not a translation model (no language codes); "
+                        f"use an NLLB/M2M100 or mBART-50 many-to-many checkpoint")
+    if (args.model.startswith("facebook/") and not args.model.startswith(TRANSLATION_HUB)):
+        raise DataError(f"--model: {args.model} is not a translation checkpoint; use e.g. facebook/nllb-200-3.3B "
+                        f"or facebook/mbart-large-50-many-to-many-mmt")
+    for flag, lang in (("--src-lang", args.src_lang), ("--tgt-lang", args.tgt_lang)):
+        data.get_language(lang, flag)
+        if data.language_code(family, lang) is None:
+            raise DataError(f"{flag}: no language code for '{lang}'")
+    source = args.train_file or args.predictions
+    if not os.path.isfile(source):
+        raise DataError(f"{source}: file not found")
+    return family
+
+
+def load_units(args):
+    """(units, segment function, rebuild function, writer of the final file)."""
+    if args.predictions is not None:
+        predictions = evaluate.read_predictions(args.predictions)
+        items = [{"key": pid, "text": text} for pid, text in list(predictions.items())[:args.limit]]
+        def write(rebuilt):
+            loop.write_json(args.out_file, {item["key"]: rebuilt[item["key"]] for item in items})
+        return items, prediction_segments, prediction_rebuild, write
+    if args.task == "xlsum":
+        records = data.read_xlsum(args.train_file, limit=args.limit)
+        units = [dict(r, key=r["id"]) for r in records]
+        def write(rebuilt):
+            evaluate.write_jsonl_atomic(args.out_file, [rebuilt[u["key"]] for u in units])
+        return units, xlsum_segments, xlsum_rebuild, write
+    raw, units = qa_units(args.train_file, args.limit)
+    def write(rebuilt):
+        articles = []
+        for unit in units:
+            a = int(unit["key"].split("/")[0])
+            if not articles or articles[-1][0] != a:
+                articles.append((a, {"title": rebuilt[unit["key"]]["title"], "paragraphs": []}))
+            paragraph = dict(rebuilt[unit["key"]])
+            paragraph.pop("title")
+            articles[-1][1]["paragraphs"].append(paragraph)
+        loop.write_json(args.out_file, {"version": raw.get("version", "1.1"), "translated_to": args.tgt_lang,
+                                        "translated_with": args.model, "data": [art for _, art in articles]})
+    return units, qa_segments, qa_rebuild, write
+
+
+# -----------------------------------------------------------------------------
+# Progress file
+
+class Progress:
+    """OUT.progress.jsonl: a header with the settings, then sentence and example lines, appended."""
+
+    def __init__(self, out_file, settings):
+        self.path = out_file + ".progress.jsonl"
+        self.sentences, self.examples = {}, {}
+        header = {"kind": "header", "settings": settings}
+        if os.path.exists(self.path):
+            with open(self.path, encoding="utf-8") as f:
+                lines = f.readlines()
+            rows = []
+            for line in lines:
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:  # a line cut by a kill: ignore it (it is the last one)
+                    continue
+            if not rows or rows[0] != header:
+                raise DataError(f"{self.path}: made with other settings; delete it or choose another --out-file")
+            for row in rows[1:]:
+                if row["kind"] == "sentence":
+                    self.sentences[row["src"]] = row["tgt"]
+                elif row["kind"] == "example":
+                    self.examples[row["key"]] = row["value"]
+        else:
+            os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+            self._append([header])
+
+    def _append(self, rows):
+        with open(self.path, "a", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def add_sentences(self, pairs):
+        self.sentences.update(pairs)
+        self._append([{"kind": "sentence", "src": s, "tgt": t} for s, t in pairs.items()])
+
+    def add_example(self, key, value):
+        self.examples[key] = value
+        self._append([{"kind": "example", "key": key, "value": value}])
+
+
+def file_digest(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+# -----------------------------------------------------------------------------
+
+def translate_sentences(model, tokenizer, encoder, sentences, args, device, bar):
+    """Translate unique sentences with length-sorted, token-budget batches; yields {src: tgt} per batch."""
+    examples = [data.Example(id=str(i), source=s, target="", src_lang=args.src_lang, tgt_lang=args.tgt_lang)
+                for i, s in enumerate(sentences)]
+    encoded = encoder.encode(examples)
+    generation = encoder.generation_kwargs(args.tgt_lang)
+    lengths = [len(e["input_ids"]) for e in encoded]
+    for batch in loop.generation_batches(lengths, args.max_tokens):
+        longest = max(lengths[i] for i in batch)
+        limit = min(encoder.max_target_length, int(args.max_length_ratio * longest) + args.max_length_offset)
+        out = loop.generate_batch(model, tokenizer, [encoded[i]["input_ids"] for i in batch], generation, device,
+                                  limit, args.num_beams)
+        texts = loop.decode_generated(tokenizer, out, generation)
+        bar.update(len(batch))
+        yield {sentences[i]: " ".join(evaluate.clean_prediction(t)[0].split()) for i, t in zip(batch, texts)}
+
+
+def main(args):
+    # ---- setup ----
+    try:
+        family = check_args(args)
+        units, segments_of, rebuild, write = load_units(args)
+        settings = {"model": args.model, "src": args.src_lang, "tgt": args.tgt_lang, "beams": args.num_beams,
+                    "input": file_digest(args.train_file or args.predictions),
+                    "ratio": args.max_length_ratio, "offset": args.max_length_offset}
+        progress = Progress(args.out_file, settings)
+    except DataError as e:
+        sys.exit(f"error: {e}")
+    device = loop.pick_device(args.device)
+    tokenizer = models.load_tokenizer(args.model, args.data_dir)
+    model = models.load_model(args.model, args.data_dir).to(device).eval()
+    encoder = data.Seq2SeqEncoder(tokenizer, family)
+    todo = [u for u in units if u["key"] not in progress.examples]
+    print(f"{len(units)} examples, {len(units) - len(todo)} already done; "
+          f"{len(progress.sentences)} sentences cached in {progress.path}")
+
+    # ---- translation, chunk by chunk ----
+    all_sentences = {s for u in todo for s in segments_of(u)} - set(progress.sentences)
+    bar = tqdm(total=len(all_sentences), desc=f"translate {args.src_lang}->{args.tgt_lang}", unit="sent",
+               dynamic_ncols=True, file=sys.stderr)
+    for start in range(0, len(todo), args.chunk_size):
+        chunk = todo[start:start + args.chunk_size]
+        needed = list(dict.fromkeys(s for u in chunk for s in segments_of(u) if s not in progress.sentences))
+        with torch.no_grad():
+            for translated in translate_sentences(model, tokenizer, encoder, needed, args, device, bar):
+                progress.add_sentences(translated)
+        for unit in chunk:
+            progress.add_example(unit["key"], rebuild(unit, progress.sentences, args.tgt_lang))
+    bar.close()
+
+    # ---- the output file, atomically ----
+    write(progress.examples)
+    os.remove(progress.path)
+    if args.task == "xquad" and args.predictions is None:
+        answers = [a for p in progress.examples.values() for qa in p["qas"] for a in qa["answers"]]
+        missing = sum(not a["answer_in_context"] for a in answers)
+        print(f"{missing} of {len(answers)} translated answers not found in their translated context "
+              f"(kept, with answer_start -1 and answer_in_context false)")
+    print(f"wrote {args.out_file}")
+
+
+if __name__ == "__main__":
+    main(parse_args())
