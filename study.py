@@ -60,7 +60,7 @@ def select_lr(scores, method, grid=(3, 4, 5), k_range=(1, 7)):
          10^-(k*+1) -- i.e. extend while the metric improves;
       3. full finetuning only: then try 3 * 10^-k*; PLR = the better of 10^-k* and 3 * 10^-k*.
     """
-    pending = [10.0 ** -k for k in grid if not _tried(scores, 10.0 ** -k)]
+    pending = [_lr(1, k) for k in grid if not _tried(scores, _lr(1, k))]
     if pending:
         return "run", pending
     powers = {lr: s for lr, s in scores.items() if _is_power_of_ten(lr)}
@@ -68,15 +68,20 @@ def select_lr(scores, method, grid=(3, 4, 5), k_range=(1, 7)):
     k_best = round(-math.log10(best_lr))
     tried_k = sorted(round(-math.log10(lr)) for lr in powers)
     if k_best == tried_k[0] and k_best > k_range[0]:
-        return "run", [10.0 ** -(k_best - 1)]
+        return "run", [_lr(1, k_best - 1)]
     if k_best == tried_k[-1] and k_best < k_range[1]:
-        return "run", [10.0 ** -(k_best + 1)]
+        return "run", [_lr(1, k_best + 1)]
     if method != "full":
         return "done", best_lr
-    three = 3 * 10.0 ** -k_best
+    three = _lr(3, k_best)
     if not _tried(scores, three):
         return "run", [three]
     return "done", _best({best_lr: scores[best_lr], three: scores[_key(scores, three)]})
+
+
+def _lr(mantissa, k):
+    """mantissa * 10^-k as the float its decimal spelling gives (3e-4, not 3.0000000000000003e-4)."""
+    return float(f"{mantissa}e-{k}")
 
 
 def _key(scores, lr):
@@ -292,7 +297,7 @@ def stage_methods(study):
         for model in study.models:
             for method in METHODS[task]:
                 base = chosen_plr(study, task, model, method, plr)
-                for lr in (base, 10 * base):
+                for lr in (base, float(f"{10 * base:g}")):
                     for it in (False, True):
                         d = study.run_dir(task, model, method, lr, it)
                         stage = study.plan.get(d, {}).get("stage", "methods")

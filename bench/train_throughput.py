@@ -1,0 +1,185 @@
+"""Training throughput: our loop (token-budget batches) against HF Seq2SeqTrainer, same work.
+
+    pip install -r bench/requirements.txt      # accelerate, which Seq2SeqTrainer needs
+    python bench/train_throughput.py --data-dir ../shared/data
+    python bench/train_throughput.py --data-dir ../shared/data --dims mt5-base --device cuda   # on a GPU
+
+Same model (the tiny-mt5 architecture scaled to d_model 256, 4+4 layers, with the tiny tokenizer;
+or `--dims mt5-base`: the real mT5-base dimensions, random weights), same SQuAD stand-in examples
+(each seen exactly once, so both process the same real tokens), same AdamW, same fairseq
+inverse-sqrt schedule (handed to the Trainer as a LambdaLR), same gradient clipping, fp32 on CPU /
+bf16 on CUDA. Three configurations, each in its own process (clean peak-memory figures):
+  ours              data.TokenBatches, --max-tokens per batch, loop.token_loss + AdamW step
+  trainer           Seq2SeqTrainer, random sampler, batch size = our average examples per batch
+  trainer-grouped   the same with train_sampling_strategy="group_by_length"
+Reported: real (non-pad) tokens/s, padding efficiency (real / padded, sources + targets), peak
+memory (CUDA: max allocated; CPU: peak RSS of the process), and our speed-up over each.
+"""
+
+import argparse
+import json
+import math
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+import torch  # noqa: E402
+
+import data  # noqa: E402
+import loop  # noqa: E402
+import models  # noqa: E402
+
+MODES = ("ours", "trainer", "trainer-grouped")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-dir", default=os.path.join("..", "shared", "data"), help="data directory")
+    p.add_argument("--num-examples", type=int, default=1200, help="SQuAD stand-in examples, each trained on once")
+    p.add_argument("--max-tokens", type=int, default=4000, help="our token budget per batch (the paper's 4000)")
+    p.add_argument("--dims", default="bench", choices=["bench", "mt5-base"], help="model size")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--lr", type=float, default=1e-4, help="peak LR")
+    p.add_argument("--warmup-steps", type=int, default=20, help="warm-up steps")
+    p.add_argument("--mode", default=None, choices=MODES, help="(internal) run one configuration and print JSON")
+    return p.parse_args(argv)
+
+
+def build_model(dims, vocab_size, device, seed=0):
+    from transformers import MT5Config, MT5ForConditionalGeneration
+    torch.manual_seed(seed)
+    if dims == "mt5-base":
+        return models.real_architecture("google/mt5-base", device=device)
+    config = MT5Config(vocab_size=vocab_size, d_model=256, d_kv=32, d_ff=1024, num_layers=4, num_decoder_layers=4,
+                       num_heads=8, feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1,
+                       decoder_start_token_id=0)
+    with torch.device(device):
+        model = MT5ForConditionalGeneration(config)
+        model.lm_head.weight = torch.nn.Parameter(torch.randn(vocab_size, 256) * 256 ** -0.5)  # untied, as mT5
+    return model
+
+
+def encoded_examples(args):
+    tokenizer = models.load_tokenizer("tiny-mt5", args.data_dir)
+    questions = data.read_squad(data.squad_path(args.data_dir, "train"))[:args.num_examples]
+    return tokenizer, data.Seq2SeqEncoder(tokenizer, "mt5").encode(data.qa_examples(questions, "en"))
+
+
+def padding_of(batches):
+    real = padded = 0
+    for batch in batches:
+        real += int((batch["labels"] != -100).sum()) + int(batch["attention_mask"].sum())
+        padded += batch["labels"].numel() + batch["input_ids"].numel()
+    return real, padded
+
+
+def peak_memory_mb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+
+
+def run_ours(args, model, tokenizer, encoded, device):
+    stream = data.TokenBatches(encoded, args.max_tokens, seed=0)
+    batches = [stream.collate(b, tokenizer.pad_token_id) for b in stream.epoch_batches(0)]
+    optimizer = loop.make_optimizer(model, args.lr)
+    model.train()
+    sync(device)
+    start = time.perf_counter()
+    for step, batch in enumerate(batches):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        for group in optimizer.param_groups:
+            group["lr"] = loop.get_lr(step + 1, args.lr, args.warmup_steps)
+        with loop.autocast(device):
+            loss, _ = loop.token_loss(model, batch)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    sync(device)
+    return time.perf_counter() - start, len(batches), padding_of(batches)
+
+
+def run_trainer(args, model, tokenizer, encoded, device, grouped):
+    from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainer, Seq2SeqTrainingArguments
+    num_batches = len(data.TokenBatches(encoded, args.max_tokens, seed=0).epoch_batches(0))
+    batch_size = max(1, round(len(encoded) / num_batches))  # the same number of optimizer steps as ours
+    dataset = [{"input_ids": e["input_ids"], "labels": e["labels"]} for e in encoded]
+    training_args = Seq2SeqTrainingArguments(
+        output_dir=os.path.join("/tmp", "xlgen-bench-trainer"), per_device_train_batch_size=batch_size,
+        num_train_epochs=1, max_grad_norm=1.0, use_cpu=device.type == "cpu", bf16=device.type == "cuda",
+        train_sampling_strategy="group_by_length" if grouped else "random", dataloader_num_workers=0,
+        report_to=[], save_strategy="no", logging_strategy="no", disable_tqdm=True, seed=0)
+    optimizer = loop.make_optimizer(model, args.lr)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: loop.get_lr(step + 1, 1.0, args.warmup_steps))
+    collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
+    trainer = Seq2SeqTrainer(model=model, args=training_args, train_dataset=dataset, data_collator=collator,
+                             optimizers=(optimizer, schedule))
+    batches = list(trainer.get_train_dataloader())  # the batches it builds (sampler is seeded)
+    sync(device)
+    start = time.perf_counter()
+    trainer.train()
+    sync(device)
+    return time.perf_counter() - start, len(batches), padding_of(batches)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_mode(args):
+    device = loop.pick_device(args.device)
+    tokenizer, encoded = encoded_examples(args)
+    model = build_model(args.dims, len(tokenizer), device)
+    if args.mode == "ours":
+        seconds, steps, (real, padded) = run_ours(args, model, tokenizer, encoded, device)
+    else:
+        seconds, steps, (real, padded) = run_trainer(args, model, tokenizer, encoded, device, args.mode == "trainer-grouped")
+    params = sum(p.numel() for p in model.parameters())
+    print(json.dumps({"mode": args.mode, "steps": steps, "real_tokens": real, "padded_tokens": padded,
+                      "seconds": seconds, "tokens_per_s": real / seconds, "padding_efficiency": real / padded,
+                      "peak_memory_mb": peak_memory_mb(device), "params": params, "device": str(device)}))
+
+
+def main(args):
+    if args.mode:
+        return run_mode(args)
+    rows = []
+    for mode in MODES:
+        argv = [sys.executable, os.path.abspath(__file__), "--mode", mode, "--data-dir", args.data_dir,
+                "--num-examples", str(args.num_examples), "--max-tokens", str(args.max_tokens), "--dims", args.dims,
+                "--device", args.device, "--lr", str(args.lr), "--warmup-steps", str(args.warmup_steps)]
+        out = subprocess.run(argv, capture_output=True, text=True)
+        if out.returncode != 0:
+            sys.exit(f"error: {mode} failed:\n{out.stderr[-3000:]}")
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    ours = rows[0]
+    device = ours["device"]
+    name = torch.cuda.get_device_name() if device.startswith("cuda") else f"{platform.machine()} CPU, {os.cpu_count()} cores"
+    print(f"machine: {name}; model: {args.dims} ({ours['params'] / 1e6:.1f}M parameters); "
+          f"{args.num_examples} SQuAD stand-in examples once each; {ours['real_tokens']:,} real tokens")
+    print(f"{'configuration':<17}{'steps':>7}{'seconds':>9}{'real tok/s':>12}{'pad. eff.':>11}{'peak MB':>10}{'ours / this':>13}")
+    for row in rows:
+        ratio = row["seconds"] / ours["seconds"]
+        print(f"{row['mode']:<17}{row['steps']:>7}{row['seconds']:>9.1f}{row['tokens_per_s']:>12,.0f}"
+              f"{row['padding_efficiency']:>11.3f}{row['peak_memory_mb']:>10,.0f}{ratio:>12.2f}x")
+    if args.dims == "mt5-base" and device.startswith("cuda"):
+        flops_per_token = 6 * ours["params"]  # forward + backward, per real token (embedding lookups included)
+        peak = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+        key = next((k for k in peak if k in name), None)
+        mfu = ours["tokens_per_s"] * flops_per_token / peak[key] if key else float("nan")
+        step_tokens = ours["real_tokens"] / ours["steps"]
+        hours = 20000 * step_tokens / ours["tokens_per_s"] / 3600
+        print(f"model FLOPs utilisation (6 N flops/token, dense bf16 peak): {mfu:.1%}; "
+              f"projected 20k-step run at {step_tokens:,.0f} real tokens/step: {hours:.1f} h")
+
+
+if __name__ == "__main__":
+    main(parse_args())

@@ -1,0 +1,179 @@
+"""study.py and report.py: the LR-selection rule, the protocol's run count, the launcher, the report."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import finetune
+import report
+import study
+from conftest import DATA_DIR, REPO
+
+
+# ----------------------------------------------------------------------------- the LR-selection rule
+
+def run_search(curve, method, grid=(3, 4, 5), k_range=(1, 7)):
+    """Drive select_lr with a metric curve {lr: metric}; returns (LRs in the order tried, PLR)."""
+    scores, order = {}, []
+    while True:
+        decision, value = study.select_lr(scores, method, grid, k_range)
+        if decision == "done":
+            return order, value
+        for lr in value:
+            order.append(lr)
+            scores[lr] = curve[lr]
+
+
+def test_interior_optimum_then_three_times_for_full_finetuning():
+    curve = {1e-3: 10.0, 1e-4: 20.0, 1e-5: 15.0, 3e-4: 25.0}
+    assert run_search(curve, "adapters") == ([1e-3, 1e-4, 1e-5], 1e-4)
+    order, plr = run_search(curve, "full")
+    assert order == [1e-3, 1e-4, 1e-5, 3e-4] and plr == pytest.approx(3e-4)
+    worse = {**curve, 3e-4: 5.0}
+    assert run_search(worse, "full")[1] == 1e-4
+
+
+def test_extension_to_larger_lrs_while_improving():
+    # k* = 3 at the edge -> try 1e-2 (better) -> try 1e-1 (worse): k* = 2; full also tries 3e-2
+    curve = {1e-3: 30.0, 1e-4: 20.0, 1e-5: 10.0, 1e-2: 35.0, 1e-1: 0.0, 3e-2: 36.0}
+    assert run_search(curve, "prompt") == ([1e-3, 1e-4, 1e-5, 1e-2, 1e-1], 1e-2)
+    order, plr = run_search(curve, "full")
+    assert order[-1] == pytest.approx(3e-2) and plr == pytest.approx(3e-2)
+
+
+def test_extension_to_smaller_lrs_stops_at_1e_7():
+    # the metric keeps improving downwards: 1e-6, then 1e-7, and no further (k <= 7)
+    curve = {1e-3: 0.0, 1e-4: 5.0, 1e-5: 9.0, 1e-6: 12.0, 1e-7: 13.0, 3e-7: 11.0}
+    assert run_search(curve, "adapters") == ([1e-3, 1e-4, 1e-5, 1e-6, 1e-7], 1e-7)
+    order, plr = run_search(curve, "full")
+    assert order[-1] == pytest.approx(3e-7) and plr == 1e-7
+
+
+def test_extension_upwards_stops_at_1e_1_and_failed_runs_never_win():
+    curve = {1e-3: 3.0, 1e-4: 2.0, 1e-5: 1.0, 1e-2: 4.0, 1e-1: 5.0}
+    assert run_search(curve, "adapters") == ([1e-3, 1e-4, 1e-5, 1e-2, 1e-1], 1e-1)
+    assert study.select_lr({1e-3: None, 1e-4: 10.0, 1e-5: 5.0}, "adapters") == ("done", 1e-4)
+    assert study.select_lr({}, "full") == ("run", [1e-3, 1e-4, 1e-5])
+    assert study.select_lr({1e-4: 1.0}, "full") == ("run", [1e-3, 1e-5])
+
+
+def test_tiny_grid_searches_two_lrs():
+    curve = {1e-2: 1.0, 1e-3: 2.0, 3e-3: 0.5}
+    assert run_search(curve, "full", grid=(2, 3), k_range=(2, 3)) == ([1e-2, 1e-3, 3e-3], 1e-3)
+
+
+# ----------------------------------------------------------------------------- the protocol's size
+
+def expected_study_size():
+    """The paper's protocol with every search stopping at its initial grid (k* = 4, PLR = 1e-4):
+      intermediate tuning      1 per model                                      4
+      LR search per task/model full 3 + 1 (3e-4), adapters 3, prompt 3           10
+      methods per task/model   {1e-4, 1e-3} x {IT, no IT}; the no-IT pair of full, adapters and
+                               prompt is already in the search: 2 new each; freeze, mix, multisrc 4
+                               XL-Sum: 3 x 2 + 3 x 4 = 18; XQuAD (no multisrc): 3 x 2 + 2 x 4 = 14
+      translate-train          NLLB translation per task x test language: 2 x 5; then full
+                               finetuning per task x model x language: 2 x 4 x 5
+      mT5-large                LR search of full finetuning per task: 2 x 4
+    """
+    models, langs = 4, 5
+    per_model = {"xlsum": 10 + 18, "xquad": 10 + 14}
+    return models + models * sum(per_model.values()) + 2 * langs + 2 * models * langs + 2 * 4
+
+
+def test_dry_run_lists_every_run_of_the_protocol(tmp_path):
+    out = subprocess.run(["bash", os.path.join(REPO, "run_all.sh"), "--dry-run", "--out-dir", str(tmp_path)],
+                         capture_output=True, text=True, check=True).stdout
+    commands = [line for line in out.splitlines() if line.startswith("RUN ")]
+    assert len(commands) == expected_study_size() == 270
+    assert len(set(commands)) == len(commands)
+    assert sum("pretrain_it.py" in c for c in commands) == 4
+    assert sum("translate_train.py" in c and "nllb-200-3.3B" in c for c in commands) == 10
+    assert sum("--model google/mt5-large" in c for c in commands) == 8
+    assert sum("--method multisrc" in c and "--task xquad" in c for c in commands) == 0
+    assert not os.listdir(tmp_path)  # a dry run writes nothing
+    # every finetune command parses with finetune.py's own argument parser
+    for command in commands:
+        if "finetune.py" in command:
+            argv = command.split(" -- ", 1)[1].split()[2:]
+            assert finetune.parse_args(argv).lr > 0
+
+
+def test_launch_prefix_in_dry_run(tmp_path):
+    env = dict(os.environ, LAUNCH="sbatch --gres=gpu:1 --wrap")
+    out = subprocess.run([sys.executable, os.path.join(REPO, "study.py"), "it", "--dry-run", "--out-dir", str(tmp_path)],
+                         capture_output=True, text=True, check=True, env=env).stdout
+    lines = [line for line in out.splitlines() if line.startswith("RUN ")]
+    assert len(lines) == 4 and all(line.startswith("RUN sbatch --gres=gpu:1 --wrap '") for line in lines)
+
+
+# ----------------------------------------------------------------------------- the launcher
+
+def _study(tmp_path, **overrides):
+    args = study.parse_args(["it", "--out-dir", str(tmp_path), "--data-dir", DATA_DIR, "--poll-seconds", "0.2"])
+    for key, value in overrides.items():
+        setattr(args, key, value)
+    return study.Study(args)
+
+
+def _runs(tmp_path):
+    ok, bad = tmp_path / "ok", tmp_path / "bad"
+    write = f"import json; json.dump({{'best_val_metric': 1.0}}, open({str(ok / 'results.json')!r}, 'w'))"
+    return [(str(ok), [sys.executable, "-c", write], str(ok / "results.json")),
+            (str(bad), [sys.executable, "-c", "import sys; print('boom'); sys.exit(3)"], str(bad / "results.json"))]
+
+
+@pytest.mark.parametrize("launch", ["", "bash -c"])
+def test_runs_are_skipped_when_done_and_failures_reported(tmp_path, capsys, monkeypatch, launch):
+    monkeypatch.setenv("LAUNCH", launch)
+    s = _study(tmp_path)
+    s.execute(_runs(tmp_path))
+    out = capsys.readouterr().out
+    assert (tmp_path / "ok" / "results.json").exists()
+    assert f"FAILED (exit 3): bad -- log: {tmp_path / 'bad' / 'run.log'}" in out
+    assert "boom" in (tmp_path / "bad" / "run.log").read_text()
+    assert json.loads((tmp_path / "bad" / "status.json").read_text())["returncode"] == 3
+    s.execute(_runs(tmp_path))  # again: the finished run is skipped, the failed one retried
+    out = capsys.readouterr().out
+    assert "skip (done)  ok" in out and "run  bad" in out.replace("\n", " ") or "FAILED" in out
+
+
+# ----------------------------------------------------------------------------- the report
+
+def test_report_marks_missing_cells_and_lists_failed_runs(tmp_path):
+    root = tmp_path / "study"
+    runs = {}
+    for lr in (1e-3, 3e-3):
+        d = root / "runs" / "xquad" / "tiny-nllb" / f"full-lr{lr:g}"
+        finetune.main(finetune.parse_args([
+            "--model", "tiny-nllb", "--task", "xquad", "--lr", str(lr), "--data-dir", DATA_DIR, "--out-dir", str(d),
+            "--max-steps", "4", "--eval-every", "2", "--warmup-steps", "1", "--max-train-examples", "50",
+            "--max-eval-examples", "3", "--max-new-tokens", "4", "--val-langs", "th", "--test-langs", "zh,de"]))
+        runs[lr] = str(d)
+    failed = root / "runs" / "xquad" / "tiny-nllb" / "adapters-lr0.001"
+    failed.mkdir(parents=True)
+    (failed / "status.json").write_text(json.dumps({"returncode": 1, "done": False}))
+    (failed / "run.log").write_text("Traceback ...")
+    plan = {runs[1e-3]: {"stage": "lr-search", "task": "xquad", "model": "tiny-nllb", "method": "full", "lr": 1e-3,
+                         "it": False, "plr": 1e-3},
+            runs[3e-3]: {"stage": "lr-search", "task": "xquad", "model": "tiny-nllb", "method": "full", "lr": 3e-3,
+                         "it": False, "plr": 1e-3},
+            str(failed): {"stage": "lr-search", "task": "xquad", "model": "tiny-nllb", "method": "adapters",
+                          "lr": 1e-3, "it": False, "plr": 1e-3}}
+    chosen = {"xquad/tiny-nllb/full": {"run": runs[1e-3], "lr": 1e-3, "it": False, "plr": 1e-3, "val_metric": 0.0},
+              "xquad/tiny-nllb/adapters": {"run": str(failed), "lr": 1e-3, "it": False, "plr": 1e-3, "val_metric": None}}
+    (root / "plan.json").write_text(json.dumps(plan))
+    (root / "chosen.json").write_text(json.dumps(chosen))
+    report.main(report.parse_args(["--out-dir", str(root)]))
+    out = root / "report"
+    methods = (out / "table2_methods_xquad.md").read_text()
+    assert "| adapters | — |" in methods and "| full | 0.00 (" in methods
+    rows = list(__import__("csv").reader(open(out / "table2_methods_xquad.csv")))
+    assert rows[0] == ["method", "tiny-nllb", "runs"] and "runs/xquad/tiny-nllb/full-lr0.001" in rows[1][2]
+    for name in ("table1_it_gain.md", "table4_lrs.csv", "per_language_xquad.csv", "fig_methods_xquad.png",
+                 "fig_lr_xquad_tiny-nllb_full.png", "report.md"):
+        assert (out / name).exists(), name
+    text = (out / "report.md").read_text()
+    assert f"`{failed}` failed (exit 1); log: `{failed / 'run.log'}`" in text
