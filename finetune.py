@@ -264,6 +264,7 @@ def main(args):
     except DataError as e:
         sys.exit(f"error: {e}")
     run_dir = args.out_dir
+    started = time.perf_counter()
     if os.path.isfile(os.path.join(run_dir, "results.json")):
         print(f"{run_dir}/results.json exists: run already finished, skipped")
         return json.load(open(os.path.join(run_dir, "results.json")))
@@ -295,6 +296,8 @@ def main(args):
         sys.exit(f"error: {e}")
 
     # ---- training, with validation every --eval-every steps ----
+    validation_seconds = []
+
     def evaluate_fn(step):
         start = time.perf_counter()
         per_lang = evaluate_split(args, model, tokenizer, encoder, val_sets, device, "val",
@@ -304,6 +307,7 @@ def main(args):
                         {"step": step, "main_metric": main_metric, "average": average, "langs": per_lang,
                          "seconds": time.perf_counter() - start})
         print(summary_line(f"eval step {step}", per_lang, main_metric) + f" | avg {average[main_metric]:.2f}")
+        validation_seconds.append(time.perf_counter() - start)
         return average[main_metric]
 
     try:
@@ -320,6 +324,7 @@ def main(args):
         return None
 
     # ---- final evaluation of the best checkpoint on the test languages ----
+    test_start = time.perf_counter()
     best_dir = os.path.join(run_dir, "best")
     model = load_for_eval(args, best_dir).to(device)
     test_limit = args.max_eval_examples or (XLSUM_TEST_LIMIT if args.task == "xlsum" else None)
@@ -327,7 +332,9 @@ def main(args):
     per_lang = evaluate_split(args, model, tokenizer, encoder, test_sets, device, "test",
                               os.path.join(run_dir, "predictions"))
     results = {"config": vars(args), "main_metric": main_metric, "best_step": best_step,
-               "best_val_metric": best_metric, "test": per_lang, "test_average": averages(per_lang, main_metric)}
+               "best_val_metric": best_metric, "test": per_lang, "test_average": averages(per_lang, main_metric),
+               "seconds": {"total": time.perf_counter() - started, "validation": sum(validation_seconds),
+                           "test": time.perf_counter() - test_start}}
     loop.write_json(os.path.join(run_dir, "results.json"), results)
     print(summary_line("test (best checkpoint)", per_lang, main_metric)
           + f" | avg {results['test_average'][main_metric]:.2f}")
