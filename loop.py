@@ -332,11 +332,15 @@ def train(model, tokenizer, stream, *, run_dir, base_model, lr, warmup_steps, ma
             bar.close()
             raise FloatingPointError(f"non-finite loss ({loss.item()}) at step {step + 1} (lr {step_lr:.3e}); "
                                      f"stopped; the last good checkpoint is {last}")
-        loss.backward()
         trainable = [p for p in model.parameters() if p.requires_grad]
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, grad_clip if grad_clip > 0 else float("inf"))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        if loss.requires_grad:
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, grad_clip if grad_clip > 0 else float("inf"))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        else:  # no trainable weight on the loss's path (e.g. LayerDrop skipped every decoder layer
+            grad_norm = torch.tensor(0.0)  # while only a prompt is trained): nothing to update
+
 
         # ---- diagnostics only below here ----
         bar.update(1)

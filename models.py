@@ -36,6 +36,7 @@ TINY_MODELS = ("tiny-mt5", "tiny-mbart", "tiny-nllb")
 # Hub names whose family we know; anything else must be a local checkpoint directory.
 HUB_PREFIXES = {"google/mt5-": "mt5", "facebook/mbart-large-50": "mbart", "facebook/nllb-200-": "nllb"}
 
+TINY_VERSION = 2         # bump when the tiny builds change: caches of older builds are not reused
 TINY_VOCAB_SIZE = 16000  # SentencePiece pieces, before the family's special tokens
 TINY_DIMS = dict(d_model=64, num_layers=2, num_heads=4, d_ff=128)
 
@@ -144,7 +145,10 @@ def _tiny_model(name, tokenizer, seed):
                   encoder_attention_heads=heads, decoder_attention_heads=heads, encoder_ffn_dim=ff,
                   decoder_ffn_dim=ff, max_position_embeddings=1024, scale_embedding=True,
                   pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2,
-                  forced_eos_token_id=2, tie_word_embeddings=True)
+                  forced_eos_token_id=2, tie_word_embeddings=True,
+                  # no LayerDrop, as in the real checkpoints (M2M100Config defaults to 0.05; with two
+                  # decoder layers both can be skipped, cutting the decoder off from the encoder)
+                  encoder_layerdrop=0.0, decoder_layerdrop=0.0)
     if name == "tiny-mbart":
         return MBartForConditionalGeneration(MBartConfig(activation_function="gelu", **common))
     return M2M100ForConditionalGeneration(M2M100Config(activation_function="relu", **common))
@@ -193,9 +197,9 @@ def resolve(name, data_dir=None):
     check_model_name(name)
     if name not in TINY_MODELS:
         return name
-    path = os.path.join(cache_dir(), name)
+    path = os.path.join(cache_dir(), f"tiny-v{TINY_VERSION}", name)
     if not os.path.isfile(os.path.join(path, "config.json")):
-        os.makedirs(cache_dir(), exist_ok=True)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
         print(f"building {name} into {path} (first use)", file=sys.stderr)
         build_tiny(name, path, data_dir=data_dir)
     return path
@@ -247,7 +251,8 @@ REAL_CONFIGS = {
                                                       decoder_layers=12, encoder_attention_heads=16,
                                                       decoder_attention_heads=16, encoder_ffn_dim=4096,
                                                       decoder_ffn_dim=4096, max_position_embeddings=1024,
-                                                      scale_embedding=True, activation_function="relu")),
+                                                      scale_embedding=True, activation_function="relu",
+                                                      encoder_layerdrop=0.0, decoder_layerdrop=0.0)),
 }
 
 

@@ -314,3 +314,18 @@ def test_training_and_generation_agree_on_the_decoder_layout(name, tokenizers, s
         optimizer.zero_grad()
     predictions = loop.generate(model, tokenizer, encoded, encoder.generation_kwargs("fr"), torch.device("cpu"), 16)
     assert sum(p == ex.target for p, ex in zip(predictions, examples)) >= 3, list(zip(predictions, [e.target for e in examples]))
+
+
+def test_a_step_without_trainable_path_is_skipped_not_fatal(tmp_path, monkeypatch):
+    """Prompt tuning with LayerDrop can draw a step where every decoder layer is skipped: the loss
+    then does not depend on the prompt. The loop skips that update instead of crashing the run."""
+    load_model = models.load_model
+
+    def with_full_layerdrop(name, data_dir=None):
+        model = load_model(name, data_dir)
+        model.model.decoder.layerdrop = 1.0  # every decoder layer skipped in training
+        return model
+    monkeypatch.setattr(models, "load_model", with_full_layerdrop)
+    run_finetune(tmp_path, method="prompt", model="tiny-nllb")
+    log = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
+    assert all(row["grad_norm"] == 0.0 for row in log)

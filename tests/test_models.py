@@ -45,6 +45,8 @@ def test_tiny_mbart_nllb_structure(name, tokenizers):
     assert model.lm_head.weight is inner.shared.weight  # tied, as in the real checkpoints
     assert inner.encoder.embed_tokens.weight is inner.shared.weight
     assert model.config.scale_embedding and model.config.decoder_start_token_id == 2
+    # no LayerDrop, as in facebook/mbart-large-50 and facebook/nllb-200-* (M2M100Config's default is 0.05)
+    assert model.config.encoder_layerdrop == 0.0 and model.config.decoder_layerdrop == 0.0
     tokenizer = tokenizers[name]
     # fairseq layout <s> <pad> </s> <unk>, then the pieces, then language codes and <mask>
     assert tokenizer.convert_tokens_to_ids(["<s>", "<pad>", "</s>", "<unk>"]) == [0, 1, 2, 3]
