@@ -23,7 +23,6 @@ import os
 import re
 import string
 import sys
-import tempfile
 import unicodedata
 
 import data
@@ -299,26 +298,6 @@ def read_references(task, path, limit=None):
     return data.read_xlsum(path, limit=limit)
 
 
-def write_json_atomic(path, obj):
-    """Write JSON to a temporary file beside `path`, then rename: never a half-written file."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".part-")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(obj, f, ensure_ascii=False, indent=1)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
-def write_jsonl_atomic(path, rows):
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".part-")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-
-
 def details_path(out):
     """Per-prediction details next to the metrics file: metrics.json -> metrics.details.jsonl."""
     stem = out[:-5] if out.endswith(".json") else out
@@ -360,8 +339,8 @@ def main(args):
         print(f"warning: {metrics['rouge_warning']}", file=sys.stderr)
     print(json.dumps(metrics, ensure_ascii=False))
     if args.out:
-        write_jsonl_atomic(details_path(args.out), details)
-        write_json_atomic(args.out, metrics)
+        data.write_jsonl(details_path(args.out), details)
+        data.write_json(args.out, metrics)
     return metrics
 
 

@@ -23,7 +23,6 @@ import os
 import sys
 import time
 
-import torch
 
 import adapt
 import data
@@ -237,8 +236,8 @@ def evaluate_split(args, model, tokenizer, encoder, eval_sets, device, tag, out_
                               args.num_beams, args.eval_max_tokens, desc=f"{tag} {lang}")
         predictions = {ex.id: text for ex, text in zip(examples, texts)}
         metrics, details = evaluate.score(args.task, lang, predictions, references, args.rouge_mode)
-        loop.write_json(os.path.join(out_dir, f"{tag}.{lang}.json"), predictions)
-        evaluate.write_jsonl_atomic(os.path.join(out_dir, f"{tag}.{lang}.details.jsonl"), details)
+        data.write_json(os.path.join(out_dir, f"{tag}.{lang}.json"), predictions)
+        data.write_jsonl(os.path.join(out_dir, f"{tag}.{lang}.details.jsonl"), details)
         results[lang] = metrics
     return results
 
@@ -268,16 +267,10 @@ def main(args):
     if os.path.isfile(os.path.join(run_dir, "results.json")):
         print(f"{run_dir}/results.json exists: run already finished, skipped")
         return json.load(open(os.path.join(run_dir, "results.json")))
-    last = loop.recover_checkpoint(run_dir, "last") if os.path.isdir(run_dir) else None
-    if last and not args.resume:
-        sys.exit(f"error: --out-dir {run_dir} holds a checkpoint; pass --resume to continue it or choose another --out-dir")
-    if args.resume and not last:
-        sys.exit(f"error: --resume: no last/ checkpoint in {run_dir}")
-    os.makedirs(run_dir, exist_ok=True)
-    if not args.resume:
-        loop.write_json(os.path.join(run_dir, "args.json"), vars(args))
-    loop.seed_everything(args.seed)
-    device = loop.pick_device(args.device)
+    try:
+        last, device = loop.start_run(run_dir, args)
+    except DataError as e:
+        sys.exit(f"error: {e}")
     main_metric = evaluate.MAIN_METRIC[args.task]
 
     # ---- model ----
@@ -303,7 +296,7 @@ def main(args):
         per_lang = evaluate_split(args, model, tokenizer, encoder, val_sets, device, "val",
                                   os.path.join(run_dir, "predictions", f"step_{step}"))
         average = averages(per_lang, main_metric)
-        loop.write_json(os.path.join(run_dir, "eval", f"step_{step}.json"),
+        data.write_json(os.path.join(run_dir, "eval", f"step_{step}.json"),
                         {"step": step, "main_metric": main_metric, "average": average, "langs": per_lang,
                          "seconds": time.perf_counter() - start})
         print(summary_line(f"eval step {step}", per_lang, main_metric) + f" | avg {average[main_metric]:.2f}")
@@ -335,7 +328,7 @@ def main(args):
                "best_val_metric": best_metric, "test": per_lang, "test_average": averages(per_lang, main_metric),
                "seconds": {"total": time.perf_counter() - started, "validation": sum(validation_seconds),
                            "test": time.perf_counter() - test_start}}
-    loop.write_json(os.path.join(run_dir, "results.json"), results)
+    data.write_json(os.path.join(run_dir, "results.json"), results)
     print(summary_line("test (best checkpoint)", per_lang, main_metric)
           + f" | avg {results['test_average'][main_metric]:.2f}")
     return results

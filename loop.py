@@ -116,17 +116,6 @@ def set_rng_state(state):
 # -----------------------------------------------------------------------------
 # Files: atomic JSON, the run log, checkpoints
 
-def write_json(path, obj):
-    """JSON via a temporary file and a rename: a reader never sees half a file."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".part-")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(obj, f, ensure_ascii=False, indent=1)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
 class RunLog:
     """log.jsonl plus one aligned console line per log step, with the same keys."""
 
@@ -193,6 +182,23 @@ def recover_checkpoint(run_dir, name):
         if entry.startswith(f".tmp-{name}-"):
             shutil.rmtree(os.path.join(run_dir, entry), ignore_errors=True)
     return final if os.path.isdir(final) else None
+
+
+def start_run(run_dir, args):
+    """Set up a run directory for a stage: recover an interrupted save, refuse to overwrite a
+    checkpoint without --resume, write args.json on a fresh start, seed, pick the device.
+    Returns (last/ checkpoint or None, device)."""
+    last = recover_checkpoint(run_dir, "last") if os.path.isdir(run_dir) else None
+    if last and not args.resume:
+        raise DataError(f"--out-dir {run_dir} holds a checkpoint; pass --resume to continue it or choose another --out-dir")
+    if args.resume and not last:
+        raise DataError(f"--resume: no last/ checkpoint in {run_dir}")
+    device = pick_device(args.device)
+    os.makedirs(run_dir, exist_ok=True)
+    if not args.resume:
+        data.write_json(os.path.join(run_dir, "args.json"), vars(args))
+    seed_everything(args.seed)
+    return last, device
 
 
 def load_train_state(checkpoint_dir):

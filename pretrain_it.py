@@ -96,16 +96,10 @@ def main(args):
     except DataError as e:
         sys.exit(f"error: {e}")
     run_dir = args.out_dir
-    last = loop.recover_checkpoint(run_dir, "last") if os.path.isdir(run_dir) else None
-    if last and not args.resume:
-        sys.exit(f"error: --out-dir {run_dir} holds a checkpoint; pass --resume to continue it or choose another --out-dir")
-    if args.resume and not last:
-        sys.exit(f"error: --resume: no last/ checkpoint in {run_dir}")
-    os.makedirs(run_dir, exist_ok=True)
-    if not args.resume:
-        loop.write_json(os.path.join(run_dir, "args.json"), vars(args))
-    loop.seed_everything(args.seed)
-    device = loop.pick_device(args.device)
+    try:
+        last, device = loop.start_run(run_dir, args)
+    except DataError as e:
+        sys.exit(f"error: {e}")
 
     # ---- model ----
     tokenizer = models.load_tokenizer(args.model, args.data_dir)
@@ -136,7 +130,7 @@ def main(args):
             samples[lang] = [{"input": ex.source, "generated": text, "reference": ex.target}
                              for ex, text in zip(examples, texts)]
         average = float(np.mean(list(losses.values())))
-        loop.write_json(os.path.join(run_dir, "eval", f"step_{step}.json"),
+        data.write_json(os.path.join(run_dir, "eval", f"step_{step}.json"),
                         {"step": step, "val_loss": losses, "average": average, "samples": samples})
         print(f"eval step {step}: held-out loss " + " ".join(f"{l} {v:.3f}" for l, v in losses.items())
               + f" | avg {average:.3f}")
@@ -150,7 +144,7 @@ def main(args):
             log_every=args.log_every, resume=args.resume, metric_mode="min")
     except FloatingPointError as e:
         sys.exit(f"error: {e}")
-    loop.write_json(os.path.join(run_dir, "results.json"),
+    data.write_json(os.path.join(run_dir, "results.json"),
                     {"config": vars(args), "best_step": best_step, "best_val_loss": best_loss,
                      "checkpoint": os.path.join(run_dir, "last")})
     print(f"intermediate-tuned checkpoint: {os.path.join(run_dir, 'last')} (use with finetune.py --init {run_dir})")

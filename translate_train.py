@@ -31,7 +31,6 @@ import hashlib
 import json
 import os
 import sys
-import tempfile
 
 import torch
 from tqdm import tqdm
@@ -179,13 +178,13 @@ def load_units(args):
         predictions = evaluate.read_predictions(args.predictions)
         items = [{"key": pid, "text": text} for pid, text in list(predictions.items())[:args.limit]]
         def write(rebuilt):
-            loop.write_json(args.out_file, {item["key"]: rebuilt[item["key"]] for item in items})
+            data.write_json(args.out_file, {item["key"]: rebuilt[item["key"]] for item in items})
         return items, prediction_segments, prediction_rebuild, write
     if args.task == "xlsum":
         records = data.read_xlsum(args.train_file, limit=args.limit)
         units = [dict(r, key=r["id"]) for r in records]
         def write(rebuilt):
-            evaluate.write_jsonl_atomic(args.out_file, [rebuilt[u["key"]] for u in units])
+            data.write_jsonl(args.out_file, [rebuilt[u["key"]] for u in units])
         return units, xlsum_segments, xlsum_rebuild, write
     raw, units = qa_units(args.train_file, args.limit)
     def write(rebuilt):
@@ -197,7 +196,7 @@ def load_units(args):
             paragraph = dict(rebuilt[unit["key"]])
             paragraph.pop("title")
             articles[-1][1]["paragraphs"].append(paragraph)
-        loop.write_json(args.out_file, {"version": raw.get("version", "1.1"), "translated_to": args.tgt_lang,
+        data.write_json(args.out_file, {"version": raw.get("version", "1.1"), "translated_to": args.tgt_lang,
                                         "translated_with": args.model, "data": [art for _, art in articles]})
     return units, qa_segments, qa_rebuild, write
 

@@ -18,7 +18,6 @@ memory (CUDA: max allocated; CPU: peak RSS of the process), and our speed-up ove
 
 import argparse
 import json
-import math
 import os
 import platform
 import resource
