@@ -307,10 +307,7 @@ def save_added(model, out_dir, base_model):
     save_file(added_state_dict(model), tmp)
     os.replace(tmp, os.path.join(out_dir, ADDED_WEIGHTS_FILE))
     config = {"base_model": base_model, "method": model._xlgen_method, "options": model._xlgen_options}
-    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".part-")
-    with os.fdopen(fd, "w") as f:
-        json.dump(config, f, indent=1)
-    os.replace(tmp, os.path.join(out_dir, ADDED_CONFIG_FILE))
+    data.write_json(os.path.join(out_dir, ADDED_CONFIG_FILE), config)
 
 
 def is_added_checkpoint(path):

@@ -626,27 +626,24 @@ class Mixture:
 # -----------------------------------------------------------------------------
 # Writing results: never a half-written file
 
-def write_json(path, obj):
-    """JSON via a temporary file beside `path` and a rename: a reader never sees half a file, and
+def write_text(path, text):
+    """Write via a temporary file beside `path` and a rename: a reader never sees half a file, and
     an interrupted write leaves the previous file in place."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".part-")
     with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(obj, f, ensure_ascii=False, indent=1)
-        f.write("\n")
+        f.write(text)
     os.replace(tmp, path)
+
+
+def write_json(path, obj):
+    write_text(path, json.dumps(obj, ensure_ascii=False, indent=1) + "\n")
 
 
 def write_jsonl(path, rows):
-    """One JSON object per line, written the same way as write_json."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".part-")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    """One JSON object per line."""
+    write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 # -----------------------------------------------------------------------------

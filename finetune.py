@@ -226,12 +226,20 @@ def load_for_eval(args, checkpoint):
 # -----------------------------------------------------------------------------
 # Evaluation
 
+def eval_sets(args, files, encoder, limit):
+    """{lang: (examples, references, encoded)} of a split, tokenized once for every evaluation."""
+    sets = {}
+    for lang, path in files.items():
+        examples, references = read_task(args.task, path, lang, limit)
+        sets[lang] = (examples, references, encoder.encode(examples))
+    return sets
+
+
 def evaluate_split(args, model, tokenizer, encoder, eval_sets, device, tag, out_dir):
     """Generate and score every language of a split; write predictions; return per-language metrics."""
     results = {}
-    for lang, (examples, references) in eval_sets.items():
+    for lang, (examples, references, encoded) in eval_sets.items():
         generation = encoder.generation_kwargs(lang)
-        encoded = encoder.encode(examples)
         texts = loop.generate(model, tokenizer, encoded, generation, device, args.max_new_tokens,
                               args.num_beams, args.eval_max_tokens, desc=f"{tag} {lang}")
         predictions = {ex.id: text for ex, text in zip(examples, texts)}
@@ -284,7 +292,7 @@ def main(args):
     try:
         stream = build_stream(args, files, encoder)
         limit = args.max_eval_examples
-        val_sets = {lang: read_task(args.task, path, lang, limit) for lang, path in files["val"].items()}
+        val_sets = eval_sets(args, files["val"], encoder, limit)
     except DataError as e:
         sys.exit(f"error: {e}")
 
@@ -321,7 +329,7 @@ def main(args):
     best_dir = os.path.join(run_dir, "best")
     model = load_for_eval(args, best_dir).to(device)
     test_limit = args.max_eval_examples or (XLSUM_TEST_LIMIT if args.task == "xlsum" else None)
-    test_sets = {lang: read_task(args.task, path, lang, test_limit) for lang, path in files["test"].items()}
+    test_sets = eval_sets(args, files["test"], encoder, test_limit)
     per_lang = evaluate_split(args, model, tokenizer, encoder, test_sets, device, "test",
                               os.path.join(run_dir, "predictions"))
     results = {"config": vars(args), "main_metric": main_metric, "best_step": best_step,

@@ -125,10 +125,7 @@ class RunLog:
             # drop lines written after the checkpoint we resume from (they will be written again)
             with open(self.path) as f:
                 rows = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=".part-")
-            with os.fdopen(fd, "w") as f:
-                f.writelines(rows)
-            os.replace(tmp, self.path)
+            data.write_text(self.path, "".join(rows))
 
     def write(self, row, bar=None):
         with open(self.path, "a") as f:
@@ -255,23 +252,16 @@ def generate_batch(model, tokenizer, sources, generation_kwargs, device, max_new
 
 
 def generate(model, tokenizer, encoded, generation_kwargs, device, max_new_tokens, num_beams=1,
-             max_tokens=8000, desc="generate", sort_by_length=True):
-    """Predictions for encoded sources (list of {"input_ids"}), in input order.
-
-    `max_new_tokens` is a number, or a function of the longest source in the batch (translation
-    bounds its output relative to its input)."""
+             max_tokens=8000, desc="generate"):
+    """Predictions for encoded sources (list of {"input_ids"}), in input order, generated in
+    length-sorted batches of at most `max_tokens` source tokens."""
     model.eval()
     lengths = [len(e["input_ids"]) for e in encoded]
-    if sort_by_length:
-        batches = generation_batches(lengths, max_tokens)
-    else:  # fixed-size batches in input order (the baseline the benchmark compares against)
-        size = max(1, max_tokens // max(lengths))
-        batches = [list(range(i, min(i + size, len(encoded)))) for i in range(0, len(encoded), size)]
+    batches = generation_batches(lengths, max_tokens)
     predictions = [None] * len(encoded)
     for batch in tqdm(batches, desc=desc, leave=False, disable=len(batches) < 2, file=sys.stderr):
-        limit = max_new_tokens(max(lengths[i] for i in batch)) if callable(max_new_tokens) else max_new_tokens
         out = generate_batch(model, tokenizer, [encoded[i]["input_ids"] for i in batch], generation_kwargs,
-                             device, limit, num_beams)
+                             device, max_new_tokens, num_beams)
         for i, text in zip(batch, decode_generated(tokenizer, out, generation_kwargs)):
             predictions[i] = text
     return predictions

@@ -124,6 +124,20 @@ def _tiny_tokenizer(name, spm_dir):
     return tokenizer
 
 
+def untie_lm_head(model):
+    """Give an mT5 model built from a config its own lm_head, as google/mt5-* checkpoints have.
+
+    MT5Config forces tie_word_embeddings=True, and setting it False would also untie the
+    encoder/decoder input embeddings from `shared`. So we keep the config and replace lm_head's
+    weight; from_pretrained then keeps it untied. Initialised with std d_model**-0.5 (mT5 uses 1.0),
+    so a random model starts with logits of unit scale; created on the model's device.
+    """
+    vocab_size, d_model = model.lm_head.weight.shape
+    weight = torch.randn(vocab_size, d_model, device=model.lm_head.weight.device) * d_model ** -0.5
+    model.lm_head.weight = torch.nn.Parameter(weight)
+    return model
+
+
 def _tiny_model(name, tokenizer, seed):
     from transformers import (M2M100Config, M2M100ForConditionalGeneration, MBartConfig,
                               MBartForConditionalGeneration, MT5Config, MT5ForConditionalGeneration)
@@ -133,14 +147,7 @@ def _tiny_model(name, tokenizer, seed):
         config = MT5Config(vocab_size=len(tokenizer), d_model=d, d_kv=d // heads, d_ff=ff, num_layers=layers,
                            num_decoder_layers=layers, num_heads=heads, feed_forward_proj="gated-gelu",
                            pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
-        model = MT5ForConditionalGeneration(config)
-        # Real mT5 has an lm_head separate from the shared embedding. MT5Config forces
-        # tie_word_embeddings=True, and setting it False would also untie the encoder/decoder input
-        # embeddings from `shared`. So we keep the config and give lm_head its own weight;
-        # from_pretrained then keeps it untied, as for google/mt5-*. (Std d_model**-0.5 rather than
-        # mT5's 1.0, so that a tiny random model starts with logits of unit scale and learns fast.)
-        model.lm_head.weight = torch.nn.Parameter(torch.randn(len(tokenizer), d) * d ** -0.5)
-        return model
+        return untie_lm_head(MT5ForConditionalGeneration(config))
     common = dict(vocab_size=len(tokenizer), d_model=d, encoder_layers=layers, decoder_layers=layers,
                   encoder_attention_heads=heads, decoder_attention_heads=heads, encoder_ffn_dim=ff,
                   decoder_ffn_dim=ff, max_position_embeddings=1024, scale_embedding=True,
@@ -263,9 +270,7 @@ def real_architecture(name, device="meta"):
     family, kwargs = REAL_CONFIGS[name]
     with torch.device(device):
         if family == "mt5":
-            model = MT5ForConditionalGeneration(MT5Config(**kwargs))
-            # untied lm_head, as in the checkpoint (see _tiny_model)
-            model.lm_head.weight = torch.nn.Parameter(torch.empty(kwargs["vocab_size"], kwargs["d_model"]))
+            model = untie_lm_head(MT5ForConditionalGeneration(MT5Config(**kwargs)))
         elif family == "mbart":
             model = MBartForConditionalGeneration(MBartConfig(**kwargs))
         else:

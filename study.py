@@ -167,11 +167,7 @@ class Study:
     def record(self, run_dir, **meta):
         self.plan[run_dir] = meta
         if not self.args.dry_run:
-            os.makedirs(self.out, exist_ok=True)
-            tmp = self.plan_path + ".part"
-            with open(tmp, "w") as f:
-                json.dump(self.plan, f, indent=1)
-            os.replace(tmp, self.plan_path)
+            data.write_json(self.plan_path, self.plan)
 
     def val_metric(self, run_dir):
         """The run's selection metric (average non-English validation metric), None if it has none."""
@@ -398,10 +394,7 @@ def exec_run(args):
         log.flush()
         code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT).returncode
     status = {"returncode": code, "seconds": round(time.time() - start, 1), "done": os.path.exists(args.done)}
-    tmp = os.path.join(args.run_dir, ".status.part")
-    with open(tmp, "w") as f:
-        json.dump(status, f)
-    os.replace(tmp, os.path.join(args.run_dir, "status.json"))
+    data.write_json(os.path.join(args.run_dir, "status.json"), status)
     return code
 
 

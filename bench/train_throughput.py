@@ -59,9 +59,7 @@ def build_model(dims, vocab_size, device, seed=0):
                        num_heads=8, feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1,
                        decoder_start_token_id=0)
     with torch.device(device):
-        model = MT5ForConditionalGeneration(config)
-        model.lm_head.weight = torch.nn.Parameter(torch.randn(vocab_size, 256) * 256 ** -0.5)  # untied, as mT5
-    return model
+        return models.untie_lm_head(MT5ForConditionalGeneration(config))
 
 
 def encoded_examples(args):
