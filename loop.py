@@ -2,9 +2,10 @@
 
     python -c "import loop; print([round(loop.get_lr(s, 1e-4, 4000), 8) for s in (1, 4000, 16000)])"
 
-One home for: the fairseq inverse-square-root schedule, the token-normalised loss, the optimisation
-step, atomic checkpoints with everything needed to resume bit for bit, the run log, and
-length-sorted generation. The stage scripts build data and models and hand them to `train()`.
+This module is the one home for: the fairseq inverse-square-root schedule, the token-normalised
+loss, the optimisation step, atomic checkpoints with everything needed to resume bit for bit, the
+run directory and its settings, the run log, and length-sorted generation. The stage scripts build
+the data and the models and hand them to `train()`.
 
 The loop has one shape (llm.c / nanoGPT style); `step` counts finished updates:
 
@@ -12,20 +13,20 @@ The loop has one shape (llm.c / nanoGPT style); `step` counts finished updates:
         if step is an eval step (every eval_every, and the last):   <- before stepping: covers the
             metric = evaluate(step); save last/ (and best/)            last step (and step 0 on request)
         if step == max_steps: break
-        ---- optimisation step (update number step + 1) ----
-        batch -> loss = sum of token cross-entropies / number of target tokens -> backward
-        -> clip -> AdamW at lr = get_lr(step + 1)
+        ---- optimisation step (update number step + 1): train_step ----
+        update_freq batches -> loss = sum of their target-token cross-entropies / their number of
+        target tokens -> backward -> clip -> AdamW at lr = get_lr(step + 1)
         ---- diagnostics only below here ----
-        log loss, lr, grad norm, tokens/s, padding efficiency
+        log loss, lr, grad norm, tokens/s, padding efficiency, which streams the batches came from
 """
 
+import collections
 import json
 import math
 import os
+import pickle
 import random
-import shutil
 import sys
-import tempfile
 import time
 
 import numpy as np
@@ -34,12 +35,14 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import adapt
+import common
 import data
-from data import DataError
+import models
+from common import DataError, UsageError
 
 
 # -----------------------------------------------------------------------------
-# Schedule, loss, optimizer
+# Schedule, loss, optimizer, the step
 
 def get_lr(step, lr, warmup_steps):
     """fairseq `inverse_sqrt` with warmup_init_lr = 0, for the update after `step` finished updates:
@@ -49,42 +52,108 @@ def get_lr(step, lr, warmup_steps):
     return lr * math.sqrt(warmup_steps / step) if warmup_steps > 0 else lr
 
 
-def decoder_inputs(model, labels):
-    """Labels shifted right behind the decoder start token, exactly as each model class does it:
-    mT5 "<pad> Y", mBART/NLLB "</s> [tgt_code] Y" (labels are "[tgt_code] Y </s>")."""
-    model_type = model.config.model_type
-    if model_type == "mt5":
-        return model._shift_right(labels)
-    if model_type == "mbart":
-        from transformers.models.mbart.modeling_mbart import shift_tokens_right
-        return shift_tokens_right(labels, model.config.pad_token_id)
-    from transformers.models.m2m_100.modeling_m2m_100 import shift_tokens_right
-    return shift_tokens_right(labels, model.config.pad_token_id, model.config.decoder_start_token_id)
+def token_loss_sum(model, batch):
+    """(sum of the target tokens' cross-entropies, number of target tokens) of one batch."""
+    labels = batch["labels"]                                   # (batch, tgt_len), -100 on padding
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   decoder_input_ids=models.decoder_inputs(model, labels)).logits   # (batch, tgt_len, vocab)
+    loss_sum = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
+    return loss_sum, int((labels != -100).sum())
 
 
 def token_loss(model, batch):
     """Sum of the target tokens' cross-entropies divided by their number: with token-budget batches
     of varying size, every target token weighs the same. Returns (loss, number of target tokens)."""
-    labels = batch["labels"]                                   # (batch, tgt_len), -100 on padding
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                   decoder_input_ids=decoder_inputs(model, labels)).logits   # (batch, tgt_len, vocab)
-    loss_sum = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
-    num_tokens = (labels != -100).sum()
-    return loss_sum / num_tokens, int(num_tokens)
+    loss_sum, num_tokens = token_loss_sum(model, batch)
+    return loss_sum / num_tokens, num_tokens
 
 
-def make_optimizer(model, lr, weight_decay=0.0, betas=(0.9, 0.999)):
+def make_optimizer(model, lr, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8):
     """AdamW over the trainable parameters, in model order (so a saved state loads back)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.AdamW(params, lr=lr, betas=betas, eps=1e-8, weight_decay=weight_decay)
+    return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+
+
+def train_step(model, optimizer, batches, lr, grad_clip, device):
+    """One update from `batches` (a list of update_freq collated batches on `device`), fairseq's
+    --update-freq semantics: the loss is the sum of all their target tokens' cross-entropies
+    divided by the total number of target tokens, so every token weighs the same as in one big
+    batch. Returns (mean token loss, number of target tokens, gradient norm before clipping).
+
+        loss = sum_b sum_t CE(b, t) / sum_b T_b      backward per batch b (gradients add up)
+
+    A non-finite loss raises FloatingPointError before any weight changes. A step in which no
+    trainable weight is on the loss's path (LayerDrop skipped every decoder layer while only a
+    prompt is trained) changes nothing and reports a gradient norm of 0.
+    """
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    total_tokens = sum(int((b["labels"] != -100).sum()) for b in batches)
+    loss_total, has_grad = 0.0, False
+    for batch in batches:
+        with autocast(device):
+            loss_sum, _ = token_loss_sum(model, batch)
+        loss = loss_sum / total_tokens
+        if not torch.isfinite(loss):
+            optimizer.zero_grad(set_to_none=True)
+            raise FloatingPointError(f"non-finite loss ({loss.item()})")
+        if loss.requires_grad:
+            loss.backward()
+            has_grad = True
+        loss_total += loss.item()
+    if not has_grad:
+        return loss_total, total_tokens, 0.0
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, grad_clip if grad_clip > 0 else float("inf"))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_total, total_tokens, float(grad_norm)
+
+
+def add_training_args(parser, max_steps, max_tokens, eval_every):
+    """The flags of the training loop, declared once for finetune.py and pretrain_it.py (the stage
+    gives its own defaults for the three that differ)."""
+    p = parser
+    p.add_argument("--lr", type=common.positive_float, default=1e-4, help="peak learning rate (after warm-up)")
+    p.add_argument("--max-steps", type=common.positive_int, default=max_steps, help="optimisation steps")
+    p.add_argument("--max-tokens", type=common.positive_int, default=max_tokens, help="token budget of a training batch")
+    p.add_argument("--update-freq", type=common.positive_int, default=1,
+                   help="batches per update (gradient accumulation, fairseq semantics): K x --max-tokens per update")
+    p.add_argument("--warmup-steps", type=common.non_negative_int, default=4000,
+                   help="linear warm-up steps of the inverse-sqrt schedule (0: constant LR)")
+    p.add_argument("--eval-every", type=common.positive_int, default=eval_every, help="evaluate every N steps")
+    p.add_argument("--out-dir", default=None, help="run directory")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out-dir from its last/ checkpoint")
+    p.add_argument("--stop-at-step", type=common.positive_int, default=None,
+                   help="exit after the checkpoint of this evaluation step (for job time limits); continue with --resume")
+    p.add_argument("--seed", type=int, default=0, help="random seed (data order, dropout, initialisation of added weights)")
+    p.add_argument("--eval-max-tokens", type=common.positive_int, default=8000, help="source-token budget of a generation batch")
+    p.add_argument("--max-gen-batch-size", type=common.positive_int, default=256, help="most sources in a generation batch")
+    p.add_argument("--grad-clip", type=common.non_negative_float, default=1.0, help="clip the gradient norm to this (0 = off)")
+    p.add_argument("--weight-decay", type=common.non_negative_float, default=0.0, help="AdamW weight decay")
+    p.add_argument("--adam-beta1", type=common.open_unit_float, default=0.9, help="AdamW beta1")
+    p.add_argument("--adam-beta2", type=common.open_unit_float, default=0.999, help="AdamW beta2")
+    p.add_argument("--adam-eps", type=common.positive_float, default=1e-8, help="AdamW epsilon")
+    p.add_argument("--log-every", type=common.positive_int, default=10, help="log every N steps")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    common.add_config_flag(p)
+
+
+def check_stop_at_step(args):
+    if args.stop_at_step is not None and args.stop_at_step % args.eval_every and args.stop_at_step != args.max_steps:
+        raise UsageError(f"--stop-at-step {args.stop_at_step}: not an evaluation step (a multiple of --eval-every "
+                         f"{args.eval_every}); a run can only stop where it writes a checkpoint")
 
 
 def pick_device(name="auto"):
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise DataError(f"--device: {name} requested but CUDA is not available")
-    return torch.device(name)
+        raise UsageError(f"--device: {name} requested but CUDA is not available")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device: unknown device '{name}'; use auto, cpu or cuda") from None
 
 
 def autocast(device):
@@ -114,7 +183,98 @@ def set_rng_state(state):
 
 
 # -----------------------------------------------------------------------------
-# Files: atomic JSON, the run log, checkpoints
+# The run directory: its settings, its log, its checkpoints
+#
+#   RUN/args.json            the resolved settings (feed back with --config RUN/args.json)
+#   RUN/log.jsonl            one line per log step
+#   RUN/last/, RUN/best/     checkpoints; last/ has train_state.pt for --resume
+#
+# A run directory belongs to one set of settings. --resume, or a rerun into an existing directory,
+# must give the same settings, except those listed here, which only say how far to go or where to
+# run (fairseq and HF would silently mix two runs in one directory).
+RUNTIME_SETTINGS = ("max_steps", "stop_at_step", "resume", "device", "log_every", "eval_max_tokens",
+                    "max_gen_batch_size", "config")
+
+
+def settings_of(args):
+    """The settings a run directory records: every flag's resolved value."""
+    return {k: v for k, v in vars(args).items() if k != "config"}
+
+
+def changed_settings(saved, new):
+    """Names of the settings (other than RUNTIME_SETTINGS) whose values differ."""
+    keys = (set(saved) | set(new)) - set(RUNTIME_SETTINGS)
+    return sorted(k for k in keys if saved.get(k) != new.get(k))
+
+
+def check_same_settings(run_dir, args, what):
+    """UsageError naming every setting in which `args` differs from RUN/args.json."""
+    saved = read_args(run_dir)
+    if saved is None:
+        return
+    changed = changed_settings(saved, settings_of(args))
+    if changed:
+        details = ", ".join(f"--{k.replace('_', '-')} {saved.get(k)!r} -> {getattr(args, k, None)!r}" for k in changed)
+        raise UsageError(f"--out-dir {run_dir}: {what} was started with other settings ({details}); "
+                         f"use the same settings or another --out-dir")
+
+
+def read_args(run_dir):
+    path = os.path.join(run_dir, "args.json")
+    return common.read_json(path, "args.json") if os.path.isfile(path) else None
+
+
+def start_run(args):
+    """Set up the run directory args.out_dir for a stage. A run that finished with the same
+    settings is skipped: returns (its results, None, None). Otherwise recovers an interrupted save;
+    refuses to overwrite a checkpoint without --resume, and to resume with other settings; writes
+    args.json; prints the settings; seeds; picks the device. Returns (None, last/ or None, device)."""
+    run_dir = args.out_dir
+    results = finished_run(args)
+    if results is not None:
+        print(f"{run_dir}/results.json exists with the same settings: run already finished, skipped")
+        return results, None, None
+    common.check_output_dir(run_dir, "--out-dir")
+    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
+        raise UsageError(f"--out-dir {run_dir}: is a file")
+    last = recover_checkpoint(run_dir, "last") if os.path.isdir(run_dir) else None
+    if last and not args.resume:
+        raise UsageError(f"--out-dir {run_dir} holds a checkpoint; pass --resume to continue it or choose another --out-dir")
+    if args.resume and not last:
+        raise UsageError(f"--resume: no last/ checkpoint in {run_dir}")
+    device = pick_device(args.device)
+    if last:
+        check_same_settings(run_dir, args, "its checkpoint")
+        step = load_train_state(last)["step"]
+        if args.max_steps < step:
+            raise UsageError(f"--max-steps {args.max_steps}: the run in {run_dir} is already at step {step}")
+    else:  # a fresh start: nothing of an earlier attempt without a checkpoint is kept
+        for stale in ("log.jsonl", "results.json"):
+            if os.path.exists(os.path.join(run_dir, stale)):
+                os.remove(os.path.join(run_dir, stale))
+    common.write_json(os.path.join(run_dir, "args.json"), settings_of(args))
+    common.print_settings(settings_of(args))
+    seed_everything(args.seed)
+    return None, last, device
+
+
+def finished_run(args):
+    """The results of a finished run in args.out_dir, if it finished at args.max_steps with the same
+    settings (a rerun is then skipped); None if the run is to be started, resumed or extended
+    (--resume with a larger --max-steps). Other settings than before are refused."""
+    path = os.path.join(args.out_dir, "results.json")
+    if not os.path.isfile(path):
+        return None
+    results = common.read_json(path, "results.json")
+    check_same_settings(args.out_dir, args, "this finished run")
+    done_steps = results.get("config", {}).get("max_steps") if isinstance(results, dict) else None
+    if done_steps == args.max_steps:
+        return results
+    if done_steps is not None and args.max_steps > done_steps and not args.resume:
+        raise UsageError(f"--max-steps {args.max_steps}: the run in {args.out_dir} finished at {done_steps} steps; "
+                         f"pass --resume to extend it")
+    return None
+
 
 class RunLog:
     """log.jsonl plus one aligned console line per log step, with the same keys."""
@@ -123,12 +283,24 @@ class RunLog:
         self.path = os.path.join(run_dir, "log.jsonl")
         if resume_step is not None and os.path.exists(self.path):
             # drop lines written after the checkpoint we resume from (they will be written again)
-            with open(self.path) as f:
-                rows = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            data.write_text(self.path, "".join(rows))
+            rows = []
+            with open(self.path, encoding="utf-8") as f:
+                for line in f:
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError:  # a line cut by a kill
+                        continue
+                    if row.get("step", 0) <= resume_step:
+                        rows.append(line if line.endswith("\n") else line + "\n")
+            common.write_text(self.path, "".join(rows))
+
+    def event(self, row):
+        """A line that is not a step (e.g. what the data streams read and cut), without a console line."""
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
     def write(self, row, bar=None):
-        with open(self.path, "a") as f:
+        with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
         parts = [f"step {row['step']:>6}"]
         for key, value in row.items():
@@ -136,17 +308,10 @@ class RunLog:
                 continue
             if isinstance(value, float):
                 value = f"{value:.3e}" if key == "lr" else f"{value:,.4f}" if abs(value) < 1000 else f"{value:,.0f}"
+            elif isinstance(value, dict):
+                value = ", ".join(f"{k} {v}" for k, v in value.items())
             parts.append(f"{key} {value}")
         (bar.write if bar is not None else print)(" | ".join(parts))
-
-
-def save_model(model, tokenizer, directory, base_model):
-    """A checkpoint directory: added weights only for adapters/prompt, else save_pretrained."""
-    if getattr(model, "_xlgen_method", None) in ("adapters", "prompt"):
-        adapt.save_added(model, directory, base_model)
-    else:
-        model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
 
 
 def save_checkpoint(run_dir, name, model, tokenizer, base_model, train_state=None):
@@ -159,15 +324,16 @@ def save_checkpoint(run_dir, name, model, tokenizer, base_model, train_state=Non
     `recover_checkpoint` puts .old-name back if a kill fell between the two renames.
     """
     final, old = os.path.join(run_dir, name), os.path.join(run_dir, f".old-{name}")
-    tmp = tempfile.mkdtemp(dir=run_dir, prefix=f".tmp-{name}-")
-    save_model(model, tokenizer, tmp, base_model)
+    tmp = common.make_temp_dir(run_dir, prefix=f".tmp-{name}-")
+    adapt.save(model, tmp, base_model)
+    tokenizer.save_pretrained(tmp)
     if train_state is not None:
         torch.save(train_state, os.path.join(tmp, "train_state.pt"))
     if os.path.isdir(final):
-        shutil.rmtree(old, ignore_errors=True)
+        common.remove_tree(old)
         os.rename(final, old)
     os.rename(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
+    common.remove_tree(old)
 
 
 def recover_checkpoint(run_dir, name):
@@ -177,51 +343,34 @@ def recover_checkpoint(run_dir, name):
         os.rename(old, final)
     for entry in os.listdir(run_dir):
         if entry.startswith(f".tmp-{name}-"):
-            shutil.rmtree(os.path.join(run_dir, entry), ignore_errors=True)
+            common.remove_tree(os.path.join(run_dir, entry))
     return final if os.path.isdir(final) else None
 
 
-def start_run(run_dir, args):
-    """Set up a run directory for a stage: recover an interrupted save, refuse to overwrite a
-    checkpoint without --resume, write args.json on a fresh start, seed, pick the device.
-    Returns (last/ checkpoint or None, device)."""
-    last = recover_checkpoint(run_dir, "last") if os.path.isdir(run_dir) else None
-    if last and not args.resume:
-        raise DataError(f"--out-dir {run_dir} holds a checkpoint; pass --resume to continue it or choose another --out-dir")
-    if args.resume and not last:
-        raise DataError(f"--resume: no last/ checkpoint in {run_dir}")
-    device = pick_device(args.device)
-    os.makedirs(run_dir, exist_ok=True)
-    if not args.resume:
-        data.write_json(os.path.join(run_dir, "args.json"), vars(args))
-    seed_everything(args.seed)
-    return last, device
-
-
 def load_train_state(checkpoint_dir):
+    """train_state.pt: tensors, numbers, strings, lists, tuples and dicts only. It is loaded with
+    weights_only=True, so a file from elsewhere cannot run code when it is unpickled."""
     path = os.path.join(checkpoint_dir, "train_state.pt")
     if not os.path.isfile(path):
-        raise DataError(f"--resume: {path} not found; the checkpoint cannot be resumed")
-    return torch.load(path, weights_only=False)
+        raise DataError(f"{path}: not found; the checkpoint cannot be resumed")
+    hint = "start the run again, or resume from a copy of an intact checkpoint"
+    try:
+        state = torch.load(path, weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "GLOBAL" in str(e):  # the pickle names a Python object to build: code, not data
+            raise DataError(f"{path}: refused: it holds Python objects, not only tensors and numbers "
+                            f"(unpickling it could run code); {hint}") from None
+        raise DataError(f"{path}: truncated or corrupt (not a readable pickle); {hint}") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise DataError(f"{path}: truncated or corrupt ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                        f"{hint}") from None
+    if not isinstance(state, dict) or not {"step", "optimizer", "stream", "rng"} <= set(state):
+        raise DataError(f"{path}: not an xlgen training state; {hint}")
+    return state
 
 
 # -----------------------------------------------------------------------------
 # Generation for evaluation: length-sorted batches under a token budget
-
-def generation_batches(lengths, max_tokens, max_batch_size=256):
-    """Indices sorted by source length, cut so batch_size * longest source <= max_tokens.
-    Sorting puts sources of similar length together, so little of each batch is padding."""
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    batches, batch = [], []
-    for i in order:
-        if batch and (len(batch) + 1) * lengths[i] > max_tokens or len(batch) >= max_batch_size:
-            batches.append(batch)
-            batch = []
-        batch.append(i)
-    if batch:
-        batches.append(batch)
-    return batches
-
 
 def decode_generated(tokenizer, sequences, generation_kwargs):
     """Text of generated ids without the decoder start, the forced language code, the final </s>
@@ -252,12 +401,12 @@ def generate_batch(model, tokenizer, sources, generation_kwargs, device, max_new
 
 
 def generate(model, tokenizer, encoded, generation_kwargs, device, max_new_tokens, num_beams=1,
-             max_tokens=8000, desc="generate"):
+             max_tokens=8000, max_batch_size=256, desc="generate"):
     """Predictions for encoded sources (list of {"input_ids"}), in input order, generated in
-    length-sorted batches of at most `max_tokens` source tokens."""
+    length-sorted batches of at most `max_tokens` source tokens and `max_batch_size` sources."""
     model.eval()
     lengths = [len(e["input_ids"]) for e in encoded]
-    batches = generation_batches(lengths, max_tokens)
+    batches = data.generation_batches(lengths, max_tokens, max_batch_size)
     predictions = [None] * len(encoded)
     for batch in tqdm(batches, desc=desc, leave=False, disable=len(batches) < 2, file=sys.stderr):
         out = generate_batch(model, tokenizer, [encoded[i]["input_ids"] for i in batch], generation_kwargs,
@@ -271,18 +420,19 @@ def generate(model, tokenizer, encoded, generation_kwargs, device, max_new_token
 # The loop
 
 def train(model, tokenizer, stream, *, run_dir, base_model, lr, warmup_steps, max_steps, eval_every,
-          evaluate_fn, device, grad_clip=1.0, weight_decay=0.0, log_every=10, resume=False,
-          eval_at_start=False, metric_mode="max", stop_at_step=None):
+          evaluate_fn, device, grad_clip=1.0, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8, update_freq=1,
+          log_every=10, resume=False, eval_at_start=False, metric_mode="max", stop_at_step=None):
     """Train `model` on batches from `stream` (a data.Mixture); returns (best_step, best_metric, stopped).
 
     evaluate_fn(step) -> a scalar to select best/ by (higher is better for metric_mode "max"),
     or None to keep only last/. Resuming restores weights (from last/, loaded by the caller),
-    optimizer, schedule position, RNG and data-iterator state, so the run continues bit for bit.
-    `stop_at_step`: return right after the checkpoint of that (evaluation) step, stopped=True, as a
-    job with a time limit would; --resume continues it.
+    optimizer, schedule position, RNG and data-iterator state, so the run continues bit for bit;
+    with a larger max_steps it extends a finished run. `stop_at_step` (an evaluation step):
+    return right after its checkpoint, stopped=True, as a job with a time limit would; --resume
+    continues it.
     """
     model.to(device)
-    optimizer = make_optimizer(model, lr, weight_decay)
+    optimizer = make_optimizer(model, lr, weight_decay, betas, eps)
     start_step, best_step, best_metric = 0, None, None
     if resume:
         state = load_train_state(os.path.join(run_dir, "last"))
@@ -294,8 +444,13 @@ def train(model, tokenizer, stream, *, run_dir, base_model, lr, warmup_steps, ma
     log = RunLog(run_dir, resume_step=start_step if resume else None)
     better = (lambda a, b: a > b) if metric_mode == "max" else (lambda a, b: a < b)
 
+    def new_window():
+        return {"loss_sum": 0.0, "tokens": 0, "real": 0, "padded": 0, "time": time.perf_counter(),
+                "streams": collections.Counter()}
+
     bar = tqdm(total=max_steps, initial=start_step, desc="train", dynamic_ncols=True, file=sys.stderr)
-    window = {"loss_sum": 0.0, "tokens": 0, "real": 0, "padded": 0, "time": time.perf_counter(), "steps": 0}
+    window = new_window()
+    model.train()
     for step in range(start_step, max_steps + 1):
         # ---- evaluation and checkpoints, before stepping ----
         is_eval_step = (step % eval_every == 0 and step > 0) or step == max_steps or (step == 0 and eval_at_start)
@@ -315,43 +470,34 @@ def train(model, tokenizer, stream, *, run_dir, base_model, lr, warmup_steps, ma
             break
 
         # ---- one optimisation step ----
-        model.train()
-        path, indices = next(stream)
-        batch = {k: v.to(device) for k, v in stream.stream(path).collate(indices, tokenizer.pad_token_id).items()}
+        drawn = [next(stream) for _ in range(update_freq)]                   # [(path, indices)]
+        batches = [{k: v.to(device) for k, v in stream.stream(path).collate(indices, tokenizer.pad_token_id).items()}
+                   for path, indices in drawn]
         step_lr = get_lr(step + 1, lr, warmup_steps)
-        for group in optimizer.param_groups:
-            group["lr"] = step_lr
-        with autocast(device):
-            loss, num_tokens = token_loss(model, batch)
-        if not torch.isfinite(loss):
-            last = os.path.join(run_dir, "last")
+        try:
+            loss, num_tokens, grad_norm = train_step(model, optimizer, batches, step_lr, grad_clip, device)
+        except FloatingPointError as e:
             bar.close()
-            raise FloatingPointError(f"non-finite loss ({loss.item()}) at step {step + 1} (lr {step_lr:.3e}); "
-                                     f"stopped; the last good checkpoint is {last}")
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        if loss.requires_grad:
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, grad_clip if grad_clip > 0 else float("inf"))
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        else:  # no trainable weight on the loss's path (e.g. LayerDrop skipped every decoder layer
-            grad_norm = torch.tensor(0.0)  # while only a prompt is trained): nothing to update
-
+            last = os.path.join(run_dir, "last")
+            where = f"the last good checkpoint is {last}" if os.path.isdir(last) else "no checkpoint was written yet"
+            raise FloatingPointError(f"{e} at step {step + 1} (lr {step_lr:.3e}); stopped; {where}") from None
 
         # ---- diagnostics only below here ----
         bar.update(1)
-        window["loss_sum"] += loss.item() * num_tokens
+        window["loss_sum"] += loss * num_tokens
         window["tokens"] += num_tokens
-        window["real"] += int(batch["attention_mask"].sum()) + num_tokens
-        window["padded"] += batch["input_ids"].numel() + batch["labels"].numel()
-        window["steps"] += 1
+        for (path, _), batch in zip(drawn, batches):
+            window["real"] += int(batch["attention_mask"].sum()) + int((batch["labels"] != -100).sum())
+            window["padded"] += batch["input_ids"].numel() + batch["labels"].numel()
+            window["streams"]["/".join(path)] += 1
         if (step + 1) % log_every == 0 or step + 1 == max_steps:
             elapsed = time.perf_counter() - window["time"]
             row = {"step": step + 1, "loss": window["loss_sum"] / window["tokens"], "lr": step_lr,
-                   "grad_norm": float(grad_norm), "tokens_per_s": window["real"] / elapsed,
-                   "padding_efficiency": window["real"] / window["padded"], "stream": "/".join(path)}
+                   "grad_norm": grad_norm, "tokens_per_s": window["real"] / elapsed,
+                   "padding_efficiency": window["real"] / window["padded"],
+                   "streams": dict(sorted(window["streams"].items()))}
             log.write(row, bar)
             bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{step_lr:.2e}", tok_s=f"{row['tokens_per_s']:,.0f}")
-            window = {"loss_sum": 0.0, "tokens": 0, "real": 0, "padded": 0, "time": time.perf_counter(), "steps": 0}
+            window = new_window()
     bar.close()
     return best_step, best_metric, False

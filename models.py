@@ -1,10 +1,18 @@
-"""Model loading for xlgen: real checkpoints by name, and tiny offline models of the real families.
+"""Models for xlgen: what each family needs, checkpoints by name, and tiny offline models.
 
-    python models.py --model tiny-nllb --data-dir ../shared/data      # build (or find) and describe
+    python models.py --model tiny-nllb --data-dir ../shared/data     # build or find it, describe it,
+                                                                      # encode and batch SQuAD with it
 
-`tiny-mt5`, `tiny-mbart` and `tiny-nllb` are built on first use into the cache directory
-($XLGEN_CACHE, default ~/.cache/xlgen) and loaded from there with `from_pretrained`, exactly like a
-hub checkpoint. They use the real classes and mirror the real structure at a tiny size:
+Sections:
+  1. Model families      mT5 / mBART-50 / NLLB-200: maximum lengths, language codes, how a source,
+                         the labels and the decoder input are laid out, how generation is started
+  2. Tiny models         `tiny-mt5`, `tiny-mbart`, `tiny-nllb`, built on first use
+  3. Loading by name     tiny names, checkpoint directories, any hub name of a supported class
+  4. Real architectures  the published models' dimensions without weights (meta device)
+
+The tiny models are built into the cache directory ($XLGEN_CACHE, default ~/.cache/xlgen) and
+loaded from there with `from_pretrained`, exactly like a hub checkpoint. They use the real classes
+and mirror the real structure at a tiny size, including the real maximum lengths and position tables:
 
   name        model class                     tokenizer class    SentencePiece   embeddings
   tiny-mt5    MT5ForConditionalGeneration     T5Tokenizer        unigram         shared in/out of encoder and
@@ -14,9 +22,9 @@ hub checkpoint. They use the real classes and mirror the real structure at a tin
   tiny-nllb   M2M100ForConditionalGeneration  NllbTokenizer      BPE             tied, scaled by sqrt(d_model)
                                                                  <unk><s></s>    + 202 language codes, <mask>
 
-The SentencePiece models are trained on ../shared/data/text (12 languages), with full character
-coverage and no normalisation so every character of the 12 languages has a piece and text
-round-trips. Same seed, same model.
+The SentencePiece models are trained on DATA/text (../shared/data/text offline: 12 languages), with
+full character coverage and no normalisation so every character of the 12 languages has a piece
+and text round-trips. Same seed, same model.
 """
 
 import argparse
@@ -29,13 +37,145 @@ import tempfile
 
 import torch
 
+import common
 import data
-from data import DataError
+from common import DataError, UsageError
+
+
+# -----------------------------------------------------------------------------
+# 1. Model families
+#
+#   family  source ids                    labels                       decoder start  forced 1st token
+#   mt5     X </s>                        Y </s>                       <pad>          -
+#   mbart   [src_code] X </s>             [tgt_code] Y </s>            </s>           [tgt_code]
+#   nllb    [src_code] X </s>             [tgt_code] Y </s>            </s>           [tgt_code]
+#
+# mBART-50 and NLLB (non-legacy) tokenizers produce exactly these layouts. During training the
+# model reads the labels shifted right behind the decoder start token (decoder_inputs), so the
+# decoder sees "</s> [tgt_code] Y" and must predict "[tgt_code] Y </s>"; at generation the decoder
+# starts from </s> and `forced_bos_token_id` makes the first generated token the target code.
+
+FAMILY_MAX_LENGTH = {"mt5": 512, "mbart": 1024, "nllb": 512}  # paper Appendix A: inputs are cut to this
+MODEL_TYPE_TO_FAMILY = {"mt5": "mt5", "mbart": "mbart", "m2m_100": "nllb"}
+
+
+def family_of(config):
+    """'mt5', 'mbart' or 'nllb' from a model config (or a config's model_type string)."""
+    model_type = config if isinstance(config, str) else config.model_type
+    if model_type not in MODEL_TYPE_TO_FAMILY:
+        raise UsageError(f"--model: unsupported model type '{model_type}'; supported: "
+                         f"{', '.join(sorted(MODEL_TYPE_TO_FAMILY))} (mT5, mBART-50, NLLB-200)")
+    return MODEL_TYPE_TO_FAMILY[model_type]
+
+
+def max_length(config):
+    """Longest source or target a model takes: the paper's cut for its family (Appendix A), and
+    never more than its position table (learned for mBART, sinusoidal for NLLB; mT5 has relative
+    positions and no table)."""
+    length = FAMILY_MAX_LENGTH[family_of(config)]
+    return min(length, getattr(config, "max_position_embeddings", None) or length)
+
+
+def language_code(family, lang, flag="--lang"):
+    """The model's code for a language (None for mT5, which has no language codes)."""
+    language = data.get_language(lang, flag)
+    if family == "mt5":
+        return None
+    code = language.mbart if family == "mbart" else language.nllb
+    if code is None:
+        raise UsageError(f"{flag}: {family} has no language code for '{lang}'")
+    return code
+
+
+def family_language_codes(family):
+    """The language codes of our table that a family's tokenizer must have (none for mT5)."""
+    if family == "mt5":
+        return []
+    codes = [lang.mbart if family == "mbart" else lang.nllb for lang in data.LANGUAGES.values()]
+    return [code for code in codes if code is not None]
+
+
+class Seq2SeqEncoder:
+    """Turns data.Examples into token ids for one model family, and knows how that family generates.
+
+    >>> enc = Seq2SeqEncoder(tokenizer, "mbart", max_source_length=924)
+    >>> enc.encode([example])[0]      # {"input_ids": [...], "labels": [...]}
+    >>> enc.generation_kwargs("fr")   # {"decoder_start_token_id": 2, "forced_bos_token_id": ...}
+    """
+
+    def __init__(self, tokenizer, family, max_source_length=None, max_target_length=None):
+        self.tokenizer = tokenizer
+        self.family = family
+        self.max_source_length = max_source_length or FAMILY_MAX_LENGTH[family]
+        self.max_target_length = max_target_length or FAMILY_MAX_LENGTH[family]
+        self.pad_token_id = tokenizer.pad_token_id
+        self.eos_token_id = tokenizer.eos_token_id
+        # A language code that is not a token of the vocabulary would silently encode as <unk>.
+        for code in family_language_codes(family):
+            if tokenizer.convert_tokens_to_ids(code) in (None, tokenizer.unk_token_id):
+                raise DataError(f"--model: tokenizer has no token for language code '{code}'")
+
+    def _affixes(self, lang):
+        """Special ids the tokenizer puts before and after a text of `lang`."""
+        if self.family == "mt5":
+            return [], [self.eos_token_id]
+        return [self.tokenizer.convert_tokens_to_ids(language_code(self.family, lang))], [self.eos_token_id]
+
+    def _tokenize(self, texts):
+        if not texts:
+            return []
+        return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+    def encode(self, examples, stats=None):
+        """Encode Examples to [{"input_ids", "labels"}], each cut to the maximum lengths.
+
+        Source = [prefix] body tail [suffix]: the body (a QA paragraph, an article) is cut, never the
+        language code, the tail (the QA question appended at the end) or </s>. `stats`, if given,
+        is a dict that gets the counts of cut sources and targets.
+        """
+        bodies = self._tokenize([ex.source for ex in examples])
+        tails = self._tokenize([ex.source_tail for ex in examples])
+        targets = self._tokenize([ex.target for ex in examples])
+        encoded, cut_sources, cut_targets = [], 0, 0
+        for i, ex in enumerate(examples):
+            prefix, suffix = self._affixes(ex.src_lang)
+            tail = tails[i] if ex.source_tail else []
+            room = self.max_source_length - len(prefix) - len(suffix) - len(tail)
+            cut_sources += len(bodies[i]) > max(room, 0)
+            input_ids = data.truncate(prefix + bodies[i][:max(room, 0)] + tail + suffix, self.max_source_length)
+            t_prefix, t_suffix = self._affixes(ex.tgt_lang)
+            labels = t_prefix + targets[i] + t_suffix
+            cut_targets += len(labels) > self.max_target_length
+            encoded.append({"input_ids": input_ids, "labels": data.truncate(labels, self.max_target_length)})
+        if stats is not None:
+            stats.update(num_examples=len(examples), num_cut_sources=cut_sources, num_cut_targets=cut_targets)
+        return encoded
+
+    def generation_kwargs(self, tgt_lang):
+        """What `model.generate` needs to produce text in `tgt_lang` for this family."""
+        if self.family == "mt5":
+            return {"decoder_start_token_id": self.pad_token_id}
+        code_id = self.tokenizer.convert_tokens_to_ids(language_code(self.family, tgt_lang))
+        return {"decoder_start_token_id": self.eos_token_id, "forced_bos_token_id": code_id}
+
+
+def decoder_inputs(model, labels):
+    """Labels shifted right behind the decoder start token, exactly as each model class does it:
+    mT5 "<pad> Y", mBART/NLLB "</s> [tgt_code] Y" (labels are "[tgt_code] Y </s>")."""
+    family = family_of(model.config)
+    if family == "mt5":
+        return model._shift_right(labels)
+    if family == "mbart":
+        from transformers.models.mbart.modeling_mbart import shift_tokens_right
+        return shift_tokens_right(labels, model.config.pad_token_id)
+    from transformers.models.m2m_100.modeling_m2m_100 import shift_tokens_right
+    return shift_tokens_right(labels, model.config.pad_token_id, model.config.decoder_start_token_id)
+
+
+# -----------------------------------------------------------------------------
+# 2. Tiny models
 
 TINY_MODELS = ("tiny-mt5", "tiny-mbart", "tiny-nllb")
-# Hub names whose family we know; anything else must be a local checkpoint directory.
-HUB_PREFIXES = {"google/mt5-": "mt5", "facebook/mbart-large-50": "mbart", "facebook/nllb-200-": "nllb"}
-
 TINY_VERSION = 2         # bump when the tiny builds change: caches of older builds are not reused
 TINY_VOCAB_SIZE = 16000  # SentencePiece pieces, before the family's special tokens
 TINY_DIMS = dict(d_model=64, num_layers=2, num_heads=4, d_ff=128)
@@ -45,13 +185,6 @@ def cache_dir():
     return os.environ.get("XLGEN_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "xlgen"))
 
 
-def default_data_dir():
-    """../shared/data beside the repository, unless $XLGEN_DATA_DIR says otherwise."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    return os.environ.get("XLGEN_DATA_DIR", os.path.join(here, "..", "shared", "data"))
-
-
-# -----------------------------------------------------------------------------
 # SentencePiece models of the tiny tokenizers
 
 def _train_sentencepiece(lines, model_type, **ids):
@@ -86,7 +219,8 @@ def build_sentencepiece(text_dir, out_dir):
     """Train the tiny SentencePiece models on every text/<lang>.txt; write them into out_dir."""
     files = sorted(glob.glob(os.path.join(text_dir, "*.txt")))
     if not files:
-        raise DataError(f"{text_dir}: no <lang>.txt files to train the tiny tokenizers on")
+        raise DataError(f"{text_dir}: no <lang>.txt files to train the tiny tokenizers on "
+                        f"(pass --data-dir ../shared/data, or run python download.py --tasks text)")
     lines = [line for path in files for line in data.read_text(path)]
     unigram = _train_sentencepiece(lines, "unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1)  # mT5 layout
     bpe = _train_sentencepiece(lines, "bpe", unk_id=0, bos_id=1, eos_id=2, pad_id=-1)           # NLLB: BPE
@@ -120,7 +254,7 @@ def _tiny_tokenizer(name, spm_dir):
             # encode as <unk>: add them back as special tokens, as facebook/nllb-200-* has them.
             tokenizer.add_special_tokens({"additional_special_tokens": list(NLLB_CODES)})
             tokenizer.src_lang = "eng_Latn"
-    tokenizer.model_max_length = data.FAMILY_MAX_LENGTH[name.split("-")[1]]
+    tokenizer.model_max_length = FAMILY_MAX_LENGTH[name.split("-")[1]]
     return tokenizer
 
 
@@ -163,17 +297,16 @@ def _tiny_model(name, tokenizer, seed):
 
 def build_tiny(name, out_dir, data_dir=None, seed=0):
     """Build a tiny model + tokenizer into out_dir (atomically: temporary directory, then rename)."""
-    text_dir = os.path.join(data_dir or default_data_dir(), "text")
+    text_dir = os.path.join(data_dir or data.DEFAULT_DATA_DIR, "text")
     # The SentencePiece models do not depend on the seed (training is deterministic): shared by all.
     spm_dir = os.path.join(os.path.dirname(os.path.abspath(out_dir)), "spm")
     if not os.path.isfile(os.path.join(spm_dir, "bpe-fairseq.model")):
-        os.makedirs(os.path.dirname(spm_dir), exist_ok=True)
-        tmp_spm = tempfile.mkdtemp(dir=os.path.dirname(spm_dir), prefix=".spm-")
+        tmp_spm = common.make_temp_dir(os.path.dirname(spm_dir), prefix=".spm-")
         build_sentencepiece(text_dir, tmp_spm)
         _rename_into_place(tmp_spm, spm_dir)
     tokenizer = _tiny_tokenizer(name, spm_dir)
     model = _tiny_model(name, tokenizer, seed)
-    tmp = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(out_dir)), prefix=f".{name}-")
+    tmp = common.make_temp_dir(os.path.dirname(os.path.abspath(out_dir)), prefix=f".{name}-")
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     _rename_into_place(tmp, out_dir)
@@ -189,27 +322,77 @@ def _rename_into_place(tmp, final):
 
 
 # -----------------------------------------------------------------------------
-# Loading by name
+# 3. Loading by name
+#
+# A model name is a tiny model, a checkpoint directory, or a hub name. The paper's hub checkpoints
+# are known by name; any other hub name of a supported class (e.g. bigscience/mt0-base, an mT5)
+# is recognised by its config's model_type (from the hub, or from the local hub cache offline).
+# A checkpoint directory is either a full save_pretrained checkpoint (config.json) or an
+# added-weights checkpoint of adapters / prompt tuning (adapter_config.json, see adapt.py).
 
-def check_model_name(name):
-    """Fail early, before any loading, on a name that is neither tiny, a directory nor a known hub model."""
-    if name in TINY_MODELS or os.path.isdir(name) or any(name.startswith(p) for p in HUB_PREFIXES):
-        return
-    raise DataError(f"--model: unknown model '{name}'; use {', '.join(TINY_MODELS)}, a checkpoint "
-                    f"directory, or a hub name starting with {', '.join(HUB_PREFIXES)}")
+PAPER_HUB_PREFIXES = {"google/mt5-": "mt5", "facebook/mbart-large-50": "mbart", "facebook/nllb-200-": "nllb"}
+ADDED_WEIGHTS_FILE = "adapter_model.safetensors"
+ADDED_CONFIG_FILE = "adapter_config.json"
+
+
+def is_added_checkpoint(path):
+    """An adapters / prompt checkpoint: only the added weights and the name of their base model."""
+    return os.path.isfile(os.path.join(path, ADDED_CONFIG_FILE))
+
+
+def read_added_config(path):
+    config = common.read_json(os.path.join(path, ADDED_CONFIG_FILE), "adapter config")
+    if not isinstance(config, dict) or not {"base_model", "method", "options"} <= set(config):
+        raise DataError(f"{os.path.join(path, ADDED_CONFIG_FILE)}: expected base_model, method and options")
+    return config
+
+
+def refuse_added_checkpoint(name, flag, wanted):
+    """A one-line error when an added-weights checkpoint is given where `wanted` is needed."""
+    if os.path.isdir(name) and is_added_checkpoint(name):
+        config = read_added_config(name)
+        raise UsageError(f"{flag}: {name} is a {config['method']} checkpoint (only the added weights, for base "
+                         f"model {config['base_model']}); {flag} takes {wanted}")
 
 
 def resolve(name, data_dir=None):
     """Path or hub name to hand to from_pretrained; tiny models are built on first use."""
-    check_model_name(name)
-    if name not in TINY_MODELS:
-        return name
-    path = os.path.join(cache_dir(), f"tiny-v{TINY_VERSION}", name)
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        print(f"building {name} into {path} (first use)", file=sys.stderr)
-        build_tiny(name, path, data_dir=data_dir)
-    return path
+    if name in TINY_MODELS:
+        path = os.path.join(cache_dir(), f"tiny-v{TINY_VERSION}", name)
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            print(f"building {name} into {path} (first use)", file=sys.stderr)
+            build_tiny(name, path, data_dir=data_dir)
+        return path
+    if os.path.isdir(name) and not os.path.isfile(os.path.join(name, "config.json")):
+        refuse_added_checkpoint(name, "--model", "a full checkpoint")
+        raise UsageError(f"--model: {name} is not a checkpoint directory (no config.json)")
+    if not os.path.isdir(name) and (os.path.isabs(name) or name.startswith(".")):
+        raise UsageError(f"--model: {name}: no such checkpoint directory")
+    return name
+
+
+def load_config(name, data_dir=None):
+    from transformers import AutoConfig
+    _quiet_transformers()
+    try:
+        return AutoConfig.from_pretrained(resolve(name, data_dir))
+    except (OSError, ValueError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UsageError(f"--model: cannot find model '{name}': not a tiny model ({', '.join(TINY_MODELS)}), "
+                         f"a checkpoint directory, or a model on the hub or in the local hub cache ({reason})") from None
+
+
+def family_of_name(name, data_dir=None):
+    """Model family without loading weights: tiny names and the paper's hub names by their name,
+    anything else by its config's model_type."""
+    if name in TINY_MODELS:
+        return name.split("-")[1]
+    if not os.path.isdir(name):
+        for prefix, family in PAPER_HUB_PREFIXES.items():
+            if name.startswith(prefix):
+                return family
+    return family_of(load_config(name, data_dir))
 
 
 def _quiet_transformers():
@@ -218,31 +401,32 @@ def _quiet_transformers():
     hf_logging.disable_progress_bar()
 
 
+def _load(loader, name, data_dir, what):
+    path = resolve(name, data_dir)
+    try:
+        return loader.from_pretrained(path)
+    except Exception as e:  # noqa: BLE001 -- any failure to read a checkpoint on disk gets its path
+        if not os.path.isdir(path):
+            raise
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"{path}: cannot load the {what} ({type(e).__name__}: {reason}); the checkpoint is "
+                        f"truncated or corrupt: use another one (e.g. best/ instead of last/) or remove it") from None
+
+
 def load_tokenizer(name, data_dir=None):
     from transformers import AutoTokenizer
     _quiet_transformers()
-    return AutoTokenizer.from_pretrained(resolve(name, data_dir))
+    return _load(AutoTokenizer, name, data_dir, "tokenizer")
 
 
 def load_model(name, data_dir=None):
     from transformers import AutoModelForSeq2SeqLM
     _quiet_transformers()
-    return AutoModelForSeq2SeqLM.from_pretrained(resolve(name, data_dir))
-
-
-def family_of_name(name, data_dir=None):
-    """Model family without loading weights: from the config of a checkpoint or the hub name."""
-    if name in TINY_MODELS:
-        return name.split("-")[1]
-    for prefix, family in HUB_PREFIXES.items():
-        if name.startswith(prefix):
-            return family
-    from transformers import AutoConfig
-    return data.family_of(AutoConfig.from_pretrained(resolve(name, data_dir)))
+    return _load(AutoModelForSeq2SeqLM, name, data_dir, "model")
 
 
 # -----------------------------------------------------------------------------
-# Real architectures without weights (meta device): parameter counts, memory and speed benchmarks
+# 4. Real architectures without weights (meta device): parameter counts, memory and speed benchmarks
 
 REAL_CONFIGS = {
     # config.json values of the hub checkpoints
@@ -278,21 +462,36 @@ def real_architecture(name, device="meta"):
     return model
 
 
+# -----------------------------------------------------------------------------
+# Command line: describe a model, then read, encode and batch the SQuAD training set with it
+
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="tiny-mt5", help="tiny-mt5, tiny-mbart, tiny-nllb or a checkpoint")
-    parser.add_argument("--data-dir", default=None, help="data directory with text/ (default ../shared/data)")
+    parser = common.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", default="tiny-mt5", help="tiny-mt5, tiny-mbart, tiny-nllb, a checkpoint or a hub name")
+    parser.add_argument("--data-dir", default=data.DEFAULT_DATA_DIR, help="data directory (text/ for tiny models, squad/)")
+    parser.add_argument("--max-tokens", type=common.positive_int, default=4000, help="token budget per batch")
+    parser.add_argument("--seed", type=int, default=0, help="random seed of the batch order")
     return parser.parse_args(argv)
 
 
+@common.exits_on_error
 def main(args):
-    try:
-        model, tokenizer = load_model(args.model, args.data_dir), load_tokenizer(args.model, args.data_dir)
-    except DataError as e:
-        sys.exit(f"error: {e}")
+    model, tokenizer = load_model(args.model, args.data_dir), load_tokenizer(args.model, args.data_dir)
+    family = family_of(model.config)
     num_params = sum(p.numel() for p in model.parameters())
     print(f"{args.model}: {type(model).__name__}, {type(tokenizer).__name__}, vocab {len(tokenizer)}, "
-          f"{num_params:,} parameters, at {resolve(args.model)}")
+          f"{num_params:,} parameters, family {family}, maximum length {max_length(model.config)}, "
+          f"at {resolve(args.model)}")
+    path = data.squad_path(args.data_dir, "train")
+    encoder = Seq2SeqEncoder(tokenizer, family, max_length(model.config), max_length(model.config))
+    stats = {}
+    encoded = encoder.encode(data.qa_examples(data.read_squad(path), "en"), stats)
+    batches = data.TokenBatches(encoded, max_tokens=args.max_tokens, seed=args.seed)
+    print(f"squad train ({path}): {len(encoded)} examples, {stats['num_cut_sources']} sources cut to "
+          f"{encoder.max_source_length} tokens -> {len(batches.epoch_batches(0))} batches of <= {args.max_tokens} "
+          f"tokens, padding efficiency {batches.padding_efficiency():.3f}")
+    print("first source:", tokenizer.convert_ids_to_tokens(encoded[0]["input_ids"])[:8], "...")
+    print("first labels:", tokenizer.convert_ids_to_tokens(encoded[0]["labels"]))
 
 
 if __name__ == "__main__":

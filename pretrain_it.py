@@ -1,5 +1,6 @@
 """Intermediate tuning (IT): self-supervised finetuning on raw multilingual text before the task.
 
+    python download.py --tasks text --data-dir data                    # CommonCrawl text (CC-100)
     python pretrain_it.py --model google/mt5-base --lr 1e-4 --out-dir runs/it/mt5-base
     python pretrain_it.py --model tiny-mt5 --data-dir ../shared/data --max-steps 200 --warmup-steps 20 \\
         --eval-every 100 --out-dir runs/it/tiny-mt5
@@ -7,73 +8,63 @@
 
 Paper Section 3 ("Intermediate tuning") and Appendix B. The model learns to continue a paragraph
 from its beginning (Prefix-LM, Vu et al. 2022), on English and the target languages sampled
-uniformly; paper: 100k steps of 5k-token batches. `--objective zmbart` uses Appendix B's
-alternative: generate randomly chosen sentences of the input chunk (Maurya et al. 2021).
+uniformly; paper: 100k steps of 5k-token batches on CommonCrawl text. `--objective zmbart` uses
+Appendix B's alternative: generate randomly chosen sentences of the input chunk (Maurya et al. 2021).
 
 The paper chose the IT learning rate by reading the model's generations; so every evaluation writes,
 besides the held-out loss per language, a few generated continuations to eval/step_N.json. The run
 directory's last/ is a save_pretrained checkpoint that `finetune.py --init` takes (the run
-directory itself may be passed). It trains with the same loop as finetune.py (loop.train).
+directory itself may be passed). It trains with the same loop as finetune.py (loop.train), and its
+run directory behaves the same way (args.json, --resume, --stop-at-step, skipped when finished).
 """
 
-import argparse
 import os
-import sys
 
 import numpy as np
 import torch
 
 import adapt
+import common
 import data
 import loop
 import models
-from data import DataError
-
-DEFAULT_LANGS = "en,zh,fr,ko,ru,es,ar,de,th,ro,vi"  # English + the target languages of both tasks
+from common import DataError, UsageError
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = common.ArgumentParser(description=__doc__)
     p.add_argument("--model", default="google/mt5-base", help="hub name, checkpoint dir, or tiny-mt5/tiny-mbart/tiny-nllb")
     p.add_argument("--objective", default="prefix_lm", choices=sorted(data.SELF_SUPERVISED_OBJECTIVES),
                    help="prefix_lm (paper) or zmbart (Appendix B)")
-    p.add_argument("--langs", default=DEFAULT_LANGS, help="languages of raw text, sampled uniformly")
-    p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate")
-    p.add_argument("--max-steps", type=int, default=100000, help="optimisation steps (paper: 100k)")
-    p.add_argument("--max-tokens", type=int, default=5000, help="token budget of a batch (paper: 5k)")
-    p.add_argument("--warmup-steps", type=int, default=4000, help="linear warm-up steps")
-    p.add_argument("--eval-every", type=int, default=5000, help="held-out loss and samples every N steps")
-    p.add_argument("--val-lines", type=int, default=50, help="paragraphs per language held out for evaluation")
-    p.add_argument("--num-samples", type=int, default=3, help="generated continuations per language at each evaluation")
-    p.add_argument("--max-new-tokens", type=int, default=48, help="length of the sample continuations")
-    p.add_argument("--data-dir", default=os.path.join("..", "shared", "data"), help="data directory with text/<lang>.txt")
+    p.add_argument("--langs", default=",".join(data.target_langs()),
+                   help="languages of raw text, sampled uniformly (default: English and every target language)")
+    loop.add_training_args(p, max_steps=100000, max_tokens=5000, eval_every=5000)  # paper: 100k steps, 5k tokens
+    p.add_argument("--val-lines", type=common.positive_int, default=50, help="paragraphs per language held out for evaluation")
+    p.add_argument("--num-samples", type=common.non_negative_int, default=3,
+                   help="generated continuations per language at each evaluation")
+    p.add_argument("--max-new-tokens", type=common.positive_int, default=48, help="length of the sample continuations")
+    p.add_argument("--data-dir", default=data.DEFAULT_DATA_DIR, help="data directory with text/<lang>.txt")
     p.add_argument("--text-dir", default=None, help="raw text directory (default DATA_DIR/text)")
-    p.add_argument("--out-dir", default=None, help="run directory (default runs/it/MODEL-OBJECTIVE-lrLR)")
-    p.add_argument("--resume", action="store_true", help="continue from --out-dir/last")
-    p.add_argument("--seed", type=int, default=0, help="random seed")
-    p.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this (0 = off)")
-    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
-    p.add_argument("--log-every", type=int, default=10, help="log every N steps")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    return p.parse_args(argv)
+    return common.parse_with_config(p, argv)
 
 
 def check_args(args):
-    models.check_model_name(args.model)
-    if not args.lr > 0:
-        raise DataError(f"--lr: must be positive, got {args.lr}")
-    for flag in ("max_steps", "max_tokens", "eval_every", "log_every", "val_lines"):
-        if getattr(args, flag) < 1:
-            raise DataError(f"--{flag.replace('_', '-')}: must be at least 1, got {getattr(args, flag)}")
+    models.refuse_added_checkpoint(args.model, "--model", "a base model")
+    family = models.family_of_name(args.model, args.data_dir)
+    loop.check_stop_at_step(args)
     args.langs = data.parse_langs(args.langs, "--langs")
-    args.text_dir = args.text_dir or os.path.join(args.data_dir, "text")
+    for lang in args.langs:
+        models.language_code(family, lang, "--langs")
+    args.data_dir = os.path.abspath(args.data_dir)
+    args.text_dir = os.path.abspath(args.text_dir or os.path.join(args.data_dir, "text"))
     files = {lang: os.path.join(args.text_dir, f"{lang}.txt") for lang in args.langs}
     for path in files.values():
         if not os.path.isfile(path):
-            raise DataError(f"{path}: file not found")
+            raise UsageError(f"{path}: file not found (python download.py --tasks text --data-dir DATA fetches "
+                             f"CommonCrawl text for intermediate tuning)")
     name = os.path.basename(os.path.normpath(args.model))
-    args.out_dir = args.out_dir or os.path.join("runs", "it", f"{name}-{args.objective}-lr{args.lr:g}")
-    return files
+    args.out_dir = os.path.abspath(args.out_dir or os.path.join("runs", "it", f"{name}-{args.objective}-lr{args.lr:g}"))
+    return files, family
 
 
 @torch.no_grad()
@@ -89,65 +80,77 @@ def held_out_loss(model, stream, pad_token_id, device):
     return loss_sum / max(num_tokens, 1)
 
 
+@common.exits_on_error
 def main(args):
     # ---- setup ----
-    try:
-        files = check_args(args)
-    except DataError as e:
-        sys.exit(f"error: {e}")
+    files, family = check_args(args)
     run_dir = args.out_dir
-    try:
-        last, device = loop.start_run(run_dir, args)
-    except DataError as e:
-        sys.exit(f"error: {e}")
+    results, last, device = loop.start_run(args)
+    if results is not None:
+        return results
 
     # ---- model ----
     tokenizer = models.load_tokenizer(args.model, args.data_dir)
     model = adapt.apply(models.load_model(last or args.model, args.data_dir), "full")
-    encoder = data.Seq2SeqEncoder(tokenizer, data.family_of(model.config))
+    if models.family_of(model.config) != family:
+        raise UsageError(f"--model {args.model}: the checkpoint in {run_dir} is a {models.family_of(model.config)} model")
+    length = models.max_length(model.config)
+    encoder = models.Seq2SeqEncoder(tokenizer, family, length, length)
 
     # ---- data: per language, held-out paragraphs first, the rest for training ----
-    train_streams, val_streams, val_examples = {}, {}, {}
+    train_streams, val_streams, val_examples, summary = {}, {}, {}, {}
     for i, (lang, path) in enumerate(files.items()):
-        paragraphs = data.read_text(path)
-        examples = data.self_supervised_examples(paragraphs, lang, args.objective, seed=args.seed)
+        examples = data.self_supervised_examples(data.read_text(path), lang, args.objective, seed=args.seed)
         held, rest = examples[:args.val_lines], examples[args.val_lines:]
         if not rest:
-            sys.exit(f"error: {path}: too few paragraphs ({len(examples)}) for --val-lines {args.val_lines}")
-        train_streams[lang] = data.TokenBatches(encoder.encode(rest), args.max_tokens, seed=args.seed + i, name=lang)
+            raise DataError(f"{path}: too few paragraphs ({len(examples)}) for --val-lines {args.val_lines}")
+        stats = {}
+        train_streams[lang] = data.TokenBatches(encoder.encode(rest, stats), args.max_tokens, seed=args.seed + i, name=lang)
+        stats["num_cut_to_budget"] = train_streams[lang].num_truncated
+        summary[lang] = {"file": path, **stats}
         val_streams[lang] = data.TokenBatches(encoder.encode(held), args.max_tokens, shuffle=False, name=f"val/{lang}")
         val_examples[lang] = held[:args.num_samples]
-        print(f"{lang}: {len(rest):,} training and {len(held)} held-out {args.objective} examples from {path}")
+        print(f"{lang}: {len(rest):,} training and {len(held)} held-out {args.objective} examples from {path}; "
+              f"{stats['num_cut_sources']:,} sources and {stats['num_cut_targets']:,} targets cut to {length} tokens, "
+              f"{stats['num_cut_to_budget']:,} examples to the {args.max_tokens}-token batch budget")
     stream = data.Mixture.uniform(train_streams, seed=args.seed)
+    if not args.resume:
+        loop.RunLog(run_dir).event({"event": "data", "streams": summary})
 
     # ---- training ----
     def evaluate_fn(step):
         losses = {lang: held_out_loss(model, s, tokenizer.pad_token_id, device) for lang, s in val_streams.items()}
         samples = {}
         for lang, examples in val_examples.items():
-            texts = loop.generate(model, tokenizer, encoder.encode(examples), encoder.generation_kwargs(lang),
-                                  device, args.max_new_tokens, desc=f"samples {lang}")
+            texts = loop.generate(model, tokenizer, encoder.encode(examples), encoder.generation_kwargs(lang), device,
+                                  args.max_new_tokens, max_tokens=args.eval_max_tokens,
+                                  max_batch_size=args.max_gen_batch_size, desc=f"samples {lang}") if examples else []
             samples[lang] = [{"input": ex.source, "generated": text, "reference": ex.target}
                              for ex, text in zip(examples, texts)]
         average = float(np.mean(list(losses.values())))
-        data.write_json(os.path.join(run_dir, "eval", f"step_{step}.json"),
-                        {"step": step, "val_loss": losses, "average": average, "samples": samples})
+        common.write_json(os.path.join(run_dir, "eval", f"step_{step}.json"),
+                          {"step": step, "val_loss": losses, "average": average, "samples": samples})
         print(f"eval step {step}: held-out loss " + " ".join(f"{l} {v:.3f}" for l, v in losses.items())
               + f" | avg {average:.3f}")
         return average
 
     try:
-        best_step, best_loss, _ = loop.train(
+        best_step, best_loss, stopped = loop.train(
             model, tokenizer, stream, run_dir=run_dir, base_model=args.model, lr=args.lr,
             warmup_steps=args.warmup_steps, max_steps=args.max_steps, eval_every=args.eval_every,
             evaluate_fn=evaluate_fn, device=device, grad_clip=args.grad_clip, weight_decay=args.weight_decay,
-            log_every=args.log_every, resume=args.resume, metric_mode="min")
+            betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps, update_freq=args.update_freq,
+            log_every=args.log_every, resume=args.resume, metric_mode="min", stop_at_step=args.stop_at_step)
     except FloatingPointError as e:
-        sys.exit(f"error: {e}")
-    data.write_json(os.path.join(run_dir, "results.json"),
-                    {"config": vars(args), "best_step": best_step, "best_val_loss": best_loss,
-                     "checkpoint": os.path.join(run_dir, "last")})
+        raise SystemExit(f"error: {e}") from None
+    if stopped:
+        print(f"stopped after the checkpoint of step {args.stop_at_step}; continue with --resume")
+        return None
+    results = {"config": loop.settings_of(args), "best_step": best_step, "best_val_loss": best_loss,
+               "checkpoint": os.path.join(run_dir, "last"), "data": summary}
+    common.write_json(os.path.join(run_dir, "results.json"), results)
     print(f"intermediate-tuned checkpoint: {os.path.join(run_dir, 'last')} (use with finetune.py --init {run_dir})")
+    return results
 
 
 if __name__ == "__main__":

@@ -10,43 +10,38 @@ Writes into OUT_DIR/report/ (Markdown and CSV tables, PNG figures, and report.md
   fig_lr_TASK_MODEL_METHOD.png   task metric and LCR against LR per language (Figure 1, Figures 8-11)
   fig_methods_TASK.png           methods side by side per model (Figure 2)
 Every table says which run directories its cells come from; a run that failed or is missing leaves
-its cell as "—" and is listed, with its log, at the end of report.md.
+its cell as "—" and is listed, with its log, at the end of report.md. The LCR of QA tables is the
+one on the paper's filtered question set (`lcr_filtered`, see evaluate.py); of XL-Sum, on all outputs.
 """
 
-import argparse
 import csv
-import json
+import io
 import os
-import sys
+
+import adapt
+import common
+import data
+from study import load_results, rank
 
 MISSING = "—"
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = common.ArgumentParser(description=__doc__)
     p.add_argument("--out-dir", default="study", help="the study directory (run_all.sh --out-dir)")
-    # run_all.sh passes its flags to every stage; these do not change the report
-    p.add_argument("--data-dir", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--dry-run", action="store_true", help="say what would be written")
-    p.add_argument("--poll-seconds", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
 # -----------------------------------------------------------------------------
 # Reading results
 
-def load_results(run_dir):
-    path = os.path.join(run_dir, "results.json")
-    return json.load(open(path)) if os.path.isfile(path) else None
-
-
 def test_average(results):
     """(main metric, LCR) averaged over the non-English test languages, or (None, None)."""
     if results is None:
         return None, None
     average = results["test_average"]
-    return average[results["main_metric"]], average["lcr"]
+    task = data.TASKS[results["config"]["task"]]
+    return average[task.main_metric], average[task.main_lcr]
 
 
 def fmt(value, digits=2):
@@ -69,18 +64,18 @@ class Table:
         self.sources.append(runs)
 
     def write(self, report_dir, root):
-        with open(os.path.join(report_dir, f"{self.name}.csv"), "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(self.header + ["runs"])
-            for row, runs in zip(self.rows, self.sources):
-                writer.writerow(row + [";".join(os.path.relpath(r, root) for r in runs)])
+        buffer = io.StringIO()
+        writer = csv.writer(buffer)
+        writer.writerow(self.header + ["runs"])
+        for row, runs in zip(self.rows, self.sources):
+            writer.writerow(row + [";".join(os.path.relpath(r, root) for r in runs)])
+        common.write_text(os.path.join(report_dir, f"{self.name}.csv"), buffer.getvalue())
         lines = [f"### {self.title}", "", "| " + " | ".join(self.header) + " |",
                  "|" + "---|" * len(self.header)]
         lines += ["| " + " | ".join(row) + " |" for row in self.rows]
         lines += ["", self.note + f" Runs behind each row: `{self.name}.csv`, column `runs`.", ""]
         text = "\n".join(lines)
-        with open(os.path.join(report_dir, f"{self.name}.md"), "w") as f:
-            f.write(text)
+        common.write_text(os.path.join(report_dir, f"{self.name}.md"), text)
         return text
 
 
@@ -89,9 +84,8 @@ class Table:
 
 def table_methods(plan, chosen, task):
     models = sorted({m["model"] for m in plan.values() if m.get("task") == task and "method" in m})
-    methods = [m for m in ("full", "freeze", "adapters", "prompt", "mix", "multisrc")
-               if any(k.startswith(f"{task}/") and k.endswith(f"/{m}") for k in chosen)]
-    table = Table(f"table2_methods_{task}", f"Table 2 ({task}): methods x models, test {main_name(task)} (LCR %), "
+    methods = [m for m in adapt.METHODS if any(k.startswith(f"{task}/") and k.endswith(f"/{m}") for k in chosen)]
+    table = Table(f"table2_methods_{task}", f"Table 2 ({task}): methods x models, test {data.TASKS[task].metric_label} (LCR %), "
                   "averaged over the non-English test languages", ["method"] + models,
                   "Each cell is the chosen setting of that method (best of {PLR, 10 PLR} x {with, without IT} "
                   "on validation).")
@@ -104,10 +98,6 @@ def table_methods(plan, chosen, task):
             runs += [entry["run"]] if entry else []
         table.add(row, runs)
     return table
-
-
-def main_name(task):
-    return "ROUGE-2" if task == "xlsum" else "F1 (filtered)"
 
 
 def table_it_gain(plan):
@@ -126,7 +116,7 @@ def table_it_gain(plan):
             if not candidates:
                 values.append(None)
                 continue
-            run, res = max(candidates, key=lambda x: x[1]["best_val_metric"] if x[1]["best_val_metric"] is not None else -1e9)
+            run, res = max(candidates, key=lambda x: rank(x[1]["best_val_metric"]))
             values.append(test_average(res)[0])
             runs.append(run)
         gain = values[1] - values[0] if None not in values else None
@@ -149,14 +139,14 @@ def table_lrs(chosen):
 def table_per_language(chosen, task):
     rows = [(key, entry, load_results(entry["run"])) for key, entry in sorted(chosen.items()) if key.startswith(task + "/")]
     langs = sorted({lang for _, _, res in rows if res for lang in res["test"]})
-    table = Table(f"per_language_{task}", f"Per language ({task}): test {main_name(task)} (LCR %)",
+    table = Table(f"per_language_{task}", f"Per language ({task}): test {data.TASKS[task].metric_label} (LCR %)",
                   ["model", "method"] + langs, "Chosen setting of each model and method.")
     for key, entry, res in rows:
         _, model, method = key.split("/")
         cells = []
         for lang in langs:
             m = res["test"].get(lang) if res else None
-            cells.append(MISSING if m is None else f"{m[res['main_metric']]:.2f} ({m['lcr']:.0f})")
+            cells.append(MISSING if m is None else f"{m[res['main_metric']]:.2f} ({m[data.TASKS[task].main_lcr]:.0f})")
         table.add([model, method] + cells, [entry["run"]])
     return table
 
@@ -179,19 +169,17 @@ def figure_lr(plan, task, model, method, path):
     fig, (ax_metric, ax_lcr) = plt.subplots(1, 2, figsize=(10, 3.8))
     for lang in langs:
         xs = [lr for lr, res in points if lang in res["test"]]
-        main = points[0][1]["main_metric"]
+        main, lcr = data.TASKS[task].main_metric, data.TASKS[task].main_lcr
         ax_metric.plot(xs, [res["test"][lang][main] for _, res in points if lang in res["test"]], marker="o", label=lang)
-        ax_lcr.plot(xs, [res["test"][lang]["lcr"] for _, res in points if lang in res["test"]], marker="o", label=lang)
-    for ax, label in ((ax_metric, main_name(task)), (ax_lcr, "language correct rate (%)")):
+        ax_lcr.plot(xs, [res["test"][lang][lcr] for _, res in points if lang in res["test"]], marker="o", label=lang)
+    for ax, label in ((ax_metric, data.TASKS[task].metric_label), (ax_lcr, "language correct rate (%)")):
         ax.set_xscale("log")
         ax.set_xlabel("learning rate")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     ax_lcr.legend(fontsize=8)
     fig.suptitle(f"{task} / {model} / {method}: test metric and LCR against LR")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
     return True
 
 
@@ -204,7 +192,7 @@ def figure_methods(plan, chosen, task, path):
     if not keys:
         return False
     models = sorted({k.split("/")[1] for k in keys})
-    methods = [m for m in ("full", "freeze", "adapters", "prompt", "mix", "multisrc") if any(k.endswith("/" + m) for k in keys)]
+    methods = [m for m in adapt.METHODS if any(k.endswith("/" + m) for k in keys)]
     fig, (ax_metric, ax_lcr) = plt.subplots(1, 2, figsize=(11, 3.8))
     width = 0.8 / len(models)
     for i, model in enumerate(models):
@@ -217,25 +205,32 @@ def figure_methods(plan, chosen, task, path):
         xs = [j + i * width for j in range(len(methods))]
         ax_metric.bar(xs, metric, width, label=model)
         ax_lcr.bar(xs, lcr, width, label=model)
-    for ax, label in ((ax_metric, main_name(task)), (ax_lcr, "language correct rate (%)")):
+    for ax, label in ((ax_metric, data.TASKS[task].metric_label), (ax_lcr, "language correct rate (%)")):
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(methods))], methods)
         ax.set_ylabel(label)
         ax.grid(alpha=0.3, axis="y")
     ax_metric.legend(fontsize=8)
     fig.suptitle(f"{task}: adaptation methods, averaged over test languages")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
     return True
 
 
 # -----------------------------------------------------------------------------
 
+def save_figure(fig, path):
+    import matplotlib.pyplot as plt
+    buffer = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    common.write_bytes(path, buffer.getvalue())
+
+
 def failed_runs(plan):
     rows = []
     for run, meta in sorted(plan.items()):
         status_path = os.path.join(run, "status.json")
-        status = json.load(open(status_path)) if os.path.isfile(status_path) else None
+        status = common.read_json(status_path, "status.json") if os.path.isfile(status_path) else None
         if status is not None and not status.get("done"):
             rows.append(f"- `{run}` failed (exit {status['returncode']}); log: `{os.path.join(run, 'run.log')}`")
         elif status is None and meta.get("stage") != "translate-data" and load_results(run) is None:
@@ -243,19 +238,16 @@ def failed_runs(plan):
     return rows
 
 
-def main(args):
-    root = os.path.abspath(args.out_dir)
+def write_report(root):
+    """Every table and figure of the study in `root` into root/report/."""
+    root = os.path.abspath(root)
     plan_path = os.path.join(root, "plan.json")
-    if args.dry_run:
-        print(f"report: would write tables and figures into {os.path.join(root, 'report')}")
-        return
     if not os.path.isfile(plan_path):
-        sys.exit(f"error: {plan_path}: not found; run the study stages first")
-    plan = json.load(open(plan_path))
+        raise common.UsageError(f"--out-dir: {plan_path} not found; run the study stages first")
+    plan = common.read_json(plan_path, "plan.json")
     chosen_path = os.path.join(root, "chosen.json")
-    chosen = json.load(open(chosen_path)) if os.path.isfile(chosen_path) else {}
+    chosen = common.read_json(chosen_path, "chosen.json") if os.path.isfile(chosen_path) else {}
     report_dir = os.path.join(root, "report")
-    os.makedirs(report_dir, exist_ok=True)
 
     tasks = sorted({m["task"] for m in plan.values() if "task" in m and "method" in m})
     tables = [table_it_gain(plan), table_lrs(chosen)]
@@ -279,10 +271,14 @@ def main(args):
              "Cells marked — come from runs that failed or have not run.", ""] + sections
     lines += ["## Figures", ""] + [f"![{f}]({f})" for f in figures] + [""]
     lines += ["## Failed or missing runs", ""] + (failed or ["none"]) + [""]
-    with open(os.path.join(report_dir, "report.md"), "w") as f:
-        f.write("\n".join(lines))
+    common.write_text(os.path.join(report_dir, "report.md"), "\n".join(lines))
     print(f"report: {len(tables)} tables, {len(figures)} figures, {len(failed)} failed/missing runs "
           f"-> {os.path.join(report_dir, 'report.md')}")
+
+
+@common.exits_on_error
+def main(args):
+    write_report(args.out_dir)
 
 
 if __name__ == "__main__":

@@ -1,23 +1,16 @@
 #!/usr/bin/env bash
 # Reproduce the study of Chirkova & Nikoulina (NAACL 2024): every stage of the protocol, then the report.
 #
-#   bash run_all.sh --out-dir study                                        # local GPU, one run after another
-#   LAUNCH="sbatch --gres=gpu:1 --wrap" bash run_all.sh --out-dir study    # each run submitted to a scheduler
-#   bash run_all.sh --tiny --data-dir ../shared/data --out-dir study-tiny  # tiny models, offline, CPU
-#   bash run_all.sh --dry-run                                              # print every command of the study
+#   python download.py --data-dir data                                    # once, with internet
+#   bash run_all.sh --out-dir study                                       # local GPU, one run after another
+#   LAUNCH="sbatch --gres=gpu:1 --wrap" bash run_all.sh --out-dir study   # each run submitted to a scheduler
+#   bash run_all.sh --tiny --data-dir ../shared/data --xlsum-dir tests/fixtures/xlsum --out-dir study-tiny
+#   bash run_all.sh --dry-run                                             # print every command of the study
 #
-# Each stage decides its runs from the results of the previous ones (see study.py); a run whose results
-# exist is skipped, so the script can be rerun after an interruption or a failed run.
+# The stages and their order are study.STAGES (`python study.py --help`): intermediate tuning, the LR
+# search, every method at {PLR, 10 PLR} x {without, with IT}, translate-train, mT5-large, the report.
+# Each stage decides its runs from the results of the previous ones; a run whose results exist is
+# skipped, so the script can be rerun after an interruption. It exits non-zero if any run failed.
 set -euo pipefail
 cd "$(dirname "$0")"
-
-if [[ " $* " == *" --dry-run "* ]]; then
-    python study.py all "$@"          # one process: the plan of every stage, each command printed once
-    exit 0
-fi
-python study.py it "$@"               # intermediate tuning of each model (Prefix-LM)
-python study.py lr-search "$@"        # preliminary LR per task x model x {full, adapters, prompt}
-python study.py methods "$@"          # every method: {PLR, 10 PLR} x {without, with IT}
-python study.py translate "$@"        # translate-train baseline
-python study.py large "$@"            # mT5-large
-python report.py "$@"                 # tables (Markdown, CSV) and figures (PNG)
+exec python study.py all "$@"

@@ -26,7 +26,6 @@ A rerun with the same arguments skips finished examples and cached sentences: a 
 the batch in flight, and an existing good OUT is never replaced by a partial one.
 """
 
-import argparse
 import hashlib
 import json
 import os
@@ -35,32 +34,36 @@ import sys
 import torch
 from tqdm import tqdm
 
+import common
 import data
 import evaluate
 import loop
 import models
-from data import DataError
+from common import DataError, UsageError
 
 TRANSLATION_HUB = ("facebook/nllb-200-", "facebook/m2m100", "facebook/mbart-large-50-many-to-many",
                    "facebook/mbart-large-50-one-to-many")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = common.ArgumentParser(description=__doc__)
     p.add_argument("--model", default="facebook/nllb-200-3.3B", help="NLLB/M2M100 or mBART-50 many-to-many checkpoint, or tiny-nllb")
-    p.add_argument("--task", default=None, help="xquad (SQuAD JSON) or xlsum (XL-Sum jsonl); not with --predictions")
+    p.add_argument("--task", default=None, choices=data.FINETUNE_TASKS,
+                   help="xquad (SQuAD JSON) or xlsum (XL-Sum jsonl); not with --predictions")
     p.add_argument("--train-file", default=None, help="the English file to translate")
     p.add_argument("--predictions", default=None, help="translate these {id: text} predictions instead (Appendix D)")
     p.add_argument("--src-lang", default="en", help="source language")
     p.add_argument("--tgt-lang", required=True, help="target language, e.g. fr")
     p.add_argument("--out-file", required=True, help="output file, same format as the input")
-    p.add_argument("--limit", type=int, default=None, help="translate only the first N questions (QA) or records")
-    p.add_argument("--num-beams", type=int, default=4, help="beam size")
-    p.add_argument("--max-tokens", type=int, default=4000, help="source-token budget of a generation batch")
-    p.add_argument("--chunk-size", type=int, default=64, help="examples per chunk (progress is saved per example)")
-    p.add_argument("--max-length-ratio", type=float, default=2.0, help="output tokens <= ratio * input tokens + offset")
-    p.add_argument("--max-length-offset", type=int, default=10, help="see --max-length-ratio")
-    p.add_argument("--data-dir", default=os.path.join("..", "shared", "data"), help="data directory (for tiny models)")
+    p.add_argument("--limit", type=common.positive_int, default=None,
+                   help="translate only the first N questions (QA) or records (default: all)")
+    p.add_argument("--num-beams", type=common.positive_int, default=4, help="beam size")
+    p.add_argument("--max-tokens", type=common.positive_int, default=4000, help="source-token budget of a generation batch")
+    p.add_argument("--chunk-size", type=common.positive_int, default=64, help="examples per chunk (progress is saved per example)")
+    p.add_argument("--max-length-ratio", type=common.positive_float, default=2.0,
+                   help="output tokens <= ratio * input tokens + offset")
+    p.add_argument("--max-length-offset", type=common.non_negative_int, default=10, help="see --max-length-ratio")
+    p.add_argument("--data-dir", default=data.DEFAULT_DATA_DIR, help="data directory (for tiny models)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     return p.parse_args(argv)
 
@@ -74,7 +77,7 @@ def paragraphs_and_sentences(text):
 
 
 def join_translation(paragraphs, translate, tgt_lang):
-    glue = "" if tgt_lang in data.UNSEGMENTED_SCRIPTS else " "
+    glue = " " if data.get_language(tgt_lang).spaces else ""
     return "\n".join(glue.join(translate[s] for s in sentences) for sentences in paragraphs)
 
 
@@ -89,8 +92,7 @@ def find_answer(context, answer):
 def qa_units(path, limit):
     """One unit per paragraph of the SQuAD JSON: its context, questions and answers."""
     data.read_squad(path)  # validates the file first: a bad one gives a file:line / record error
-    with data._open_text(path) as f:
-        raw = json.load(f)
+    raw = data.read_json_document(path, "SQuAD v1.1 JSON")
     units, count = [], 0
     for a, article in enumerate(raw["data"]):
         for p, paragraph in enumerate(article["paragraphs"]):
@@ -146,45 +148,44 @@ def prediction_rebuild(item, translate, tgt_lang):
 # Checks
 
 def check_args(args):
-    """Input file, languages and model family, before the model is loaded."""
+    """Input file, output path, languages and model family, before the model is loaded."""
     if (args.train_file is None) == (args.predictions is None):
-        raise DataError("give exactly one of --train-file (with --task) and --predictions")
-    if args.train_file is not None and args.task not in ("xquad", "xlsum"):
-        raise DataError(f"--task: must be xquad or xlsum with --train-file, got {args.task}")
-    for flag in ("num_beams", "max_tokens", "chunk_size"):
-        if getattr(args, flag) < 1:
-            raise DataError(f"--{flag.replace('_', '-')}: must be at least 1")
-    models.check_model_name(args.model)
+        raise UsageError("give exactly one of --train-file (with --task) and --predictions")
+    if args.train_file is not None and args.task is None:
+        raise UsageError("--task: xquad or xlsum is needed with --train-file")
+    models.refuse_added_checkpoint(args.model, "--model", "a translation model")
     family = models.family_of_name(args.model, args.data_dir)
     if family == "mt5":
-        raise DataError(f"--model: {args.model} is an mT5 model, not a translation model (no language codes); "
-                        f"use an NLLB/M2M100 or mBART-50 many-to-many checkpoint")
+        raise UsageError(f"--model: {args.model} is an mT5 model, not a translation model (no language codes); "
+                         f"use an NLLB/M2M100 or mBART-50 many-to-many checkpoint")
     if (args.model.startswith("facebook/") and not args.model.startswith(TRANSLATION_HUB)):
-        raise DataError(f"--model: {args.model} is not a translation checkpoint; use e.g. facebook/nllb-200-3.3B "
-                        f"or facebook/mbart-large-50-many-to-many-mmt")
+        raise UsageError(f"--model: {args.model} is not a translation checkpoint; use e.g. facebook/nllb-200-3.3B "
+                         f"or facebook/mbart-large-50-many-to-many-mmt")
     for flag, lang in (("--src-lang", args.src_lang), ("--tgt-lang", args.tgt_lang)):
-        data.get_language(lang, flag)
-        if data.language_code(family, lang) is None:
-            raise DataError(f"{flag}: no language code for '{lang}'")
+        models.language_code(family, lang, flag)
     source = args.train_file or args.predictions
+    if os.path.isdir(source):
+        raise UsageError(f"{source}: is a directory, expected a file")
     if not os.path.isfile(source):
-        raise DataError(f"{source}: file not found")
+        raise UsageError(f"{source}: file not found")
+    common.check_output_file(args.out_file, "--out-file")
+    common.check_output_file(args.out_file + ".progress.jsonl", "--out-file")
     return family
 
 
 def load_units(args):
     """(units, segment function, rebuild function, writer of the final file)."""
     if args.predictions is not None:
-        predictions = evaluate.read_predictions(args.predictions)
+        predictions = data.read_predictions(args.predictions)
         items = [{"key": pid, "text": text} for pid, text in list(predictions.items())[:args.limit]]
         def write(rebuilt):
-            data.write_json(args.out_file, {item["key"]: rebuilt[item["key"]] for item in items})
+            common.write_json(args.out_file, {item["key"]: rebuilt[item["key"]] for item in items})
         return items, prediction_segments, prediction_rebuild, write
     if args.task == "xlsum":
         records = data.read_xlsum(args.train_file, limit=args.limit)
         units = [dict(r, key=r["id"]) for r in records]
         def write(rebuilt):
-            data.write_jsonl(args.out_file, [rebuilt[u["key"]] for u in units])
+            common.write_jsonl(args.out_file, [rebuilt[u["key"]] for u in units])
         return units, xlsum_segments, xlsum_rebuild, write
     raw, units = qa_units(args.train_file, args.limit)
     def write(rebuilt):
@@ -196,7 +197,7 @@ def load_units(args):
             paragraph = dict(rebuilt[unit["key"]])
             paragraph.pop("title")
             articles[-1][1]["paragraphs"].append(paragraph)
-        data.write_json(args.out_file, {"version": raw.get("version", "1.1"), "translated_to": args.tgt_lang,
+        common.write_json(args.out_file, {"version": raw.get("version", "1.1"), "translated_to": args.tgt_lang,
                                         "translated_with": args.model, "data": [art for _, art in articles]})
     return units, qa_segments, qa_rebuild, write
 
@@ -205,31 +206,54 @@ def load_units(args):
 # Progress file
 
 class Progress:
-    """OUT.progress.jsonl: a header with the settings, then sentence and example lines, appended."""
+    """OUT.progress.jsonl: a header with the settings, then sentence and example lines, appended.
+    A kill can cut the last line anywhere, even inside a UTF-8 character: that line is ignored.
+    Any other line that cannot be read is an error naming it."""
 
     def __init__(self, out_file, settings):
         self.path = out_file + ".progress.jsonl"
         self.sentences, self.examples = {}, {}
         header = {"kind": "header", "settings": settings}
         if os.path.exists(self.path):
-            with open(self.path, encoding="utf-8") as f:
-                lines = f.readlines()
-            rows = []
-            for line in lines:
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError:  # a line cut by a kill: ignore it (it is the last one)
-                    continue
-            if not rows or rows[0] != header:
-                raise DataError(f"{self.path}: made with other settings; delete it or choose another --out-file")
-            for row in rows[1:]:
-                if row["kind"] == "sentence":
-                    self.sentences[row["src"]] = row["tgt"]
-                elif row["kind"] == "example":
-                    self.examples[row["key"]] = row["value"]
+            self._read(header)
         else:
             os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
             self._append([header])
+
+    def _read(self, header):
+        with open(self.path, "rb") as f:
+            lines = f.read().split(b"\n")
+        complete = len(lines) - 1  # every line but the last ends in a newline: only the last can be cut
+        fix = f"delete {self.path} to start over"
+        rows = []
+        for i, raw in enumerate(lines):
+            try:
+                rows.append(json.loads(raw.decode("utf-8")) if raw.strip() else None)
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                if i < complete:
+                    raise DataError(f"{self.path}:{i + 1}: not a progress line; {fix}") from None
+                rows.append(None)  # a line cut by a kill: ignored
+        if rows[0] is None:  # killed while the header was written: nothing was done yet
+            with open(self.path, "wb"):
+                pass
+            self._append([header])
+            return
+        if rows[0] != header:
+            raise DataError(f"{self.path}: made with other settings; delete it or choose another --out-file")
+        for i, row in enumerate(rows[1:], 2):
+            if row is None:
+                continue
+            if not isinstance(row, dict):
+                raise DataError(f"{self.path}:{i}: not a progress line; {fix}")
+            if row.get("kind") == "sentence" and isinstance(row.get("src"), str) and isinstance(row.get("tgt"), str):
+                self.sentences[row["src"]] = row["tgt"]
+            elif row.get("kind") == "example" and "key" in row and "value" in row:
+                self.examples[row["key"]] = row["value"]
+            else:
+                raise DataError(f"{self.path}:{i}: a progress line without its fields; {fix}")
+        if lines[-1].strip():  # drop the cut line, so that what is appended next starts on a line of its own
+            with open(self.path, "r+b") as f:
+                f.truncate(sum(len(line) + 1 for line in lines[:-1]))
 
     def _append(self, rows):
         with open(self.path, "a", encoding="utf-8") as f:
@@ -264,7 +288,7 @@ def translate_sentences(model, tokenizer, encoder, sentences, args, device, bar)
     encoded = encoder.encode(examples)
     generation = encoder.generation_kwargs(args.tgt_lang)
     lengths = [len(e["input_ids"]) for e in encoded]
-    for batch in loop.generation_batches(lengths, args.max_tokens):
+    for batch in data.generation_batches(lengths, args.max_tokens):
         longest = max(lengths[i] for i in batch)
         limit = min(encoder.max_target_length, int(args.max_length_ratio * longest) + args.max_length_offset)
         out = loop.generate_batch(model, tokenizer, [encoded[i]["input_ids"] for i in batch], generation, device,
@@ -274,21 +298,20 @@ def translate_sentences(model, tokenizer, encoder, sentences, args, device, bar)
         yield {sentences[i]: " ".join(evaluate.clean_prediction(t)[0].split()) for i, t in zip(batch, texts)}
 
 
+@common.exits_on_error
 def main(args):
     # ---- setup ----
-    try:
-        family = check_args(args)
-        units, segments_of, rebuild, write = load_units(args)
-        settings = {"model": args.model, "src": args.src_lang, "tgt": args.tgt_lang, "beams": args.num_beams,
-                    "input": file_digest(args.train_file or args.predictions),
-                    "ratio": args.max_length_ratio, "offset": args.max_length_offset}
-        progress = Progress(args.out_file, settings)
-    except DataError as e:
-        sys.exit(f"error: {e}")
+    family = check_args(args)
+    common.print_settings(vars(args))
+    units, segments_of, rebuild, write = load_units(args)
+    settings = {"model": args.model, "src": args.src_lang, "tgt": args.tgt_lang, "beams": args.num_beams,
+                "input": file_digest(args.train_file or args.predictions),
+                "ratio": args.max_length_ratio, "offset": args.max_length_offset}
+    progress = Progress(args.out_file, settings)
     device = loop.pick_device(args.device)
     tokenizer = models.load_tokenizer(args.model, args.data_dir)
     model = models.load_model(args.model, args.data_dir).to(device).eval()
-    encoder = data.Seq2SeqEncoder(tokenizer, family)
+    encoder = models.Seq2SeqEncoder(tokenizer, family, models.max_length(model.config), models.max_length(model.config))
     todo = [u for u in units if u["key"] not in progress.examples]
     print(f"{len(units)} examples, {len(units) - len(todo)} already done; "
           f"{len(progress.sentences)} sentences cached in {progress.path}")

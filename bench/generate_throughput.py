@@ -62,14 +62,14 @@ def main(args):
     device = loop.pick_device(args.device)
     tokenizer = models.load_tokenizer("tiny-mt5", args.data_dir)
     model = build_model(args.dims, len(tokenizer), device).eval()
-    encoder = data.Seq2SeqEncoder(tokenizer, "mt5")
+    encoder = models.Seq2SeqEncoder(tokenizer, "mt5")
     encoded = []
     for lang in data.parse_langs(args.langs):
         questions = data.read_squad(data.xquad_path(args.data_dir, lang))[:args.per_lang]
         encoded += encoder.encode(data.qa_examples(questions, lang))
     generation = encoder.generation_kwargs("th")
     lengths = [len(e["input_ids"]) for e in encoded]
-    num_batches = len(loop.generation_batches(lengths, args.max_tokens))
+    num_batches = len(data.generation_batches(lengths, args.max_tokens))
     batch_size = math.ceil(len(encoded) / num_batches)
 
     def unsorted():

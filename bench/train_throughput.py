@@ -9,7 +9,7 @@ or `--dims mt5-base`: the real mT5-base dimensions, random weights), same SQuAD 
 (each seen exactly once, so both process the same real tokens), same AdamW, same fairseq
 inverse-sqrt schedule (handed to the Trainer as a LambdaLR), same gradient clipping, fp32 on CPU /
 bf16 on CUDA. Three configurations, each in its own process (clean peak-memory figures):
-  ours              data.TokenBatches, --max-tokens per batch, loop.token_loss + AdamW step
+  ours              data.TokenBatches, --max-tokens per batch, loop.train_step (the loop's own step)
   trainer           Seq2SeqTrainer, random sampler, batch size = our average examples per batch
   trainer-grouped   the same with train_sampling_strategy="group_by_length"
 Reported: real (non-pad) tokens/s, padding efficiency (real / padded, sources + targets), peak
@@ -65,7 +65,7 @@ def build_model(dims, vocab_size, device, seed=0):
 def encoded_examples(args):
     tokenizer = models.load_tokenizer("tiny-mt5", args.data_dir)
     questions = data.read_squad(data.squad_path(args.data_dir, "train"))[:args.num_examples]
-    return tokenizer, data.Seq2SeqEncoder(tokenizer, "mt5").encode(data.qa_examples(questions, "en"))
+    return tokenizer, models.Seq2SeqEncoder(tokenizer, "mt5").encode(data.qa_examples(questions, "en"))
 
 
 def padding_of(batches):
@@ -91,14 +91,7 @@ def run_ours(args, model, tokenizer, encoded, device):
     start = time.perf_counter()
     for step, batch in enumerate(batches):
         batch = {k: v.to(device) for k, v in batch.items()}
-        for group in optimizer.param_groups:
-            group["lr"] = loop.get_lr(step + 1, args.lr, args.warmup_steps)
-        with loop.autocast(device):
-            loss, _ = loop.token_loss(model, batch)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        loop.train_step(model, optimizer, [batch], loop.get_lr(step + 1, args.lr, args.warmup_steps), 1.0, device)
     sync(device)
     return time.perf_counter() - start, len(batches), padding_of(batches)
 

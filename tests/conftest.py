@@ -1,7 +1,8 @@
 """Shared fixtures: the real data in ../shared/data and the tiny models, built once per test session.
 
 The tiny models are built into a fresh temporary cache (not ~/.cache/xlgen), so every test run
-exercises the build from scratch, exactly as a user's first `--model tiny-mt5` would.
+exercises the build from scratch, exactly as a user's first `--model tiny-mt5` would. The hub is
+offline (HF_HUB_OFFLINE=1): tests never reach the network.
 """
 
 import os
@@ -11,9 +12,15 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+os.environ["HF_HUB_OFFLINE"] = "1"
 DATA_DIR = os.path.normpath(os.path.join(REPO, "..", "shared", "data"))
+FIXTURES = os.path.join(REPO, "tests", "fixtures", "xlsum")
 TEXT_LANGS = ["en", "fr", "es", "ru", "zh", "ko", "ja", "ar", "de", "th", "ro", "vi"]
 FAMILIES = {"tiny-mt5": "mt5", "tiny-mbart": "mbart", "tiny-nllb": "nllb"}
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: end-to-end runs of several seconds (deselect with -m 'not slow')")
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -38,3 +45,19 @@ def tokenizers(tiny_cache):
 def squad_train():
     import data
     return data.read_squad(data.squad_path(DATA_DIR, "train"))
+
+
+def run_cli(module, argv, capsys):
+    """Run `module.main(module.parse_args(argv))` as the command line would, in this process.
+    Returns (exit status, stdout, stderr). Any exception other than SystemExit propagates (it would
+    be a traceback for the user), so a test that expects an error also checks there is none."""
+    capsys.readouterr()
+    try:
+        module.main(module.parse_args(argv))
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    if isinstance(code, str):  # sys.exit("error: ...") prints its message to stderr, status 1
+        err, code = err + code + "\n", 1
+    return code or 0, out, err

@@ -5,11 +5,13 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import adapt
+import common
 import data
 import models
-from conftest import DATA_DIR, FAMILIES
+from conftest import DATA_DIR, FAMILIES, run_cli
 
 NUM_LAYERS = models.TINY_DIMS["num_layers"]
 
@@ -74,7 +76,7 @@ def expected_trainable(name, method, all_names):
 
 def _batch(name, tokenizers, texts=("Hello there, my friend.", "Short one."), target="Bonjour à tous."):
     family = FAMILIES[name]
-    encoder = data.Seq2SeqEncoder(tokenizers[name], family)
+    encoder = models.Seq2SeqEncoder(tokenizers[name], family)
     examples = [data.Example(str(i), t, target, "en", "fr") for i, t in enumerate(texts)]
     return data.collate(encoder.encode(examples), tokenizers[name].pad_token_id), encoder
 
@@ -216,39 +218,127 @@ def test_save_load_added_weights_round_trip(name, method, tokenizers, tmp_path):
         for param in model.parameters():
             if param.requires_grad:
                 param.add_(0.05 * torch.randn_like(param))
-    adapt.save_added(model, str(tmp_path), base_model=name)
-    loaded = adapt.load_added(str(tmp_path), data_dir=DATA_DIR)
+    adapt.save(model, str(tmp_path), base_model=name)
+    assert sorted(os.listdir(tmp_path)) == [models.ADDED_CONFIG_FILE, models.ADDED_WEIGHTS_FILE]
+    loaded = adapt.load(str(tmp_path), data_dir=DATA_DIR)
+    assert adapt.adaptation_of(loaded) == adapt.adaptation_of(model)
     batch, _ = _batch(name, tokenizers)
     model.eval(), loaded.eval()
     with torch.no_grad():
         assert torch.equal(model(**batch).logits, loaded(**batch).logits)
-    added = os.path.getsize(tmp_path / adapt.ADDED_WEIGHTS_FILE)
+    added = os.path.getsize(tmp_path / models.ADDED_WEIGHTS_FILE)
     full = os.path.getsize(os.path.join(models.resolve(name), "model.safetensors"))
     assert added < 0.05 * full, (added, full)
 
 
 def test_bad_input_errors(tokenizers):
     model = models.load_model("tiny-mt5", DATA_DIR)
-    with pytest.raises(data.DataError, match="unknown method 'lora'"):
+    with pytest.raises(common.UsageError, match="unknown method 'lora'"):
         adapt.apply(model, "lora")
-    with pytest.raises(data.DataError, match="--prompt-length: must be at least 1"):
+    with pytest.raises(common.UsageError, match="--prompt-length: must be at least 1"):
         adapt.apply(model, "prompt", prompt_length=0)
-    with pytest.raises(data.DataError, match="--mix-prob"):
+    with pytest.raises(common.UsageError, match="--mix-prob"):
         adapt.apply(model, "mix", mix_prob=1.5, mix_langs=["fr"])
-    with pytest.raises(data.DataError, match="--src-langs"):
+    with pytest.raises(common.UsageError, match="--src-langs"):
         adapt.apply(model, "multisrc", src_langs=["en"])
-    with pytest.raises(data.DataError, match="unknown option"):
+    with pytest.raises(common.UsageError, match="unknown option"):
         adapt.apply(model, "adapters", prompt_length=3)
     from transformers import T5Config, T5ForConditionalGeneration
     t5 = T5ForConditionalGeneration(T5Config(vocab_size=50, d_model=8, d_kv=4, d_ff=8, num_layers=1, num_heads=2))
-    with pytest.raises(data.DataError, match="unsupported model class T5ForConditionalGeneration"):
+    with pytest.raises(common.UsageError, match="unsupported model class T5ForConditionalGeneration"):
         adapt.apply(t5, "adapters")
     adapt.apply(model, "adapters", verbose=False)
-    with pytest.raises(data.DataError, match="already adapted"):
+    with pytest.raises(common.UsageError, match="already adapted"):
         adapt.apply(model, "prompt")
 
 
-def test_cli_prints_trainable_parameters(capsys):
-    adapt.main(adapt.parse_args(["--model", "tiny-nllb", "--method", "prompt", "--prompt-length", "4"]))
-    out = capsys.readouterr().out
-    assert "trainable parameters 256 of" in out and "trained  prompt.weight" in out
+@pytest.mark.parametrize("method,expected", [("prompt", "trainable parameters 256 of"),
+                                             ("mix", "method mix: trainable parameters"),
+                                             ("multisrc", "method multisrc: trainable parameters")])
+def test_cli_prints_trainable_parameters(method, expected, capsys):
+    code, out, err = run_cli(adapt, ["--model", "tiny-nllb", "--method", method, "--prompt-length", "4",
+                                     "--data-dir", DATA_DIR], capsys)
+    assert code == 0, err
+    assert expected in out and "  trained  " in out
+
+
+def test_cli_describes_an_added_weights_checkpoint(tmp_path, capsys):
+    model = adapt.apply(models.load_model("tiny-nllb", DATA_DIR), "adapters", bottleneck=4, verbose=False)
+    adapt.save(model, str(tmp_path), base_model="tiny-nllb")
+    code, out, err = run_cli(adapt, ["--model", str(tmp_path), "--data-dir", DATA_DIR], capsys)
+    assert code == 0, err
+    assert f"{tmp_path}: adapters checkpoint of tiny-nllb" in out and ".adapter_ffn.up.weight" in out
+
+
+# Where the docstring's diagram puts an adapter: between a sublayer and its residual addition.
+# For each family and kind of site: a module whose forward input (or output) is the block output
+# "residual + sublayer output" of that sublayer.
+def _site_and_block(model, family, kind):
+    """(sublayer, adapter, block-output probe, whether the probe's *input* is the block output, layer)."""
+    if family == "mt5":
+        stack = model.encoder if kind == "encoder self-attention" else model.decoder
+        block = stack.block[1]
+        index = {"encoder self-attention": 0, "decoder cross-attention": 1, "decoder feed-forward": 2}[kind]
+        layer = block.layer[index]
+        sublayer = {0: layer.SelfAttention if index == 0 else None, 1: getattr(layer, "EncDecAttention", None),
+                    2: getattr(layer, "DenseReluDense", None)}[index]
+        return sublayer, getattr(layer, "adapter", None), layer, False, block
+    inner = model.model
+    if kind == "encoder self-attention":
+        layer = inner.encoder.layers[1]
+        return layer.self_attn, getattr(layer, "adapter_self_attn", None), layer.final_layer_norm, True, layer
+    layer = inner.decoder.layers[1]
+    if kind == "decoder cross-attention":
+        return layer.encoder_attn, getattr(layer, "adapter_cross_attn", None), layer.final_layer_norm, True, layer
+    return layer.fc2, getattr(layer, "adapter_ffn", None), layer, False, layer
+
+
+def _capture(module, use_input):
+    """Record the first input (use_input) or output tensor of `module`'s first call; change nothing."""
+    store = {}
+
+    def pre_hook(m, args):
+        store.setdefault("x", args[0].detach().clone())
+
+    def hook(m, args, out):
+        store.setdefault("x", (out[0] if isinstance(out, tuple) else out).detach().clone())
+    handle = module.register_forward_pre_hook(pre_hook) if use_input else module.register_forward_hook(hook)
+    return store, handle
+
+
+@pytest.mark.parametrize("kind", ["encoder self-attention", "decoder cross-attention", "decoder feed-forward"])
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_a_trained_adapter_acts_between_its_sublayer_and_the_residual(name, kind, tokenizers):
+    family = FAMILIES[name]
+    batch, _ = _batch(name, tokenizers)
+    base = models.load_model(name, DATA_DIR).eval()
+    adapted = adapt.apply(models.load_model(name, DATA_DIR).eval(), "adapters", bottleneck=8, verbose=False)
+    sublayer, adapter, probe, probe_input, layer = _site_and_block(adapted, family, kind)
+    b_sublayer, _, b_probe, _, b_layer = _site_and_block(base, family, kind)
+    torch.manual_seed(3)
+    with torch.no_grad():  # move this one adapter away from the identity
+        adapter.up.weight.normal_(std=0.5)
+        adapter.up.bias.normal_(std=0.5)
+    captured = {}
+    handles = []
+    for key, module, use_input in (("y", b_sublayer, False), ("block_base", b_probe, probe_input),
+                                   ("block", probe, probe_input), ("layer_in_base", b_layer, True),
+                                   ("layer_in", layer, True)):
+        store, handle = _capture(module, use_input)
+        captured[key] = store
+        handles.append(handle)
+    with torch.no_grad():
+        base_logits, logits = base(**batch).logits, adapted(**batch).logits
+    for handle in handles:
+        handle.remove()
+    # nothing before the layer changes ...
+    assert torch.equal(captured["layer_in"]["x"], captured["layer_in_base"]["x"])
+    # ... the block output gains exactly Up(ReLU(Down(LayerNorm(y)))), y the sublayer's output ...
+    y = captured["y"]["x"]
+    a = adapter
+    expected = F.linear(torch.relu(F.linear(F.layer_norm(y, y.shape[-1:], a.layer_norm.weight, a.layer_norm.bias,
+                                                         a.layer_norm.eps), a.down.weight, a.down.bias)),
+                        a.up.weight, a.up.bias)
+    assert torch.allclose(captured["block"]["x"] - captured["block_base"]["x"], expected, atol=1e-5)
+    # ... and the model's output changes
+    assert not torch.allclose(logits, base_logits)

@@ -1,38 +1,48 @@
-"""data.py: readers on the real files, task formatting, encoding per family, batching, mixing, download."""
+"""data.py and models.py's encoding: readers on the real files, task formatting, encoding per family,
+batching, mixing."""
 
 import collections
-import functools
 import gzip
-import http.server
 import json
 import os
-import threading
+import re
 
 import pytest
 import torch
 
+import common
 import data
+import models
 from conftest import DATA_DIR, FAMILIES, TEXT_LANGS
 
 
 # ----------------------------------------------------------------------------- language table
 
 def test_unknown_language_is_one_line_error_listing_supported():
-    with pytest.raises(data.DataError) as e:
+    with pytest.raises(common.UsageError) as e:
         data.get_language("xx")
     message = str(e.value)
     assert "\n" not in message and "'xx'" in message and "en, fr, es" in message
 
 
-def test_language_table_codes():
-    assert data.language_code("nllb", "zh") == "zho_Hans"
-    assert data.language_code("nllb", "ko") == "kor_Hang"
-    assert data.language_code("mbart", "fr") == "fr_XX"
-    assert data.language_code("mt5", "fr") is None
-    assert data.LANGUAGES["zh"].xlsum == "chinese_simplified"
-    with pytest.raises(data.DataError, match="mbart has no language code for 'el'"):
-        data.language_code("mbart", "el")
+def test_language_table_codes_are_the_real_tokenizers_codes():
+    """Every code of the table is one of the codes the real tokenizers define (transformers' lists of
+    facebook/mbart-large-50 and facebook/nllb-200), for the right language: mBART-50 codes are
+    ISO 639-1 + region, NLLB codes language_Script with the script of the language's text."""
+    from transformers.models.mbart50.tokenization_mbart50 import FAIRSEQ_LANGUAGE_CODES as MBART50
+    from transformers.models.nllb.tokenization_nllb import FAIRSEQ_LANGUAGE_CODES as NLLB
+    scripts = {"zh": "Hans", "ja": "Jpan", "ko": "Hang", "ru": "Cyrl", "ar": "Arab", "th": "Thai", "el": "Grek",
+               "hi": "Deva"}  # ISO 15924 codes of the scripts these languages are written in
+    for code, lang in data.LANGUAGES.items():
+        if lang.mbart is not None:
+            assert lang.mbart in MBART50 and lang.mbart.split("_")[0] == code, lang
+        assert lang.nllb in NLLB and lang.script == scripts.get(code, "Latn"), lang
+    assert models.language_code("mt5", "fr") is None
+    with pytest.raises(common.UsageError, match="mbart has no language code for 'el'"):
+        models.language_code("mbart", "el")
     assert data.parse_langs("fr, zh,ko") == ["fr", "zh", "ko"]
+    with pytest.raises(common.UsageError, match="listed twice"):
+        data.parse_langs("fr,fr")
 
 
 # ----------------------------------------------------------------------------- readers
@@ -57,12 +67,16 @@ def test_squad_standin_and_dev(squad_train):
     assert sum(len(q["answers"]) for q in dev) == 34726
 
 
-@pytest.mark.parametrize("lang", TEXT_LANGS)
-def test_text_reader_reads_every_line(lang):
-    path = data.text_path(DATA_DIR, lang)
-    with open(path, encoding="utf-8") as f:
-        expected = [line.strip() for line in f if line.strip()]
-    assert data.read_text(path) == expected and len(expected) > 1000
+def test_text_reader_reads_every_line():
+    """Line counts published in text/SOURCES.md (its table: | lang | file | lines | bytes | ...)."""
+    with open(os.path.join(DATA_DIR, "text", "SOURCES.md"), encoding="utf-8") as f:
+        published = {m.group(1): int(m.group(2).replace(",", ""))
+                     for m in re.finditer(r"^\| (\w\w) \| `\w\w\.txt` \| ([\d,]+) \|", f.read(), re.M)}
+    assert sorted(published) == sorted(TEXT_LANGS)
+    for lang in TEXT_LANGS:
+        lines = data.read_text(data.text_path(DATA_DIR, lang))
+        assert len(lines) == published[lang], lang
+        assert all(line == line.strip() and line for line in lines)
 
 
 def test_xlsum_reader(tmp_path):
@@ -97,6 +111,20 @@ def test_malformed_inputs_name_file_and_line(tmp_path):
         data.read_text(str(latin1))
     with pytest.raises(data.DataError, match=r"missing.json: file not found"):
         data.read_squad(str(tmp_path / "missing.json"))
+    bad_bytes = tmp_path / "latin1.jsonl"
+    bad_bytes.write_bytes(b'{"id": "1", "summary": "s", "text": "t"}\n{"id": "2", "summary": "caf\xe9", "text": "t"}\n')
+    with pytest.raises(data.DataError, match=r"latin1.jsonl:2: not UTF-8"):
+        data.read_xlsum(str(bad_bytes))
+    duplicate = tmp_path / "dup.jsonl"
+    duplicate.write_text('{"id": "1", "summary": "s", "text": "t"}\n{"id": "1", "summary": "s", "text": "t"}\n')
+    with pytest.raises(data.DataError, match=r"dup.jsonl:2: duplicate id '1' \(first on line 1\)"):
+        data.read_xlsum(str(duplicate))
+    with pytest.raises(data.DataError, match="is a directory"):
+        data.read_squad(str(tmp_path))
+    truncated = tmp_path / "cut.json.gz"
+    truncated.write_bytes(gzip.compress(b'{"data": []}')[:-6])
+    with pytest.raises(data.DataError, match="cut.json.gz: cannot read"):
+        data.read_squad(str(truncated))
 
 
 # ----------------------------------------------------------------------------- task formatting
@@ -128,10 +156,10 @@ def test_tiny_tokenizer_round_trips_12_languages(tokenizers, name):
 def test_language_codes_where_real_tokenizers_put_them(tokenizers, name):
     family = FAMILIES[name]
     tokenizer = tokenizers[name]
-    encoder = data.Seq2SeqEncoder(tokenizer, family)
+    encoder = models.Seq2SeqEncoder(tokenizer, family)
     ex = data.Example(id="1", source="Der Hund schläft.", target="Le chien dort.", src_lang="de", tgt_lang="fr")
     encoded = encoder.encode([ex])[0]
-    src_code, tgt_code = data.language_code(family, "de"), data.language_code(family, "fr")
+    src_code, tgt_code = models.language_code(family, "de"), models.language_code(family, "fr")
     source_tokens = tokenizer.convert_ids_to_tokens(encoded["input_ids"])
     label_tokens = tokenizer.convert_ids_to_tokens(encoded["labels"])
     assert source_tokens[0] == src_code and source_tokens[-1] == "</s>"
@@ -141,15 +169,15 @@ def test_language_codes_where_real_tokenizers_put_them(tokenizers, name):
     tokenizer.src_lang, tokenizer.tgt_lang = src_code, tgt_code
     reference = tokenizer(ex.source, text_target=ex.target)
     assert encoded["input_ids"] == reference["input_ids"] and encoded["labels"] == reference["labels"]
-    tokenizer.src_lang, tokenizer.tgt_lang = data.language_code(family, "en"), data.language_code(family, "en")
+    tokenizer.src_lang, tokenizer.tgt_lang = models.language_code(family, "en"), models.language_code(family, "en")
     # every language code of our table is a real token, not <unk>
-    for code in data.family_language_codes(family):
+    for code in models.family_language_codes(family):
         assert tokenizer.convert_ids_to_tokens(tokenizer.convert_tokens_to_ids(code)) == code
 
 
 def test_mt5_has_no_language_codes(tokenizers):
     tokenizer = tokenizers["tiny-mt5"]
-    encoder = data.Seq2SeqEncoder(tokenizer, "mt5")
+    encoder = models.Seq2SeqEncoder(tokenizer, "mt5")
     ex = data.Example(id="1", source="Der Hund schläft.", target="Le chien dort.", src_lang="de", tgt_lang="fr")
     encoded = encoder.encode([ex])[0]
     assert encoded["input_ids"] == tokenizer(ex.source)["input_ids"]
@@ -161,14 +189,16 @@ def test_mt5_has_no_language_codes(tokenizers):
 
 def test_truncation_keeps_the_question(tokenizers):
     tokenizer = tokenizers["tiny-nllb"]
-    encoder = data.Seq2SeqEncoder(tokenizer, "nllb", max_source_length=32)
+    encoder = models.Seq2SeqEncoder(tokenizer, "nllb", max_source_length=32)
     ex = data.Example(id="1", source="word " * 200, source_tail="Who wrote it?", target="x", src_lang="en", tgt_lang="en")
-    encoded = encoder.encode([ex])[0]
+    short = data.Example(id="2", source="word", target="y " * 600, src_lang="en", tgt_lang="en")
+    stats = {}
+    encoded = encoder.encode([ex, short], stats)[0]
     assert len(encoded["input_ids"]) == 32
     tokens = tokenizer.convert_ids_to_tokens(encoded["input_ids"])
     assert tokens[0] == "eng_Latn" and tokens[-1] == "</s>"
     assert tokenizer.decode(encoded["input_ids"], skip_special_tokens=True).endswith("Who wrote it?")
-    assert data.FAMILY_MAX_LENGTH == {"mt5": 512, "mbart": 1024, "nllb": 512}
+    assert stats == {"num_examples": 2, "num_cut_sources": 1, "num_cut_targets": 1}
 
 
 # ----------------------------------------------------------------------------- self-supervised
@@ -200,7 +230,7 @@ def test_zmbart_targets_are_sentences_of_the_input():
             if remaining.startswith(sentence):
                 remaining, chosen = remaining[len(sentence):].lstrip(), chosen + 1
         assert remaining == "" and chosen == max(1, round(0.2 * len(sentences)))
-    with pytest.raises(data.DataError, match="--objective"):
+    with pytest.raises(common.UsageError, match="--objective"):
         data.self_supervised_examples(paragraphs, "en", "span_corruption")
 
 
@@ -216,7 +246,7 @@ def test_sentence_splitter_worked_examples():
 
 @pytest.fixture(scope="module")
 def squad_encoded(tokenizers, squad_train):
-    encoder = data.Seq2SeqEncoder(tokenizers["tiny-mt5"], "mt5")
+    encoder = models.Seq2SeqEncoder(tokenizers["tiny-mt5"], "mt5")
     return encoder.encode(data.qa_examples(squad_train, "en"))
 
 
@@ -264,6 +294,7 @@ def test_restored_iterator_continues_identically(squad_encoded):
 def test_over_long_example_is_truncated_to_the_budget():
     encoded = [{"input_ids": list(range(3, 103)) + [1], "labels": [5, 1]}, {"input_ids": [4, 1], "labels": [6, 1]}]
     stream = data.TokenBatches(encoded, max_tokens=50, seed=0)
+    assert stream.num_truncated == 1
     assert len(stream.encoded[0]["input_ids"]) == 50 and stream.encoded[0]["input_ids"][-1] == 1
     batches = stream.epoch_batches(0)
     assert sorted(i for b in batches for i in b) == [0, 1]
@@ -312,43 +343,13 @@ def test_mixture_state_restores_exactly():
     assert isinstance(b.stream(path), data.TokenBatches)
 
 
-# ----------------------------------------------------------------------------- download
+# ----------------------------------------------------------------------------- generation batches
 
-@pytest.fixture()
-def local_server():
-    handler = functools.partial(QuietHandler, directory=DATA_DIR)
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-
-
-class QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args):
-        pass
-
-
-def test_download_from_a_local_mirror(tmp_path, local_server):
-    out = tmp_path / "dl"
-    data.main(data.parse_args(["download", "--data-dir", str(out), "--tasks", "xquad", "--mirror", local_server]))
-    for lang in data.XQUAD_LANGS:
-        with open(data.xquad_path(str(out), lang), "rb") as got, open(data.xquad_path(DATA_DIR, lang), "rb") as ref:
-            assert got.read() == ref.read()
-    # the mirror has no plain train-v1.1.json: a clear error, and nothing half-written is left
-    with pytest.raises(SystemExit, match=r"download http://127\.0\.0\.1:\d+/squad/train-v1.1.json: HTTP 404"):
-        data.main(data.parse_args(["download", "--data-dir", str(out), "--tasks", "squad", "--mirror", local_server]))
-    assert os.listdir(out / "squad") == []
-    # official URLs are formed as documented
-    plan = data.download_plan(["xlsum"], ["fr"])
-    assert plan == [("https://huggingface.co/datasets/csebuetnlp/xlsum/resolve/main/data/french_XLSum_v2.0.tar.bz2",
-                     "xlsum/french_XLSum_v2.0.tar.bz2")]
-    with pytest.raises(data.DataError, match="XL-Sum has no data for 'de'"):
-        data.download_plan(["xlsum"], ["de"])
-
-
-def test_smoke_cli(capsys):
-    data.main(data.parse_args(["smoke", "--model", "tiny-nllb", "--data-dir", DATA_DIR]))
-    out = capsys.readouterr().out
-    assert "xquad.zh: 1190 questions" in out and "squad train: 9380 questions" in out
-    assert "padding efficiency" in out and "'eng_Latn'" in out
+def test_generation_batches_cover_every_source_once_within_budget():
+    lengths = [5, 90, 7, 33, 33, 60, 2, 90, 41, 8] * 30
+    batches = data.generation_batches(lengths, max_tokens=200, max_batch_size=16)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    for batch in batches:
+        assert len(batch) <= 16 and len(batch) * max(lengths[i] for i in batch) <= 200
+    flat = [lengths[i] for b in batches for i in b]
+    assert flat == sorted(flat)  # sorted by length, so similar lengths share a batch

@@ -18,9 +18,8 @@ import finetune
 import loop
 import models
 import pretrain_it
-from conftest import DATA_DIR, FAMILIES, REPO
+from conftest import DATA_DIR, FAMILIES, FIXTURES, REPO, run_cli
 
-FIXTURES = os.path.join(REPO, "tests", "fixtures", "xlsum")
 QUICK = ["--data-dir", DATA_DIR, "--max-steps", "20", "--eval-every", "10", "--warmup-steps", "5",
          "--max-tokens", "1500", "--max-eval-examples", "4", "--max-new-tokens", "8", "--log-every", "5",
          "--lr", "1e-3", "--adapter-dim", "8", "--prompt-length", "4", "--max-train-examples", "300"]
@@ -34,21 +33,32 @@ def run_finetune(out_dir, *extra, task="xquad", method="full", model="tiny-mt5")
     return finetune.main(finetune.parse_args(argv + METHOD_ARGS.get(method, []) + list(extra)))
 
 
-CASES = [(name, method, task) for task in ("xquad", "xlsum") for name in FAMILIES for method in adapt.METHODS
-         if not (task == "xquad" and method == "multisrc")]
+def steps(run_dir):
+    """The step rows of a run's log.jsonl (the first line records what the data streams read)."""
+    return [row for row in map(json.loads, open(os.path.join(run_dir, "log.jsonl"))) if "step" in row]
 
 
+# One end-to-end run per method, each family twice, both tasks (test_adapt.py covers every method
+# on every family at the module level).
+CASES = [("tiny-mt5", "full", "xquad"), ("tiny-mbart", "freeze", "xlsum"), ("tiny-nllb", "adapters", "xquad"),
+         ("tiny-mt5", "prompt", "xlsum"), ("tiny-mbart", "mix", "xquad"), ("tiny-nllb", "multisrc", "xlsum")]
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("name,method,task", CASES, ids=["-".join(c) for c in CASES])
-def test_every_method_every_family_produces_the_run_directory(name, method, task, tmp_path):
+def test_every_method_produces_the_run_directory(name, method, task, tmp_path):
     results = run_finetune(tmp_path, task=task, method=method, model=name)
     for path in ("args.json", "log.jsonl", "eval/step_10.json", "eval/step_20.json", "results.json",
                  "last/train_state.pt", "last/tokenizer.json", "best/tokenizer.json"):
         assert (tmp_path / path).exists(), path
     weights = "adapter_model.safetensors" if method in ("adapters", "prompt") else "model.safetensors"
     assert (tmp_path / "last" / weights).exists() and (tmp_path / "best" / weights).exists()
-    log = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
+    log = steps(tmp_path)
     assert [row["step"] for row in log] == [5, 10, 15, 20]
-    assert {"loss", "lr", "grad_norm", "tokens_per_s", "padding_efficiency"} <= set(log[0])
+    assert {"loss", "lr", "grad_norm", "tokens_per_s", "padding_efficiency", "streams"} <= set(log[0])
+    assert sum(log[0]["streams"].values()) == 5  # five batches in the window of five steps
+    first = json.loads(open(tmp_path / "log.jsonl").readline())
+    assert first["event"] == "data" and all("num_cut_sources" in s for s in first["streams"].values())
     main = "f1_filtered" if task == "xquad" else "rouge2"
     test_langs = ["zh", "de"] if task == "xquad" else ["ko", "ru"]
     assert json.loads((tmp_path / "results.json").read_text()) == json.loads(json.dumps(results))
@@ -59,9 +69,11 @@ def test_every_method_every_family_produces_the_run_directory(name, method, task
 
 
 def test_mix_draws_prefix_lm_batches(tmp_path):
-    run_finetune(tmp_path, "--mix-prob", "0.5", method="mix")
-    streams = [json.loads(line)["stream"] for line in open(tmp_path / "log.jsonl")]
-    assert any(s.startswith("prefix_lm/") for s in streams) and any(s.startswith("task/") for s in streams)
+    run_finetune(tmp_path, "--mix-prob", "0.5", "--log-every", "20", method="mix")
+    (row,) = steps(tmp_path)  # one window of 20 steps: every batch of it is counted by stream
+    streams = row["streams"]
+    assert sum(streams.values()) == 20
+    assert {s.split("/")[0] for s in streams} == {"prefix_lm", "task"} and set(streams) - {"task/en"} <= {"prefix_lm/fr", "prefix_lm/zh"}
 
 
 # ----------------------------------------------------------------------------- schedule and loss
@@ -91,7 +103,7 @@ def test_get_lr_equals_fairseq_inverse_sqrt():
 
 def test_loss_is_token_normalised(tokenizers):
     model = models.load_model("tiny-nllb", DATA_DIR).eval()
-    encoder = data.Seq2SeqEncoder(tokenizers["tiny-nllb"], "nllb")
+    encoder = models.Seq2SeqEncoder(tokenizers["tiny-nllb"], "nllb")
     examples = [data.Example("1", "Hello.", "A much longer target sentence here.", "en", "fr"),
                 data.Example("2", "Hi there, friend.", "Short.", "en", "fr")]
     batch = data.collate(encoder.encode(examples), tokenizers["tiny-nllb"].pad_token_id)
@@ -104,7 +116,7 @@ def test_loss_is_token_normalised(tokenizers):
 def test_overfitting_one_batch_halves_the_loss(tokenizers, squad_train):
     torch.manual_seed(0)
     model = adapt.apply(models.load_model("tiny-mt5", DATA_DIR), "full", verbose=False)
-    encoder = data.Seq2SeqEncoder(tokenizers["tiny-mt5"], "mt5")
+    encoder = models.Seq2SeqEncoder(tokenizers["tiny-mt5"], "mt5")
     batch = data.collate(encoder.encode(data.qa_examples(squad_train[:8], "en")), 0)
     optimizer = loop.make_optimizer(model, 1e-3)
     model.train()
@@ -129,6 +141,7 @@ def _equal(a, b):
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_same_seed_bitwise_equal_and_resume_bitwise_equal(tmp_path):
     run_finetune(tmp_path / "a", "--seed", "3")
     run_finetune(tmp_path / "b", "--seed", "3")
@@ -141,19 +154,21 @@ def test_same_seed_bitwise_equal_and_resume_bitwise_equal(tmp_path):
     assert not (tmp_path / "r" / "results.json").exists()
     resumed = run_finetune(tmp_path / "r", "--seed", "3", "--resume")
     assert _equal(_weights(tmp_path / "a" / "last"), _weights(tmp_path / "r" / "last"))
-    assert (tmp_path / "a" / "log.jsonl").read_text().count("\n") == (tmp_path / "r" / "log.jsonl").read_text().count("\n")
+    assert steps(tmp_path / "a") == [dict(row, tokens_per_s=a["tokens_per_s"]) for row, a in
+                                     zip(steps(tmp_path / "r"), steps(tmp_path / "a"))]
     straight = json.loads((tmp_path / "a" / "results.json").read_text())
     assert resumed["test"] == straight["test"] and resumed["best_step"] == straight["best_step"]
     # a finished run is skipped
     assert run_finetune(tmp_path / "a", "--seed", "3")["best_step"] == straight["best_step"]
 
 
+@pytest.mark.slow
 def test_resume_with_adapters_is_bitwise_equal(tmp_path):
     run_finetune(tmp_path / "a", method="adapters")
     run_finetune(tmp_path / "r", "--stop-at-step", "10", method="adapters")
     run_finetune(tmp_path / "r", "--resume", method="adapters")
-    a = load_file(str(tmp_path / "a" / "last" / adapt.ADDED_WEIGHTS_FILE))
-    r = load_file(str(tmp_path / "r" / "last" / adapt.ADDED_WEIGHTS_FILE))
+    a = load_file(str(tmp_path / "a" / "last" / models.ADDED_WEIGHTS_FILE))
+    r = load_file(str(tmp_path / "r" / "last" / models.ADDED_WEIGHTS_FILE))
     assert _equal(a, r) and len(a) > 0
 
 
@@ -161,18 +176,20 @@ KILL_SCRIPT = r"""
 import os, sys, time
 sys.path.insert(0, {repo!r})
 import finetune, loop
-save_model, calls = loop.save_model, []
-def slow_save(model, tokenizer, directory, base_model):
-    save_model(model, tokenizer, directory, base_model)
+import adapt
+save, calls = adapt.save, []
+def slow_save(model, directory, base_model):
+    save(model, directory, base_model)
     calls.append(directory)
     if ".tmp-last-" in directory and len([c for c in calls if ".tmp-last-" in c]) == 2:
         open({marker!r}, "w").close()   # the second last/ is half-saved: now kill us
         time.sleep(120)
-loop.save_model = slow_save
+adapt.save = slow_save
 finetune.main(finetune.parse_args({argv!r}))
 """
 
 
+@pytest.mark.slow
 def test_sigkill_while_saving_leaves_a_loadable_last(tmp_path):
     out, marker = tmp_path / "run", tmp_path / "saving"
     argv = QUICK + TASK_ARGS["xquad"] + ["--model", "tiny-mt5", "--out-dir", str(out)]
@@ -202,13 +219,13 @@ def test_recover_checkpoint_between_the_two_renames(tmp_path):
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
-    token_loss, calls = loop.token_loss, []
+    token_loss_sum, calls = loop.token_loss_sum, []
 
     def poisoned(model, batch):
         calls.append(1)
-        loss, n = token_loss(model, batch)
+        loss, n = token_loss_sum(model, batch)
         return (loss * float("nan") if len(calls) > 13 else loss), n
-    monkeypatch.setattr(loop, "token_loss", poisoned)
+    monkeypatch.setattr(loop, "token_loss_sum", poisoned)
     with pytest.raises(SystemExit) as e:
         run_finetune(tmp_path)
     message = str(e.value.code)
@@ -220,13 +237,14 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
 
 # ----------------------------------------------------------------------------- pretrain_it
 
+@pytest.mark.slow
 def test_pretrain_it_loss_falls_and_finetune_init_loads_it(tmp_path):
     out = tmp_path / "it"
     pretrain_it.main(pretrain_it.parse_args([
         "--model", "tiny-mt5", "--data-dir", DATA_DIR, "--langs", "en,fr,zh", "--max-steps", "50",
         "--warmup-steps", "10", "--eval-every", "25", "--lr", "3e-3", "--max-tokens", "1000",
         "--log-every", "10", "--out-dir", str(out), "--num-samples", "2", "--max-new-tokens", "8"]))
-    log = [json.loads(line) for line in open(out / "log.jsonl")]
+    log = steps(out)
     print("Prefix-LM loss by 10 steps:", [round(r["loss"], 3) for r in log])
     assert log[-1]["loss"] < log[0]["loss"] - 1.0
     evals = [json.loads((out / "eval" / f"step_{s}.json").read_text()) for s in (25, 50)]
@@ -237,6 +255,7 @@ def test_pretrain_it_loss_falls_and_finetune_init_loads_it(tmp_path):
                                                              "--out-dir", str(tmp_path / "ft")])
     finetune.check_args(args)
     assert args.init == str(out / "last")
+    assert args.lr == 1e-3 and args.out_dir == str(tmp_path / "ft")
     started = finetune.build_model(args)
     it_weights = _weights(out / "last")
     assert torch.equal(started.state_dict()["shared.weight"], it_weights["shared.weight"])
@@ -256,35 +275,34 @@ def test_zmbart_objective_runs(tmp_path):
 # ----------------------------------------------------------------------------- bad input
 
 BAD = [
-    (["--model", "gpt-2"], "--model: unknown model 'gpt-2'"),
-    (["--method", "lora"], "--method: unknown method 'lora'"),
+    (["--model", "gpt-2"], "--model: cannot find model 'gpt-2'"),
+    (["--method", "lora"], "argument --method: invalid choice: 'lora'"),
     (["--val-langs", "th,xx"], "--val-langs: unknown language 'xx'"),
-    (["--task", "glue"], "--task: unknown task 'glue'"),
-    (["--lr", "0"], "--lr: must be positive"),
-    (["--lr=-1e-3"], "--lr: must be positive"),
+    (["--task", "glue"], "argument --task: invalid choice: 'glue'"),
+    (["--lr", "0"], "argument --lr: must be a finite number > 0, got 0"),
+    (["--lr=-1e-3"], "argument --lr: must be a finite number > 0"),
     (["--train-file", "/nonexistent/train.json"], "/nonexistent/train.json: file not found"),
-    (["--method", "multisrc"], "--method multisrc: XQuAD has only English training data"),
+    (["--method", "multisrc"], "--method multisrc: xquad has training data only in English"),
     (["--model", "tiny-mbart", "--test-langs", "el"], "mbart has no language code for 'el'"),
 ]
 
 
 @pytest.mark.parametrize("extra,message", BAD, ids=[b[1][:30] for b in BAD])
-def test_bad_input_fails_before_any_model_loads(extra, message, tmp_path, monkeypatch):
+def test_bad_input_fails_before_any_model_loads(extra, message, tmp_path, monkeypatch, capsys):
     def no_loading(*args, **kwargs):
         raise AssertionError("a model was loaded before the arguments were checked")
     monkeypatch.setattr(models, "load_model", no_loading)
     monkeypatch.setattr(models, "load_tokenizer", no_loading)
     argv = QUICK + TASK_ARGS["xquad"] + ["--model", "tiny-mt5", "--out-dir", str(tmp_path / "run")]
-    with pytest.raises(SystemExit) as e:
-        finetune.main(finetune.parse_args(argv + extra))
-    assert message in str(e.value.code) and "\n" not in str(e.value.code)
+    code, _, err = run_cli(finetune, argv + extra, capsys)
+    assert code != 0 and message in err and err.count("\n") == 1 and err.startswith("error: "), err
     assert not (tmp_path / "run").exists()
 
 
-def test_missing_xlsum_data_points_at_download(tmp_path):
-    with pytest.raises(SystemExit, match="python data.py download"):
-        finetune.main(finetune.parse_args(["--model", "tiny-mt5", "--task", "xlsum", "--data-dir", str(tmp_path),
-                                           "--out-dir", str(tmp_path / "run")]))
+def test_missing_xlsum_data_points_at_download(tmp_path, capsys):
+    code, _, err = run_cli(finetune, ["--model", "tiny-mt5", "--task", "xlsum", "--data-dir", str(tmp_path),
+                                      "--out-dir", str(tmp_path / "run")], capsys)
+    assert code == 1 and "python download.py --tasks xlsum" in err
 
 
 def test_existing_checkpoint_needs_resume(tmp_path):
@@ -301,7 +319,7 @@ def test_training_and_generation_agree_on_the_decoder_layout(name, tokenizers, s
     family, tokenizer = FAMILIES[name], tokenizers[name]
     distinct = list({q["context"]: q for q in squad_train}.values())[:4]       # one question per paragraph
     examples = data.qa_examples(distinct, "fr")                                   # exercise the language codes
-    encoder = data.Seq2SeqEncoder(tokenizer, family, max_source_length=64)
+    encoder = models.Seq2SeqEncoder(tokenizer, family, max_source_length=64)
     encoded = encoder.encode(examples)
     batch = data.collate(encoded, tokenizer.pad_token_id)
     model = adapt.apply(models.load_model(name, DATA_DIR), "full", verbose=False)
@@ -327,5 +345,50 @@ def test_a_step_without_trainable_path_is_skipped_not_fatal(tmp_path, monkeypatc
         return model
     monkeypatch.setattr(models, "load_model", with_full_layerdrop)
     run_finetune(tmp_path, method="prompt", model="tiny-nllb")
-    log = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
-    assert all(row["grad_norm"] == 0.0 for row in log)
+    log = steps(tmp_path)
+    assert len(log) == 4 and all(row["grad_norm"] == 0.0 for row in log)
+
+
+# ----------------------------------------------------------------------------- settings and checkpoints
+
+class RunsCode:
+    """Unpickling this object would run a shell command (what a booby-trapped train_state.pt does)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_train_state_is_loaded_without_running_code(tmp_path):
+    run_finetune(tmp_path / "run", "--max-steps", "10", "--stop-at-step", "10")
+    state_path = tmp_path / "run" / "last" / "train_state.pt"
+    state = torch.load(state_path, weights_only=True)  # a real state holds only plain data: it loads
+    assert state["step"] == 10 and set(state) >= {"optimizer", "stream", "rng"}
+    marker = tmp_path / "pwned"
+    torch.save(dict(state, extra=RunsCode(marker)), state_path)
+    with pytest.raises(data.DataError, match="refused: it holds Python objects"):
+        loop.load_train_state(str(tmp_path / "run" / "last"))
+    assert not marker.exists()
+    state_path.write_bytes(b"garbage, not a pickle")
+    with pytest.raises(data.DataError, match="truncated or corrupt"):
+        loop.load_train_state(str(tmp_path / "run" / "last"))
+
+
+def test_resolved_settings_are_printed_and_args_json_reruns_the_run(tmp_path, capsys):
+    run_finetune(tmp_path / "a", "--max-steps", "10", "--seed", "5")
+    out = capsys.readouterr().out
+    for setting in ("adam_beta1", "adam_beta2", "adam_eps", "max_gen_batch_size", "update_freq", "val_langs"):
+        assert f"\n  {setting} " in out, setting
+    saved = json.loads((tmp_path / "a" / "args.json").read_text())
+    assert saved["adam_beta2"] == 0.999 and saved["val_langs"] == ["th", "vi"] and saved["seed"] == 5
+    finetune.main(finetune.parse_args(["--config", str(tmp_path / "a" / "args.json"), "--out-dir", str(tmp_path / "b")]))
+    again = json.loads((tmp_path / "b" / "args.json").read_text())
+    assert {k: v for k, v in again.items() if k != "out_dir"} == {k: v for k, v in saved.items() if k != "out_dir"}
+    assert _equal(_weights(tmp_path / "a" / "last"), _weights(tmp_path / "b" / "last"))
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(dict(saved, lr=-1.0)))
+    with pytest.raises(SystemExit):
+        finetune.parse_args(["--config", str(bad)])
+    assert "lr: must be a finite number > 0" in capsys.readouterr().err

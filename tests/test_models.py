@@ -1,14 +1,17 @@
 """models.py: tiny models of the real families, built in-process, loaded like hub checkpoints."""
 
+import json
 import os
+import shutil
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+import common
 import data
 import models
-from conftest import DATA_DIR, FAMILIES
+from conftest import DATA_DIR, FAMILIES, run_cli
 
 CLASSES = {"tiny-mt5": ("MT5ForConditionalGeneration", "T5Tokenizer"),
            "tiny-mbart": ("MBartForConditionalGeneration", "MBart50Tokenizer"),
@@ -19,7 +22,7 @@ CLASSES = {"tiny-mt5": ("MT5ForConditionalGeneration", "T5Tokenizer"),
 def test_tiny_models_use_the_real_classes(name, tokenizers):
     model = models.load_model(name, DATA_DIR)
     assert (type(model).__name__, type(tokenizers[name]).__name__) == CLASSES[name]
-    assert data.family_of(model.config) == FAMILIES[name] == models.family_of_name(name)
+    assert models.family_of(model.config) == FAMILIES[name] == models.family_of_name(name)
     assert model.config.vocab_size == len(tokenizers[name])
 
 
@@ -79,17 +82,60 @@ def test_same_seed_same_model(tmp_path):
 def test_generation_forces_the_target_language_code(name, tokenizers):
     family = FAMILIES[name]
     model = models.load_model(name, DATA_DIR).eval()
-    encoder = data.Seq2SeqEncoder(tokenizers[name], family)
+    encoder = models.Seq2SeqEncoder(tokenizers[name], family)
     batch = data.collate(encoder.encode([data.Example("1", "Hello there.", "x", "en", "en")]), 1)
     for lang in ("fr", "zh", "ru", "ko", "es"):
         kwargs = encoder.generation_kwargs(lang)
         out = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                              max_new_tokens=4, do_sample=False, **kwargs)
         assert out[0, 0].item() == 2  # decoder start </s>
-        assert tokenizers[name].convert_ids_to_tokens(out[0, 1].item()) == data.language_code(family, lang)
+        assert tokenizers[name].convert_ids_to_tokens(out[0, 1].item()) == models.language_code(family, lang)
 
 
 def test_unknown_model_name_is_a_one_line_error():
-    with pytest.raises(data.DataError, match="--model: unknown model 'gpt-2'"):
-        models.check_model_name("gpt-2")
-    models.check_model_name("google/mt5-base")  # known hub names pass without loading
+    with pytest.raises(common.UsageError, match="--model: cannot find model 'gpt-2'") as e:
+        models.family_of_name("gpt-2")
+    assert "\n" not in str(e.value)
+    assert models.family_of_name("google/mt5-base") == "mt5"  # the paper's hub names: no config needed
+
+
+def test_any_hub_model_of_a_supported_class_is_recognised_by_its_config(tmp_path, monkeypatch):
+    """A hub name outside the paper's three prefixes (here 'bigscience/mt0-tiny', an mT5) is
+    recognised by its config's model_type, read from the local hub cache as an offline user has it."""
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--bigscience--mt0-tiny" / "snapshots" / ("0" * 40)
+    shutil.copytree(models.resolve("tiny-mt5"), snapshot)
+    (cache / "models--bigscience--mt0-tiny" / "refs").mkdir()
+    (cache / "models--bigscience--mt0-tiny" / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    import huggingface_hub.constants as hub_constants
+    import transformers.utils.hub as transformers_hub
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(transformers_hub, "TRANSFORMERS_CACHE", str(cache), raising=False)
+    assert models.family_of_name("bigscience/mt0-tiny") == "mt5"
+    assert type(models.load_model("bigscience/mt0-tiny")).__name__ == "MT5ForConditionalGeneration"
+    # a hub model of another class is refused by its model_type, in one line
+    gpt = cache / "models--someone--gpt-tiny" / "snapshots" / ("1" * 40)
+    gpt.mkdir(parents=True)
+    (gpt / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    (cache / "models--someone--gpt-tiny" / "refs").mkdir()
+    (cache / "models--someone--gpt-tiny" / "refs" / "main").write_text("1" * 40)
+    with pytest.raises(common.UsageError, match="unsupported model type 'gpt2'"):
+        models.family_of_name("someone/gpt-tiny")
+
+
+def test_corrupt_checkpoint_is_a_one_line_error_with_a_hint(tmp_path):
+    checkpoint = tmp_path / "last"
+    shutil.copytree(models.resolve("tiny-nllb"), checkpoint)
+    weights = checkpoint / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(common.DataError, match=r"cannot load the model .*truncated or corrupt.*best/") as e:
+        models.load_model(str(checkpoint))
+    assert "\n" not in str(e.value)
+
+
+def test_cli_describes_the_model_and_batches_squad(capsys):
+    code, out, err = run_cli(models, ["--model", "tiny-nllb", "--data-dir", DATA_DIR], capsys)
+    assert code == 0, err
+    assert "M2M100ForConditionalGeneration" in out and "maximum length 512" in out
+    assert "squad train" in out and "9380 examples" in out and "padding efficiency" in out and "'eng_Latn'" in out

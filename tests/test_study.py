@@ -135,9 +135,12 @@ def test_runs_are_skipped_when_done_and_failures_reported(tmp_path, capsys, monk
     assert f"FAILED (exit 3): bad -- log: {tmp_path / 'bad' / 'run.log'}" in out
     assert "boom" in (tmp_path / "bad" / "run.log").read_text()
     assert json.loads((tmp_path / "bad" / "status.json").read_text())["returncode"] == 3
+    assert [run for run, _ in s.failures] == [str(tmp_path / "bad")]
     s.execute(_runs(tmp_path))  # again: the finished run is skipped, the failed one retried
     out = capsys.readouterr().out
-    assert "skip (done)  ok" in out and "run  bad" in out.replace("\n", " ") or "FAILED" in out
+    assert "skip (done)  ok" in out
+    assert "run  bad" in out and "run  ok" not in out
+    assert f"FAILED (exit 3): bad -- log: {tmp_path / 'bad' / 'run.log'}" in out
 
 
 # ----------------------------------------------------------------------------- the report

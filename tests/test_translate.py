@@ -150,22 +150,22 @@ def test_sentence_splitting_worked_examples():
 def test_forced_target_language_is_the_first_generated_token(tokenizers):
     tokenizer = tokenizers["tiny-nllb"]
     model = models.load_model("tiny-nllb", DATA_DIR).eval()
-    encoder = data.Seq2SeqEncoder(tokenizer, "nllb")
+    encoder = models.Seq2SeqEncoder(tokenizer, "nllb")
     sources = [e["input_ids"] for e in encoder.encode([data.Example("1", "The cat sleeps.", "", "en", "en"),
                                                        data.Example("2", "Hello.", "", "en", "en")])]
     for lang in ("fr", "zh", "ko", "ru", "ar"):
         out = loop.generate_batch(model, tokenizer, sources, encoder.generation_kwargs(lang), torch.device("cpu"),
                                   5, num_beams=4)
         assert out[:, 0].tolist() == [2, 2]  # decoder start </s>
-        assert tokenizer.convert_ids_to_tokens(out[:, 1].tolist()) == [data.language_code("nllb", lang)] * 2
+        assert tokenizer.convert_ids_to_tokens(out[:, 1].tolist()) == [models.language_code("nllb", lang)] * 2
 
 
 def test_predictions_mode(tmp_path):
     predictions = os.path.join(DATA_DIR, "xquad", "predictions", "CL-mt5base.en.json")
     out = tmp_path / "preds.fr.json"
     run("--predictions", predictions, "--tgt-lang", "fr", "--out-file", str(out), "--limit", "12")
-    translated = evaluate.read_predictions(str(out))
-    assert list(translated) == list(evaluate.read_predictions(predictions))[:12]
+    translated = data.read_predictions(str(out))
+    assert list(translated) == list(data.read_predictions(predictions))[:12]
 
 
 def test_bad_input(tmp_path, monkeypatch):
