@@ -121,7 +121,10 @@ def parse_with_config(parser, argv=None):
     args = parser.parse_args(argv)
     if getattr(args, "config", None) is None:
         return args
-    settings = read_json(args.config)
+    try:
+        settings = read_json(args.config)
+    except DataError as e:
+        parser.error(f"argument --config: {e}")
     if not isinstance(settings, dict):
         parser.error(f"argument --config: {args.config}: expected a JSON object of settings")
     actions = {a.dest: a for a in parser._actions}  # every flag the parser knows, by attribute name

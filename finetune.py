@@ -119,6 +119,8 @@ def check_args(args):
         files["text"][lang] = data.text_path(args.data_dir, lang)
     for group in files.values():
         for path in group.values():
+            if os.path.isdir(path):
+                raise UsageError(f"{path}: is a directory, expected a file")
             if not os.path.isfile(path):
                 hint = {"xlsum": "--tasks xlsum", "squad": "--tasks squad", "xquad": "--tasks xquad", "text": "--tasks text"}
                 what = next((v for k, v in hint.items() if f"{os.sep}{k}{os.sep}" in path), "")
@@ -163,13 +165,29 @@ def describe_cuts(stats, encoder, max_tokens):
     return "; ".join(parts) or "none cut"
 
 
-def build_stream(args, files, encoder):
+def read_corpus(args, files):
+    """Every input of the run, read and checked before the run directory is touched (a bad file is
+    an error that leaves nothing behind): {"train": {lang: examples}, "text": {lang: Prefix-LM
+    examples}, "val" / "test": {lang: (examples, references)}}."""
+    task = data.get_task(args.task)
+    corpus = {"train": {}, "text": {}, "val": {}, "test": {}}
+    for lang, path in files["train"].items():
+        corpus["train"][lang] = read_task(args.task, path, lang, args.max_train_examples)[0]
+    for lang, path in files["text"].items():
+        corpus["text"][lang] = data.self_supervised_examples(data.read_text(path), lang, "prefix_lm", seed=args.seed)
+    for split, limit in (("val", args.max_eval_examples), ("test", args.max_eval_examples or task.test_limit)):
+        for lang, path in files[split].items():
+            corpus[split][lang] = read_task(args.task, path, lang, limit)
+    return corpus
+
+
+def build_stream(args, files, corpus, encoder):
     """The training batches: a Mixture of task streams (one per source language, uniform) and,
     for `mix`, Prefix-LM streams of the target languages with total probability --mix-prob.
     Returns (stream, {stream name: what was read and cut})."""
     task_streams, summary = {}, {}
-    for i, (lang, path) in enumerate(files["train"].items()):
-        examples, _ = read_task(args.task, path, lang, args.max_train_examples)
+    for i, (lang, examples) in enumerate(corpus["train"].items()):
+        path = files["train"][lang]
         task_streams[lang], stats = encode_stream(encoder, examples, args.max_tokens, args.seed + i, f"task/{lang}")
         summary[f"task/{lang}"] = {"file": path, **stats}
         print(f"train {lang}: {len(examples):,} examples from {path}; {describe_cuts(stats, encoder, args.max_tokens)}; "
@@ -178,10 +196,9 @@ def build_stream(args, files, encoder):
     if args.method != "mix":
         return data.Mixture({"task": (1.0, task)}, seed=args.seed), summary
     ss_streams = {}
-    for i, (lang, path) in enumerate(files["text"].items()):
-        examples = data.self_supervised_examples(data.read_text(path), lang, "prefix_lm", seed=args.seed)
+    for i, (lang, examples) in enumerate(corpus["text"].items()):
         ss_streams[lang], stats = encode_stream(encoder, examples, args.max_tokens, args.seed + 100 + i, f"prefix_lm/{lang}")
-        summary[f"prefix_lm/{lang}"] = {"file": path, **stats}
+        summary[f"prefix_lm/{lang}"] = {"file": files["text"][lang], **stats}
     print(f"mix: Prefix-LM batches of {', '.join(ss_streams)} with probability {args.mix_prob}")
     self_supervised = data.Mixture.uniform(ss_streams, seed=args.seed + 1)
     return data.Mixture({"task": (1.0 - args.mix_prob, task), "prefix_lm": (args.mix_prob, self_supervised)},
@@ -205,13 +222,9 @@ def build_model(args, checkpoint=None):
 # -----------------------------------------------------------------------------
 # Evaluation
 
-def eval_sets(args, files, encoder, limit):
+def encode_sets(split, encoder):
     """{lang: (examples, references, encoded)} of a split, tokenized once for every evaluation."""
-    sets = {}
-    for lang, path in files.items():
-        examples, references = read_task(args.task, path, lang, limit)
-        sets[lang] = (examples, references, encoder.encode(examples))
-    return sets
+    return {lang: (examples, references, encoder.encode(examples)) for lang, (examples, references) in split.items()}
 
 
 def evaluate_split(args, model, tokenizer, encoder, eval_sets, device, tag, out_dir):
@@ -250,9 +263,11 @@ def main(args):
     files = check_args(args)
     run_dir = args.out_dir
     started = time.perf_counter()
-    results, last, device = loop.start_run(args)
+    results = loop.finished_run(args)
     if results is not None:
         return results
+    corpus = read_corpus(args, files)
+    last, device = loop.start_run(args)
     task = data.get_task(args.task)
 
     # ---- model ----
@@ -264,11 +279,12 @@ def main(args):
                                     models.max_length(model.config))
     base_model = args.init or args.model
 
-    # ---- data ----
-    stream, data_summary = build_stream(args, files, encoder)
+    # ---- data, encoded for this model ----
+    stream, data_summary = build_stream(args, files, corpus, encoder)
+    loop.begin_run(args, args.resume)
     if not args.resume:
         loop.RunLog(run_dir).event({"event": "data", "streams": data_summary})
-    val_sets = eval_sets(args, files["val"], encoder, args.max_eval_examples)
+    val_sets = encode_sets(corpus["val"], encoder)
 
     # ---- training, with validation every --eval-every steps ----
     validation_seconds = []
@@ -302,7 +318,7 @@ def main(args):
     # ---- final evaluation of the best checkpoint on the test languages ----
     test_start = time.perf_counter()
     model = adapt.load(os.path.join(run_dir, "best"), args.data_dir).to(device)
-    test_sets = eval_sets(args, files["test"], encoder, args.max_eval_examples or task.test_limit)
+    test_sets = encode_sets(corpus["test"], encoder)
     per_lang = evaluate_split(args, model, tokenizer, encoder, test_sets, device, "test",
                               os.path.join(run_dir, "predictions"))
     results = {"config": loop.settings_of(args), "main_metric": task.main_metric, "main_lcr": task.main_lcr,

@@ -202,8 +202,9 @@ def settings_of(args):
 
 
 def changed_settings(saved, new):
-    """Names of the settings (other than RUNTIME_SETTINGS) whose values differ."""
-    keys = (set(saved) | set(new)) - set(RUNTIME_SETTINGS)
+    """Names of the settings (other than RUNTIME_SETTINGS) whose values differ. The run directory
+    itself is not compared: a run directory that was moved or copied is still the same run."""
+    keys = (set(saved) | set(new)) - set(RUNTIME_SETTINGS) - {"out_dir"}
     return sorted(k for k in keys if saved.get(k) != new.get(k))
 
 
@@ -225,15 +226,11 @@ def read_args(run_dir):
 
 
 def start_run(args):
-    """Set up the run directory args.out_dir for a stage. A run that finished with the same
-    settings is skipped: returns (its results, None, None). Otherwise recovers an interrupted save;
-    refuses to overwrite a checkpoint without --resume, and to resume with other settings; writes
-    args.json; prints the settings; seeds; picks the device. Returns (None, last/ or None, device)."""
+    """Check the run directory args.out_dir for a stage (after `finished_run` said it is not
+    finished, and after every input was read): recover an interrupted save; refuse to overwrite a
+    checkpoint without --resume, and to resume with other settings; print the settings; seed;
+    pick the device. Writes nothing else (see begin_run). Returns (last/ or None, device)."""
     run_dir = args.out_dir
-    results = finished_run(args)
-    if results is not None:
-        print(f"{run_dir}/results.json exists with the same settings: run already finished, skipped")
-        return results, None, None
     common.check_output_dir(run_dir, "--out-dir")
     if os.path.exists(run_dir) and not os.path.isdir(run_dir):
         raise UsageError(f"--out-dir {run_dir}: is a file")
@@ -248,14 +245,20 @@ def start_run(args):
         step = load_train_state(last)["step"]
         if args.max_steps < step:
             raise UsageError(f"--max-steps {args.max_steps}: the run in {run_dir} is already at step {step}")
-    else:  # a fresh start: nothing of an earlier attempt without a checkpoint is kept
-        for stale in ("log.jsonl", "results.json"):
-            if os.path.exists(os.path.join(run_dir, stale)):
-                os.remove(os.path.join(run_dir, stale))
-    common.write_json(os.path.join(run_dir, "args.json"), settings_of(args))
     common.print_settings(settings_of(args))
     seed_everything(args.seed)
-    return None, last, device
+    return last, device
+
+
+def begin_run(args, resume):
+    """Once the model and the data are ready: write args.json and, on a fresh start, clear what an
+    earlier attempt that never reached a checkpoint left. Until here a failure changes nothing."""
+    os.makedirs(args.out_dir, exist_ok=True)
+    if not resume:
+        for stale in ("log.jsonl", "results.json"):
+            if os.path.exists(os.path.join(args.out_dir, stale)):
+                os.remove(os.path.join(args.out_dir, stale))
+    common.write_json(os.path.join(args.out_dir, "args.json"), settings_of(args))
 
 
 def finished_run(args):
@@ -269,6 +272,7 @@ def finished_run(args):
     check_same_settings(args.out_dir, args, "this finished run")
     done_steps = results.get("config", {}).get("max_steps") if isinstance(results, dict) else None
     if done_steps == args.max_steps:
+        print(f"{args.out_dir}/results.json exists with the same settings: run already finished, skipped")
         return results
     if done_steps is not None and args.max_steps > done_steps and not args.resume:
         raise UsageError(f"--max-steps {args.max_steps}: the run in {args.out_dir} finished at {done_steps} steps; "
@@ -361,8 +365,9 @@ def load_train_state(checkpoint_dir):
             raise DataError(f"{path}: refused: it holds Python objects, not only tensors and numbers "
                             f"(unpickling it could run code); {hint}") from None
         raise DataError(f"{path}: truncated or corrupt (not a readable pickle); {hint}") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise DataError(f"{path}: truncated or corrupt ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+    except Exception as e:  # noqa: BLE001 -- garbage bytes fail in many ways inside the unpickler
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise DataError(f"{path}: truncated or corrupt ({type(e).__name__}{': ' + reason if reason else ''}); "
                         f"{hint}") from None
     if not isinstance(state, dict) or not {"step", "optimizer", "stream", "rng"} <= set(state):
         raise DataError(f"{path}: not an xlgen training state; {hint}")

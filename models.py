@@ -296,7 +296,9 @@ def _tiny_model(name, tokenizer, seed):
 
 
 def build_tiny(name, out_dir, data_dir=None, seed=0):
-    """Build a tiny model + tokenizer into out_dir (atomically: temporary directory, then rename)."""
+    """Build a tiny model + tokenizer into out_dir (atomically: temporary directory, then rename).
+    The caller's random state is left as it was: a run that happens to build the model on first
+    use must train exactly like one that finds it built."""
     text_dir = os.path.join(data_dir or data.DEFAULT_DATA_DIR, "text")
     # The SentencePiece models do not depend on the seed (training is deterministic): shared by all.
     spm_dir = os.path.join(os.path.dirname(os.path.abspath(out_dir)), "spm")
@@ -305,7 +307,8 @@ def build_tiny(name, out_dir, data_dir=None, seed=0):
         build_sentencepiece(text_dir, tmp_spm)
         _rename_into_place(tmp_spm, spm_dir)
     tokenizer = _tiny_tokenizer(name, spm_dir)
-    model = _tiny_model(name, tokenizer, seed)
+    with torch.random.fork_rng(devices=[]):  # _tiny_model seeds torch's global generator
+        model = _tiny_model(name, tokenizer, seed)
     tmp = common.make_temp_dir(os.path.dirname(os.path.abspath(out_dir)), prefix=f".{name}-")
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
@@ -351,8 +354,8 @@ def refuse_added_checkpoint(name, flag, wanted):
     """A one-line error when an added-weights checkpoint is given where `wanted` is needed."""
     if os.path.isdir(name) and is_added_checkpoint(name):
         config = read_added_config(name)
-        raise UsageError(f"{flag}: {name} is a {config['method']} checkpoint (only the added weights, for base "
-                         f"model {config['base_model']}); {flag} takes {wanted}")
+        raise UsageError(f"{flag}: {name} is an added-weights checkpoint ({config['method']}: only the added "
+                         f"weights, for base model {config['base_model']}); {flag} takes {wanted}")
 
 
 def resolve(name, data_dir=None):

@@ -85,9 +85,15 @@ def main(args):
     # ---- setup ----
     files, family = check_args(args)
     run_dir = args.out_dir
-    results, last, device = loop.start_run(args)
+    results = loop.finished_run(args)
     if results is not None:
         return results
+    examples = {lang: data.self_supervised_examples(data.read_text(path), lang, args.objective, seed=args.seed)
+                for lang, path in files.items()}  # every input read before the run directory is touched
+    for lang, path in files.items():
+        if len(examples[lang]) <= args.val_lines:
+            raise DataError(f"{path}: too few paragraphs ({len(examples[lang])}) for --val-lines {args.val_lines}")
+    last, device = loop.start_run(args)
 
     # ---- model ----
     tokenizer = models.load_tokenizer(args.model, args.data_dir)
@@ -100,10 +106,7 @@ def main(args):
     # ---- data: per language, held-out paragraphs first, the rest for training ----
     train_streams, val_streams, val_examples, summary = {}, {}, {}, {}
     for i, (lang, path) in enumerate(files.items()):
-        examples = data.self_supervised_examples(data.read_text(path), lang, args.objective, seed=args.seed)
-        held, rest = examples[:args.val_lines], examples[args.val_lines:]
-        if not rest:
-            raise DataError(f"{path}: too few paragraphs ({len(examples)}) for --val-lines {args.val_lines}")
+        held, rest = examples[lang][:args.val_lines], examples[lang][args.val_lines:]
         stats = {}
         train_streams[lang] = data.TokenBatches(encoder.encode(rest, stats), args.max_tokens, seed=args.seed + i, name=lang)
         stats["num_cut_to_budget"] = train_streams[lang].num_truncated
@@ -114,6 +117,7 @@ def main(args):
               f"{stats['num_cut_sources']:,} sources and {stats['num_cut_targets']:,} targets cut to {length} tokens, "
               f"{stats['num_cut_to_budget']:,} examples to the {args.max_tokens}-token batch budget")
     stream = data.Mixture.uniform(train_streams, seed=args.seed)
+    loop.begin_run(args, args.resume)
     if not args.resume:
         loop.RunLog(run_dir).event({"event": "data", "streams": summary})
 
@@ -121,12 +125,12 @@ def main(args):
     def evaluate_fn(step):
         losses = {lang: held_out_loss(model, s, tokenizer.pad_token_id, device) for lang, s in val_streams.items()}
         samples = {}
-        for lang, examples in val_examples.items():
-            texts = loop.generate(model, tokenizer, encoder.encode(examples), encoder.generation_kwargs(lang), device,
+        for lang, shown in val_examples.items():
+            texts = loop.generate(model, tokenizer, encoder.encode(shown), encoder.generation_kwargs(lang), device,
                                   args.max_new_tokens, max_tokens=args.eval_max_tokens,
-                                  max_batch_size=args.max_gen_batch_size, desc=f"samples {lang}") if examples else []
+                                  max_batch_size=args.max_gen_batch_size, desc=f"samples {lang}") if shown else []
             samples[lang] = [{"input": ex.source, "generated": text, "reference": ex.target}
-                             for ex, text in zip(examples, texts)]
+                             for ex, text in zip(shown, texts)]
         average = float(np.mean(list(losses.values())))
         common.write_json(os.path.join(run_dir, "eval", f"step_{step}.json"),
                           {"step": step, "val_loss": losses, "average": average, "samples": samples})

@@ -392,3 +392,17 @@ def test_resolved_settings_are_printed_and_args_json_reruns_the_run(tmp_path, ca
     with pytest.raises(SystemExit):
         finetune.parse_args(["--config", str(bad)])
     assert "lr: must be a finite number > 0" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_resume_with_more_steps_extends_a_finished_run_bitwise(tmp_path, capsys):
+    run_finetune(tmp_path / "straight", "--max-steps", "20")
+    first = run_finetune(tmp_path / "ext", "--max-steps", "10")
+    assert first["config"]["max_steps"] == 10 and (tmp_path / "ext" / "results.json").exists()
+    again = run_finetune(tmp_path / "ext", "--max-steps", "10")          # same settings: skipped
+    assert again == first and "run already finished, skipped" in capsys.readouterr().out
+    extended = run_finetune(tmp_path / "ext", "--max-steps", "20", "--resume")
+    assert _equal(_weights(tmp_path / "straight" / "last"), _weights(tmp_path / "ext" / "last"))
+    assert extended["config"]["max_steps"] == 20 and loop.load_train_state(str(tmp_path / "ext" / "last"))["step"] == 20
+    assert [r["step"] for r in steps(tmp_path / "ext")] == [5, 10, 15, 20]
+    assert json.loads((tmp_path / "ext" / "args.json").read_text())["max_steps"] == 20

@@ -193,3 +193,25 @@ def test_bad_input(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         run(*common, "--tgt-lang", "fr", "--limit", "5")
     assert out.read_text() == '{"already": "good"}'
+
+
+def test_a_progress_line_cut_inside_a_utf8_character_is_ignored(tmp_path, monkeypatch):
+    """A kill can cut the last line of OUT.progress.jsonl anywhere, even between the bytes of one
+    character (here inside 'é'): the rerun ignores that line and produces the file of an
+    uninterrupted run."""
+    common = ["--task", "xlsum", "--train-file", FIXTURE_EN, "--tgt-lang", "fr", "--chunk-size", "1"]
+    run(*common, "--out-file", str(tmp_path / "straight.jsonl"))
+    Counter(monkeypatch, stop_after_examples=2)
+    with pytest.raises(KeyboardInterrupt):
+        run(*common, "--out-file", str(tmp_path / "cut.jsonl"))
+    monkeypatch.undo()
+    progress = tmp_path / "cut.jsonl.progress.jsonl"
+    line = json.dumps({"kind": "sentence", "src": "Café au lait.", "tgt": "Café crème."}, ensure_ascii=False).encode()
+    cut = line[:line.index("é".encode()) + 1]  # the first byte of the two-byte 'é'
+    with pytest.raises(UnicodeDecodeError):
+        cut.decode("utf-8")
+    with open(progress, "ab") as f:
+        f.write(cut)
+    run(*common, "--out-file", str(tmp_path / "cut.jsonl"))
+    assert (tmp_path / "cut.jsonl").read_bytes() == (tmp_path / "straight.jsonl").read_bytes()
+    assert not progress.exists()
