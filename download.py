@@ -29,7 +29,7 @@ written (the final text/<lang>.txt appears only by a rename when complete).
 
 import codecs
 import hashlib
-import json
+import http.client
 import lzma
 import os
 import shutil
@@ -116,11 +116,13 @@ def fetch(url, dest, check=None):
         response, _ = _open_url(url)
         with os.fdopen(fd, "wb") as out, response:
             shutil.copyfileobj(response, out)
+            if getattr(response, "length", None):  # http.client returns end-of-file, not an error, when the connection drops
+                raise DataError(f"download {url}: interrupted ({response.length:,} bytes missing)")
         if check is not None:
             check(tmp)
         os.chmod(tmp, common.file_mode())
         os.replace(tmp, dest)
-    except (urllib.error.URLError, OSError, DataError) as e:
+    except (urllib.error.URLError, OSError, http.client.HTTPException, DataError) as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
         if isinstance(e, DataError) and str(e).startswith("download "):
@@ -247,15 +249,19 @@ def fetch_text(url, dest, text_mb, chunk_size=1 << 16, bar=None):
                     while True:
                         try:
                             chunk = response.read(chunk_size)
-                        except OSError as e:
-                            raise DataError(f"download {url}: {_reason(e)}") from None
+                        except (OSError, http.client.HTTPException) as e:  # e.g. the connection was cut
+                            raise DataError(f"download {url}: interrupted ({type(e).__name__}); "
+                                            f"run the command again to continue") from None
+                        if not chunk:
+                            if getattr(response, "length", None):  # fewer bytes than the server announced: the connection dropped
+                                raise DataError(f"download {url}: interrupted ({response.length:,} bytes missing); "
+                                                f"run the command again to continue")
+                            break
                         if skip:
                             cut = min(skip, len(chunk))
                             chunk, skip = chunk[cut:], skip - cut
                             if not chunk:
                                 continue
-                        if not chunk:
-                            break
                         raw.write(chunk)
                         raw.flush()
                         if feed(chunk):

@@ -6,6 +6,7 @@ offline (HF_HUB_OFFLINE=1): tests never reach the network.
 """
 
 import os
+import re
 import sys
 
 import pytest
@@ -61,3 +62,8 @@ def run_cli(module, argv, capsys):
     if isinstance(code, str):  # sys.exit("error: ...") prints its message to stderr, status 1
         err, code = err + code + "\n", 1
     return code or 0, out, err
+
+
+def error_lines(err):
+    """The `error:` lines of a command's stderr (progress bars share it, separated by carriage returns)."""
+    return [line for line in re.split(r"[\r\n]", err) if line.startswith("error:")]

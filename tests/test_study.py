@@ -180,3 +180,43 @@ def test_report_marks_missing_cells_and_lists_failed_runs(tmp_path):
         assert (out / name).exists(), name
     text = (out / "report.md").read_text()
     assert f"`{failed}` failed (exit 1); log: `{failed / 'run.log'}`" in text
+
+
+# ----------------------------------------------------------------------------- a search in which every run failed
+
+def test_select_lr_gives_no_plr_when_every_run_failed():
+    # before: the rule walked down to 1e-7 and reported it as the PLR
+    assert study.select_lr({1e-3: None, 1e-4: None, 1e-5: None}, "full") == ("failed", None)
+    assert study.select_lr({1e-3: None, 1e-4: None, 1e-5: None, 1e-6: None}, "adapters") == ("failed", None)
+    # a partial failure keeps the rule: the failed LR never wins
+    assert study.select_lr({1e-3: None, 1e-4: 2.0, 1e-5: 1.0}, "adapters") == ("done", 1e-4)
+
+
+@pytest.mark.slow
+def test_an_all_failed_search_stops_names_its_logs_and_launches_nothing_that_depends_on_it(tmp_path, monkeypatch, capsys):
+    from conftest import run_cli
+    monkeypatch.setattr(study, "TASKS", ["xquad"])
+    init = study.Study.__init__
+
+    def one_model(self, args):  # one task and one model keep the test short; the rule is per combination
+        init(self, args)
+        self.models = {"tiny-mt5": "tiny-mt5"}
+    monkeypatch.setattr(study.Study, "__init__", one_model)
+    empty = tmp_path / "no-data"
+    empty.mkdir()
+    argv = ["--tiny", "--out-dir", str(tmp_path / "s"), "--data-dir", str(empty)]
+    code, out, err = run_cli(study, ["lr-search"] + argv, capsys)
+    assert code == 1
+    runs = sorted(str(p.parent) for p in (tmp_path / "s" / "runs" / "xquad").glob("*/*/run.log"))
+    assert len(runs) == 3 * 2  # 3 methods x the two LRs of the tiny grid, no more
+    for run in runs:
+        assert "file not found" in open(os.path.join(run, "run.log")).read()
+    for model in ("tiny-mt5",):
+        for method in ("full", "adapters", "prompt"):
+            logs = ", ".join(sorted(os.path.join(r, "run.log") for r in runs if f"/{model}/{method}-" in r))
+            assert f"NO PLR xquad {model} {method}: every run of the search failed; logs: {logs}" in out
+    assert "PLR xquad" not in out.replace("NO PLR xquad", "")
+    code, out, err = run_cli(study, ["methods"] + argv, capsys)  # nothing to launch: every combination lacks its PLR
+    assert code == 0 and not [line for line in out.splitlines() if line.startswith("run  ")]
+    assert out.count("skip xquad") == 5 and "no PLR (every run of the full search failed)" in out
+    assert sorted(str(p.parent) for p in (tmp_path / "s" / "runs" / "xquad").glob("*/*/run.log")) == runs
