@@ -50,6 +50,10 @@ def parse_args(argv=None):
                    help="use only the first N training examples of each source language (quick runs)")
     p.add_argument("--val-langs", default=None, help="comma-separated validation languages (task default)")
     p.add_argument("--test-langs", default=None, help="comma-separated test languages (task default)")
+    p.add_argument("--val-file", default=None,
+                   help="validate on this file (the task's format) instead of the task's; --val-langs must name its one language")
+    p.add_argument("--test-file", default=None,
+                   help="test on this file (the task's format) instead of the task's; --test-langs must name its one language")
     p.add_argument("--init", default=None, help="start from this checkpoint (e.g. a pretrain_it.py run directory)")
     p.add_argument("--num-beams", type=common.positive_int, default=1, help="beams for evaluation generation (1 = greedy)")
     p.add_argument("--max-new-tokens", type=common.positive_int, default=None,
@@ -115,6 +119,12 @@ def check_args(args):
     for split, langs in (("val", args.val_langs), ("test", args.test_langs)):
         for lang in langs:
             files[split][lang] = data.task_file(args.task, split, lang, args.data_dir, args.xlsum_dir)
+        given = getattr(args, f"{split}_file")
+        if given is not None:  # e.g. a translated validation set (translate-train), or the guard's own examples
+            if len(langs) != 1:
+                raise UsageError(f"--{split}-file: --{split}-langs must name exactly the file's one language, got {','.join(langs)}")
+            setattr(args, f"{split}_file", os.path.abspath(given))
+            files[split][langs[0]] = os.path.abspath(given)
     for lang in (args.mix_langs if args.method == "mix" else []):
         files["text"][lang] = data.text_path(args.data_dir, lang)
     for group in files.values():
@@ -308,11 +318,12 @@ def main(args):
             evaluate_fn=evaluate_fn, device=device, grad_clip=args.grad_clip, weight_decay=args.weight_decay,
             betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps, update_freq=args.update_freq,
             log_every=args.log_every, resume=args.resume, eval_at_start=args.eval_at_start,
-            stop_at_step=args.stop_at_step)
+            stop_at_step=args.stop_at_step,
+            stop_after_steps=args.stop_after_steps)
     except FloatingPointError as e:
         sys.exit(f"error: {e}")
-    if stopped:
-        print(f"stopped after the checkpoint of step {args.stop_at_step}; continue with --resume")
+    if stopped is not None:
+        print(f"stopped after the checkpoint of step {stopped}; continue with --resume")
         return None
 
     # ---- final evaluation of the best checkpoint on the test languages ----

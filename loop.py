@@ -126,6 +126,9 @@ def add_training_args(parser, max_steps, max_tokens, eval_every):
     p.add_argument("--resume", action="store_true", help="continue the run in --out-dir from its last/ checkpoint")
     p.add_argument("--stop-at-step", type=common.positive_int, default=None,
                    help="exit after the checkpoint of this evaluation step (for job time limits); continue with --resume")
+    p.add_argument("--stop-after-steps", type=common.positive_int, default=None,
+                   help="exit after the first checkpoint at least N steps into this session (job time limits: "
+                        "each job trains about N steps; the study resubmits with --resume)")
     p.add_argument("--seed", type=int, default=0, help="random seed (data order, dropout, initialisation of added weights)")
     p.add_argument("--eval-max-tokens", type=common.positive_int, default=8000, help="source-token budget of a generation batch")
     p.add_argument("--max-gen-batch-size", type=common.positive_int, default=256, help="most sources in a generation batch")
@@ -192,8 +195,8 @@ def set_rng_state(state):
 # A run directory belongs to one set of settings. --resume, or a rerun into an existing directory,
 # must give the same settings, except those listed here, which only say how far to go or where to
 # run (fairseq and HF would silently mix two runs in one directory).
-RUNTIME_SETTINGS = ("max_steps", "stop_at_step", "resume", "device", "log_every", "eval_max_tokens",
-                    "max_gen_batch_size", "config")
+RUNTIME_SETTINGS = ("max_steps", "stop_at_step", "stop_after_steps", "resume", "device", "log_every",
+                    "eval_max_tokens", "max_gen_batch_size", "config")
 
 
 def settings_of(args):
@@ -426,15 +429,18 @@ def generate(model, tokenizer, encoded, generation_kwargs, device, max_new_token
 
 def train(model, tokenizer, stream, *, run_dir, base_model, lr, warmup_steps, max_steps, eval_every,
           evaluate_fn, device, grad_clip=1.0, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8, update_freq=1,
-          log_every=10, resume=False, eval_at_start=False, metric_mode="max", stop_at_step=None):
-    """Train `model` on batches from `stream` (a data.Mixture); returns (best_step, best_metric, stopped).
+          log_every=10, resume=False, eval_at_start=False, metric_mode="max", stop_at_step=None,
+          stop_after_steps=None):
+    """Train `model` on batches from `stream` (a data.Mixture); returns (best_step, best_metric, stopped_at):
+    stopped_at is the step of the checkpoint it stopped at (stop_at_step / stop_after_steps), else None.
 
     evaluate_fn(step) -> a scalar to select best/ by (higher is better for metric_mode "max"),
     or None to keep only last/. Resuming restores weights (from last/, loaded by the caller),
     optimizer, schedule position, RNG and data-iterator state, so the run continues bit for bit;
     with a larger max_steps it extends a finished run. `stop_at_step` (an evaluation step):
-    return right after its checkpoint, stopped=True, as a job with a time limit would; --resume
-    continues it.
+    return right after its checkpoint, as a job with a time limit would; --resume continues it.
+    `stop_after_steps`: the same at the first evaluation step at least that many steps after this
+    session's start.
     """
     model.to(device)
     optimizer = make_optimizer(model, lr, weight_decay, betas, eps)
@@ -468,7 +474,8 @@ def train(model, tokenizer, stream, *, run_dir, base_model, lr, warmup_steps, ma
                            "rng": rng_state(), "best_step": best_step, "best_metric": best_metric}
             save_checkpoint(run_dir, "last", model, tokenizer, base_model, train_state)
             model.train()
-            if step == stop_at_step and step < max_steps:
+            session_done = stop_after_steps is not None and step >= start_step + stop_after_steps
+            if (step == stop_at_step or session_done) and step < max_steps:
                 bar.close()
                 return best_step, best_metric, True
         if step == max_steps:
@@ -505,4 +512,4 @@ def train(model, tokenizer, stream, *, run_dir, base_model, lr, warmup_steps, ma
             bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{step_lr:.2e}", tok_s=f"{row['tokens_per_s']:,.0f}")
             window = new_window()
     bar.close()
-    return best_step, best_metric, False
+    return best_step, best_metric, None

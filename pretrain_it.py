@@ -144,11 +144,12 @@ def main(args):
             warmup_steps=args.warmup_steps, max_steps=args.max_steps, eval_every=args.eval_every,
             evaluate_fn=evaluate_fn, device=device, grad_clip=args.grad_clip, weight_decay=args.weight_decay,
             betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps, update_freq=args.update_freq,
-            log_every=args.log_every, resume=args.resume, metric_mode="min", stop_at_step=args.stop_at_step)
+            log_every=args.log_every, resume=args.resume, metric_mode="min", stop_at_step=args.stop_at_step,
+            stop_after_steps=args.stop_after_steps)
     except FloatingPointError as e:
         raise SystemExit(f"error: {e}") from None
-    if stopped:
-        print(f"stopped after the checkpoint of step {args.stop_at_step}; continue with --resume")
+    if stopped is not None:
+        print(f"stopped after the checkpoint of step {stopped}; continue with --resume")
         return None
     results = {"config": loop.settings_of(args), "best_step": best_step, "best_val_loss": best_loss,
                "checkpoint": os.path.join(run_dir, "last"), "data": summary}

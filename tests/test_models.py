@@ -65,8 +65,13 @@ def test_reload_gives_identical_logits(name):
 
 
 def test_same_seed_same_model(tmp_path):
+    """...and building leaves the caller's random state alone: a run that builds tiny-mt5 on first
+    use must train like one that finds it built (regression: the builder called torch.manual_seed)."""
     for name in ("tiny-mt5", "tiny-nllb"):
+        torch.manual_seed(1234)
+        before = torch.get_rng_state()
         models.build_tiny(name, str(tmp_path / f"a-{name}"), data_dir=DATA_DIR, seed=0)
+        assert torch.equal(torch.get_rng_state(), before)
         a = load_file(str(tmp_path / f"a-{name}" / "model.safetensors"))
         b = load_file(os.path.join(models.resolve(name), "model.safetensors"))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -140,11 +145,3 @@ def test_cli_describes_the_model_and_batches_squad(capsys):
     assert "M2M100ForConditionalGeneration" in out and "maximum length 512" in out
     assert "squad train" in out and "9380 examples" in out and "padding efficiency" in out and "'eng_Latn'" in out
 
-
-def test_building_a_tiny_model_leaves_the_callers_random_state_alone(tmp_path):
-    """A run that builds tiny-mt5 on first use must train like one that finds it built: the builder
-    seeds its own generator, never the caller's (regression: it used to call torch.manual_seed)."""
-    torch.manual_seed(1234)
-    before = torch.get_rng_state()
-    models.build_tiny("tiny-mt5", str(tmp_path / "m"), data_dir=DATA_DIR, seed=0)
-    assert torch.equal(torch.get_rng_state(), before)

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -69,6 +70,7 @@ def test_tiny_grid_searches_two_lrs():
 
 def expected_study_size():
     """The paper's protocol with every search stopping at its initial grid (k* = 4, PLR = 1e-4):
+      learning guard           1 per model and task                             2 x 4
       intermediate tuning      1 per model                                      4
       LR search per task/model full 3 + 1 (3e-4), adapters 3, prompt 3           10
       methods per task/model   {1e-4, 1e-3} x {IT, no IT}; the no-IT pair of full, adapters and
@@ -80,14 +82,14 @@ def expected_study_size():
     """
     models, langs = 4, 5
     per_model = {"xlsum": 10 + 18, "xquad": 10 + 14}
-    return models + models * sum(per_model.values()) + 2 * langs + 2 * models * langs + 2 * 4
+    return 2 * models + models + models * sum(per_model.values()) + 2 * langs + 2 * models * langs + 2 * 4
 
 
 def test_dry_run_lists_every_run_of_the_protocol(tmp_path):
     out = subprocess.run(["bash", os.path.join(REPO, "run_all.sh"), "--dry-run", "--out-dir", str(tmp_path)],
                          capture_output=True, text=True, check=True).stdout
     commands = [line for line in out.splitlines() if line.startswith("RUN ")]
-    assert len(commands) == expected_study_size() == 270
+    assert len(commands) == expected_study_size() == 278
     assert len(set(commands)) == len(commands)
     assert sum("pretrain_it.py" in c for c in commands) == 4
     assert sum("translate_train.py" in c and "nllb-200-3.3B" in c for c in commands) == 10
@@ -126,21 +128,39 @@ def _runs(tmp_path):
 
 
 @pytest.mark.parametrize("launch", ["", "bash -c"])
-def test_runs_are_skipped_when_done_and_failures_reported(tmp_path, capsys, monkeypatch, launch):
+def test_runs_are_skipped_when_done_and_failures_retried_then_reported(tmp_path, capsys, monkeypatch, launch):
+    """Here (no LAUNCH) and through a launcher that runs the command and returns (`bash -c`): the
+    failing run is tried 1 + --max-retries times, then reported with its log; the good one is done."""
     monkeypatch.setenv("LAUNCH", launch)
-    s = _study(tmp_path)
+    s = _study(tmp_path, max_retries=2)
     s.execute(_runs(tmp_path))
     out = capsys.readouterr().out
     assert (tmp_path / "ok" / "results.json").exists()
-    assert f"FAILED (exit 3): bad -- log: {tmp_path / 'bad' / 'run.log'}" in out
-    assert "boom" in (tmp_path / "bad" / "run.log").read_text()
-    assert json.loads((tmp_path / "bad" / "status.json").read_text())["returncode"] == 3
+    log = tmp_path / "bad" / "run.log"
+    assert out.count("RETRY bad: failed (exit 3)") == 2
+    assert f"FAILED (exit 3): bad -- failed (exit 3) after 3 attempts -- log: {log}" in out
+    assert log.read_text().splitlines().count("boom") == 3 and log.read_text().count("$ ") == 3
+    assert [json.loads(line)["returncode"] for line in open(tmp_path / "bad" / "attempts.jsonl")] == [3, 3, 3]
     assert [run for run, _ in s.failures] == [str(tmp_path / "bad")]
-    s.execute(_runs(tmp_path))  # again: the finished run is skipped, the failed one retried
+    s.execute(_runs(tmp_path))  # again: the finished run is skipped, the failed one tried anew
     out = capsys.readouterr().out
     assert "skip (done)  ok" in out
     assert "run  bad" in out and "run  ok" not in out
-    assert f"FAILED (exit 3): bad -- log: {tmp_path / 'bad' / 'run.log'}" in out
+    assert f"FAILED (exit 3): bad -- failed (exit 3) after 3 attempts -- log: {log}" in out
+
+
+def test_every_wait_is_bounded(tmp_path, capsys, monkeypatch):
+    """A run that never starts (its launcher drops it) is given up after --max-wait, and the stage
+    says what it waited for, at most once per --status-seconds."""
+    monkeypatch.setenv("LAUNCH", "true")  # 'submits' and forgets: nothing will ever run
+    s = _study(tmp_path, max_wait=0.0006, status_seconds=1.0)  # 2.16 s
+    started = time.time()
+    s.execute(_runs(tmp_path)[:1])
+    out = capsys.readouterr().out
+    assert 2 <= time.time() - started < 10
+    assert "waiting for 1 run(s): 0 running, 1 queued, 0 done, 0 failed" in out
+    assert 2 <= out.count("waiting for") <= 4  # about once a second, not at every poll (0.2 s)
+    assert f"FAILED: ok not finished within --max-wait 0.0006 h (queued) -- log: {tmp_path / 'ok' / 'run.log'}" in out
 
 
 # ----------------------------------------------------------------------------- the report
@@ -196,6 +216,7 @@ def test_select_lr_gives_no_plr_when_every_run_failed():
 def test_an_all_failed_search_stops_names_its_logs_and_launches_nothing_that_depends_on_it(tmp_path, monkeypatch, capsys):
     from conftest import run_cli
     monkeypatch.setattr(study, "TASKS", ["xquad"])
+    monkeypatch.setattr(study, "SEARCH_METHODS", ("full",))  # adapters and prompt then also lack a PLR
     init = study.Study.__init__
 
     def one_model(self, args):  # one task and one model keep the test short; the rule is per combination
@@ -204,19 +225,41 @@ def test_an_all_failed_search_stops_names_its_logs_and_launches_nothing_that_dep
     monkeypatch.setattr(study.Study, "__init__", one_model)
     empty = tmp_path / "no-data"
     empty.mkdir()
-    argv = ["--tiny", "--out-dir", str(tmp_path / "s"), "--data-dir", str(empty)]
+    argv = ["--tiny", "--out-dir", str(tmp_path / "s"), "--data-dir", str(empty), "--max-retries", "0"]
     code, out, err = run_cli(study, ["lr-search"] + argv, capsys)
     assert code == 1
     runs = sorted(str(p.parent) for p in (tmp_path / "s" / "runs" / "xquad").glob("*/*/run.log"))
-    assert len(runs) == 3 * 2  # 3 methods x the two LRs of the tiny grid, no more
+    assert len(runs) == 2  # the two LRs of the tiny grid, no more (before: walked down to smaller LRs)
     for run in runs:
         assert "file not found" in open(os.path.join(run, "run.log")).read()
-    for model in ("tiny-mt5",):
-        for method in ("full", "adapters", "prompt"):
-            logs = ", ".join(sorted(os.path.join(r, "run.log") for r in runs if f"/{model}/{method}-" in r))
-            assert f"NO PLR xquad {model} {method}: every run of the search failed; logs: {logs}" in out
+    logs = ", ".join(os.path.join(r, "run.log") for r in runs)
+    assert f"NO PLR xquad tiny-mt5 full: every run of the search failed; logs: {logs}" in out
     assert "PLR xquad" not in out.replace("NO PLR xquad", "")
     code, out, err = run_cli(study, ["methods"] + argv, capsys)  # nothing to launch: every combination lacks its PLR
     assert code == 0 and not [line for line in out.splitlines() if line.startswith("run  ")]
     assert out.count("skip xquad") == 5 and "no PLR (every run of the full search failed)" in out
     assert sorted(str(p.parent) for p in (tmp_path / "s" / "runs" / "xquad").glob("*/*/run.log")) == runs
+
+
+# ----------------------------------------------------------------------------- real outputs
+
+def test_real_outputs_section_matches_the_evaluate_command_line(tmp_path, capsys):
+    from conftest import run_cli
+    import csv
+    import evaluate
+    predictions = os.path.join(DATA_DIR, "xquad", "predictions")
+    code, out, err = run_cli(report, ["--predictions", predictions, "--data-dir", DATA_DIR, "--out-dir", str(tmp_path)], capsys)
+    assert code == 0, err
+    rows = {(r["system"], r["data"]): r for r in csv.DictReader(open(tmp_path / "real_outputs.csv"))}
+    assert len(rows) == 6 and (tmp_path / "fig_real_outputs.png").stat().st_size > 10_000
+    code, out, _ = run_cli(evaluate, ["--task", "xquad", "--lang", "en", "--references",
+                                      os.path.join(DATA_DIR, "xquad", "xquad.en.json"), "--predictions",
+                                      os.path.join(predictions, "CL-mt5base.en.json")], capsys)
+    cli = json.loads(out)
+    row = rows[("CL-mt5base", "XQuAD en")]
+    assert (row["F1"], row["F1 (filtered)"], row["EM"]) == (f"{cli['f1']:.2f}", f"{cli['f1_filtered']:.2f}", f"{cli['em']:.2f}")
+    assert (row["LCR (all)"], row["LCR (filtered)"]) == (f"{cli['lcr']:.1f}", f"{cli['lcr_filtered']:.1f}")
+    # the all-answer LCR of English outputs is ~88% (language ID failing on short answers), the filtered one near 100
+    assert 85 < cli["lcr"] < 91 and cli["lcr_filtered"] > 95
+    for r in rows.values():
+        assert float(r["LCR (filtered)"]) > float(r["LCR (all)"])

@@ -1,0 +1,108 @@
+"""A real single-node SLURM cluster on localhost for the cluster tests (Debian's slurm-wlm and munge).
+
+The configuration is written into a temporary directory; munged, slurmctld and slurmd run from it
+as root (the CI machine's user), and are stopped at the end. `.ci/run` installs the packages.
+"""
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+
+CONF = """\
+ClusterName=xlgen
+SlurmctldHost={host}(127.0.0.1)
+SlurmctldPort={ctld_port}
+SlurmdPort={slurmd_port}
+AuthType=auth/munge
+AuthInfo=socket={root}/munge.socket
+CredType=cred/munge
+SlurmUser=root
+SlurmdUser=root
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+MpiDefault=none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+SchedulerType=sched/backfill
+ReturnToService=2
+StateSaveLocation={root}/state
+SlurmdSpoolDir={root}/spool
+SlurmctldPidFile={root}/slurmctld.pid
+SlurmdPidFile={root}/slurmd.pid
+SlurmctldLogFile={root}/slurmctld.log
+SlurmdLogFile={root}/slurmd.log
+AccountingStorageType=accounting_storage/none
+JobCompType=jobcomp/none
+KillWait=5
+MinJobAge=600
+InactiveLimit=0
+{node}
+PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP
+"""
+
+
+def available():
+    return all(shutil.which(tool) for tool in ("munged", "slurmctld", "slurmd", "sbatch", "squeue", "scancel"))
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Cluster:
+    """Start with `Cluster(directory).start()`; `env` is the environment the SLURM commands need."""
+
+    def __init__(self, root):
+        self.root = str(root)
+        self.processes = []
+        self.env = dict(os.environ, SLURM_CONF=os.path.join(self.root, "slurm.conf"))
+
+    def start(self):
+        host = socket.gethostname().split(".")[0]
+        for sub in ("state", "spool"):
+            os.makedirs(os.path.join(self.root, sub), exist_ok=True)
+        node = subprocess.run(["slurmd", "-C"], capture_output=True, text=True, check=True).stdout.splitlines()[0]
+        node += " NodeAddr=127.0.0.1 State=UNKNOWN"
+        with open(self.env["SLURM_CONF"], "w") as f:
+            f.write(CONF.format(host=host, root=self.root, node=node, ctld_port=_free_port(), slurmd_port=_free_port()))
+        # munge, entirely in the temporary directory: its own key, socket, pid, log and seed files
+        subprocess.run(["mungekey", "--create", "--keyfile", os.path.join(self.root, "munge.key")], check=True,
+                       capture_output=True)
+        os.chmod(self.root, 0o700)  # munged refuses a socket or key directory that others can write to
+        subprocess.run(["munged", "--force", f"--socket={self.root}/munge.socket", f"--key-file={self.root}/munge.key",
+                        f"--pid-file={self.root}/munged.pid", f"--log-file={self.root}/munged.log",
+                        f"--seed-file={self.root}/munged.seed"], check=True, capture_output=True)
+        self.processes.append(subprocess.Popen(["slurmctld", "-D", "-i", "-f", self.env["SLURM_CONF"]], env=self.env,
+                                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        time.sleep(1)
+        self.processes.append(subprocess.Popen(["slurmd", "-D", "-f", self.env["SLURM_CONF"]], env=self.env,
+                                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            state = subprocess.run(["sinfo", "-h", "-o", "%T"], env=self.env, capture_output=True, text=True).stdout.strip()
+            if state in ("idle", "mixed", "allocated"):
+                return self
+            time.sleep(0.5)
+        self.stop()
+        raise RuntimeError(f"the SLURM node did not come up (sinfo says {state!r}); see {self.root}/slurmctld.log")
+
+    def jobs(self):
+        """{job id: state} of every job slurmctld still knows (MinJobAge keeps finished ones)."""
+        out = subprocess.run(["squeue", "-h", "-t", "all", "-o", "%i %T"], env=self.env, capture_output=True,
+                             text=True).stdout
+        return dict(line.split() for line in out.splitlines())
+
+    def stop(self):
+        subprocess.run(["scancel", "--user", "root"], env=self.env, capture_output=True)
+        for process in reversed(self.processes):
+            process.terminate()
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        self.processes = []
+        subprocess.run(["munged", "--stop", f"--socket={self.root}/munge.socket"], capture_output=True)

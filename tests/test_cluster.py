@@ -1,0 +1,207 @@
+"""Cluster runs survive what clusters do: a real single-node SLURM (slurm_cluster.py), and a local
+background launcher with SIGKILL where SLURM is absent.
+
+Each test drives study.Study.execute, the same code every stage uses, with real tiny finetune.py
+runs: cancelled jobs, killed processes, time limits, failing commands and refused submissions.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import finetune
+import models
+import report
+import study
+import slurm_cluster
+from conftest import DATA_DIR, REPO
+
+RUN = ["--model", "tiny-mt5", "--task", "xquad", "--data-dir", DATA_DIR, "--warmup-steps", "5", "--max-tokens", "1500",
+       "--max-train-examples", "300", "--max-eval-examples", "3", "--max-new-tokens", "4", "--val-langs", "th",
+       "--test-langs", "zh", "--lr", "1e-3", "--log-every", "10"]
+
+
+def finetune_argv(out_dir, *extra):
+    return [sys.executable, os.path.join(REPO, "finetune.py")] + RUN + ["--out-dir", str(out_dir)] + list(extra)
+
+
+def make_study(tmp_path, **flags):
+    args = study.parse_args(["it", "--out-dir", str(tmp_path / "study"), "--data-dir", DATA_DIR, "--poll-seconds", "0.5",
+                             "--status-seconds", "5"] + [x for k, v in flags.items() for x in (f"--{k.replace('_', '-')}", str(v))])
+    return study.Study(args)
+
+
+def weights(run_dir):
+    return load_file(os.path.join(run_dir, "last", "model.safetensors"))
+
+
+def equal(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def straight(tmp_path, name, *extra, threads="1"):
+    """The uninterrupted run: the reference for bitwise equality, with the thread count of the jobs
+    (a different count sums floats in another order)."""
+    out = tmp_path / name
+    subprocess.run(finetune_argv(out, *extra), check=True, capture_output=True, env=dict(os.environ, OMP_NUM_THREADS=threads))
+    return weights(out)
+
+
+def in_background(fn, *args):
+    result = {}
+    thread = threading.Thread(target=lambda: result.setdefault("value", fn(*args)), daemon=True)
+    thread.start()
+    return thread, result
+
+
+def wait_for(condition, timeout, what):
+    deadline = time.time() + timeout
+    while not condition():
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+def attempts(run_dir):
+    return json.loads(open(os.path.join(run_dir, "submission.json")).read())["attempt"]
+
+
+# ----------------------------------------------------------------------------- a real SLURM
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    if not slurm_cluster.available():
+        pytest.skip("SLURM is not installed (.ci/run installs slurm-wlm and munge)")
+    cluster = slurm_cluster.Cluster(tmp_path_factory.mktemp("slurm")).start()
+    old = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = cluster.env["SLURM_CONF"]
+    yield cluster
+    cluster.stop()
+    if old is None:
+        os.environ.pop("SLURM_CONF", None)
+    else:
+        os.environ["SLURM_CONF"] = old
+
+
+def history(run_dir):
+    return [json.loads(line) for line in open(os.path.join(run_dir, "attempts.jsonl"))]
+
+
+@pytest.mark.slow
+def test_slurm_cancelled_job_resumes_bitwise_and_a_time_limit_is_beaten_by_chunks(cluster, tmp_path, monkeypatch, capsys):
+    """A: cancelled with scancel after its first checkpoint; the study notices, resubmits it with
+    --resume, and its final weights equal an uninterrupted run's. B: longer than the partition's
+    1-minute time limit; with --chunk-steps 150 each job trains 150 steps and stops at a checkpoint,
+    and B completes through automatic resubmissions. Then a second invocation submits nothing."""
+    models.resolve("tiny-mt5", DATA_DIR)  # built before the jobs start (they share the cache)
+    monkeypatch.setenv("LAUNCH", "sbatch --time=1 --wrap")
+    s = make_study(tmp_path, chunk_steps=150, heartbeat_timeout=60)
+    a, b = tmp_path / "study" / "a", tmp_path / "study" / "b"
+    a_flags = ["--max-steps", "100", "--eval-every", "25", "--seed", "1"]
+    runs = [study.Run(str(a), finetune_argv(a, *a_flags), str(a / "results.json")),
+            study.Run(str(b), finetune_argv(b, "--max-steps", "450", "--eval-every", "75", "--seed", "2"),
+                      str(b / "results.json"))]
+    thread, _ = in_background(s.execute, runs)
+    reference, _ = in_background(straight, tmp_path, "a-straight", *a_flags)  # meanwhile, the uninterrupted A
+    wait_for(lambda: (a / "last" / "train_state.pt").exists(), 120, "A's first checkpoint")
+    job = json.loads((a / "started.json").read_text())["job_id"]
+    assert job and cluster.jobs()[job] == "RUNNING"
+    subprocess.run(["scancel", job], check=True, env=cluster.env)
+    thread.join(timeout=600)
+    assert not thread.is_alive()
+    out = capsys.readouterr().out
+    assert (a / "results.json").exists() and (b / "results.json").exists() and s.failures == [], out
+    assert cluster.jobs()[job] == "CANCELLED" and attempts(a) == 2
+    assert f"RETRY a: failed (exit -{signal.SIGTERM.value})" in out and "run  a (attempt 2 with --resume)" in out, out
+    reference.join(timeout=300)
+    assert equal(weights(a), weights(tmp_path / "a-straight"))
+    wait_for(lambda: (b / "status.json").exists(), 30, "B's last status")  # written just after results.json
+    jobs = history(b)
+    commands = [line for line in open(b / "run.log") if line.startswith("$ ")]
+    assert len(jobs) == len(commands) == 3 and all(j["returncode"] == 0 for j in jobs)  # 450 steps in jobs of 150
+    assert all("--stop-after-steps 150" in c for c in commands) and all("--resume" in c for c in commands[1:])
+    assert all(j["seconds"] < 60 for j in jobs) and sum(j["seconds"] for j in jobs) > 60, jobs  # longer than the limit
+    assert "TIMEOUT" not in cluster.jobs().values()
+    before = set(cluster.jobs())  # a second invocation submits nothing: every run is finished
+    s.execute(runs)
+    out = capsys.readouterr().out
+    assert "skip (done)  a" in out and "skip (done)  b" in out and set(cluster.jobs()) == before
+
+
+@pytest.mark.slow
+def test_slurm_a_failing_run_is_retried_then_reported_and_its_cell_marked(cluster, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("LAUNCH", "sbatch --wrap")
+    s = make_study(tmp_path, max_retries=1)
+    root = tmp_path / "study"
+    good, bad = root / "runs" / "xquad" / "tiny-mt5" / "full-lr0.001", root / "runs" / "xquad" / "tiny-mt5" / "adapters-lr0.001"
+    runs = [study.Run(str(good), finetune_argv(good, "--max-steps", "20", "--eval-every", "10"), str(good / "results.json")),
+            study.Run(str(bad), finetune_argv(bad, "--max-steps", "20", "--train-file", str(tmp_path / "missing.json")),
+                      str(bad / "results.json"))]
+    for run, method in zip(runs, ("full", "adapters")):
+        s.record(run.dir, stage="lr-search", task="xquad", model="tiny-mt5", method=method, lr=1e-3, it=False, plr=1e-3)
+    s.execute(runs)
+    out = capsys.readouterr().out
+    assert (good / "results.json").exists() and len(history(bad)) == 2  # one try and one retry
+    assert f"RETRY runs/xquad/tiny-mt5/adapters-lr0.001: failed (exit 1); retry 1 of 1 -- log: {bad / 'run.log'}" in out
+    assert f"FAILED (exit 1): runs/xquad/tiny-mt5/adapters-lr0.001 -- failed (exit 1) after 2 attempts -- log: {bad / 'run.log'}" in out
+    assert [d for d, _ in s.failures] == [str(bad)] and "missing.json: file not found" in open(bad / "run.log").read()
+    common_chosen = {"xquad/tiny-mt5/full": {"run": str(good), "lr": 1e-3, "it": False, "plr": 1e-3, "val_metric": 0.0},
+                     "xquad/tiny-mt5/adapters": {"run": str(bad), "lr": 1e-3, "it": False, "plr": 1e-3, "val_metric": None}}
+    (root / "chosen.json").write_text(json.dumps(common_chosen))
+    report.write_report(str(root))
+    assert "| adapters | — |" in (root / "report" / "table2_methods_xquad.md").read_text()
+    assert f"`{bad}` failed (exit 1); log: `{bad / 'run.log'}`" in (root / "report" / "report.md").read_text()
+
+
+def test_slurm_a_refused_submission_is_reported_at_once(cluster, tmp_path):
+    """The real command line: every submission error printed with sbatch's message, exit status 1,
+    within a minute, nothing waited for."""
+    env = dict(cluster.env, LAUNCH="sbatch --partition=nonexistent --wrap")
+    started = time.time()
+    result = subprocess.run([sys.executable, os.path.join(REPO, "study.py"), "it", "--tiny", "--data-dir", DATA_DIR,
+                             "--out-dir", str(tmp_path / "study")], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and time.time() - started < 60
+    refused = [line for line in result.stdout.splitlines() if line.startswith("SUBMIT FAILED")]
+    assert len(refused) == 2 and all("sbatch says: sbatch: error: invalid partition specified: nonexistent" in line
+                                     for line in refused), result.stdout
+    assert "waiting for" not in result.stdout and "2 failure(s):" in result.stdout
+
+
+# ----------------------------------------------------------------------------- no scheduler: a local background launcher
+
+BACKGROUND = "sh -c 'setsid sh -c \"$0\" >/dev/null 2>&1 &'"  # starts the command and returns at once
+
+
+@pytest.mark.slow
+def test_local_sigkilled_run_is_found_dead_and_resumed_bitwise(tmp_path, monkeypatch, capsys):
+    """No scheduler to ask: the killed run (SIGKILL to its whole process group, as a lost node) leaves
+    no status.json; its heartbeat goes stale, and the study resubmits it with --resume."""
+    models.resolve("tiny-mt5", DATA_DIR)
+    monkeypatch.setenv("LAUNCH", BACKGROUND)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # two runs on two cores
+    s = make_study(tmp_path, heartbeat_timeout=3)
+    a, b = tmp_path / "study" / "a", tmp_path / "study" / "b"
+    a_flags = ["--max-steps", "60", "--eval-every", "20", "--seed", "1"]
+    runs = [study.Run(str(a), finetune_argv(a, *a_flags), str(a / "results.json")),
+            study.Run(str(b), finetune_argv(b, "--max-steps", "20", "--eval-every", "10"), str(b / "results.json"))]
+    thread, _ = in_background(s.execute, runs)
+    reference, _ = in_background(straight, tmp_path, "a-straight", *a_flags)
+    wait_for(lambda: (a / "last" / "train_state.pt").exists(), 120, "A's first checkpoint")
+    pid = json.loads((a / "started.json").read_text())["pid"]
+    os.killpg(os.getpgid(pid), signal.SIGKILL)
+    thread.join(timeout=300)
+    assert not thread.is_alive()
+    out = capsys.readouterr().out
+    assert s.failures == [] and (a / "results.json").exists() and (b / "results.json").exists(), out
+    assert "RETRY a: dead (no heartbeat for over 3 s)" in out and "run  a (attempt 2 with --resume)" in out
+    wait_for(lambda: (a / "status.json").exists(), 30, "the wrapper's status")  # written just after results.json
+    assert len(history(a)) == 1  # the killed attempt left no status; the second one did
+    reference.join(timeout=300)
+    assert equal(weights(a), weights(tmp_path / "a-straight"))
