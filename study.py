@@ -16,9 +16,14 @@ Stages (`python study.py all` runs them in this order; STAGES below is the one p
   methods    per task x model x method, the best of {PLR, 10*PLR} x {without IT, with IT}
              (freeze, mix and multisrc use full finetuning's PLR; multisrc is XL-Sum only)
   translate  translate-train: the English training data translated into each test language
-             (NLLB-3.3B), then full finetuning on it at full finetuning's chosen setting
-  large      the LR search of full finetuning for mT5-large
+             (NLLB-3.3B), then full finetuning on it, the LR grid-searched by the same rule, each
+             run validated in its own language (XQuAD: a held-out SQuAD dev slice, translated)
+  large      mT5-large at LR 1e-5 (Table 2): IT + full, IT + several source languages, data
+             translation; and the LR search of full finetuning as an extra
+  appendix-d the best LR for English, its predictions translated into the target languages (Table 3)
   report     report.py: the tables and figures
+Every finetuning setting runs once per --seed (default 0,1); selection uses the mean over seeds.
+Full finetuning's LR-search runs also validate in English and score their last step (Appendix D).
 
 Every run is one command and is skipped when its results exist, so a stage can be rerun at will.
 Without LAUNCH, runs go one after another here. With LAUNCH, a stage submits `LAUNCH '<command>'`
@@ -156,23 +161,35 @@ class Study:
         self.data_dir = os.path.abspath(args.data_dir)
         self.xlsum_dir = os.path.abspath(args.xlsum_dir or os.path.join(self.data_dir, "xlsum"))
         self.python = sys.executable
-        if args.tiny:
+        tiny = args.tiny
+        if tiny:  # the same protocol on tiny models, a two-LR grid, one translation language, one seed
             self.models = {"tiny-mt5": "tiny-mt5", "tiny-nllb": "tiny-nllb"}
-            self.large = {}
+            self.large, self.base_of_large = {"tiny-mt5-large": "tiny-mt5-large"}, "tiny-mt5"
             self.grid, self.k_range = (2, 3), (2, 3)
+            self.translator, self.appendix_d_models = "tiny-nllb", ["tiny-mt5", "tiny-nllb"]
         else:
-            self.models, self.large = dict(MODELS), dict(LARGE_MODELS)
+            self.models, self.large, self.base_of_large = dict(MODELS), dict(LARGE_MODELS), "mt5-base"
             self.grid, self.k_range = (3, 4, 5), (1, 7)
+            self.translator, self.appendix_d_models = TRANSLATOR, ["mt5-base", "mbart-pt", "nllb-600m"]
+        self.seeds = [int(s) for s in (args.seeds or ("0" if tiny else "0,1")).split(",")]
         self.printed = set()  # --dry-run: each run is printed once, by the first stage that needs it
         self.failures = []    # (run directory, what happened), reported at the end; the exit status
         self.plan_path = os.path.join(self.out, "plan.json")
         self.plan = common.read_json(self.plan_path, "plan.json") if os.path.isfile(self.plan_path) else {}
 
+    def translate_models(self):
+        """Models with a translate-train search (tiny: tiny-mt5 only, to keep the tiny study short)."""
+        return [self.base_of_large] if self.args.tiny else list(self.models)
+
+    def translation_langs(self, task):
+        """Target languages of translate-train and of Appendix D (tiny: Spanish only)."""
+        return ["es"] if self.args.tiny else list(data.TASKS[task].test_langs)
+
     # ---- commands ----
-    def finetune_argv(self, task, model, method, lr, it, train_file=None, train_lang=None):
+    def finetune_argv(self, task, model, method, lr, it, seed, train_file=None, train_lang=None, extra=()):
         argv = [self.python, os.path.join(HERE, "finetune.py"), "--model", self.all_models()[model],
-                "--task", task, "--method", method, "--lr", f"{lr:g}", "--data-dir", self.data_dir,
-                "--xlsum-dir", self.xlsum_dir, "--out-dir", self.run_dir(task, model, method, lr, it, train_lang)]
+                "--task", task, "--method", method, "--lr", f"{lr:g}", "--seed", str(seed), "--data-dir", self.data_dir,
+                "--xlsum-dir", self.xlsum_dir, "--out-dir", self.run_dir(task, model, method, lr, it, seed, train_lang)]
         if it:
             argv += ["--init", self.it_dir(model)]
         if train_file:
@@ -183,7 +200,26 @@ class Study:
             argv += ["--max-steps", "20", "--eval-every", "10", "--warmup-steps", "5", "--max-tokens", "1500",
                      "--max-train-examples", "400", "--max-eval-examples", "6", "--max-new-tokens", "8",
                      "--prompt-length", "10", "--log-every", "10"]
-        return argv
+        return argv + list(extra)
+
+    def english_validation(self, task):
+        """finetune.py flags that add English to the validation languages (Appendix D needs the best
+        LR for English): XL-Sum's English validation split; for XQuAD, a held-out slice of SQuAD v1.1
+        dev (XQuAD's English is a test set)."""
+        langs = list(data.TASKS[task].val_langs) + ["en"]
+        flags = ["--val-langs", ",".join(langs)]
+        if task == "xquad":
+            flags += ["--val-file", f"en={heldout_file(self)}"]
+        return flags + ["--test-last"]
+
+    def it_runs(self, models):
+        """The intermediate-tuning Run of each model, recorded in the plan."""
+        runs = []
+        for model in models:
+            d = self.it_dir(model)
+            self.record(d, stage="it", model=model)
+            runs.append(Run(d, self.it_argv(model), os.path.join(d, "results.json")))
+        return runs
 
     def it_argv(self, model):
         argv = [self.python, os.path.join(HERE, "pretrain_it.py"), "--model", self.all_models()[model],
@@ -193,11 +229,19 @@ class Study:
                      "--lr", "3e-3", "--num-samples", "1", "--max-new-tokens", "8", "--log-every", "10"]
         return argv
 
+    def translate_argv(self, source, out, lang, task=None, predictions=False):
+        argv = [self.python, os.path.join(HERE, "translate_train.py"), "--model", self.translator, "--tgt-lang", lang,
+                "--out-file", out, "--data-dir", self.data_dir]
+        argv += ["--predictions", source] if predictions else ["--task", task, "--train-file", source]
+        if self.args.tiny:
+            argv += ["--limit", "60", "--max-length-ratio", "1.0"]
+        return argv
+
     def all_models(self):
         return {**self.models, **self.large}
 
-    def run_dir(self, task, model, method, lr, it, train_lang=None):
-        name = f"{method}-lr{lr:g}" + ("-it" if it else "") + (f"-train_{train_lang}" if train_lang else "")
+    def run_dir(self, task, model, method, lr, it, seed, train_lang=None):
+        name = f"{method}-lr{lr:g}" + ("-it" if it else "") + (f"-train_{train_lang}" if train_lang else "") + f"-seed{seed}"
         return os.path.join(self.out, "runs", task, model, name)
 
     def it_dir(self, model):
@@ -209,12 +253,39 @@ class Study:
         if not self.args.dry_run:
             common.write_json(self.plan_path, self.plan)
 
+    def finetune_run(self, stage, task, model, method, lr, it, train_file=None, train_lang=None, extra=(), **meta):
+        """The Runs of one setting, one per seed, recorded in the plan."""
+        runs = []
+        for seed in self.seeds:
+            d = self.run_dir(task, model, method, lr, it, seed, train_lang)
+            stage_of = self.plan.get(d, {}).get("stage", stage)  # a run is owned by the first stage that made it
+            self.record(d, **{**meta, "stage": stage_of, "task": task, "model": model, "method": method, "lr": lr,
+                              "it": it, "seed": seed, **({"train_lang": train_lang} if train_lang else {})})
+            argv = self.finetune_argv(task, model, method, lr, it, seed, train_file, train_lang, extra)
+            runs.append(Run(d, argv, os.path.join(d, "results.json")))
+        return runs
+
+    def settings(self, **match):
+        """{lr: [run dirs of its seeds]} of the plan's runs whose record has the given values."""
+        found = {}
+        for d, meta in self.plan.items():
+            if all(meta.get(key) == value for key, value in match.items()):
+                found.setdefault(meta["lr"], []).append(d)
+        return found
+
     def val_metric(self, run_dir):
         """The run's selection metric (average non-English validation metric), None if it has none."""
         if self.args.dry_run:
-            return assumed_score(self.plan[run_dir]["lr"]) + (0.1 if self.plan[run_dir].get("it") else 0.0)
+            meta = self.plan[run_dir]
+            return assumed_score(meta["lr"]) + (0.1 if meta.get("it") else 0.0)
         results = load_results(run_dir)
         return None if results is None else results.get("best_val_metric")
+
+    def mean_val(self, run_dirs):
+        """The mean over seeds (the runs of one setting) of their selection metric: what LR selection
+        and the methods stage compare. Failed seeds are left out; all failed: None (never wins)."""
+        values = [v for v in (self.val_metric(d) for d in run_dirs) if v is not None]
+        return sum(values) / len(values) if values else None
 
     # ---- execution: see "Runs on a cluster" below ----
     def execute(self, runs):
@@ -259,7 +330,14 @@ class Study:
         if first and run.resumable and self.args.chunk_steps:
             wrapped += ["--stop-after-steps", str(self.args.chunk_steps)]
         launch = os.environ.get("LAUNCH", "").strip()
-        return f"{launch} {shlex.quote(shlex.join(wrapped))}" if launch else shlex.join(wrapped)
+        if not launch:
+            return shlex.join(wrapped)
+        words = shlex.split(launch)
+        if os.path.basename(words[0]) == "sbatch" and not any(
+                w in ("-o", "--output") or w.startswith(("-o", "--output=")) for w in words[1:]):
+            # sbatch's own log (slurm-JOBID.out) goes beside the run, not into the directory it was called from
+            launch = f"{words[0]} --output={shlex.quote(os.path.join(run.dir, 'slurm-%j.out'))} {launch[len(words[0]):].lstrip()}"
+        return f"{launch} {shlex.quote(shlex.join(wrapped))}"
 
     def heartbeat_seconds(self):
         return max(1.0, min(30.0, self.args.heartbeat_timeout / 5))
@@ -278,8 +356,8 @@ class Study:
               flush=True)
         launch = os.environ.get("LAUNCH", "").strip()
         line = self.launch_line(run)
-        if not launch:
-            subprocess.run(shlex.split(line), check=False)
+        if not launch:  # here, to its end, in a forked child (see run_local)
+            run_local(run.dir, run.done, self.command(run), self.heartbeat_seconds())
             return True
         result = subprocess.run(line, shell=True, capture_output=True, text=True)
         started = os.path.isfile(os.path.join(run.dir, "started.json"))  # a launcher that ran the command itself
@@ -443,7 +521,7 @@ def guard_argv(python, model_name, task, guard_file, data_dir, xlsum_dir, run_di
     steps, lr = ("100", "3e-3") if tiny else ("300", "1e-4")
     return [python, os.path.join(HERE, "finetune.py"), "--model", model_name, "--task", task, "--method", "full",
             "--lr", lr, "--warmup-steps", "0", "--max-steps", steps, "--eval-every", str(int(steps) // 2),
-            "--train-file", guard_file, "--val-file", guard_file, "--test-file", guard_file, "--val-langs", "en",
+            "--train-file", guard_file, "--val-file", f"en={guard_file}", "--test-file", f"en={guard_file}", "--val-langs", "en",
             "--test-langs", "en", "--max-train-examples", str(num), "--max-eval-examples", str(num),
             "--data-dir", data_dir, "--xlsum-dir", xlsum_dir, "--out-dir", run_dir]
 
@@ -480,13 +558,52 @@ def stage_guard(study):
                                 f"examples it was trained on: generation, clean-up or scoring is broken -- {run.dir}")
 
 
+def heldout_file(study):
+    """A held-out slice of SQuAD v1.1 dev in English: its first 1190 questions (XQuAD's size) from the
+    paragraphs XQuAD does not use (XQuAD translates 240 SQuAD dev paragraphs, so those are its test
+    set). English validation for XQuAD, and, translated, translate-train's validation per language
+    (no XQuAD validation set exists in the target languages)."""
+    path = os.path.join(study.out, "heldout", "squad-dev.en.json")
+    if study.args.dry_run or os.path.isfile(path):
+        return path
+    xquad_ids = {q["id"] for q in data.read_squad(data.xquad_path(study.data_dir, "en"))}
+    raw = data.read_json_document(data.squad_path(study.data_dir, "dev"), "SQuAD v1.1 JSON")
+    articles, count = [], 0
+    for article in raw["data"]:
+        paragraphs = []
+        for paragraph in article["paragraphs"]:
+            if count >= 1190 or any(qa["id"] in xquad_ids for qa in paragraph["qas"]):
+                continue
+            qas = paragraph["qas"][:1190 - count]
+            paragraphs.append({"context": paragraph["context"], "qas": qas})
+            count += len(qas)
+        if paragraphs:
+            articles.append({"title": article.get("title", ""), "paragraphs": paragraphs})
+    common.write_json(path, {"version": "1.1", "held_out_from": "SQuAD v1.1 dev minus XQuAD's paragraphs",
+                             "data": articles})
+    return path
+
+
+def translated_file(study, task, lang):
+    ext = "json" if task == "xquad" else "jsonl"
+    return os.path.join(study.out, "translated", f"{task}.{lang}.{ext}")
+
+
+def translated_heldout(study, lang):
+    return os.path.join(study.out, "translated", f"squad-dev-heldout.{lang}.json")
+
+
+def translate_train_flags(study, task, lang):
+    """A translate-train run validates and tests on its own target language: XL-Sum's validation
+    split of that language; for XQuAD the held-out SQuAD dev slice translated the same way."""
+    flags = ["--val-langs", lang, "--test-langs", lang]
+    if task == "xquad":
+        flags += ["--val-file", f"{lang}={translated_heldout(study, lang)}"]
+    return flags
+
+
 def stage_it(study):
-    runs = []
-    for model in study.models:
-        d = study.it_dir(model)
-        study.record(d, stage="it", model=model)
-        runs.append((d, study.it_argv(model), os.path.join(d, "results.json")))
-    study.execute(runs)
+    study.execute(study.it_runs(study.models))
 
 
 def search_combos(models, methods):
@@ -494,9 +611,10 @@ def search_combos(models, methods):
 
 
 def stage_lr_search(study, models=None, methods=None, execute=True):
-    """Rounds: ask select_lr for each (task, model, method), launch all next LRs, wait, repeat.
-    Returns {(task, model, method): PLR} for the searches that found one. With execute=False
-    (later stages re-deriving the PLRs) nothing is launched."""
+    """Rounds: ask select_lr for each (task, model, method), with each LR's score the mean over
+    seeds; launch all next LRs, wait, repeat. Full finetuning also validates in English and scores
+    its last step (Appendix D). Returns {(task, model, method): PLR} for the searches that found one.
+    With execute=False (later stages re-deriving the PLRs) nothing is launched."""
     combos = search_combos(models or study.models, methods or SEARCH_METHODS)
     plr, failed = {}, {}
     while True:
@@ -504,21 +622,18 @@ def stage_lr_search(study, models=None, methods=None, execute=True):
         for task, model, method in combos:
             if (task, model, method) in plr or (task, model, method) in failed:
                 continue
-            scores, dirs = {}, {}
-            for d, meta in study.plan.items():
-                if meta.get("stage") == "lr-search" and (meta["task"], meta["model"], meta["method"]) == (task, model, method):
-                    scores[meta["lr"]], dirs[meta["lr"]] = study.val_metric(d), d
+            settings = study.settings(stage="lr-search", task=task, model=model, method=method)
+            scores = {lr: study.mean_val(dirs) for lr, dirs in settings.items()}
             decision, value = select_lr(scores, method, study.grid, study.k_range)
             if decision == "done":
                 plr[(task, model, method)] = value
                 continue
             if decision == "failed":
-                failed[(task, model, method)] = sorted(dirs.values())
+                failed[(task, model, method)] = sorted(d for dirs in settings.values() for d in dirs)
                 continue
             for lr in value:
-                d = study.run_dir(task, model, method, lr, False)
-                study.record(d, stage="lr-search", task=task, model=model, method=method, lr=lr, it=False)
-                runs.append((d, study.finetune_argv(task, model, method, lr, False), os.path.join(d, "results.json")))
+                extra = study.english_validation(task) if method == "full" else ()
+                runs += study.finetune_run("lr-search", task, model, method, lr, False, extra=extra)
         if not runs:
             break
         if execute:
@@ -553,64 +668,158 @@ def stage_methods(study):
                     continue
                 for lr in (base, float(f"{10 * base:g}")):
                     for it in (False, True):
-                        d = study.run_dir(task, model, method, lr, it)
-                        stage = study.plan.get(d, {}).get("stage", "methods")
-                        study.record(d, stage=stage, task=task, model=model, method=method, lr=lr, it=it, plr=base)
-                        configs.setdefault((task, model, method), []).append(d)
-                        runs.append((d, study.finetune_argv(task, model, method, lr, it), os.path.join(d, "results.json")))
+                        extra = study.english_validation(task) if (method, it) == ("full", False) else ()
+                        setting = study.finetune_run("methods", task, model, method, lr, it, extra=extra, plr=base)
+                        configs.setdefault((task, model, method), []).append([r.dir for r in setting])
+                        runs += setting
     study.execute(runs)
     chosen = {}
-    for (task, model, method), dirs in configs.items():
-        best = max(dirs, key=lambda d: rank(study.val_metric(d)))
-        chosen[f"{task}/{model}/{method}"] = {"run": best, "lr": study.plan[best]["lr"], "it": study.plan[best]["it"],
-                                              "plr": study.plan[best]["plr"], "val_metric": study.val_metric(best)}
+    for (task, model, method), settings in configs.items():
+        best = max(settings, key=lambda dirs: rank(study.mean_val(dirs)))
+        meta = study.plan[best[0]]
+        chosen[f"{task}/{model}/{method}"] = {"runs": best, "lr": meta["lr"], "it": meta["it"], "plr": meta["plr"],
+                                              "val_metric": study.mean_val(best)}
     if not study.args.dry_run:
         common.write_json(os.path.join(study.out, "chosen.json"), chosen)
     return chosen
 
 
-def translated_file(study, task, lang):
-    ext = "json" if task == "xquad" else "jsonl"
-    return os.path.join(study.out, "translated", f"{task}.{lang}.{ext}")
-
-
 def stage_translate(study):
+    """Translate-train (paper Section 4): the English training data translated into each target
+    language (NLLB-3.3B; for XQuAD also the held-out SQuAD dev slice, for validation), then, per task
+    and model, full finetuning on the translated data with the LR grid-searched by the same rule as
+    zero-shot full finetuning (each LR's score: the mean over target languages and seeds of each
+    run's validation in its own language), with the IT choice of zero-shot full finetuning."""
     chosen_path = os.path.join(study.out, "chosen.json")
     chosen = stage_methods(study) if study.args.dry_run else common.read_json(chosen_path, "chosen.json")
-    tiny = study.args.tiny
-    translator = "tiny-nllb" if tiny else TRANSLATOR
-    runs, finetunes = [], []
+    translations = []
     for task in TASKS:
-        langs = ["es"] if tiny else list(data.TASKS[task].test_langs)
         source = data.task_file(task, "train", "en", study.data_dir, study.xlsum_dir)
-        for lang in langs:
-            out = translated_file(study, task, lang)
-            argv = [study.python, os.path.join(HERE, "translate_train.py"), "--model", translator, "--task", task,
-                    "--train-file", source, "--tgt-lang", lang, "--out-file", out, "--data-dir", study.data_dir]
-            if tiny:
-                argv += ["--limit", "60", "--max-length-ratio", "1.0"]
-            d = os.path.join(study.out, "runs", "translate", f"{task}.{lang}")
-            study.record(d, stage="translate-data", task=task, lang=lang, translator=translator)
-            runs.append(Run(d, argv, out, resumable=False))  # translate_train.py resumes from its progress file
-            for model in (["tiny-mt5"] if tiny else study.models):
-                best = chosen.get(f"{task}/{model}/full")
-                if best is None:
-                    continue
-                d = study.run_dir(task, model, "full", best["lr"], best["it"], train_lang=lang)
-                study.record(d, stage="translate-train", task=task, model=model, method="full", lr=best["lr"],
-                             it=best["it"], train_lang=lang)
-                argv = study.finetune_argv(task, model, "full", best["lr"], best["it"], train_file=out, train_lang=lang)
-                argv += ["--test-langs", lang]
-                finetunes.append((d, argv, os.path.join(d, "results.json")))
-    study.execute(runs)
-    study.execute(finetunes)
+        for lang in study.translation_langs(task):
+            pairs = [(f"{task}.{lang}", source, translated_file(study, task, lang))]
+            if task == "xquad":
+                pairs.append((f"squad-dev-heldout.{lang}", heldout_file(study), translated_heldout(study, lang)))
+            for name, src, out in pairs:
+                d = os.path.join(study.out, "runs", "translate", name)
+                study.record(d, stage="translate-data", task=task, lang=lang, translator=study.translator)
+                translations.append(Run(d, study.translate_argv(src, out, lang, task), out, resumable=False))
+    study.execute(translations)
+    searches = [(task, model) for task in TASKS for model in study.translate_models()]
+    found, failed = {}, set()
+    while True:
+        runs = []
+        for task, model in searches:
+            if (task, model) in found or (task, model) in failed:
+                continue
+            zero_shot = chosen.get(f"{task}/{model}/full")
+            if zero_shot is None:
+                print(f"skip translate-train {task} {model}: zero-shot full finetuning has no chosen setting")
+                failed.add((task, model))
+                continue
+            settings = study.settings(stage="translate-search", task=task, model=model)
+            scores = {lr: study.mean_val(dirs) for lr, dirs in settings.items()}
+            decision, value = select_lr(scores, "full", study.grid, study.k_range)
+            if decision == "done":
+                found[(task, model)] = value
+                chosen[f"{task}/{model}/translate"] = {"runs": sorted(settings[value]), "lr": value,
+                                                       "it": zero_shot["it"], "plr": value,
+                                                       "val_metric": scores[value]}
+            elif decision == "failed":
+                failed.add((task, model))
+                study.fail(None, f"NO LR translate-train {task} {model}: every run of the search failed")
+            else:
+                for lr in value:
+                    for lang in study.translation_langs(task):
+                        runs += study.finetune_run("translate-search", task, model, "full", lr, zero_shot["it"],
+                                                   train_file=translated_file(study, task, lang), train_lang=lang,
+                                                   extra=translate_train_flags(study, task, lang))
+        if not runs:
+            break
+        study.execute(runs)
+    if not study.args.dry_run:
+        common.write_json(chosen_path, chosen)
+
+
+LARGE_LR = 1e-5  # paper Section 4: "We reduce LR to 0.00001 for the larger model"
 
 
 def stage_large(study):
+    """mT5-large as the paper's Table 2, at LR 1e-5: IT + full finetuning, IT + several source
+    languages (XL-Sum), data translation (with IT), beside mT5-base's rows; then, as an extra, the
+    LR search of full finetuning (not in the tiny study)."""
     if not study.large:
-        print("large: no large model in this configuration (--tiny); skipped")
+        print("large: no large model in this configuration; skipped")
         return
-    stage_lr_search(study, models=study.large, methods=("full",))
+    study.execute(study.it_runs(study.large))
+    runs = []
+    for model in study.large:
+        for task in TASKS:
+            runs += study.finetune_run("large", task, model, "full", LARGE_LR, True, row="IT + ft")
+            if "multisrc" in adapt.methods_for(task):
+                runs += study.finetune_run("large", task, model, "multisrc", LARGE_LR, True, row="IT + ft >1 src lg")
+            for lang in study.translation_langs(task):
+                runs += study.finetune_run("large", task, model, "full", LARGE_LR, True,
+                                           train_file=translated_file(study, task, lang), train_lang=lang,
+                                           extra=translate_train_flags(study, task, lang), row="Data translation")
+    study.execute(runs)
+    if not study.args.tiny:
+        stage_lr_search(study, models=study.large, methods=("full",))
+
+
+def english_score(study, run_dir):
+    """A full-finetuning search run's English validation metric at its last step (Appendix D)."""
+    meta = study.plan[run_dir]
+    if study.args.dry_run:
+        return assumed_score(meta["lr"] / 10)  # assume English likes a 10x larger LR (the paper's finding)
+    results = load_results(run_dir)
+    if results is None:
+        return None
+    step = results["config"]["max_steps"]
+    path = os.path.join(run_dir, "eval", f"step_{step}.json")
+    if not os.path.isfile(path):
+        return None
+    evaluation = common.read_json(path)
+    english = evaluation["langs"].get("en")
+    return None if english is None else english[evaluation["main_metric"]]
+
+
+def stage_appendix_d(study):
+    """Appendix D (Table 3): is the model of the best LR for English just answering in the wrong
+    language? Its last-step test predictions in each target language are translated into that
+    language (NLLB-3.3B) and scored (report.py), beside the best non-English LR's own predictions."""
+    translations = []
+    for task in TASKS:
+        for model in study.appendix_d_models:
+            settings = {}
+            for d, meta in study.plan.items():  # full finetuning without IT, at every LR tried
+                if (meta.get("stage") in ("lr-search", "methods") and (meta.get("task"), meta.get("model"),
+                                                                        meta.get("method"), meta.get("it")) ==
+                        (task, model, "full", False) and "train_lang" not in meta):
+                    settings.setdefault(meta["lr"], []).append(d)
+            if not settings:
+                continue
+            non_en = {lr: study.mean_val(dirs) for lr, dirs in settings.items()}
+            en = {lr: mean([english_score(study, d) for d in dirs]) for lr, dirs in settings.items()}
+            if all(v is None for v in en.values()) or all(v is None for v in non_en.values()):
+                study.fail(None, f"appendix-d {task} {model}: no English or non-English validation to compare")
+                continue
+            best_en, best_non_en = _best(en), _best(non_en)
+            source = sorted(settings[best_en])[0]  # the first seed's run
+            for lang in study.translation_langs(task):
+                out = os.path.join(study.out, "appendix_d", task, model, f"best-en-lr{best_en:g}.{lang}.json")
+                d = os.path.join(study.out, "runs", "appendix_d", task, f"{model}.{lang}")
+                study.record(d, stage="appendix-d", task=task, model=model, lang=lang, best_en_lr=best_en,
+                             best_non_en_lr=best_non_en, source_run=source, non_en_runs=sorted(settings[best_non_en]),
+                             translated=out)
+                predictions = os.path.join(source, "predictions", f"test_last.{lang}.json")
+                translations.append(Run(d, study.translate_argv(predictions, out, lang, predictions=True), out,
+                                        resumable=False))
+    study.execute(translations)
+
+
+def mean(values):
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
 
 
 def stage_report(study):
@@ -618,19 +827,19 @@ def stage_report(study):
     if study.args.dry_run:
         print(f"report: would write tables and figures into {os.path.join(study.out, 'report')}")
         return
-    argv = [study.python, os.path.join(HERE, "report.py"), "--out-dir", study.out]
+    argv = [study.python, os.path.join(HERE, "report.py"), "--out-dir", study.out, "--data-dir", study.data_dir]
     predictions = [d for d in (os.path.join(study.data_dir, "xquad", "predictions"), os.path.join(study.data_dir, "squad", "predictions"))
                    if os.path.isdir(d)]
     if predictions:  # published systems' outputs, when the data directory has them (../shared/data does)
-        argv += ["--predictions"] + predictions + ["--data-dir", study.data_dir]
+        argv += ["--predictions"] + predictions
     code = subprocess.run(argv).returncode
     if code != 0:
         study.fail(None, f"FAILED (exit {code}): report.py --out-dir {study.out}")
 
 
 # The order of the study: each stage decides its runs from the results of the ones before it.
-STAGES = {"guard": stage_guard, "it": stage_it, "lr-search": stage_lr_search, "methods": stage_methods, "translate": stage_translate,
-          "large": stage_large, "report": stage_report}
+STAGES = {"guard": stage_guard, "it": stage_it, "lr-search": stage_lr_search, "methods": stage_methods,
+          "translate": stage_translate, "large": stage_large, "appendix-d": stage_appendix_d, "report": stage_report}
 
 
 # -----------------------------------------------------------------------------
@@ -646,6 +855,9 @@ def parse_args(argv=None):
         s.add_argument("--xlsum-dir", default=None, help="XL-Sum jsonl files (default DATA_DIR/xlsum)")
         s.add_argument("--tiny", action="store_true", help="tiny models, offline data, CPU-sized runs")
         s.add_argument("--dry-run", action="store_true", help="print the commands instead of running them")
+        s.add_argument("--seeds", default=None,
+                       help="seeds of every finetuning setting, e.g. 0,1 (default 0,1, the paper's two runs; --tiny: 0); "
+                            "LR selection and the report use their mean")
         s.add_argument("--max-retries", type=common.non_negative_int, default=2,
                        help="resubmissions of a run that died, was killed or failed, before it is reported failed")
         s.add_argument("--max-wait", type=common.positive_float, default=72.0,
@@ -667,43 +879,127 @@ def parse_args(argv=None):
 
 
 def exec_run(args):
+    """`study.py exec`: run one command of the study as a job runs it (see run_wrapped)."""
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    return run_wrapped(args.run_dir, args.done, command, args.heartbeat_seconds, in_process=False)
+
+
+def run_wrapped(run_dir, done, command, heartbeat_seconds, in_process):
     """Run one command of the study, as a job would: its output into RUN/run.log; RUN/started.json
     (host, pid, the scheduler's job id) when it starts; RUN/heartbeat touched every few seconds while
-    it runs; RUN/status.json (exit status, done or not) when it ends. SIGTERM (scancel, a time
-    limit, preemption) is passed on to the command, which then ends with a status too; a SIGKILL or a
-    lost node leaves no status, and the stale heartbeat tells the study. Under SLURM the command gets
-    OMP_NUM_THREADS = the job's CPUs, unless it is set already."""
-    os.makedirs(args.run_dir, exist_ok=True)
-    command = args.command[1:] if args.command[:1] == ["--"] else args.command
-    heartbeat = os.path.join(args.run_dir, "heartbeat")
+    it runs; RUN/status.json (exit status, done or not) and a line of RUN/attempts.jsonl when it
+    ends. As a subprocess (a job), SIGTERM (scancel, a time limit, preemption) is passed on to the
+    command, which then ends with a status too; a SIGKILL or a lost node leaves no status, and the
+    stale heartbeat tells the study. Under SLURM the command gets OMP_NUM_THREADS = the job's CPUs,
+    unless it is set already. `in_process`: a stage script of this repository runs in this process
+    (a child forked for it by the local launcher, see run_local), without importing torch again."""
+    os.makedirs(run_dir, exist_ok=True)
+    heartbeat = os.path.join(run_dir, "heartbeat")
     start = time.time()
-    common.write_json(os.path.join(args.run_dir, "started.json"),
+    common.write_json(os.path.join(run_dir, "started.json"),
                       {"host": socket.gethostname(), "pid": os.getpid(), "job_id": os.environ.get("SLURM_JOB_ID"),
                        "time": start, "command": command})
     with open(heartbeat, "w"):
         pass
-    with open(os.path.join(args.run_dir, "run.log"), "a") as log:
+    with open(os.path.join(run_dir, "run.log"), "a") as log:
         log.write(f"$ {shlex.join(command)}\n")
         log.flush()
-        env = dict(os.environ)
-        cpus = env.get("SLURM_CPUS_PER_TASK") or env.get("SLURM_CPUS_ON_NODE")
-        if cpus and "OMP_NUM_THREADS" not in env:
-            # as many threads as the job has CPUs: two jobs on one node must not both spin on all cores
-            env["OMP_NUM_THREADS"] = cpus
-        child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
-        signal.signal(signal.SIGTERM, lambda signum, frame: child.send_signal(signum))
-        while True:
-            try:
-                code = child.wait(timeout=args.heartbeat_seconds)
-                break
-            except subprocess.TimeoutExpired:
-                os.utime(heartbeat)
-    status = {"returncode": code, "seconds": round(time.time() - start, 1), "done": os.path.exists(args.done),
+        stage = STAGE_SCRIPTS.get(os.path.basename(command[1])) if len(command) > 1 and command[0] == sys.executable else None
+        if in_process and stage is not None:
+            code = run_stage_here(stage, command[2:], log, heartbeat, heartbeat_seconds)
+        else:
+            env = dict(os.environ)
+            cpus = env.get("SLURM_CPUS_PER_TASK") or env.get("SLURM_CPUS_ON_NODE")
+            if cpus and "OMP_NUM_THREADS" not in env:
+                # as many threads as the job has CPUs: two jobs on one node must not both spin on all cores
+                env["OMP_NUM_THREADS"] = cpus
+            child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+            signal.signal(signal.SIGTERM, lambda signum, frame: child.send_signal(signum))
+            while True:
+                try:
+                    code = child.wait(timeout=heartbeat_seconds)
+                    break
+                except subprocess.TimeoutExpired:
+                    os.utime(heartbeat)
+    status = {"returncode": code, "seconds": round(time.time() - start, 1), "done": os.path.exists(done),
               "host": socket.gethostname(), "job_id": os.environ.get("SLURM_JOB_ID")}
-    with open(os.path.join(args.run_dir, "attempts.jsonl"), "a") as history:  # one line per attempt that ended
+    with open(os.path.join(run_dir, "attempts.jsonl"), "a") as history:  # one line per attempt that ended
         history.write(json.dumps(status) + "\n")
-    common.write_json(os.path.join(args.run_dir, "status.json"), status)
+    common.write_json(os.path.join(run_dir, "status.json"), status)
     return code
+
+
+# The study's own stage scripts, which the local launcher runs in a forked child instead of a new interpreter
+STAGE_SCRIPTS = {"finetune.py": "finetune", "pretrain_it.py": "pretrain_it", "translate_train.py": "translate_train"}
+
+
+def run_stage_here(module_name, argv, log, heartbeat, heartbeat_seconds):
+    """`python STAGE.py ARGV` in this process, as its own program would end: the exit status of
+    SystemExit, 1 with a traceback for any other exception. Output goes to `log`."""
+    import importlib
+    import threading
+    import traceback
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.dup2(log.fileno(), 1)
+    os.dup2(log.fileno(), 2)
+    beating = threading.Event()
+
+    def beat():
+        while not beating.wait(heartbeat_seconds):
+            os.utime(heartbeat)
+    threading.Thread(target=beat, daemon=True).start()
+    module = importlib.import_module(module_name)
+    try:
+        module.main(module.parse_args(argv))
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
+    except BaseException:  # noqa: BLE001 -- the run failed; the study reads its status and log
+        traceback.print_exc()
+        code = 1
+    finally:
+        beating.set()
+        sys.stdout.flush()
+        sys.stderr.flush()
+    return code
+
+
+# What a forked child of the local launcher finds imported already (the forkserver imports it once:
+# torch, transformers' model and tokenizer classes, the stages), so a run starts in milliseconds.
+PRELOAD = ["finetune", "pretrain_it", "translate_train", "transformers.models.mt5.modeling_mt5",
+           "transformers.models.mbart.modeling_mbart", "transformers.models.m2m_100.modeling_m2m_100",
+           "transformers.models.t5.tokenization_t5", "transformers.models.mbart50.tokenization_mbart50",
+           "transformers.models.nllb.tokenization_nllb"]
+_LAUNCHER = []
+
+
+def run_local(run_dir, done, command, heartbeat_seconds):
+    """Run one command here, to its end, in a child process forked from a forkserver that has the
+    stage modules imported (Python's multiprocessing; the server itself never runs torch, so each
+    child starts clean). The child gets this process's current environment and directory."""
+    import multiprocessing
+    if not _LAUNCHER:
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(PRELOAD)
+        _LAUNCHER.append(context)
+    child = _LAUNCHER[0].Process(target=_local_child, args=(run_dir, done, command, heartbeat_seconds,
+                                                           dict(os.environ), os.getcwd()))
+    child.start()
+    child.join()
+    return child.exitcode
+
+
+def _local_child(run_dir, done, command, heartbeat_seconds, env, cwd):
+    os.environ.clear()
+    os.environ.update(env)
+    os.chdir(cwd)
+    code = run_wrapped(run_dir, done, command, heartbeat_seconds, in_process=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code if isinstance(code, int) and 0 <= code < 256 else 1)
 
 
 @common.exits_on_error

@@ -155,8 +155,9 @@ case("finetune --resume with a garbage train_state.pt", finetune, "train_state.p
     lambda w, t: QUICK + ["--max-steps", "20", "--resume", "--out-dir", garbage(copy_run(w.stopped, t), "last/train_state.pt")])
 case("finetune finished run with a truncated results.json", finetune, "invalid results.json (")(
     lambda w, t: QUICK + ["--max-steps", "10", "--out-dir", truncated(copy_run(w.done, t), "results.json")])
-case("finetune --config truncated", finetune, "argument --config: {t}/run/args.json:18: invalid JSON")(
-    lambda w, t: ["--config", truncated(copy_run(w.done, t), "args.json", keep="path")])
+# args.json cut after '{', "model": ..., "task": ..., "method": ...,: the JSON ends at line 5, column 1
+case("finetune --config truncated", finetune, "argument --config: {t}/run/args.json:5: invalid JSON")(
+    lambda w, t: ["--config", truncated(copy_run(w.done, t), "args.json", keep="path", lines=4)])
 case("finetune --config with an unknown setting", finetune, "unknown setting(s) colour")(
     lambda w, t: ["--config", write(os.path.join(t, "args.json"), json.dumps({"colour": "red"}))])
 case("finetune --init with an adapters checkpoint", finetune, "is an added-weights checkpoint (adapters")(
@@ -228,12 +229,14 @@ case("models.py --model that does not exist", models, "no such checkpoint direct
     lambda w, t: ["--model", os.path.join(t, "nowhere"), "--data-dir", DATA_DIR])
 
 
-def truncated(run_dir, rel, keep="run"):
+def truncated(run_dir, rel, keep="run", lines=None):
+    """Cut a file to its first third, or to its first `lines` lines."""
     path = os.path.join(run_dir, rel)
     with open(path, "rb") as f:
         content = f.read()
+    cut = b"".join(content.splitlines(keepends=True)[:lines]) if lines else content[: max(1, len(content) // 3)]
     with open(path, "wb") as f:
-        f.write(content[: max(1, len(content) // 3)])
+        f.write(cut)
     return path if keep == "path" else run_dir
 
 

@@ -119,6 +119,7 @@ def test_slurm_cancelled_job_resumes_bitwise_and_a_time_limit_is_beaten_by_chunk
     out = capsys.readouterr().out
     assert (a / "results.json").exists() and (b / "results.json").exists() and s.failures == [], out
     assert cluster.jobs()[job] == "CANCELLED" and attempts(a) == 2
+    assert "CANCELLED" in (a / f"slurm-{job}.out").read_text()  # sbatch's log beside the run, not in the cwd
     assert f"RETRY a: failed (exit -{signal.SIGTERM.value})" in out and "run  a (attempt 2 with --resume)" in out, out
     reference.join(timeout=300)
     assert equal(weights(a), weights(tmp_path / "a-straight"))
@@ -152,11 +153,11 @@ def test_slurm_a_failing_run_is_retried_then_reported_and_its_cell_marked(cluste
     assert f"RETRY runs/xquad/tiny-mt5/adapters-lr0.001: failed (exit 1); retry 1 of 1 -- log: {bad / 'run.log'}" in out
     assert f"FAILED (exit 1): runs/xquad/tiny-mt5/adapters-lr0.001 -- failed (exit 1) after 2 attempts -- log: {bad / 'run.log'}" in out
     assert [d for d, _ in s.failures] == [str(bad)] and "missing.json: file not found" in open(bad / "run.log").read()
-    common_chosen = {"xquad/tiny-mt5/full": {"run": str(good), "lr": 1e-3, "it": False, "plr": 1e-3, "val_metric": 0.0},
-                     "xquad/tiny-mt5/adapters": {"run": str(bad), "lr": 1e-3, "it": False, "plr": 1e-3, "val_metric": None}}
+    common_chosen = {"xquad/tiny-mt5/full": {"runs": [str(good)], "lr": 1e-3, "it": False, "plr": 1e-3, "val_metric": 0.0},
+                     "xquad/tiny-mt5/adapters": {"runs": [str(bad)], "lr": 1e-3, "it": False, "plr": 1e-3, "val_metric": None}}
     (root / "chosen.json").write_text(json.dumps(common_chosen))
     report.write_report(str(root))
-    assert "| adapters | — |" in (root / "report" / "table2_methods_xquad.md").read_text()
+    assert "| adapters | — |" in (root / "report" / "fig2_methods_xquad.md").read_text()
     assert f"`{bad}` failed (exit 1); log: `{bad / 'run.log'}`" in (root / "report" / "report.md").read_text()
 
 

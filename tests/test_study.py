@@ -2,6 +2,7 @@
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -69,38 +70,60 @@ def test_tiny_grid_searches_two_lrs():
 # ----------------------------------------------------------------------------- the protocol's size
 
 def expected_study_size():
-    """The paper's protocol with every search stopping at its initial grid (k* = 4, PLR = 1e-4):
-      learning guard           1 per model and task                             2 x 4
-      intermediate tuning      1 per model                                      4
-      LR search per task/model full 3 + 1 (3e-4), adapters 3, prompt 3           10
-      methods per task/model   {1e-4, 1e-3} x {IT, no IT}; the no-IT pair of full, adapters and
-                               prompt is already in the search: 2 new each; freeze, mix, multisrc 4
-                               XL-Sum: 3 x 2 + 3 x 4 = 18; XQuAD (no multisrc): 3 x 2 + 2 x 4 = 14
-      translate-train          NLLB translation per task x test language: 2 x 5; then full
-                               finetuning per task x model x language: 2 x 4 x 5
-      mT5-large                LR search of full finetuning per task: 2 x 4
+    """The paper's protocol, two seeds, every search stopping at its initial grid (k* = 4, PLR = 1e-4):
+      S = 2 seeds, M = 4 models, L = 5 target languages per task
+      learning guard           1 per model and task                                        2 M = 8
+      intermediate tuning      1 per model                                                     M = 4
+      LR search                full 4 LRs (grid + 3e-4), adapters 3, prompt 3; x S     2 x M x 10 S = 160
+      methods                  {1e-4, 1e-3} x {no IT, IT}; the search has the no-IT pair of full,
+                               adapters and prompt (2 new settings each), freeze, mix, multisrc 4:
+                               XL-Sum 3 x 2 + 3 x 4 = 18, XQuAD 3 x 2 + 2 x 4 = 14 settings; x M x S  = 256
+      translations             the training data into L languages per task, and XQuAD's held-out
+                               SQuAD dev slice into L                                      L + 2 L = 15
+      translate-train search   4 LRs x L languages x S, per task and model            2 x M x 4 x L x S = 320
+      mT5-large                its IT; per task IT + ft, XL-Sum IT + multisrc, data translation in L
+                               languages, at 1e-5, x S; and the LR search of full, 4 LRs x S      1 + 14 + 12 + 16 = 43
+      Appendix D               the best-for-English run's outputs translated, per task x 3 models x L = 30
     """
-    models, langs = 4, 5
-    per_model = {"xlsum": 10 + 18, "xquad": 10 + 14}
-    return 2 * models + models + models * sum(per_model.values()) + 2 * langs + 2 * models * langs + 2 * 4
+    S, M, L = 2, 4, 5
+    guard, it = 2 * M, M
+    search = 2 * M * 10 * S
+    methods = (18 + 14) * M * S
+    translations = L + 2 * L
+    translate_search = 2 * M * 4 * L * S
+    large = 1 + (S + S + L * S) + (S + L * S) + 2 * 4 * S
+    appendix_d = 2 * 3 * L
+    return guard + it + search + methods + translations + translate_search + large + appendix_d
 
 
 def test_dry_run_lists_every_run_of_the_protocol(tmp_path):
     out = subprocess.run(["bash", os.path.join(REPO, "run_all.sh"), "--dry-run", "--out-dir", str(tmp_path)],
                          capture_output=True, text=True, check=True).stdout
     commands = [line for line in out.splitlines() if line.startswith("RUN ")]
-    assert len(commands) == expected_study_size() == 278
+    assert len(commands) == expected_study_size() == 836
     assert len(set(commands)) == len(commands)
-    assert sum("pretrain_it.py" in c for c in commands) == 4
-    assert sum("translate_train.py" in c and "nllb-200-3.3B" in c for c in commands) == 10
-    assert sum("--model google/mt5-large" in c for c in commands) == 8
+    assert sum("pretrain_it.py" in c for c in commands) == 5  # 4 models and mT5-large
+    assert sum("translate_train.py" in c and "nllb-200-3.3B" in c for c in commands) == 15 + 30
+    assert sum("--model google/mt5-large" in c for c in commands) == 43
     assert sum("--method multisrc" in c and "--task xquad" in c for c in commands) == 0
     assert not os.listdir(tmp_path)  # a dry run writes nothing
-    # every finetune command parses with finetune.py's own argument parser
-    for command in commands:
-        if "finetune.py" in command:
-            argv = command.split(" -- ", 1)[1].split()[2:]
-            assert finetune.parse_args(argv).lr > 0
+    finetunes = [finetune.parse_args(shlex.split(c.split(" -- ", 1)[1])[2:]) for c in commands if "finetune.py" in c]
+    assert {a.seed for a in finetunes} == {0, 1} and all(a.lr > 0 for a in finetunes)
+    # translate-train: trained on its language's translation, validated and tested in that language
+    translate_train = [a for a in finetunes if a.train_lang != "en"]
+    assert len(translate_train) == 320 + 2 * 5 * 2
+    for a in translate_train:
+        assert a.val_langs == a.test_langs == a.train_lang and f"translated/{a.task}.{a.train_lang}." in a.train_file
+        if a.task == "xquad":  # no XQuAD validation set in other languages: the translated SQuAD dev slice
+            assert a.val_file == [f"{a.train_lang}={tmp_path}/translated/squad-dev-heldout.{a.train_lang}.json"]
+    # full finetuning's search validates in English too (XQuAD: the held-out SQuAD dev slice) and tests its last step
+    search_full = [a for a in finetunes if a.method == "full" and a.init is None and a.train_lang == "en"
+                   and a.model != "google/mt5-large" and "guard" not in a.out_dir]
+    assert search_full and all(a.test_last and a.val_langs.endswith(",en") for a in search_full)
+    assert all(a.val_file == [f"en={tmp_path}/heldout/squad-dev.en.json"] for a in search_full if a.task == "xquad")
+    # mT5-large at the paper's 1e-5, after IT
+    large = [a for a in finetunes if a.model == "google/mt5-large" and a.init is not None]
+    assert len(large) == 2 * (1 + 5) * 2 + 2 and {a.lr for a in large} == {1e-5}
 
 
 def test_launch_prefix_in_dry_run(tmp_path):
@@ -108,7 +131,16 @@ def test_launch_prefix_in_dry_run(tmp_path):
     out = subprocess.run([sys.executable, os.path.join(REPO, "study.py"), "it", "--dry-run", "--out-dir", str(tmp_path)],
                          capture_output=True, text=True, check=True, env=env).stdout
     lines = [line for line in out.splitlines() if line.startswith("RUN ")]
-    assert len(lines) == 4 and all(line.startswith("RUN sbatch --gres=gpu:1 --wrap '") for line in lines)
+    assert len(lines) == 4
+    for line in lines:
+        wrapped = shlex.split(shlex.split(line)[-1])  # the command sbatch --wrap runs
+        run_dir = wrapped[wrapped.index("--run-dir") + 1]
+        log = os.path.join(run_dir, "slurm-%j.out")  # sbatch's log beside the run
+        assert line.startswith(f"RUN sbatch --output={log} --gres=gpu:1 --wrap '"), line
+    env["LAUNCH"] = "sbatch -o /logs/%j.out --wrap"  # the user's own --output is kept
+    out = subprocess.run([sys.executable, os.path.join(REPO, "study.py"), "it", "--dry-run", "--out-dir", str(tmp_path)],
+                         capture_output=True, text=True, check=True, env=env).stdout
+    assert all(line.startswith("RUN sbatch -o /logs/%j.out --wrap '") for line in out.splitlines() if line.startswith("RUN "))
 
 
 # ----------------------------------------------------------------------------- the launcher
@@ -165,41 +197,74 @@ def test_every_wait_is_bounded(tmp_path, capsys, monkeypatch):
 
 # ----------------------------------------------------------------------------- the report
 
+@pytest.mark.slow
 def test_report_marks_missing_cells_and_lists_failed_runs(tmp_path):
+    """Two real tiny runs and one failed run: the failed cell is marked, every table and figure is
+    still written, and the failure is listed with its log."""
     root = tmp_path / "study"
     runs = {}
     for lr in (1e-3, 3e-3):
-        d = root / "runs" / "xquad" / "tiny-nllb" / f"full-lr{lr:g}"
+        d = root / "runs" / "xquad" / "tiny-nllb" / f"full-lr{lr:g}-seed0"
         finetune.main(finetune.parse_args([
             "--model", "tiny-nllb", "--task", "xquad", "--lr", str(lr), "--data-dir", DATA_DIR, "--out-dir", str(d),
             "--max-steps", "4", "--eval-every", "2", "--warmup-steps", "1", "--max-train-examples", "50",
-            "--max-eval-examples", "3", "--max-new-tokens", "4", "--val-langs", "th", "--test-langs", "zh,de"]))
+            "--max-eval-examples", "3", "--max-new-tokens", "4", "--val-langs", "th", "--test-langs", "zh,es"]))
         runs[lr] = str(d)
-    failed = root / "runs" / "xquad" / "tiny-nllb" / "adapters-lr0.001"
+    failed = root / "runs" / "xquad" / "tiny-nllb" / "adapters-lr0.001-seed0"
     failed.mkdir(parents=True)
     (failed / "status.json").write_text(json.dumps({"returncode": 1, "done": False}))
     (failed / "run.log").write_text("Traceback ...")
-    plan = {runs[1e-3]: {"stage": "lr-search", "task": "xquad", "model": "tiny-nllb", "method": "full", "lr": 1e-3,
-                         "it": False, "plr": 1e-3},
-            runs[3e-3]: {"stage": "lr-search", "task": "xquad", "model": "tiny-nllb", "method": "full", "lr": 3e-3,
-                         "it": False, "plr": 1e-3},
-            str(failed): {"stage": "lr-search", "task": "xquad", "model": "tiny-nllb", "method": "adapters",
-                          "lr": 1e-3, "it": False, "plr": 1e-3}}
-    chosen = {"xquad/tiny-nllb/full": {"run": runs[1e-3], "lr": 1e-3, "it": False, "plr": 1e-3, "val_metric": 0.0},
-              "xquad/tiny-nllb/adapters": {"run": str(failed), "lr": 1e-3, "it": False, "plr": 1e-3, "val_metric": None}}
+    meta = {"task": "xquad", "model": "tiny-nllb", "it": False, "plr": 1e-3, "seed": 0}
+    plan = {runs[1e-3]: dict(meta, stage="lr-search", method="full", lr=1e-3),
+            runs[3e-3]: dict(meta, stage="lr-search", method="full", lr=3e-3),
+            str(failed): dict(meta, stage="lr-search", method="adapters", lr=1e-3)}
+    chosen = {"xquad/tiny-nllb/full": {"runs": [runs[1e-3]], "lr": 1e-3, "it": False, "plr": 1e-3, "val_metric": 0.0},
+              "xquad/tiny-nllb/adapters": {"runs": [str(failed)], "lr": 1e-3, "it": False, "plr": 1e-3, "val_metric": None}}
     (root / "plan.json").write_text(json.dumps(plan))
     (root / "chosen.json").write_text(json.dumps(chosen))
     report.main(report.parse_args(["--out-dir", str(root)]))
     out = root / "report"
-    methods = (out / "table2_methods_xquad.md").read_text()
+    methods = (out / "fig2_methods_xquad.md").read_text()
     assert "| adapters | — |" in methods and "| full | 0.00 (" in methods
-    rows = list(__import__("csv").reader(open(out / "table2_methods_xquad.csv")))
-    assert rows[0] == ["method", "tiny-nllb", "runs"] and "runs/xquad/tiny-nllb/full-lr0.001" in rows[1][2]
-    for name in ("table1_it_gain.md", "table4_lrs.csv", "per_language_xquad.csv", "fig_methods_xquad.png",
-                 "fig_lr_xquad_tiny-nllb_full.png", "report.md"):
+    rows = list(__import__("csv").reader(open(out / "fig2_methods_xquad.csv")))
+    assert rows[0] == ["method", "tiny-nllb", "runs"] and "runs/xquad/tiny-nllb/full-lr0.001-seed0" in rows[1][2]
+    for name in ("sanity_guard.md", "table1_it_gain.md", "table2_mt5_large.md", "table3_appendix_d.md", "table4_lrs.csv",
+                 "fig7_per_language_xquad.csv", "fig4_examples.md", "fig1_lr_xquad.png", "fig2_methods_xquad.png",
+                 "fig3_models_xquad.png", "fig7_per_language_xquad_tiny-nllb.png", "fig8_11_lr_xquad_tiny-nllb_full.png",
+                 "curves_xquad_tiny-nllb.png", "report.md"):
         assert (out / name).exists(), name
+    assert "| tiny-nllb | full |" in (out / "fig4_examples.md").read_text()  # the Spanish example, full's output
     text = (out / "report.md").read_text()
     assert f"`{failed}` failed (exit 1); log: `{failed / 'run.log'}`" in text
+
+
+def write_run(directory, seed, metric, lcr, val, lr=1e-3):
+    """A finished run's results.json, written by hand: the numbers the study and the report read."""
+    os.makedirs(directory, exist_ok=True)
+    results = {"config": {"task": "xquad", "max_steps": 20}, "best_val_metric": val,
+               "test": {"es": {"f1_filtered": metric, "lcr_filtered": lcr}},
+               "test_average": {"f1_filtered": metric, "lcr_filtered": lcr}}
+    open(os.path.join(directory, "results.json"), "w").write(json.dumps(results))
+    return {"stage": "lr-search", "task": "xquad", "model": "m", "method": "full", "lr": lr, "it": False, "seed": seed}
+
+
+def test_seeds_are_averaged_for_selection_and_in_the_report(tmp_path):
+    """Hand-worked: seeds of 1e-3 validate at 10 and 30 (mean 20), of 1e-4 at 25 and 5 (mean 15): the
+    mean picks 1e-3 although the best single run is 1e-4's 25. The report shows mean ± sd:
+    test 10 and 20 -> 15.00 ± 7.07 (sd of two values = |a - b| / sqrt(2))."""
+    s = _study(tmp_path, seeds="0,1")
+    runs = {}
+    for lr, vals in ((1e-3, (10.0, 30.0)), (1e-4, (25.0, 5.0))):
+        for seed, val in enumerate(vals):
+            d = str(tmp_path / f"full-lr{lr:g}-seed{seed}")
+            s.plan[d] = write_run(d, seed, metric=10.0 + 10 * seed, lcr=80.0 + 10 * seed, val=val, lr=lr)
+            runs.setdefault(lr, []).append(d)
+    assert s.seeds == [0, 1]
+    assert s.mean_val(runs[1e-3]) == 20.0 and s.mean_val(runs[1e-4]) == 15.0
+    scores = {lr: s.mean_val(dirs) for lr, dirs in s.settings(stage="lr-search").items()}
+    assert study._best(scores) == 1e-3
+    assert report.setting_cell(runs[1e-3], s.plan, "xquad") == "15.00 ± 7.07 (85 ± 7)"
+    assert report.spread([3.0]) == "3.00" and report.spread([None, None]) == "—"
 
 
 # ----------------------------------------------------------------------------- a search in which every run failed
@@ -223,15 +288,17 @@ def test_an_all_failed_search_stops_names_its_logs_and_launches_nothing_that_dep
         init(self, args)
         self.models = {"tiny-mt5": "tiny-mt5"}
     monkeypatch.setattr(study.Study, "__init__", one_model)
-    empty = tmp_path / "no-data"
-    empty.mkdir()
+    empty = tmp_path / "no-data"  # only what the study reads itself (XQuAD en, SQuAD dev: the held-out slice)
+    for rel in ("xquad/xquad.en.json", "squad/dev-v1.1.json.gz"):
+        (empty / rel).parent.mkdir(parents=True, exist_ok=True)
+        (empty / rel).symlink_to(os.path.join(DATA_DIR, rel))
     argv = ["--tiny", "--out-dir", str(tmp_path / "s"), "--data-dir", str(empty), "--max-retries", "0"]
     code, out, err = run_cli(study, ["lr-search"] + argv, capsys)
     assert code == 1
     runs = sorted(str(p.parent) for p in (tmp_path / "s" / "runs" / "xquad").glob("*/*/run.log"))
     assert len(runs) == 2  # the two LRs of the tiny grid, no more (before: walked down to smaller LRs)
     for run in runs:
-        assert "file not found" in open(os.path.join(run, "run.log")).read()
+        assert "train-v1.1.json: file not found" in open(os.path.join(run, "run.log")).read()
     logs = ", ".join(os.path.join(r, "run.log") for r in runs)
     assert f"NO PLR xquad tiny-mt5 full: every run of the search failed; logs: {logs}" in out
     assert "PLR xquad" not in out.replace("NO PLR xquad", "")
