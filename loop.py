@@ -21,6 +21,7 @@ The loop has one shape (llm.c / nanoGPT style); `step` counts finished updates:
 """
 
 import collections
+import inspect
 import json
 import math
 import os
@@ -397,28 +398,107 @@ def decode_generated(tokenizer, sequences, generation_kwargs):
     return texts
 
 
+# Settings of a model's generation config that change greedy decoding beyond what greedy_batch does
+# (forced BOS and EOS): with any of them set, model.generate decodes instead.
+GREEDY_UNSUPPORTED = ("min_length", "min_new_tokens", "no_repeat_ngram_size", "encoder_no_repeat_ngram_size",
+                      "repetition_penalty", "encoder_repetition_penalty", "bad_words_ids", "suppress_tokens",
+                      "begin_suppress_tokens", "sequence_bias", "exponential_decay_length_penalty",
+                      "forced_decoder_ids", "max_time", "stop_strings")
+
+
+def greedy_supported(model):
+    """Whether greedy_batch decodes exactly as model.generate(num_beams=1) for this model."""
+    changed = model.generation_config.to_diff_dict()
+    return not any(changed.get(name) not in (None, 0, 1.0, [], False) for name in GREEDY_UNSUPPORTED)
+
+
 @torch.no_grad()
-def generate_batch(model, tokenizer, sources, generation_kwargs, device, max_new_tokens, num_beams=1):
-    """Generated ids (batch, length) for a list of source id lists, padded on the right."""
+def greedy_batch(model, input_ids, attention_mask, generation_kwargs, max_new_tokens, logits_fn=None):
+    """Greedy decoding of one right-padded batch: the encoder once, then one decoder position per
+    step with the key/value cache. A row leaves the batch as soon as it has written </s> (its cache
+    rows, encoder states and mask are dropped), so a batch costs what its rows still need; HF
+    generate keeps computing finished rows until the last one ends. The same tokens as
+    model.generate(num_beams=1, do_sample=False, max_new_tokens=...) with the model's forced BOS
+    (the target language code) and forced EOS (</s> as the last allowed token, mBART's config).
+
+    logits_fn(rows, step, scores): optional, changes the next-token scores (batch, vocab) in place
+    for `rows` (indices into the batch) at `step` (tokens written so far), after the forced tokens,
+    as a LogitsProcessor given to generate would. Returns generate's layout: (batch, 1 + length)
+    ids, the decoder start token first, padding after </s>.
+    """
+    config = model.generation_config
+    start = generation_kwargs.get("decoder_start_token_id", config.decoder_start_token_id)
+    forced_bos = generation_kwargs.get("forced_bos_token_id", config.forced_bos_token_id)
+    forced_eos = generation_kwargs.get("forced_eos_token_id", config.forced_eos_token_id)
+    eos, pad = config.eos_token_id, config.pad_token_id
+    batch_size, device = input_ids.shape[0], input_ids.device
+    encoder_states = model.get_encoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    from transformers import DynamicCache, EncoderDecoderCache
+    cache = EncoderDecoderCache(DynamicCache(config=model.config), DynamicCache(config=model.config))
+    out = torch.full((batch_size, 1 + max_new_tokens), pad, dtype=torch.long, device=device)
+    out[:, 0] = start
+    rows = torch.arange(batch_size, device=device)     # which rows of `out` are still being written
+    last = out[:, :1]
+    length = 1
+    # transformers 5.24 renamed the forward's past_key_values to cache (the old name warns)
+    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    for step in range(max_new_tokens):
+        logits = model(encoder_outputs=(encoder_states,), attention_mask=attention_mask, decoder_input_ids=last,
+                       use_cache=True, **{cache_arg: cache}).logits[:, -1, :].float()
+        forced = forced_eos if forced_eos is not None and step == max_new_tokens - 1 else (
+            forced_bos if forced_bos is not None and step == 0 else None)
+        if forced is not None:
+            logits.fill_(-math.inf)
+            logits[:, forced] = 0.0
+        if logits_fn is not None:
+            logits_fn(rows, step, logits)
+        tokens = logits.argmax(dim=-1)
+        out[rows, step + 1] = tokens
+        length = step + 2
+        going = tokens != eos
+        if not bool(going.all()):
+            if not bool(going.any()):
+                break
+            keep = going.nonzero().squeeze(1)
+            cache.reorder_cache(keep)
+            encoder_states, attention_mask, rows, tokens = (encoder_states[keep], attention_mask[keep], rows[keep],
+                                                            tokens[keep])
+        last = tokens[:, None]
+    return out[:, :length]
+
+
+def generate_batch(model, tokenizer, sources, generation_kwargs, device, max_new_tokens, num_beams=1, logits_fn=None):
+    """Generated ids (batch, length) for a list of source id lists, padded on the right: greedy_batch,
+    or model.generate for beam search and generation configs greedy_batch does not follow."""
     tensors = data.collate([{"input_ids": ids, "labels": [0]} for ids in sources], tokenizer.pad_token_id)
+    input_ids, attention_mask = tensors["input_ids"].to(device), tensors["attention_mask"].to(device)
     with autocast(device):
-        return model.generate(input_ids=tensors["input_ids"].to(device),
-                              attention_mask=tensors["attention_mask"].to(device),
-                              max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False,
-                              **generation_kwargs).cpu()
+        if num_beams == 1 and greedy_supported(model):
+            return greedy_batch(model, input_ids, attention_mask, generation_kwargs, max_new_tokens, logits_fn).cpu()
+        if logits_fn is not None:
+            raise ValueError("logits_fn needs greedy decoding that greedy_batch supports")
+        return model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
+                              num_beams=num_beams, do_sample=False, **generation_kwargs).cpu()
 
 
 def generate(model, tokenizer, encoded, generation_kwargs, device, max_new_tokens, num_beams=1,
-             max_tokens=8000, max_batch_size=256, desc="generate"):
+             max_tokens=8000, max_batch_size=256, desc="generate", logits_fn=None):
     """Predictions for encoded sources (list of {"input_ids"}), in input order, generated in
-    length-sorted batches of at most `max_tokens` source tokens and `max_batch_size` sources."""
+    length-sorted batches of at most `max_tokens` source tokens and `max_batch_size` sources.
+    logits_fn(indices, step, scores): as greedy_batch's, with `indices` into `encoded` (a benchmark
+    uses it to make each output as long as its reference)."""
     model.eval()
     lengths = [len(e["input_ids"]) for e in encoded]
     batches = data.generation_batches(lengths, max_tokens, max_batch_size)
     predictions = [None] * len(encoded)
     for batch in tqdm(batches, desc=desc, leave=False, disable=len(batches) < 2, file=sys.stderr):
+        batch_fn = None
+        if logits_fn is not None:
+            index = torch.tensor(batch)
+            def batch_fn(rows, step, scores, index=index):
+                logits_fn(index[rows.cpu()], step, scores)
         out = generate_batch(model, tokenizer, [encoded[i]["input_ids"] for i in batch], generation_kwargs,
-                             device, max_new_tokens, num_beams)
+                             device, max_new_tokens, num_beams, batch_fn)
         for i, text in zip(batch, decode_generated(tokenizer, out, generation_kwargs)):
             predictions[i] = text
     return predictions

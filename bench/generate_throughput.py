@@ -1,15 +1,24 @@
-"""Evaluation generation: length-sorted token-budget batches against unsorted fixed-size batches.
+"""Evaluation generation at the real tasks' lengths: loop.generate against HF generate.
 
-    python bench/generate_throughput.py --data-dir ../shared/data
-    python bench/generate_throughput.py --data-dir ../shared/data --run-dir runs/demo   # + eval share of a run
+    python bench/generate_throughput.py --data-dir ../shared/data                      # both workloads
+    python bench/generate_throughput.py --dims mt5-base --device cuda --data-dir DATA  # on a GPU
+    python bench/generate_throughput.py --run-dir runs/demo   # + the evaluation share of a finished run
 
-Same model (the benchmark model of train_throughput.py, random weights), same inputs (XQuAD
-validation questions of th, ro, vi, as finetune.py evaluates them), greedy, the same number of
-batches in both configurations:
-  sorted     loop.generate: sources sorted by length, batches of <= --max-tokens source tokens
-  unsorted   the same sources in file order, in fixed-size batches (as a plain DataLoader would)
-Both decode exactly the same predictions (checked). With --run-dir, also the share of that
-finetune run's wall time spent in evaluation (validation and final test, from its results.json).
+Same model (the benchmark model of train_throughput.py, or the real mT5-base dimensions; random
+weights), same inputs, greedy decoding. A random model writes no </s>, so each output is made as
+long as its real reference: </s> is suppressed until the reference's token length, then forced
+(capped at the task's max_new_tokens). Two workloads:
+  xlsum   141 real documents with a one-sentence human summary (../shared/data/summarization,
+          GUM: XL-Sum itself is not available offline), sources cut at the model's limit, outputs
+          as long as the summaries (capped at XL-Sum's 84 new tokens)
+  xquad   XQuAD validation questions (th, ro, vi), outputs as long as the answers (capped at 32)
+Three configurations, the same number of batches each:
+  hf-unsorted  model.generate on the sources in file order, fixed-size batches (a plain DataLoader)
+  hf-sorted    model.generate on loop.generate's length-sorted token-budget batches
+  ours         loop.generate: the sorted batches, decoded by loop.greedy_batch (a finished row
+               leaves its batch)
+All three must decode exactly the same predictions (checked and printed). Reported: seconds and
+generated tokens/s (tokens written, </s> included).
 """
 
 import argparse
@@ -25,6 +34,7 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
 import torch  # noqa: E402
+from transformers import LogitsProcessor, LogitsProcessorList  # noqa: E402
 
 import data  # noqa: E402
 import loop  # noqa: E402
@@ -35,20 +45,117 @@ from train_throughput import build_model  # noqa: E402
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", default=os.path.join("..", "shared", "data"), help="data directory")
-    p.add_argument("--langs", default="th,ro,vi", help="XQuAD languages to generate for")
-    p.add_argument("--per-lang", type=int, default=100, help="questions per language")
+    p.add_argument("--workloads", default="xlsum,xquad", help="xlsum, xquad or both")
+    p.add_argument("--per-lang", type=int, default=100, help="XQuAD questions per language")
     p.add_argument("--max-tokens", type=int, default=8000, help="source-token budget of a sorted batch")
-    p.add_argument("--max-new-tokens", type=int, default=32, help="generation length limit (XQuAD default)")
     p.add_argument("--dims", default="bench", choices=["bench", "mt5-base"], help="model size")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--run-dir", default=None, help="a finished finetune.py run to measure the evaluation share of")
     return p.parse_args(argv)
 
 
-def timed(fn):
+class ReferenceLengths:
+    """</s> suppressed until an example's reference length, then forced: outputs of real lengths."""
+
+    def __init__(self, lengths, eos):
+        self.lengths, self.eos = torch.tensor(lengths), eos
+
+    def __call__(self, indices, step, scores):
+        length = self.lengths[indices].to(scores.device)
+        scores[step < length, self.eos] = -math.inf
+        done = step >= length
+        scores[done] = -math.inf
+        scores[done, self.eos] = 0.0
+
+
+class HFReferenceLengths(LogitsProcessor):
+    """The same rule as a LogitsProcessor for model.generate, for the batch of examples `indices`."""
+
+    def __init__(self, rule, indices):
+        self.rule, self.indices = rule, torch.tensor(indices)
+
+    def __call__(self, input_ids, scores):
+        self.rule(self.indices, input_ids.shape[1] - 1, scores)  # tokens written after the decoder start
+        return scores
+
+
+def workload(name, args, tokenizer, encoder):
+    """(encoded sources, reference token lengths, max_new_tokens) of one workload."""
+    task = data.TASKS[name]
+    if name == "xlsum":
+        records = data.read_xlsum(os.path.join(args.data_dir, "summarization", "gum_en.jsonl"))
+        examples = data.summarization_examples(records, "en")
+    else:
+        examples = []
+        for lang in data.TASKS["xquad"].val_langs:
+            questions = data.read_squad(data.xquad_path(args.data_dir, lang))[:args.per_lang]
+            examples += data.qa_examples(questions, lang)
+    encoded = encoder.encode(examples)
+    lengths = [min(len(tokenizer(ex.target, add_special_tokens=False)["input_ids"]), task.max_new_tokens - 1)
+               for ex in examples]
+    return encoded, lengths, task.max_new_tokens
+
+
+def hf_generate(model, tokenizer, encoded, batches, generation, device, max_new_tokens, rule):
+    predictions = [None] * len(encoded)
+    for batch in batches:
+        tensors = data.collate([{"input_ids": encoded[i]["input_ids"], "labels": [0]} for i in batch],
+                               tokenizer.pad_token_id)
+        with torch.no_grad(), loop.autocast(device):
+            out = model.generate(input_ids=tensors["input_ids"].to(device),
+                                 attention_mask=tensors["attention_mask"].to(device), max_new_tokens=max_new_tokens,
+                                 num_beams=1, do_sample=False,
+                                 logits_processor=LogitsProcessorList([HFReferenceLengths(rule, batch)]), **generation)
+        for i, text in zip(batch, loop.decode_generated(tokenizer, out.cpu(), generation)):
+            predictions[i] = text
+    return predictions
+
+
+def timed(fn, device):
+    loop_sync(device)
     start = time.perf_counter()
     result = fn()
+    loop_sync(device)
     return result, time.perf_counter() - start
+
+
+def loop_sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_workload(name, args, model, tokenizer, encoder, device):
+    encoded, lengths, max_new_tokens = workload(name, args, tokenizer, encoder)
+    rule = ReferenceLengths(lengths, tokenizer.eos_token_id)
+    generation = encoder.generation_kwargs("en")
+    sorted_batches = data.generation_batches([len(e["input_ids"]) for e in encoded], args.max_tokens)
+    batch_size = math.ceil(len(encoded) / len(sorted_batches))
+    file_order = [list(range(i, min(i + batch_size, len(encoded)))) for i in range(0, len(encoded), batch_size)]
+    configurations = {
+        "hf-unsorted": lambda: hf_generate(model, tokenizer, encoded, file_order, generation, device, max_new_tokens, rule),
+        "hf-sorted": lambda: hf_generate(model, tokenizer, encoded, sorted_batches, generation, device, max_new_tokens,
+                                         rule),
+        "ours": lambda: loop.generate(model, tokenizer, encoded, generation, device, max_new_tokens,
+                                      max_tokens=args.max_tokens, desc=name, logits_fn=rule),
+    }
+    warm = encoded[:4]  # first calls allocate and (on CUDA) pick kernels
+    loop.generate(model, tokenizer, warm, generation, device, 4)
+    hf_generate(model, tokenizer, warm, [[0, 1, 2, 3]], generation, device, 4, ReferenceLengths([3] * 4, tokenizer.eos_token_id))
+    results = {key: timed(fn, device) for key, fn in configurations.items()}
+    reference = results["hf-unsorted"][0]
+    tokens = sum(length + 1 for length in lengths)
+    source_tokens = sum(len(e["input_ids"]) for e in encoded)
+    print(f"\n{name}: {len(encoded)} examples, {source_tokens / len(encoded):.0f} source tokens on average "
+          f"(max {max(len(e['input_ids']) for e in encoded)}), outputs {min(lengths) + 1}-{max(lengths) + 1} tokens "
+          f"({tokens / len(encoded):.1f} on average), {len(sorted_batches)} batches each")
+    print(f"{'configuration':<14}{'seconds':>9}{'gen. tok/s':>12}{'speed-up':>10}{'same predictions':>18}")
+    rows = {}
+    for key, (predictions, seconds) in results.items():
+        same = sum(a == b for a, b in zip(predictions, reference))
+        rows[key] = {"seconds": seconds, "tokens_per_s": tokens / seconds, "same": same, "n": len(encoded)}
+        print(f"{key:<14}{seconds:>9.2f}{tokens / seconds:>12,.0f}{results['hf-unsorted'][1] / seconds:>9.2f}x"
+              f"{f'{same}/{len(encoded)}':>18}")
+    return rows
 
 
 def evaluation_share(run_dir):
@@ -62,42 +169,17 @@ def main(args):
     device = loop.pick_device(args.device)
     tokenizer = models.load_tokenizer("tiny-mt5", args.data_dir)
     model = build_model(args.dims, len(tokenizer), device).eval()
-    encoder = models.Seq2SeqEncoder(tokenizer, "mt5")
-    encoded = []
-    for lang in data.parse_langs(args.langs):
-        questions = data.read_squad(data.xquad_path(args.data_dir, lang))[:args.per_lang]
-        encoded += encoder.encode(data.qa_examples(questions, lang))
-    generation = encoder.generation_kwargs("th")
-    lengths = [len(e["input_ids"]) for e in encoded]
-    num_batches = len(data.generation_batches(lengths, args.max_tokens))
-    batch_size = math.ceil(len(encoded) / num_batches)
-
-    def unsorted():
-        predictions = []
-        for start in range(0, len(encoded), batch_size):
-            batch = [e["input_ids"] for e in encoded[start:start + batch_size]]
-            out = loop.generate_batch(model, tokenizer, batch, generation, device, args.max_new_tokens)
-            predictions += loop.decode_generated(tokenizer, out, generation)
-        return predictions
-
-    def sorted_batches():
-        return loop.generate(model, tokenizer, encoded, generation, device, args.max_new_tokens,
-                             max_tokens=args.max_tokens, desc="sorted")
-
-    loop.generate(model, tokenizer, encoded[:8], generation, device, 4)  # warm-up
-    unsorted_predictions, unsorted_s = timed(unsorted)
-    sorted_predictions, sorted_s = timed(sorted_batches)
-    same = sum(a == b for a, b in zip(sorted_predictions, unsorted_predictions))
+    encoder = models.Seq2SeqEncoder(tokenizer, "mt5", models.max_length(model.config))
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"{platform.machine()} CPU, {os.cpu_count()} cores"
-    print(f"machine: {name}; model: {args.dims}; {len(encoded)} XQuAD questions ({args.langs}), greedy, "
-          f"max {args.max_new_tokens} new tokens, {num_batches} batches each; identical predictions: {same}/{len(encoded)}")
-    print(f"{'configuration':<12}{'seconds':>9}{'predictions/s':>15}{'speed-up':>10}")
-    print(f"{'unsorted':<12}{unsorted_s:>9.1f}{len(encoded) / unsorted_s:>15.1f}{1.0:>9.2f}x")
-    print(f"{'sorted':<12}{sorted_s:>9.1f}{len(encoded) / sorted_s:>15.1f}{unsorted_s / sorted_s:>9.2f}x")
+    params = sum(p.numel() for p in model.parameters())
+    print(f"machine: {name}; model: {args.dims} ({params / 1e6:.1f}M parameters), random weights, greedy, "
+          f"{'bf16 autocast' if device.type == 'cuda' else 'fp32'}; source cut at {encoder.max_source_length} tokens")
+    summary = {key: run_workload(key, args, model, tokenizer, encoder, device) for key in args.workloads.split(",")}
     if args.run_dir:
         eval_s, total_s = evaluation_share(args.run_dir)
         print(f"evaluation share of {args.run_dir}: {eval_s:.1f} s of {total_s:.1f} s ({eval_s / total_s:.0%}), "
               f"(validation at every evaluation step and the final test scoring)")
+    return summary
 
 
 if __name__ == "__main__":
