@@ -235,6 +235,11 @@ def score(task, lang, predictions, references, rouge_mode="multilingual", lid_mo
         for name in ROUGE_TYPES:
             metrics[name] = _mean(r[name] for r in details)
         metrics["rouge_mode"] = rouge_mode
+        # the other mode too, so every result compares with the paper (gem) and is right for every script
+        other = next(mode for mode in ROUGE_MODES if mode != rouge_mode)
+        other_scorer = rouge_scorer(other)
+        other_scores = [other_scorer.score(ref["summary"], row["prediction"]) for row, ref in zip(details, references)]
+        metrics[other] = {name: _mean(s[name].fmeasure for s in other_scores) for name in ROUGE_TYPES}
         if rouge_mode == "gem" and language.script != "Latn":
             metrics["rouge_warning"] = (f"gem mode: rouge-score's default tokenizer keeps only a-z0-9, so it "
                                         f"deletes every {language.name} word; only Latin-letter words and digits "

@@ -69,10 +69,11 @@ def token_loss(model, batch):
     return loss_sum / num_tokens, num_tokens
 
 
-def make_optimizer(model, lr, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8):
-    """AdamW over the trainable parameters, in model order (so a saved state loads back)."""
+def make_optimizer(model, lr, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8, foreach=None):
+    """AdamW over the trainable parameters, in model order (so a saved state loads back). `foreach`:
+    torch's multi-tensor implementation (default: on CUDA only)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+    return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, foreach=foreach)
 
 
 def train_step(model, optimizer, batches, lr, grad_clip, device):
@@ -150,14 +151,22 @@ def check_stop_at_step(args):
 
 
 def pick_device(name="auto"):
+    """The torch device of --device (auto: CUDA when there is one), set up for this loop's shapes."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"--device: {name} requested but CUDA is not available")
     try:
-        return torch.device(name)
+        device = torch.device(name)
     except RuntimeError:
         raise UsageError(f"--device: unknown device '{name}'; use auto, cpu or cuda") from None
+    if device.type == "cuda":
+        # cuDNN's attention builds an execution plan for every new shape: 18-22 ms of CPU per call
+        # (H200, torch 2.11, bench/train_throughput.py --profile), 75% of a training step, and token-budget
+        # batches and decoding (a row leaving its batch) make new shapes all the time. The flash and
+        # memory-efficient kernels need no plan.
+        torch.backends.cuda.enable_cudnn_sdp(False)
+    return device
 
 
 def autocast(device):

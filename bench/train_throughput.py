@@ -46,6 +46,12 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--lr", type=float, default=1e-4, help="peak LR")
     p.add_argument("--warmup-steps", type=int, default=20, help="warm-up steps")
+    p.add_argument("--foreach", action="store_true", help="attempt: AdamW's multi-tensor step (both loops)")
+    p.add_argument("--compile", action="store_true",
+                   help="attempt: torch.compile(dynamic=True) for ours, torch_compile=True for the Trainer")
+    p.add_argument("--modes", default=",".join(MODES), help="configurations to run, comma-separated")
+    p.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                   help="instead: profile STEPS steps of ours (after 3 warm-up steps) and print where the time goes")
     p.add_argument("--mode", default=None, choices=MODES, help="(internal) run one configuration and print JSON")
     return p.parse_args(argv)
 
@@ -85,7 +91,9 @@ def peak_memory_mb(device):
 def run_ours(args, model, tokenizer, encoded, device):
     stream = data.TokenBatches(encoded, args.max_tokens, seed=0)
     batches = [stream.collate(b, tokenizer.pad_token_id) for b in stream.epoch_batches(0)]
-    optimizer = loop.make_optimizer(model, args.lr)
+    optimizer = loop.make_optimizer(model, args.lr, foreach=args.foreach or None)
+    if args.compile:
+        model = torch.compile(model, dynamic=True)
     model.train()
     sync(device)
     start = time.perf_counter()
@@ -105,8 +113,9 @@ def run_trainer(args, model, tokenizer, encoded, device, grouped):
         output_dir=os.path.join("/tmp", "xlgen-bench-trainer"), per_device_train_batch_size=batch_size,
         num_train_epochs=1, max_grad_norm=1.0, use_cpu=device.type == "cpu", bf16=device.type == "cuda",
         train_sampling_strategy="group_by_length" if grouped else "random", dataloader_num_workers=0,
-        report_to=[], save_strategy="no", logging_strategy="no", disable_tqdm=True, seed=0)
-    optimizer = loop.make_optimizer(model, args.lr)
+        report_to=[], save_strategy="no", logging_strategy="no", disable_tqdm=True, seed=0,
+        torch_compile=args.compile)
+    optimizer = loop.make_optimizer(model, args.lr, foreach=args.foreach or None)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: loop.get_lr(step + 1, 1.0, args.warmup_steps))
     collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
     trainer = Seq2SeqTrainer(model=model, args=training_args, train_dataset=dataset, data_collator=collator,
@@ -133,24 +142,66 @@ def run_mode(args):
     else:
         seconds, steps, (real, padded) = run_trainer(args, model, tokenizer, encoded, device, args.mode == "trainer-grouped")
     params = sum(p.numel() for p in model.parameters())
-    print(json.dumps({"mode": args.mode, "steps": steps, "real_tokens": real, "padded_tokens": padded,
+    flops = None
+    if args.dims == "mt5-base":
+        import cost
+        stream = data.TokenBatches(encoded, args.max_tokens, seed=0)
+        flops = sum(cost.batch_flops("google/mt5-base", stream.collate(b, tokenizer.pad_token_id))
+                    for b in stream.epoch_batches(0))
+    print(json.dumps({"mode": args.mode, "flops": flops, "steps": steps, "real_tokens": real, "padded_tokens": padded,
                       "seconds": seconds, "tokens_per_s": real / seconds, "padding_efficiency": real / padded,
                       "peak_memory_mb": peak_memory_mb(device), "params": params, "device": str(device)}))
 
 
+def profile_ours(args):
+    """torch.profiler over `args.profile` steps of ours: the operators with the most self time (CPU,
+    and on CUDA the GPU's), and the step's wall time against its GPU busy time."""
+    device = loop.pick_device(args.device)
+    tokenizer, encoded = encoded_examples(args)
+    model = build_model(args.dims, len(tokenizer), device).train()
+    stream = data.TokenBatches(encoded, args.max_tokens, seed=0)
+    batches = [stream.collate(b, tokenizer.pad_token_id) for b in stream.epoch_batches(0)][:3 + args.profile]
+    optimizer = loop.make_optimizer(model, args.lr)
+
+    def step(i, batch):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        loop.train_step(model, optimizer, [batch], loop.get_lr(i + 1, args.lr, args.warmup_steps), 1.0, device)
+    for i, batch in enumerate(batches[:3]):
+        step(i, batch)
+    sync(device)
+    activities = [torch.profiler.ProfilerActivity.CPU] + (
+        [torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    start = time.perf_counter()
+    with torch.profiler.profile(activities=activities) as prof:
+        for i, batch in enumerate(batches[3:]):
+            step(i + 3, batch)
+        sync(device)
+    wall = (time.perf_counter() - start) / args.profile
+    table = prof.key_averages()
+    print(f"profile of ours: {args.profile} steps, {wall * 1000:.0f} ms per step (wall, profiler on)")
+    print(table.table(sort_by="self_cpu_time_total", row_limit=15))
+    if device.type == "cuda":
+        busy = sum(e.self_device_time_total for e in table) / 1e3 / args.profile
+        print(f"GPU busy {busy:.0f} ms per step of {wall * 1000:.0f} ms")
+        print(table.table(sort_by="self_cuda_time_total", row_limit=12))
+
+
 def main(args):
+    if args.profile:
+        return profile_ours(args)
     if args.mode:
         return run_mode(args)
     rows = []
-    for mode in MODES:
+    for mode in args.modes.split(","):
         argv = [sys.executable, os.path.abspath(__file__), "--mode", mode, "--data-dir", args.data_dir,
                 "--num-examples", str(args.num_examples), "--max-tokens", str(args.max_tokens), "--dims", args.dims,
                 "--device", args.device, "--lr", str(args.lr), "--warmup-steps", str(args.warmup_steps)]
+        argv += ["--foreach"] * args.foreach + ["--compile"] * args.compile
         out = subprocess.run(argv, capture_output=True, text=True)
         if out.returncode != 0:
             sys.exit(f"error: {mode} failed:\n{out.stderr[-3000:]}")
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    ours = rows[0]
+    ours = next((r for r in rows if r["mode"] == "ours"), rows[0])  # the ratios are against ours when it ran
     device = ours["device"]
     name = torch.cuda.get_device_name() if device.startswith("cuda") else f"{platform.machine()} CPU, {os.cpu_count()} cores"
     print(f"machine: {name}; model: {args.dims} ({ours['params'] / 1e6:.1f}M parameters); "
@@ -161,15 +212,14 @@ def main(args):
         print(f"{row['mode']:<17}{row['steps']:>7}{row['seconds']:>9.1f}{row['tokens_per_s']:>12,.0f}"
               f"{row['padding_efficiency']:>11.3f}{row['peak_memory_mb']:>10,.0f}{ratio:>12.2f}x")
     if args.dims == "mt5-base" and device.startswith("cuda"):
-        flops_per_token = 6 * ours["params"]  # forward + backward, per real token (embedding lookups included)
-        peak = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+        peak = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16
         key = next((k for k in peak if k in name), None)
-        mfu = ours["tokens_per_s"] * flops_per_token / peak[key] if key else float("nan")
+        mfu = ours["flops"] / ours["seconds"] / peak[key] if key else float("nan")
         step_tokens = ours["real_tokens"] / ours["steps"]
         hours = 20000 * step_tokens / ours["tokens_per_s"] / 3600
-        print(f"model FLOPs utilisation (6 N flops/token, dense bf16 peak): {mfu:.1%}; "
+        print(f"model FLOPs utilisation of ours (cost.batch_flops: 6 FLOPs per weight and real token, embeddings "
+              f"left out, + attention; dense bf16 peak): {mfu:.1%} ({ours['flops'] / ours['seconds'] / 1e12:.0f} TFLOP/s); "
               f"projected 20k-step run at {step_tokens:,.0f} real tokens/step: {hours:.1f} h")
-
 
 if __name__ == "__main__":
     main(parse_args())

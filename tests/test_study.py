@@ -124,6 +124,22 @@ def test_dry_run_lists_every_run_of_the_protocol(tmp_path):
     # mT5-large at the paper's 1e-5, after IT
     large = [a for a in finetunes if a.model == "google/mt5-large" and a.init is not None]
     assert len(large) == 2 * (1 + 5) * 2 + 2 and {a.lr for a in large} == {1e-5}
+    # the cost table: every run counted once, in the stage that printed it, every one of them estimated
+    table = out[out.index("estimated GPU-hours"):].splitlines()[1:]
+    counts = {line.split()[0]: int(line.split()[1]) for line in table if line.strip()}
+    assert counts.pop("total") == sum(counts.values()) == 836 and "not estimated" not in out
+    assert counts["it"] == 5 and counts["translate-data"] == 15 and counts["appendix-d"] == 30
+
+
+def test_cost_model_counts_the_real_weights():
+    """mT5-base by hand: an encoder layer has 4 x 768 x 768 attention weights, 3 x 768 x 2048 gated
+    feed-forward weights and 2 layer norms of 768; the first adds 32 x 12 relative-position
+    buckets, the stack a final norm. The output layer: 250,112 x 768."""
+    import cost
+    (encoder, decoder, head), (enc_layers, dec_layers, width) = cost.weights("google/mt5-base")
+    assert encoder == 12 * (4 * 768 * 768 + 3 * 768 * 2048 + 2 * 768) + 32 * 12 + 768 == 84_954_240
+    assert decoder == 12 * (8 * 768 * 768 + 3 * 768 * 2048 + 3 * 768) + 32 * 12 + 768  # + cross-attention, 3rd norm
+    assert head == 250_112 * 768 and (enc_layers, dec_layers, width) == (12, 12, 768)
 
 
 def test_launch_prefix_in_dry_run(tmp_path):
@@ -220,6 +236,11 @@ def test_report_marks_missing_cells_and_lists_failed_runs(tmp_path):
             str(failed): dict(meta, stage="lr-search", method="adapters", lr=1e-3)}
     chosen = {"xquad/tiny-nllb/full": {"runs": [runs[1e-3]], "lr": 1e-3, "it": False, "plr": 1e-3, "val_metric": 0.0},
               "xquad/tiny-nllb/adapters": {"runs": [str(failed)], "lr": 1e-3, "it": False, "plr": 1e-3, "val_metric": None}}
+    translated = root / "runs" / "xquad" / "tiny-nllb" / "full-lr0.001-train_es-seed0"  # translate-train, same LR
+    plan[str(translated)] = dict(meta, stage="translate-search", method="full", lr=1e-3, train_lang="es")
+    # the zero-shot settings keep their runs whatever else shares their LR (before: the LR was dropped)
+    assert report.zero_shot_settings(plan, "xquad", "tiny-nllb", "full", False) == {
+        (1e-3, False): [runs[1e-3]], (3e-3, False): [runs[3e-3]]}
     (root / "plan.json").write_text(json.dumps(plan))
     (root / "chosen.json").write_text(json.dumps(chosen))
     report.main(report.parse_args(["--out-dir", str(root)]))
@@ -330,3 +351,23 @@ def test_real_outputs_section_matches_the_evaluate_command_line(tmp_path, capsys
     assert 85 < cli["lcr"] < 91 and cli["lcr_filtered"] > 95
     for r in rows.values():
         assert float(r["LCR (filtered)"]) > float(r["LCR (all)"])
+
+
+def test_lid_model_and_it_lr_reach_every_run(tmp_path):
+    """--lid-model reaches every finetuning run; --it-lr the IT run of its model only; a model the
+    study does not have is a one-line error."""
+    lid = tmp_path / "lid.176.bin"
+    out = subprocess.run([sys.executable, os.path.join(REPO, "study.py"), "all", "--dry-run", "--out-dir", str(tmp_path),
+                          "--lid-model", str(lid), "--it-lr", "mt5-base=3e-5,nllb-600m=1e-4"],
+                         capture_output=True, text=True, check=True).stdout
+    commands = [line for line in out.splitlines() if line.startswith("RUN ")]
+    finetunes = [c for c in commands if "finetune.py" in c]
+    assert len(finetunes) > 700 and all(f"--lid-model {lid}" in c for c in finetunes)
+    it = {shlex.split(c)[shlex.split(c).index("--model") + 1]: c for c in commands if "pretrain_it.py" in c}
+    assert it["google/mt5-base"].endswith("--lr 3e-05")
+    assert it["facebook/nllb-200-distilled-600M"].endswith("--lr 0.0001")
+    assert "--lr" not in it["google/mt5-large"].split(" -- ", 1)[1]
+    bad = subprocess.run([sys.executable, os.path.join(REPO, "study.py"), "it", "--dry-run", "--out-dir", str(tmp_path),
+                          "--it-lr", "mt5-small=1e-4"], capture_output=True, text=True)
+    assert bad.returncode != 0 and bad.stderr.strip().splitlines()[-1].startswith(
+        "error: --it-lr: unknown model 'mt5-small'; the study's models are mt5-base")

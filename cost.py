@@ -1,0 +1,203 @@
+"""Where a real run's GPU-hours go: FLOP counts of the real architectures, turned into hours by
+the rates bench/ measured on a GPU.
+
+    python cost.py                               # one paper run of each task (mT5-base), itemised
+    bash run_all.sh --dry-run                    # the whole study: hours per stage and in total
+
+A training step costs 6 FLOPs per weight per token (forward 2, backward 4) for the weights that
+token passes through -- the encoder's for source tokens, the decoder's and the output layer's for
+target tokens (the input embeddings are lookups, not products) -- plus the attention products
+(4 x context x width per token and layer forward, 3 times that with the backward). Generating one
+token costs 2 FLOPs per decoder and output-layer weight plus its attention over the source and the
+tokens before it; the encoder runs once per source. Dividing by what one GPU does per second gives
+hours: training at the model FLOPs utilisation (MFU) bench/train_throughput.py measured, generation
+(memory-bound: each step reads all decoder weights for a small batch) at the FLOP rate
+bench/generate_throughput.py measured at the tasks' real lengths.
+
+The example counts are the real data sets' (XL-Sum: Hasan et al. 2021; SQuAD v1.1; XQuAD); the
+token lengths are estimates for the real SentencePiece vocabularies (`LENGTHS`), stated so a
+reader can change them.
+"""
+
+import functools
+import math
+
+import data
+import models
+
+# One GPU: dense bf16 peak of an H100/H200 SXM, and the rates measured on an H200 on 2026-11-26 at
+# mT5-base dimensions, bf16 (bench/gpu.sh; figures in the README): training 6.01e14 FLOPs in 40.5 s
+# (1.5% MFU: eager HF modules launch ~4,000 small kernels a step, the GPU is busy a fraction of it),
+# generation of 141 XL-Sum-length outputs 2.06e13 FLOPs in 11.5 s.
+PEAK_FLOPS = 989e12
+MEASURED = {"gpu": "NVIDIA H200", "train_mfu": 6.01e14 / 40.5 / 989e12, "generate_flops_per_s": 2.06e13 / 11.5}
+
+# Examples per split and language (XL-Sum's tables; SQuAD v1.1; XQuAD: 1190 per language).
+XLSUM_SIZES = {  # lang: (train, validation, test)
+    "en": (306522, 11535, 11535), "zh": (37362, 4670, 4670), "fr": (8697, 1086, 1086), "ko": (4407, 550, 550),
+    "ru": (62243, 7780, 7780), "es": (38110, 4763, 4763), "ja": (7113, 889, 889), "ar": (37519, 4689, 4689)}
+SQUAD_TRAIN, XQUAD_SIZE = 87599, 1190
+
+# Mean tokens per example under the real vocabularies (estimates): source before the family's cut,
+# reference target, and what a trained model generates (XL-Sum's summaries run ~20-30 words).
+LENGTHS = {"xlsum": {"source": 640, "target": 34, "generated": 40},
+           "xquad": {"source": 210, "target": 7, "generated": 8},
+           "it": {"source": 250, "target": 250, "generated": 32}}
+
+
+@functools.lru_cache(maxsize=None)
+def weights(name):
+    """(encoder, decoder, output layer) weights of a real architecture, embeddings left out; and its
+    (encoder layers, decoder layers, attention width)."""
+    model = models.real_architecture(name)  # on the meta device: shapes only
+    encoder, decoder = model.get_encoder(), model.get_decoder()
+
+    def count(module, skip):
+        return sum(p.numel() for n, p in module.named_parameters() if not n.startswith(skip))
+    config = model.config
+    width = getattr(config, "num_heads", 0) * getattr(config, "d_kv", 0) or config.d_model
+    layers = (getattr(config, "num_layers", None) or config.encoder_layers,
+              getattr(config, "num_decoder_layers", None) or config.decoder_layers)
+    head = model.lm_head.weight.numel()
+    return (count(encoder, ("embed_tokens", "embed_positions")), count(decoder, ("embed_tokens", "embed_positions")),
+            head), layers + (width,)
+
+
+def batch_flops(name, batch):
+    """Training FLOPs of one collated batch, counted on its real (non-pad) tokens."""
+    (enc, dec, head), (enc_layers, dec_layers, width) = weights(name)
+    src = batch["attention_mask"].sum(1).tolist()
+    tgt = (batch["labels"] != -100).sum(1).tolist()
+    forward = sum(2 * enc * s + 2 * (dec + head) * t + 4 * width * (enc_layers * s * s + dec_layers * t * (t + s))
+                  for s, t in zip(src, tgt))
+    return 3 * forward
+
+
+def source_length(name, task):
+    return min(LENGTHS[task]["source"], models.FAMILY_MAX_LENGTH[models.REAL_CONFIGS[name][0]])
+
+
+def train_step_flops(name, task, max_tokens):
+    """FLOPs of one training step on a `max_tokens` batch (fairseq budget: longest side x examples)."""
+    (enc, dec, head), (enc_layers, dec_layers, width) = weights(name)
+    src, tgt = source_length(name, task), LENGTHS[task]["target"]
+    n = max_tokens / max(src, tgt)
+    forward = n * (2 * enc * src + 2 * (dec + head) * tgt
+                   + 4 * width * (enc_layers * src * src + dec_layers * tgt * (tgt + src)))
+    return 3 * forward
+
+
+def generation_flops(name, task, examples, generated=None):
+    """FLOPs of generating for `examples` sources of `task` (greedy, cache, finished rows dropped)."""
+    (enc, dec, head), (enc_layers, dec_layers, width) = weights(name)
+    src, out = source_length(name, task), generated or LENGTHS[task]["generated"]
+    encoder = 2 * enc * src + 4 * width * enc_layers * src * src
+    decoder = out * (2 * (dec + head) + 4 * width * dec_layers * (src + out / 2))
+    return examples * (encoder + decoder)
+
+
+def train_hours(flops):
+    return flops / (PEAK_FLOPS * MEASURED["train_mfu"]) / 3600 if MEASURED["train_mfu"] else math.nan
+
+
+def generate_hours(flops):
+    return flops / MEASURED["generate_flops_per_s"] / 3600 if MEASURED["generate_flops_per_s"] else math.nan
+
+
+def validation_examples(task, langs):
+    if task == "xlsum":
+        return sum(XLSUM_SIZES[lang][1] for lang in langs)
+    return XQUAD_SIZE * len(langs)  # XQuAD languages, or English's held-out SQuAD dev slice
+
+
+def test_examples(task, langs):
+    limit = data.TASKS[task].test_limit
+    if task == "xlsum":
+        return sum(min(XLSUM_SIZES[lang][2], limit or math.inf) for lang in langs)
+    return XQUAD_SIZE * len(langs)
+
+
+def finetune_hours(name, task, max_steps=20000, max_tokens=4000, eval_every=2000, val_langs=None, test_langs=None,
+                   test_last=False, max_eval_examples=None):
+    """(training hours, evaluation hours) of one finetune.py run."""
+    spec = data.TASKS[task]
+    val_langs, test_langs = val_langs or spec.val_langs, test_langs or spec.test_langs
+    evaluations = max_steps // eval_every
+    val = validation_examples(task, val_langs)
+    test = test_examples(task, test_langs)
+    if max_eval_examples:  # finetune.py's cap applies to each language's validation and test sets
+        val = min(val, max_eval_examples * len(val_langs))
+        test = min(test, max_eval_examples * len(test_langs))
+    test *= 2 if test_last else 1
+    return (train_hours(max_steps * train_step_flops(name, task, max_tokens)),
+            generate_hours(generation_flops(name, task, evaluations * val + test)))
+
+
+def it_hours(name, max_steps=100000, max_tokens=5000, eval_every=5000):
+    """Intermediate tuning: Prefix-LM on raw text (evaluation: held-out loss and a few generations)."""
+    held_out = max_steps // eval_every * train_step_flops(name, "it", max_tokens) / 3 * 20  # 20 forward batches
+    return train_hours(max_steps * train_step_flops(name, "it", max_tokens) + held_out), 0.0
+
+
+def translate_hours(translator, task, examples):
+    """Translating `examples` training examples (every source and target sentence) with `translator`."""
+    lengths = LENGTHS[task]
+    tokens = lengths["source"] + lengths["target"]
+    return 0.0, generate_hours(generation_flops(translator, "it", examples, generated=tokens))
+
+
+def run_hours(argv):
+    """(training hours, generation hours) of one command of the study (python SCRIPT.py ARGS), from its
+    own parsed arguments; None for tiny models (nothing to estimate)."""
+    import os
+    script, flags = os.path.basename(argv[1]), argv[2:]
+    if script == "finetune.py":
+        import finetune
+        args = finetune.parse_args(flags)
+        if args.model not in models.REAL_CONFIGS:
+            return None
+        langs = [data.parse_langs(flag) if flag else None for flag in (args.val_langs, args.test_langs)]
+        return finetune_hours(args.model, args.task, args.max_steps, args.max_tokens * args.update_freq,
+                              args.eval_every, *langs, args.test_last, args.max_eval_examples)
+    if script == "pretrain_it.py":
+        import pretrain_it
+        args = pretrain_it.parse_args(flags)
+        if args.model not in models.REAL_CONFIGS:
+            return None
+        return it_hours(args.model, args.max_steps, args.max_tokens * args.update_freq, args.eval_every)
+    if script == "translate_train.py":
+        import translate_train
+        args = translate_train.parse_args(flags)
+        if args.model not in models.REAL_CONFIGS:
+            return None
+        if args.predictions:  # a run's test predictions (Appendix D): short outputs, not examples
+            task = "xquad" if "/xquad/" in args.predictions else "xlsum"
+            examples = test_examples(task, [args.tgt_lang])
+            return 0.0, generate_hours(generation_flops(args.model, "it", examples, LENGTHS[task]["generated"]))
+        examples = (XQUAD_SIZE if "heldout" in args.train_file else SQUAD_TRAIN) if args.task == "xquad" \
+            else XLSUM_SIZES["en"][0]
+        return translate_hours(args.model, args.task, args.limit or examples)
+    return None
+
+
+def validation_hours(name, task, evaluations=10, cap=None):
+    """Generation hours of a run's validations, each language capped at `cap` examples."""
+    langs = data.TASKS[task].val_langs
+    examples = validation_examples(task, langs) if cap is None else sum(
+        min(cap, validation_examples(task, [lang])) for lang in langs)
+    return generate_hours(generation_flops(name, task, evaluations * examples))
+
+
+def main():
+    print(f"GPU: {MEASURED['gpu']}, training at {MEASURED['train_mfu']:.1%} MFU of {PEAK_FLOPS / 1e12:.0f} TFLOP/s, "
+          f"generation at {MEASURED['generate_flops_per_s'] / 1e12:.1f} TFLOP/s (measured, bench/gpu.sh)")
+    for task in data.FINETUNE_TASKS:
+        train, evaluation = finetune_hours("google/mt5-base", task, test_last=True)
+        print(f"one mT5-base run, {task}: 20k steps of 4000 tokens {train:.2f} h + 10 validations and the test "
+              f"{evaluation:.2f} h = {train + evaluation:.2f} h (evaluation {evaluation / (train + evaluation):.0%}); "
+              f"the validations alone {validation_hours('google/mt5-base', task):.2f} h, capped at 500 examples "
+              f"per language {validation_hours('google/mt5-base', task, cap=500):.2f} h")
+
+
+if __name__ == "__main__":
+    main()
