@@ -371,3 +371,42 @@ def test_lid_model_and_it_lr_reach_every_run(tmp_path):
                           "--it-lr", "mt5-small=1e-4"], capture_output=True, text=True)
     assert bad.returncode != 0 and bad.stderr.strip().splitlines()[-1].startswith(
         "error: --it-lr: unknown model 'mt5-small'; the study's models are mt5-base")
+
+
+@pytest.mark.slow
+def test_appendix_d_translates_the_best_english_lrs_outputs_and_table3_compares(tmp_path, monkeypatch):
+    """Hand-made search of full finetuning: LR 1e-3 validates at 20 (non-English) and 5 (English),
+    1e-4 at 10 and 30. So best-for-English is 1e-4 and best-non-English 1e-3. The stage translates
+    1e-4's last-step Spanish outputs (English answers) into Spanish with tiny-nllb -- a real
+    translate_train.py --predictions run -- and Table 3 scores the translation against XQuAD es
+    beside 1e-3's own last-step score (7.00, from its results)."""
+    import data
+    monkeypatch.setattr(study, "TASKS", ["xquad"])
+    s = _study(tmp_path, tiny=True)
+    s.appendix_d_models = ["tiny-mt5"]
+    questions = data.read_squad(data.xquad_path(DATA_DIR, "en"))[:6]  # XQuAD ids are the same in every language
+    for lr, non_en, en, last in ((1e-3, 20.0, 5.0, 7.0), (1e-4, 10.0, 30.0, 3.0)):
+        d = tmp_path / "runs" / f"full-lr{lr:g}-seed0"
+        (d / "eval").mkdir(parents=True)
+        (d / "predictions").mkdir()
+        (d / "eval" / "step_20.json").write_text(json.dumps({"main_metric": "f1_filtered", "langs": {
+            "th": {"f1_filtered": non_en}, "en": {"f1_filtered": en}}}))
+        (d / "predictions" / "test_last.es.json").write_text(json.dumps({q["id"]: q["answers"][0] for q in questions}))
+        (d / "results.json").write_text(json.dumps({
+            "config": {"task": "xquad", "max_steps": 20, "data_dir": DATA_DIR, "xlsum_dir": None},
+            "best_val_metric": non_en, "test_last_average": {"f1_filtered": last, "lcr_filtered": 50.0}}))
+        s.plan[str(d)] = {"stage": "lr-search", "task": "xquad", "model": "tiny-mt5", "method": "full", "lr": lr,
+                          "it": False, "seed": 0}
+    study.stage_appendix_d(s)
+    assert s.failures == []
+    [(run_dir, meta)] = [(d, m) for d, m in s.plan.items() if m["stage"] == "appendix-d"]
+    assert (meta["best_en_lr"], meta["best_non_en_lr"], meta["lang"]) == (1e-4, 1e-3, "es")
+    assert meta["source_run"] == str(tmp_path / "runs" / "full-lr0.0001-seed0")
+    translated = json.loads(open(meta["translated"]).read())
+    assert sorted(translated) == sorted(q["id"] for q in questions)  # every output translated, by id
+    assert "--model tiny-nllb --tgt-lang es" in open(os.path.join(run_dir, "run.log")).readline()
+    table = report.table3_appendix_d(s.plan)
+    [row] = table.rows
+    score = report.score_translated(meta)
+    assert row[:3] == ["xquad", "tiny-mt5", "0.0001"] and row[4:] == ["0.001", "7.00"]
+    assert score is not None and row[3] == report.fmt(score)
