@@ -410,3 +410,42 @@ def test_appendix_d_translates_the_best_english_lrs_outputs_and_table3_compares(
     score = report.score_translated(meta)
     assert row[:3] == ["xquad", "tiny-mt5", "0.0001"] and row[4:] == ["0.001", "7.00"]
     assert score is not None and row[3] == report.fmt(score)
+
+
+def test_translate_train_search_selects_on_the_mean_over_its_languages_and_seeds(tmp_path, monkeypatch):
+    """The translate-train LR search with hand-made validation scores (each run validated in its own
+    language). Per LR, the five languages' mean over two seeds: 1e-3: es 50 (seed 0) and 30 (seed 1),
+    the others 10 -> (40 + 40) / 5 = 16; 1e-4: 20 everywhere -> 20; 1e-5: 5; then full finetuning's
+    3 x 10^-k*: 3e-4: 15. So the chosen LR is 1e-4, although Spanish alone and the best single run
+    prefer 1e-3; it inherits zero-shot full finetuning's IT choice."""
+    monkeypatch.setattr(study, "TASKS", ["xquad"])
+    s = _study(tmp_path, seeds="0,1")
+    s.models = {"mt5-base": study.MODELS["mt5-base"]}
+    scores = {1e-3: {"es": (50.0, 30.0)}, 1e-4: {}, 1e-5: {}, 3e-4: {}}
+    default = {1e-3: 10.0, 1e-4: 20.0, 1e-5: 5.0, 3e-4: 15.0}
+    launched = []
+
+    def fake_execute(self, runs):  # what the runs would leave behind
+        for run in runs:
+            os.makedirs(run.dir, exist_ok=True)
+            meta = self.plan[run.dir]
+            if meta["stage"] == "translate-data":
+                os.makedirs(os.path.dirname(run.done), exist_ok=True)
+                open(run.done, "w").write("{}")
+                continue
+            launched.append(run.argv)
+            lang, lr, seed = meta["train_lang"], meta["lr"], meta["seed"]
+            value = scores[lr].get(lang, (default[lr],) * 2)[seed]
+            open(run.done, "w").write(json.dumps({"best_val_metric": value}))
+    monkeypatch.setattr(study.Study, "execute", fake_execute)
+    zero_shot = {"runs": [], "lr": 1e-3, "it": True, "plr": 1e-3, "val_metric": 1.0}
+    (tmp_path / "chosen.json").write_text(json.dumps({"xquad/mt5-base/full": zero_shot}))
+    study.stage_translate(s)
+    chosen = json.loads((tmp_path / "chosen.json").read_text())["xquad/mt5-base/translate"]
+    assert chosen["lr"] == 1e-4 and chosen["it"] is True and chosen["val_metric"] == 20.0
+    assert len(chosen["runs"]) == 5 * 2 and all("-it-train_" in d for d in chosen["runs"])
+    lrs = sorted({float(a[a.index("--lr") + 1]) for a in launched})
+    assert lrs == [1e-5, 1e-4, 3e-4, 1e-3] and len(launched) == 4 * 5 * 2
+    for argv in launched:  # each run validates and tests in the language it was trained on
+        lang = argv[argv.index("--train-lang") + 1]
+        assert argv[argv.index("--val-langs") + 1] == argv[argv.index("--test-langs") + 1] == lang
