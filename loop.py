@@ -566,7 +566,7 @@ def train(model, tokenizer, stream, *, run_dir, base_model, lr, warmup_steps, ma
             session_done = stop_after_steps is not None and step >= start_step + stop_after_steps
             if (step == stop_at_step or session_done) and step < max_steps:
                 bar.close()
-                return best_step, best_metric, True
+                return best_step, best_metric, step
         if step == max_steps:
             break
 

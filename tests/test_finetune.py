@@ -142,14 +142,16 @@ def _equal(a, b):
 
 
 @pytest.mark.slow
-def test_same_seed_bitwise_equal_and_resume_bitwise_equal(tmp_path):
+def test_same_seed_bitwise_equal_and_resume_bitwise_equal(tmp_path, capsys):
     run_finetune(tmp_path / "a", "--seed", "3")
     run_finetune(tmp_path / "b", "--seed", "3")
     assert _equal(_weights(tmp_path / "a" / "last"), _weights(tmp_path / "b" / "last"))
     run_finetune(tmp_path / "c", "--seed", "4")
     assert not _equal(_weights(tmp_path / "a" / "last"), _weights(tmp_path / "c" / "last"))
     # 10 steps, stop, then --resume for the other 10: the same weights, log and results as 20 straight
+    capsys.readouterr()
     assert run_finetune(tmp_path / "r", "--seed", "3", "--stop-at-step", "10") is None
+    assert "stopped after the checkpoint of step 10; continue with --resume" in capsys.readouterr().out
     assert loop.load_train_state(str(tmp_path / "r" / "last"))["step"] == 10
     assert not (tmp_path / "r" / "results.json").exists()
     resumed = run_finetune(tmp_path / "r", "--seed", "3", "--resume")
