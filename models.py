@@ -451,7 +451,6 @@ REAL_CONFIGS = {
                                                       decoder_ffn_dim=4096, max_position_embeddings=1024,
                                                       scale_embedding=True, activation_function="relu",
                                                       encoder_layerdrop=0.0, decoder_layerdrop=0.0)),
-    "facebook/mbart-large-50-many-to-many-mmt": None,  # the same architecture as mbart-large-50 (set below)
     "facebook/nllb-200-3.3B": ("nllb", dict(vocab_size=256206, d_model=2048, encoder_layers=24, decoder_layers=24,
                                             encoder_attention_heads=16, decoder_attention_heads=16,
                                             encoder_ffn_dim=8192, decoder_ffn_dim=8192, max_position_embeddings=1024,
@@ -460,7 +459,7 @@ REAL_CONFIGS = {
 }
 
 
-REAL_CONFIGS["facebook/mbart-large-50-many-to-many-mmt"] = REAL_CONFIGS["facebook/mbart-large-50"]
+REAL_CONFIGS["facebook/mbart-large-50-many-to-many-mmt"] = REAL_CONFIGS["facebook/mbart-large-50"]  # same architecture
 
 
 def real_architecture(name, device="meta"):

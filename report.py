@@ -27,6 +27,7 @@ evaluate.py); of XL-Sum, on all outputs.
 import csv
 import glob
 import io
+import json
 import os
 import statistics
 
@@ -34,7 +35,7 @@ import adapt
 import common
 import data
 import evaluate
-from study import GUARD, LARGE_LR, guard_value, load_results, rank
+from study import GUARD, LARGE_LR, guard_value, load_results, mean, rank
 
 MISSING = "—"
 
@@ -125,8 +126,7 @@ def settings_of(plan, keep=None, **match):
 def best_setting(settings, plan):
     """The (lr, it) whose runs have the best mean validation metric (a missing one never wins)."""
     def score(key):
-        values = [r["best_val_metric"] for r in map(load_results, settings[key]) if r and r["best_val_metric"] is not None]
-        return rank(statistics.mean(values) if values else None)
+        return rank(mean(r["best_val_metric"] for r in map(load_results, settings[key]) if r))
     return max(sorted(settings), key=score) if settings else None
 
 
@@ -252,13 +252,18 @@ def table3_appendix_d(plan, lid_model=None):
         if meta.get("stage") == "appendix-d":
             groups.setdefault((meta["task"], meta["model"]), []).append(meta)
     for (task, model), metas in sorted(groups.items()):
-        main = data.TASKS[task].main_metric
         scores = [score_translated(meta, lid_model) for meta in metas]
         translated = statistics.mean(scores) if scores and None not in scores else None
         best_non_en = setting_mean(metas[0]["non_en_runs"], plan, task, part="test_last")[0]
         table.add([task, model, f"{metas[0]['best_en_lr']:g}", fmt(translated), f"{metas[0]['best_non_en_lr']:g}",
                    fmt(best_non_en)], [metas[0]["source_run"]] + metas[0]["non_en_runs"])
     return table
+
+
+def test_file_of(config, task, lang):
+    """The file a run was tested on in `lang`: its --test-file LANG=PATH, else the task's."""
+    given = dict(item.split("=", 1) for item in config.get("test_file") or [])
+    return given.get(lang) or data.task_file(task, "test", lang, config["data_dir"], config["xlsum_dir"])
 
 
 def score_translated(meta, lid_model=None):
@@ -268,8 +273,7 @@ def score_translated(meta, lid_model=None):
         return None
     source = load_results(meta["source_run"])
     config, lang, task = source["config"], meta["lang"], meta["task"]
-    path = dict(f.split("=", 1) for f in config.get("test_file") or []).get(lang) or \
-        data.task_file(task, "test", lang, config["data_dir"], config["xlsum_dir"])
+    path = test_file_of(config, task, lang)
     predictions = data.read_predictions(meta["translated"])
     references = [r for r in data.read_references(task, path) if r["id"] in predictions]
     metrics, _ = evaluate.score(task, lang, predictions, references, config.get("rouge_mode", "multilingual"), lid_model)
@@ -359,6 +363,16 @@ def search_points(plan, task, model, method, stage="lr-search"):
     return sorted(settings_of(plan, stage=stage, task=task, model=model, method=method, it=False).items())
 
 
+def finish_lr_figure(fig, ax_metric, ax_lcr, title, path):
+    """LR on a log axis in both panels, the legend, the title; then the PNG."""
+    for ax in (ax_metric, ax_lcr):
+        ax.set_xscale("log")
+        ax.set_xlabel("learning rate")
+    ax_lcr.legend(fontsize=8)
+    fig.suptitle(title)
+    save_figure(fig, path)
+
+
 def fig1_lr(plan, task, path):
     """Full finetuning: metric and LCR against LR, averaged over languages, one line per model (Figure 1)."""
     models = sorted({m["model"] for m in plan.values() if m.get("stage") == "lr-search" and m.get("task") == task})
@@ -371,12 +385,7 @@ def fig1_lr(plan, task, path):
             drawn = True
             ax_metric.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=model)
             ax_lcr.plot([p[0] for p in points], [p[2] for p in points], marker="o", label=model)
-    for ax in (ax_metric, ax_lcr):
-        ax.set_xscale("log")
-        ax.set_xlabel("learning rate")
-    ax_lcr.legend(fontsize=8)
-    fig.suptitle(f"Figure 1 ({task}): full finetuning, test metric and LCR against LR")
-    save_figure(fig, path)
+    finish_lr_figure(fig, ax_metric, ax_lcr, f"Figure 1 ({task}): full finetuning, test metric and LCR against LR", path)
     return drawn
 
 
@@ -469,12 +478,8 @@ def fig8_11_lr(plan, task, model, method, path):
         for k, ax in ((0, ax_metric), (1, ax_lcr)):
             ax.plot(xs, [statistics.mean(v[k] for v in found[lang]) for _, found in points if lang in found],
                     marker="o", label=lang)
-    for ax in (ax_metric, ax_lcr):
-        ax.set_xscale("log")
-        ax.set_xlabel("learning rate")
-    ax_lcr.legend(fontsize=8)
-    fig.suptitle(f"Figures 8-11 ({task} / {model} / {method}): test metric and LCR against LR per language")
-    save_figure(fig, path)
+    finish_lr_figure(fig, ax_metric, ax_lcr,
+                     f"Figures 8-11 ({task} / {model} / {method}): test metric and LCR against LR per language", path)
     return True
 
 
@@ -519,13 +524,12 @@ def fig4_examples(plan, chosen, report_dir):
             details = os.path.join(run, "predictions", "test.es.details.jsonl")
             if not os.path.isfile(details):
                 continue
-            rows = {row["id"]: row for row in map(__import__("json").loads, open(details, encoding="utf-8"))}
+            rows = {row["id"]: row for row in map(json.loads, open(details, encoding="utf-8"))}
             results = load_results(run)
             if example is None and rows:
                 example = next(iter(rows))
                 config = results["config"]
-                path = dict(f.split("=", 1) for f in config.get("test_file") or []).get("es") or \
-                    data.task_file(task, "test", "es", config["data_dir"], config["xlsum_dir"])
+                path = test_file_of(config, task, "es")
                 reference = next(r for r in data.read_references(task, path) if r["id"] == example)
                 source = reference.get("text") or f"{reference['context']} {reference['question']}"
                 gold = reference.get("summary") or " | ".join(reference["answers"])

@@ -272,11 +272,12 @@ class Study:
             runs.append(Run(d, argv, os.path.join(d, "results.json")))
         return runs
 
-    def settings(self, **match):
-        """{lr: [run dirs of its seeds]} of the plan's runs whose record has the given values."""
+    def settings(self, keep=None, **match):
+        """{lr: [run dirs of its seeds]} of the plan's runs whose record has the given values (and,
+        if given, for which keep(record) is true)."""
         found = {}
         for d, meta in self.plan.items():
-            if all(meta.get(key) == value for key, value in match.items()):
+            if all(meta.get(key) == value for key, value in match.items()) and (keep is None or keep(meta)):
                 found.setdefault(meta["lr"], []).append(d)
         return found
 
@@ -291,8 +292,7 @@ class Study:
     def mean_val(self, run_dirs):
         """The mean over seeds (the runs of one setting) of their selection metric: what LR selection
         and the methods stage compare. Failed seeds are left out; all failed: None (never wins)."""
-        values = [v for v in (self.val_metric(d) for d in run_dirs) if v is not None]
-        return sum(values) / len(values) if values else None
+        return mean(self.val_metric(d) for d in run_dirs)
 
     # ---- execution: see "Runs on a cluster" below ----
     def execute(self, runs):
@@ -308,7 +308,7 @@ class Study:
             for run in todo:
                 if run.dir not in self.printed:
                     self.printed[run.dir] = (self.plan.get(run.dir, {}).get("stage", "?"), run.argv)
-                    print(f"RUN {self.launch_line(run, first=True)}")
+                    print(f"RUN {self.launch_line(run, self.command(run, resume=False))}")
             return
         pending = []
         for run in todo:
@@ -320,22 +320,20 @@ class Study:
                 pending.append(run)
         self.watch(pending)
 
-    def command(self, run):
-        """The run's command for its next attempt: --resume once it has a checkpoint, and a step
-        budget per job when --chunk-steps is set."""
+    def command(self, run, resume=True):
+        """The run's command for its next attempt: --resume once it has a checkpoint (unless
+        resume=False: the dry run prints first attempts), and a step budget per job when
+        --chunk-steps is set."""
         argv = list(run.argv)
-        if run.resumable and os.path.isdir(os.path.join(run.dir, "last")):
+        if resume and run.resumable and os.path.isdir(os.path.join(run.dir, "last")):
             argv.append("--resume")
         if run.resumable and self.args.chunk_steps:
             argv += ["--stop-after-steps", str(self.args.chunk_steps)]
         return argv
 
-    def launch_line(self, run, first=False):
+    def launch_line(self, run, command):
         wrapped = [self.python, os.path.join(HERE, "study.py"), "exec", "--run-dir", run.dir, "--done", run.done,
-                   "--heartbeat-seconds", f"{self.heartbeat_seconds():g}", "--"] + (
-                       run.argv if first else self.command(run))
-        if first and run.resumable and self.args.chunk_steps:
-            wrapped += ["--stop-after-steps", str(self.args.chunk_steps)]
+                   "--heartbeat-seconds", f"{self.heartbeat_seconds():g}", "--"] + command
         launch = os.environ.get("LAUNCH", "").strip()
         if not launch:
             return shlex.join(wrapped)
@@ -358,15 +356,15 @@ class Study:
         os.makedirs(run.dir, exist_ok=True)
         run.attempts += 1
         run.job_id, run.ended_seen = None, None
-        resumed = " with --resume" if "--resume" in self.command(run) else ""
+        command = self.command(run)
+        resumed = " with --resume" if "--resume" in command else ""
         print(f"run  {os.path.relpath(run.dir, self.out)}" + (f" (attempt {run.attempts}{resumed})" if run.attempts > 1 else ""),
               flush=True)
         launch = os.environ.get("LAUNCH", "").strip()
-        line = self.launch_line(run)
         if not launch:  # here, to its end, in a forked child (see run_local)
-            run_local(run.dir, run.done, self.command(run), self.heartbeat_seconds())
+            run_local(run.dir, run.done, command, self.heartbeat_seconds())
             return True
-        result = subprocess.run(line, shell=True, capture_output=True, text=True)
+        result = subprocess.run(self.launch_line(run, command), shell=True, capture_output=True, text=True)
         started = os.path.isfile(os.path.join(run.dir, "started.json"))  # a launcher that ran the command itself
         if result.returncode != 0 and not started:
             message = " ".join((result.stderr or result.stdout).split()) or f"exit status {result.returncode}"
@@ -405,8 +403,7 @@ class Study:
     def watch(self, pending):
         """Poll until every run is done or failed for good, at most --max-wait hours."""
         deadline = time.time() + self.args.max_wait * 3600
-        last_print, counts = 0.0, collections.Counter()
-        finished = failed = 0
+        last_print, finished, failed = 0.0, 0, 0
         while pending:
             states = {}
             for run in list(pending):
@@ -798,12 +795,9 @@ def stage_appendix_d(study):
     translations = []
     for task in TASKS:
         for model in study.appendix_d_models:
-            settings = {}
-            for d, meta in study.plan.items():  # full finetuning without IT, at every LR tried
-                if (meta.get("stage") in ("lr-search", "methods") and (meta.get("task"), meta.get("model"),
-                                                                        meta.get("method"), meta.get("it")) ==
-                        (task, model, "full", False) and "train_lang" not in meta):
-                    settings.setdefault(meta["lr"], []).append(d)
+            # zero-shot full finetuning without IT, at every LR tried
+            settings = study.settings(task=task, model=model, method="full", it=False, keep=lambda meta: meta.get(
+                "stage") in ("lr-search", "methods") and "train_lang" not in meta)
             if not settings:
                 continue
             non_en = {lr: study.mean_val(dirs) for lr, dirs in settings.items()}
