@@ -57,6 +57,8 @@ After `apply`, `model.xlgen_adaptation` is {"method": ..., "options": {...}}: th
 a model was adapted, read by `save` (added weights only, or a full checkpoint) and `adaptation_of`.
 """
 
+import dataclasses
+import math
 import os
 
 import torch
@@ -67,18 +69,93 @@ import data
 import models
 from common import DataError, UsageError
 
-METHODS = ("full", "freeze", "adapters", "prompt", "mix", "multisrc")
-ADDED_WEIGHT_METHODS = ("adapters", "prompt")  # their checkpoints hold only the added weights
 SUPPORTED = {"mt5": "MT5ForConditionalGeneration", "mbart": "MBartForConditionalGeneration",
              "m2m_100": "M2M100ForConditionalGeneration"}
-DEFAULT_OPTIONS = {"adapters": {"bottleneck": 64}, "prompt": {"prompt_length": 100, "seed": 0},
-                   "mix": {"mix_prob": 0.01, "mix_langs": None}, "multisrc": {"src_langs": None}}
+
+
+# -----------------------------------------------------------------------------
+# The method registry: everything the other modules know about a method is its entry in REGISTRY
+# (finetune.py's flags and data, the study's LR search, the report's rows, the tests' cases).
+# To add a method: write its surgery (a function `add(model, options)`) and its trainable set, then
+# one Method(...) at the end of this file. Nothing outside adapt.py needs to change.
+
+@dataclasses.dataclass(frozen=True)
+class Option:
+    """One option of a method: its apply() keyword, the command-line flag that sets it and a check."""
+    name: str                    # keyword of apply(), key in adapter_config.json
+    flag: str                    # e.g. "--adapter-dim"; "--seed" is finetune's own flag (not added here)
+    default: object
+    help: str = ""
+    type: object = None          # argparse type of the flag
+    check: object = None         # value -> value (normalised); raises UsageError naming the flag
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    name: str
+    label: str                   # how prose names it ("prompt tuning")
+    summary: str                 # one line, for --help
+    options: tuple = ()          # Option(...) of the method
+    add: object = None           # module surgery: add(model, options) adds modules (None: nothing added)
+    trainable: object = None     # trainable(model, param_name) -> bool (None: every weight)
+    added: object = None         # added(param_name) -> bool: the parameters `add` created; when set,
+                                 # checkpoints hold only these (adapter_config.json + weights)
+    lr_search: str = "own"       # "own": the study searches its LR; else the method whose PLR it uses
+    mixes_text: bool = False     # finetune.py mixes self-supervised batches of raw text in (mix)
+    several_sources: bool = False  # finetune.py trains on several source languages (multisrc)
+
+    def defaults(self):
+        return {option.name: option.default for option in self.options}
+
+    def applies_to(self, task):
+        """multisrc needs training data in several source languages (XL-Sum has it; XQuAD has only
+        English, paper Section 3)."""
+        return not self.several_sources or len(data.get_task(task).source_langs) > 1
+
+
+REGISTRY = {}  # name -> Method, in the paper's order; filled at the end of this module
+
+
+def register(method):
+    REGISTRY[method.name] = method
+    return method
+
+
+def get_method(name, flag="--method"):
+    if name not in REGISTRY:
+        raise UsageError(f"{flag}: unknown method '{name}'; choose from {', '.join(REGISTRY)}")
+    return REGISTRY[name]
 
 
 def methods_for(task):
-    """The methods that apply to a task: multisrc needs training data in several source languages
-    (XL-Sum has it; XQuAD has only English, paper Section 3)."""
-    return [m for m in METHODS if m != "multisrc" or len(data.get_task(task).source_langs) > 1]
+    """The methods that apply to a task, in registry order."""
+    return [name for name, method in REGISTRY.items() if method.applies_to(task)]
+
+
+def searched_methods():
+    """The methods whose LR the study searches (the others borrow one, see lr_source)."""
+    return [name for name, method in REGISTRY.items() if method.lr_search == "own"]
+
+
+def lr_search_note():
+    """Where each method's PLR comes from, in words: "the LR search of full finetuning, adapters or
+    prompt tuning (freeze, mix and multisrc use full finetuning's)"."""
+    def words(items, last):
+        return items[0] if len(items) == 1 else ", ".join(items[:-1]) + f" {last} " + items[-1]
+    searched = [REGISTRY[name].label for name in searched_methods()]
+    borrowers = {}
+    for name, method in REGISTRY.items():
+        if method.lr_search != "own":
+            borrowers.setdefault(method.lr_search, []).append(name)
+    uses = "; ".join(f"{words(names, 'and')} use{'s' if len(names) == 1 else ''} {REGISTRY[source].label}'s"
+                     for source, names in borrowers.items())
+    return f"the LR search of {words(searched, 'or')}" + (f" ({uses})" if uses else "")
+
+
+def lr_source(name):
+    """The method whose PLR `name` uses: its own, or e.g. full finetuning's for freeze, mix, multisrc."""
+    method = get_method(name)
+    return name if method.lr_search == "own" else method.lr_search
 
 
 # -----------------------------------------------------------------------------
@@ -86,28 +163,25 @@ def methods_for(task):
 
 def add_method_args(parser):
     """The flags of the methods and their options, for every command that adapts a model."""
-    parser.add_argument("--method", default="full", choices=METHODS, help="adaptation method")
-    parser.add_argument("--adapter-dim", type=common.positive_int, default=64, help="adapters: bottleneck size")
-    parser.add_argument("--prompt-length", type=common.positive_int, default=100, help="prompt: number of prompt vectors")
-    parser.add_argument("--mix-prob", type=common.probability, default=0.01,
-                        help="mix: probability of a self-supervised batch (paper: 0.01)")
-    parser.add_argument("--mix-langs", default=None,
-                        help="mix: languages of raw text mixed in (default: the validation and test languages)")
-    parser.add_argument("--src-langs", default=None,
-                        help="multisrc: source languages, sampled uniformly (default: the task's, XL-Sum: en,ja,ar)")
+    parser.add_argument("--method", default="full", choices=list(REGISTRY),
+                        help="adaptation method: " + "; ".join(f"{m.name}: {m.summary}" for m in REGISTRY.values()))
+    seen = {"--seed"}
+    for method in REGISTRY.values():
+        for option in method.options:
+            if option.flag in seen:
+                continue
+            seen.add(option.flag)
+            parser.add_argument(option.flag, type=option.type, default=option.default,
+                                help=f"{method.name}: {option.help}")
+
+
+def _dest(flag):
+    return flag.lstrip("-").replace("-", "_")
 
 
 def options_from_args(args):
     """The apply() options that the command-line flags give for args.method."""
-    if args.method == "adapters":
-        return {"bottleneck": args.adapter_dim}
-    if args.method == "prompt":
-        return {"prompt_length": args.prompt_length, "seed": args.seed}
-    if args.method == "mix":
-        return {"mix_prob": args.mix_prob, "mix_langs": args.mix_langs}
-    if args.method == "multisrc":
-        return {"src_langs": args.src_langs}
-    return {}
+    return {option.name: getattr(args, _dest(option.flag)) for option in get_method(args.method).options}
 
 
 def _check_model(model, method):
@@ -119,29 +193,41 @@ def _check_model(model, method):
 
 def check_options(method, options):
     """Validate a method's options; returns them with defaults filled in."""
-    if method not in METHODS:
-        raise UsageError(f"--method: unknown method '{method}'; choose from {', '.join(METHODS)}")
-    allowed = DEFAULT_OPTIONS.get(method, {})
+    entry = get_method(method)
+    allowed = entry.defaults()
     unknown = sorted(set(options) - set(allowed))
     if unknown:
         raise UsageError(f"--method {method}: unknown option(s) {', '.join(unknown)}")
     options = {**allowed, **options}
-    if method == "adapters" and not (isinstance(options["bottleneck"], int) and options["bottleneck"] >= 1):
-        raise UsageError(f"--adapter-dim: must be a positive integer, got {options['bottleneck']}")
-    if method == "prompt" and not (isinstance(options["prompt_length"], int) and options["prompt_length"] >= 1):
-        raise UsageError(f"--prompt-length: must be at least 1, got {options['prompt_length']}")
-    if method == "mix":
-        if not 0.0 < float(options["mix_prob"]) < 1.0:
-            raise UsageError(f"--mix-prob: must be in (0, 1), got {options['mix_prob']}")
-        if not options["mix_langs"]:
-            raise UsageError("--mix-langs: method mix needs at least one target language to mix in")
-        options["mix_langs"] = data.parse_langs(options["mix_langs"], "--mix-langs")
-    if method == "multisrc":
-        langs = data.parse_langs(options["src_langs"] or [], "--src-langs") if options["src_langs"] else []
-        if len(langs) < 2:
-            raise UsageError(f"--src-langs: method multisrc needs at least two source languages, got {langs}")
-        options["src_langs"] = langs
+    for option in entry.options:
+        if option.check is not None:
+            options[option.name] = option.check(options[option.name])
     return options
+
+
+def _positive_int(flag, what="must be a positive integer"):
+    def check(value):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise UsageError(f"{flag}: {what}, got {value}")
+        return value
+    return check
+
+
+def _open_probability(flag):
+    def check(value):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < float(value) < 1.0:
+            raise UsageError(f"{flag}: must be in (0, 1), got {value}")
+        return value
+    return check
+
+
+def _langs(flag, at_least, what):
+    def check(value):
+        langs = data.parse_langs(value, flag) if value else []
+        if len(langs) < at_least:
+            raise UsageError(f"{flag}: {what}, got {langs}")
+        return langs
+    return check
 
 
 # -----------------------------------------------------------------------------
@@ -192,8 +278,8 @@ def adapter_sites(model):
     return sites
 
 
-def add_adapters(model, bottleneck=64):
-    d_model = model.config.d_model
+def add_adapters(model, options):
+    d_model, bottleneck = model.config.d_model, options["bottleneck"]
     reference = next(model.parameters())
     for parent, name, sublayer in adapter_sites(model):
         adapter = Adapter(d_model, bottleneck).to(device=reference.device, dtype=reference.dtype)
@@ -262,7 +348,8 @@ def _model_pre_hook(model):
     return hook
 
 
-def add_prompt(model, prompt_length=100, seed=0):
+def add_prompt(model, options):
+    prompt_length, seed = options["prompt_length"], options["seed"]
     embed = model.get_encoder().embed_tokens
     generator = torch.Generator().manual_seed(seed)
     rows = torch.randint(0, embed.num_embeddings, (prompt_length,), generator=generator)
@@ -288,27 +375,30 @@ def max_source_length(model):
 # The entry point
 
 def set_trainable(model, method):
-    """requires_grad per method (after any modules were added)."""
-    for param in model.parameters():
-        param.requires_grad = method in ("full", "mix", "multisrc")
-    if method == "freeze":
-        # Only the encoder is trained. Per family, the borderline parameters:
-        #   mT5:   encoder.embed_tokens IS shared.weight -> frozen; the encoder's relative position
-        #          bias (block 0) and final_layer_norm -> trained; the untied lm_head -> frozen.
-        #   mBART: encoder.embed_tokens IS the shared (tied) embedding -> frozen, and with it the
-        #          output layer; the encoder's learned positions (embed_positions),
-        #          layernorm_embedding and final layer_norm -> trained; their decoder twins frozen.
-        #   NLLB:  as mBART, but positions are sinusoidal buffers (no parameters) and there is no
-        #          layernorm_embedding; the encoder's final layer_norm -> trained.
-        for param in model.get_encoder().parameters():
-            param.requires_grad = True
-        model.get_input_embeddings().weight.requires_grad = False
-        model.get_output_embeddings().weight.requires_grad = False
-    elif method == "adapters":
-        for name, param in model.named_parameters():
-            param.requires_grad = ".adapter" in name
-    elif method == "prompt":
-        model.prompt.weight.requires_grad = True
+    """requires_grad per method (after any modules were added): the method's trainable set."""
+    trainable = get_method(method).trainable
+    names = None if trainable is None else set(trainable(model))
+    for name, param in model.named_parameters():
+        param.requires_grad = names is None or name in names
+
+
+def _encoder_only(model):
+    """freeze: only the encoder is trained. Per family, the borderline parameters:
+      mT5:   encoder.embed_tokens IS shared.weight -> frozen; the encoder's relative position
+             bias (block 0) and final_layer_norm -> trained; the untied lm_head -> frozen.
+      mBART: encoder.embed_tokens IS the shared (tied) embedding -> frozen, and with it the
+             output layer; the encoder's learned positions (embed_positions),
+             layernorm_embedding and final layer_norm -> trained; their decoder twins frozen.
+      NLLB:  as mBART, but positions are sinusoidal buffers (no parameters) and there is no
+             layernorm_embedding; the encoder's final layer_norm -> trained."""
+    encoder = {id(p) for p in model.get_encoder().parameters()}
+    frozen = {id(model.get_input_embeddings().weight), id(model.get_output_embeddings().weight)}
+    return [name for name, p in model.named_parameters() if id(p) in encoder and id(p) not in frozen]
+
+
+def _added_only(added):
+    """The trainable set of a method that trains only what it added (the base model frozen)."""
+    return lambda model: [name for name, _ in model.named_parameters() if added(name)]
 
 
 def count_parameters(model):
@@ -323,16 +413,15 @@ def adaptation_of(model):
 
 
 def apply(model, method, verbose=True, **options):
-    """Adapt `model` in place for `method` and return it. Options: adapters: bottleneck=64;
-    prompt: prompt_length=100, seed=0; mix: mix_prob=0.01, mix_langs=[...]; multisrc: src_langs=[...]."""
+    """Adapt `model` in place for `method` and return it. The options are the method's
+    (REGISTRY[method].options), e.g. adapters: bottleneck=64; prompt: prompt_length=100, seed=0."""
     options = check_options(method, options)
     _check_model(model, method)
     if adaptation_of(model)["method"] is not None:
         raise UsageError(f"--method {method}: model was already adapted with '{adaptation_of(model)['method']}'")
-    if method == "adapters":
-        add_adapters(model, options["bottleneck"])
-    elif method == "prompt":
-        add_prompt(model, options["prompt_length"], options["seed"])
+    entry = get_method(method)
+    if entry.add is not None:
+        entry.add(model, options)
     set_trainable(model, method)
     model.xlgen_adaptation = {"method": method, "options": options}
     if verbose:
@@ -345,10 +434,15 @@ def apply(model, method, verbose=True, **options):
 # -----------------------------------------------------------------------------
 # Checkpoints: added weights only (adapters, prompt) or the whole model
 
+def saves_added_weights(method):
+    """Whether a method's checkpoints hold only the weights it added (adapters, prompt, ...)."""
+    return method is not None and get_method(method).added is not None
+
+
 def added_state_dict(model):
-    """The weights that `adapters` / `prompt` added to the base model."""
-    return {name: param.detach().cpu().contiguous() for name, param in model.named_parameters()
-            if ".adapter" in name or name.startswith("prompt.")}
+    """The weights that the model's method added to the base model."""
+    added = get_method(adaptation_of(model)["method"]).added
+    return {name: param.detach().cpu().contiguous() for name, param in model.named_parameters() if added(name)}
 
 
 def save(model, directory, base_model):
@@ -356,7 +450,7 @@ def save(model, directory, base_model):
     (adapter_model.safetensors) and adapter_config.json (base model name, method, options);
     otherwise a save_pretrained checkpoint."""
     adaptation = adaptation_of(model)
-    if adaptation["method"] not in ADDED_WEIGHT_METHODS:
+    if not saves_added_weights(adaptation["method"]):
         model.save_pretrained(directory)
         return
     from safetensors.torch import save_file
@@ -391,6 +485,42 @@ def load(path, data_dir=None):
     if os.path.isdir(path) and models.is_added_checkpoint(path):
         return load_added(path, data_dir)
     return models.load_model(path, data_dir)
+
+
+# -----------------------------------------------------------------------------
+# The registry's entries (paper Section 3, Table 4), in the paper's order
+
+def _is_adapter(name):
+    return ".adapter" in name
+
+
+def _is_prompt(name):
+    return name.startswith("prompt.")
+
+
+register(Method("full", "full finetuning", "every weight is trained"))
+register(Method("freeze", "freeze", "only the encoder is trained (ZmBART)", trainable=_encoder_only, lr_search="full"))
+register(Method("adapters", "adapters", "bottleneck adapters after every sublayer; the base model frozen",
+                options=(Option("bottleneck", "--adapter-dim", 64, "bottleneck size", common.positive_int,
+                                _positive_int("--adapter-dim")),),
+                add=add_adapters, trainable=_added_only(_is_adapter), added=_is_adapter))
+register(Method("prompt", "prompt tuning", "learned vectors before the encoder input; the base model frozen",
+                options=(Option("prompt_length", "--prompt-length", 100, "number of prompt vectors", common.positive_int,
+                                _positive_int("--prompt-length", "must be at least 1")),
+                         Option("seed", "--seed", 0, "seed of the prompt initialisation")),
+                add=add_prompt, trainable=_added_only(_is_prompt), added=_is_prompt))
+register(Method("mix", "mix", "as full, with self-supervised batches of the target languages mixed in",
+                options=(Option("mix_prob", "--mix-prob", 0.01, "probability of a self-supervised batch (paper: 0.01)",
+                                common.probability, _open_probability("--mix-prob")),
+                         Option("mix_langs", "--mix-langs", None, "languages of raw text mixed in (default: the "
+                                "validation and test languages)", None,
+                                _langs("--mix-langs", 1, "method mix needs at least one target language to mix in"))),
+                lr_search="full", mixes_text=True))
+register(Method("multisrc", "multisrc", "as full, trained on several source languages (XL-Sum)",
+                options=(Option("src_langs", "--src-langs", None, "source languages, sampled uniformly (default: the "
+                                "task's, XL-Sum: en,ja,ar)", None,
+                                _langs("--src-langs", 2, "method multisrc needs at least two source languages")),),
+                lr_search="full", several_sources=True))
 
 
 # -----------------------------------------------------------------------------

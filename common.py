@@ -40,14 +40,19 @@ class DataError(ValueError):
     that names the file, and the line or record where there is one."""
 
 
+class TrainingError(ValueError):
+    """Training cannot go on (a non-finite loss): the message says at which step and which
+    checkpoint is the last good one."""
+
+
 def exits_on_error(main):
-    """Decorator for a stage's `main(args)`. UsageError and DataError end the program with
-    `error: <message>` and exit status 1, with no traceback."""
+    """Decorator for a stage's `main(args)`. UsageError, DataError and TrainingError end the
+    program with `error: <message>` and exit status 1, with no traceback."""
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
         try:
             return main(*args, **kwargs)
-        except (UsageError, DataError) as e:
+        except (UsageError, DataError, TrainingError) as e:
             sys.exit(f"error: {e}")
     return wrapper
 

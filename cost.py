@@ -15,12 +15,13 @@ hours: training at the model FLOPs utilisation (MFU) bench/train_throughput.py m
 bench/generate_throughput.py measured at the tasks' real lengths.
 
 The example counts are the real data sets' (XL-Sum: Hasan et al. 2021; SQuAD v1.1; XQuAD); the
-token lengths are estimates for the real SentencePiece vocabularies (`LENGTHS`), stated so a
-reader can change them.
+token lengths are estimates for the real SentencePiece vocabularies (data.TASKS' `lengths`,
+IT_LENGTHS here), stated so a reader can change them.
 """
 
 import functools
 import math
+import os
 
 import data
 import models
@@ -32,17 +33,14 @@ import models
 PEAK_FLOPS = 989e12
 MEASURED = {"gpu": "NVIDIA H200", "train_mfu": 6.01e14 / 40.5 / 989e12, "generate_flops_per_s": 2.06e13 / 11.5}
 
-# Examples per split and language (XL-Sum's tables; SQuAD v1.1; XQuAD: 1190 per language).
-XLSUM_SIZES = {  # lang: (train, validation, test)
-    "en": (306522, 11535, 11535), "zh": (37362, 4670, 4670), "fr": (8697, 1086, 1086), "ko": (4407, 550, 550),
-    "ru": (62243, 7780, 7780), "es": (38110, 4763, 4763), "ja": (7113, 889, 889), "ar": (37519, 4689, 4689)}
-SQUAD_TRAIN, XQUAD_SIZE = 87599, 1190
+# Examples per split and language, and mean tokens per example: the task table's sizes and lengths
+# (data.TASKS); intermediate tuning's lengths here.
+IT_LENGTHS = {"source": 250, "target": 250, "generated": 32}
 
-# Mean tokens per example under the real vocabularies (estimates): source before the family's cut,
-# reference target, and what a trained model generates (XL-Sum's summaries run ~20-30 words).
-LENGTHS = {"xlsum": {"source": 640, "target": 34, "generated": 40},
-           "xquad": {"source": 210, "target": 7, "generated": 8},
-           "it": {"source": 250, "target": 250, "generated": 32}}
+
+def lengths(task):
+    """Mean tokens per example of a task ("it": intermediate tuning's text)."""
+    return {"it": IT_LENGTHS}.get(task) or data.get_task(task).lengths
 
 
 @functools.lru_cache(maxsize=None)
@@ -74,13 +72,13 @@ def batch_flops(name, batch):
 
 
 def source_length(name, task):
-    return min(LENGTHS[task]["source"], models.FAMILY_MAX_LENGTH[models.REAL_CONFIGS[name][0]])
+    return min(lengths(task)["source"], models.FAMILY_MAX_LENGTH[models.REAL_CONFIGS[name][0]])
 
 
 def train_step_flops(name, task, max_tokens):
     """FLOPs of one training step on a `max_tokens` batch (fairseq budget: longest side x examples)."""
     (enc, dec, head), (enc_layers, dec_layers, width) = weights(name)
-    src, tgt = source_length(name, task), LENGTHS[task]["target"]
+    src, tgt = source_length(name, task), lengths(task)["target"]
     n = max_tokens / max(src, tgt)
     forward = n * (2 * enc * src + 2 * (dec + head) * tgt
                    + 4 * width * (enc_layers * src * src + dec_layers * tgt * (tgt + src)))
@@ -90,10 +88,16 @@ def train_step_flops(name, task, max_tokens):
 def generation_flops(name, task, examples, generated=None):
     """FLOPs of generating for `examples` sources of `task` (greedy, cache, finished rows dropped)."""
     (enc, dec, head), (enc_layers, dec_layers, width) = weights(name)
-    src, out = source_length(name, task), generated or LENGTHS[task]["generated"]
+    src, out = source_length(name, task), generated or lengths(task)["generated"]
     encoder = 2 * enc * src + 4 * width * enc_layers * src * src
     decoder = out * (2 * (dec + head) + 4 * width * dec_layers * (src + out / 2))
     return examples * (encoder + decoder)
+
+
+def stage_defaults(stage):
+    """The default settings of a stage script (finetune, pretrain_it): its parser with no flags."""
+    import importlib
+    return importlib.import_module(stage).parse_args([])
 
 
 def train_hours(flops):
@@ -105,21 +109,22 @@ def generate_hours(flops):
 
 
 def validation_examples(task, langs):
-    if task == "xlsum":
-        return sum(XLSUM_SIZES[lang][1] for lang in langs)
-    return XQUAD_SIZE * len(langs)  # XQuAD languages, or English's held-out SQuAD dev slice
+    """Examples in the validation sets of `langs` (XQuAD's English: the held-out SQuAD dev slice)."""
+    return sum(data.get_task(task).sizes["val"][lang] for lang in langs)
 
 
 def test_examples(task, langs):
-    limit = data.TASKS[task].test_limit
-    if task == "xlsum":
-        return sum(min(XLSUM_SIZES[lang][2], limit or math.inf) for lang in langs)
-    return XQUAD_SIZE * len(langs)
+    spec = data.get_task(task)
+    return sum(min(spec.sizes["test"][lang], spec.test_limit or math.inf) for lang in langs)
 
 
-def finetune_hours(name, task, max_steps=20000, max_tokens=4000, eval_every=2000, val_langs=None, test_langs=None,
+def finetune_hours(name, task, max_steps=None, max_tokens=None, eval_every=None, val_langs=None, test_langs=None,
                    test_last=False, max_eval_examples=None):
-    """(training hours, evaluation hours) of one finetune.py run."""
+    """(training hours, evaluation hours) of one finetune.py run (steps, budget and evaluation interval
+    default to finetune.py's own defaults, the paper's)."""
+    defaults = stage_defaults("finetune")
+    max_steps, max_tokens = max_steps or defaults.max_steps, max_tokens or defaults.max_tokens
+    eval_every = eval_every or defaults.eval_every
     spec = data.TASKS[task]
     val_langs, test_langs = val_langs or spec.val_langs, test_langs or spec.test_langs
     evaluations = max_steps // eval_every
@@ -133,23 +138,25 @@ def finetune_hours(name, task, max_steps=20000, max_tokens=4000, eval_every=2000
             generate_hours(generation_flops(name, task, evaluations * val + test)))
 
 
-def it_hours(name, max_steps=100000, max_tokens=5000, eval_every=5000):
-    """Intermediate tuning: Prefix-LM on raw text (evaluation: held-out loss and a few generations)."""
+def it_hours(name, max_steps=None, max_tokens=None, eval_every=None):
+    """Intermediate tuning: Prefix-LM on raw text (evaluation: held-out loss and a few generations);
+    the settings default to pretrain_it.py's."""
+    defaults = stage_defaults("pretrain_it")
+    max_steps, max_tokens = max_steps or defaults.max_steps, max_tokens or defaults.max_tokens
+    eval_every = eval_every or defaults.eval_every
     held_out = max_steps // eval_every * train_step_flops(name, "it", max_tokens) / 3 * 20  # 20 forward batches
     return train_hours(max_steps * train_step_flops(name, "it", max_tokens) + held_out), 0.0
 
 
 def translate_hours(translator, task, examples):
     """Translating `examples` training examples (every source and target sentence) with `translator`."""
-    lengths = LENGTHS[task]
-    tokens = lengths["source"] + lengths["target"]
+    tokens = lengths(task)["source"] + lengths(task)["target"]
     return 0.0, generate_hours(generation_flops(translator, "it", examples, generated=tokens))
 
 
 def run_hours(argv):
     """(training hours, generation hours) of one command of the study (python SCRIPT.py ARGS), from its
     own parsed arguments; None for tiny models (nothing to estimate)."""
-    import os
     script, flags = os.path.basename(argv[1]), argv[2:]
     if script == "finetune.py":
         import finetune
@@ -171,18 +178,19 @@ def run_hours(argv):
         if args.model not in models.REAL_CONFIGS:
             return None
         if args.predictions:  # a run's test predictions (Appendix D): short outputs, not examples
-            task = "xquad" if "/xquad/" in args.predictions else "xlsum"
+            task = next(t for t in data.finetune_tasks() if f"{os.sep}{t}{os.sep}" in args.predictions)
             examples = test_examples(task, [args.tgt_lang])
-            return 0.0, generate_hours(generation_flops(args.model, "it", examples, LENGTHS[task]["generated"]))
-        examples = (XQUAD_SIZE if "heldout" in args.train_file else SQUAD_TRAIN) if args.task == "xquad" \
-            else XLSUM_SIZES["en"][0]
+            return 0.0, generate_hours(generation_flops(args.model, "it", examples, lengths(task)["generated"]))
+        # the English training set, or a held-out English validation set (study.py writes it into heldout/)
+        split = "val" if f"{os.sep}heldout{os.sep}" in args.train_file else "train"
+        examples = data.get_task(args.task).sizes[split]["en"]
         return translate_hours(args.model, args.task, args.limit or examples)
     return None
 
 
 def validation_hours(name, task, evaluations=10, cap=None):
     """Generation hours of a run's validations, each language capped at `cap` examples."""
-    langs = data.TASKS[task].val_langs
+    langs = data.get_task(task).val_langs
     examples = validation_examples(task, langs) if cap is None else sum(
         min(cap, validation_examples(task, [lang])) for lang in langs)
     return generate_hours(generation_flops(name, task, evaluations * examples))
@@ -191,7 +199,7 @@ def validation_hours(name, task, evaluations=10, cap=None):
 def main():
     print(f"GPU: {MEASURED['gpu']}, training at {MEASURED['train_mfu']:.1%} MFU of {PEAK_FLOPS / 1e12:.0f} TFLOP/s, "
           f"generation at {MEASURED['generate_flops_per_s'] / 1e12:.1f} TFLOP/s (measured, bench/gpu.sh)")
-    for task in data.FINETUNE_TASKS:
+    for task in data.finetune_tasks():
         train, evaluation = finetune_hours("google/mt5-base", task, test_last=True)
         print(f"one mT5-base run, {task}: 20k steps of 4000 tokens {train:.2f} h + 10 validations and the test "
               f"{evaluation:.2f} h = {train + evaluation:.2f} h (evaluation {evaluation / (train + evaluation):.0%}); "

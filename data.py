@@ -26,6 +26,7 @@ import re
 import numpy as np
 import torch
 
+import common
 from common import DataError, UsageError
 
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -100,9 +101,17 @@ def parse_langs(text, flag="--langs"):
 
 @dataclasses.dataclass(frozen=True)
 class Task:
-    """Everything the stages need to know about a task (paper Section 3 and Appendix A)."""
+    """Everything the stages know about a task (paper Section 3 and Appendix A): one entry of TASKS.
+    No stage branches on a task's name: what differs between tasks is a field here, and what
+    differs between kinds of task (QA, summarisation) is an entry of KINDS below.
+
+    files(split, lang, data_dir, task_dir) gives the file of a split ("train", "val", "test") in a
+    language; task_dir is --xlsum-dir (default DATA/xlsum) for tasks that keep their files there.
+    sizes: examples per split and language of the full data sets (cost.py prices the study from
+    them); lengths: mean tokens per example under the real vocabularies (estimates): the source
+    before the family's cut, the reference target, and what a trained model generates."""
     name: str
-    kind: str               # "qa" or "summarization"
+    kind: str               # "qa" or "summarization": reader, formatting, metric (KINDS)
     main_metric: str        # what model selection and the tables use
     metric_label: str       # how tables and figures name it
     main_lcr: str           # the language-correct rate the tables use (QA: on the filtered set, as the paper)
@@ -111,19 +120,84 @@ class Task:
     source_langs: tuple = ("en",)  # languages with training data (multisrc samples them uniformly)
     max_new_tokens: int = 32       # generation length limit
     test_limit: int | None = None  # XL-Sum: "first 2k examples per language"
+    files: object = None           # files(split, lang, data_dir, task_dir) -> path
+    download: str = ""             # the download.py flags that fetch its files
+    sizes: dict = dataclasses.field(default_factory=dict)    # {"train"/"val"/"test": {lang: examples}}
+    lengths: dict = dataclasses.field(default_factory=dict)  # {"source", "target", "generated": tokens}
+    guard: tuple = ()              # the learning guard: (metric, threshold, number of examples)
+    # English validation (Appendix D needs the best LR for English) when English is a test set only:
+    # heldout_english(data_dir, path, size) writes a held-out English set in the task's format
+    heldout_english: object = None
+    heldout_name: str = ""         # its name in file names ("squad-dev": OUT/heldout/squad-dev.en.json)
+
+    @property
+    def format(self):
+        return KINDS[self.kind]
+
+    def file(self, split, lang, data_dir, task_dir=None):
+        return self.files(split, lang, data_dir, task_dir)
 
 
+@dataclasses.dataclass(frozen=True)
+class Kind:
+    """What tasks of one kind share: the official file format and the formatting into seq2seq
+    examples. (The metric of a kind is evaluate.SCORERS[kind]; its translation, translate_train.UNITS.)"""
+    read: object        # read(path, limit) -> references (dicts with an "id")
+    examples: object    # examples(references, lang) -> [Example]
+    extension: str      # of its files ("json": SQuAD format; "jsonl": XL-Sum format)
+
+
+def _xquad_files(split, lang, data_dir, task_dir):
+    return squad_path(data_dir, "train") if split == "train" else xquad_path(data_dir, lang)
+
+
+def _xlsum_files(split, lang, data_dir, task_dir):
+    """XL-Sum jsonl in task_dir (default DATA/xlsum). Without XL-Sum English training data, the GUM
+    summaries of ../shared/data stand in for it, so that the offline pipeline runs."""
+    path = xlsum_path(task_dir or os.path.join(data_dir, "xlsum"), lang, split)
+    if split == "train" and lang == "en" and not os.path.isfile(path) and os.path.isfile(gum_path(data_dir)):
+        return gum_path(data_dir)
+    return path
+
+
+def _squad_dev_files(split, lang, data_dir, task_dir):
+    return squad_path(data_dir, "dev")
+
+
+XQUAD_SIZE = 1190  # questions per XQuAD language (XQuAD translates 240 SQuAD v1.1 dev paragraphs)
 TASKS = {task.name: task for task in [
     Task("xlsum", "summarization", "rouge2", "ROUGE-2", "lcr", ("zh", "fr", "ko", "ru", "es"), ("zh", "fr", "ko", "ru", "es"),
-         source_langs=("en", "ja", "ar"), max_new_tokens=84, test_limit=2000),
+         source_langs=("en", "ja", "ar"), max_new_tokens=84, test_limit=2000, files=_xlsum_files,
+         download="--tasks xlsum",
+         # XL-Sum's tables (train, validation, test per language)
+         sizes={split: {lang: sizes[i] for lang, sizes in {
+             "en": (306522, 11535, 11535), "zh": (37362, 4670, 4670), "fr": (8697, 1086, 1086),
+             "ko": (4407, 550, 550), "ru": (62243, 7780, 7780), "es": (38110, 4763, 4763), "ja": (7113, 889, 889),
+             "ar": (37519, 4689, 4689)}.items()} for i, split in enumerate(("train", "val", "test"))},
+         lengths={"source": 640, "target": 34, "generated": 40}, guard=("rouge2", 80.0, 2)),
     # XQuAD: trained on SQuAD; no validation set in other languages, so the held-out XQuAD
-    # languages th, ro, vi select; the paper's F-measure on the filtered question set.
+    # languages th, ro, vi select; the paper's F-measure on the filtered question set. English is
+    # validated on a held-out slice of SQuAD v1.1 dev (XQuAD's English is a test set).
     Task("xquad", "qa", "f1_filtered", "F1 (filtered)", "lcr_filtered", ("th", "ro", "vi"), ("ar", "zh", "de", "ru", "es"),
-         max_new_tokens=32),
+         max_new_tokens=32, files=_xquad_files, download="--tasks squad,xquad",
+         sizes={"train": {"en": 87599}, "val": dict.fromkeys(XQUAD_LANGS, XQUAD_SIZE),
+                "test": dict.fromkeys(XQUAD_LANGS, XQUAD_SIZE)},
+         lengths={"source": 210, "target": 7, "generated": 8}, guard=("f1", 90.0, 4),
+         heldout_english=lambda data_dir, path, size: squad_dev_heldout(data_dir, path, size), heldout_name="squad-dev"),
     # SQuAD v1.1 dev: English QA, for scoring only (evaluate.py)
-    Task("squad", "qa", "f1", "F1", "lcr_filtered"),
+    Task("squad", "qa", "f1", "F1", "lcr_filtered", files=_squad_dev_files, download="--tasks squad"),
 ]}
-FINETUNE_TASKS = [name for name, task in TASKS.items() if task.val_langs]  # xquad, xlsum
+
+
+def register_task(task):
+    """Add a task to the table (e.g. a fork's own data set; tests/test_tasks.py adds one)."""
+    TASKS[task.name] = task
+    return task
+
+
+def finetune_tasks():
+    """The tasks a model can be finetuned and validated on (those with validation languages)."""
+    return [name for name, task in TASKS.items() if task.val_langs]
 
 
 def get_task(name, flag="--task", choices=None):
@@ -255,10 +329,12 @@ def read_text(path, limit=None):
 
 def read_references(task, path, limit=None):
     """A task's references from its official file: QA questions (read_squad) or XL-Sum records."""
-    if get_task(task).kind == "qa":
-        references = read_squad(path)
-        return references[:limit] if limit is not None else references
-    return read_xlsum(path, limit=limit)
+    return get_task(task).format.read(path, limit)
+
+
+def _read_squad_limit(path, limit=None):
+    references = read_squad(path)
+    return references[:limit] if limit is not None else references
 
 
 PREDICTIONS_FORMAT = "{id: text} JSON, or jsonl with one {\"id\", \"prediction\"} object per line"
@@ -331,14 +407,31 @@ def gum_path(data_dir):
 
 
 def task_file(task, split, lang, data_dir, xlsum_dir=None):
-    """The file of a task's split in a language: XQuAD / SQuAD JSON, or XL-Sum jsonl in xlsum_dir
-    (default DATA/xlsum). Without XL-Sum English training data, the GUM summaries of
-    ../shared/data stand in for it, so that the offline pipeline runs."""
-    if task == "xquad":
-        return squad_path(data_dir, "train") if split == "train" else xquad_path(data_dir, lang)
-    path = xlsum_path(xlsum_dir or os.path.join(data_dir, "xlsum"), lang, split)
-    if split == "train" and lang == "en" and not os.path.isfile(path) and os.path.isfile(gum_path(data_dir)):
-        return gum_path(data_dir)
+    """The file of a task's split in a language (the task's `files`): e.g. XQuAD / SQuAD JSON, or
+    XL-Sum jsonl in xlsum_dir (default DATA/xlsum)."""
+    return get_task(task).file(split, lang, data_dir, xlsum_dir)
+
+
+def squad_dev_heldout(data_dir, path, size=XQUAD_SIZE):
+    """Write to `path` a held-out slice of SQuAD v1.1 dev in English: its first `size` questions
+    (XQuAD's size) from the paragraphs XQuAD does not use (XQuAD translates 240 SQuAD dev
+    paragraphs, so those are its test set). English validation for XQuAD, and, translated,
+    translate-train's validation per language (no XQuAD validation set exists in the target languages)."""
+    xquad_ids = {q["id"] for q in read_squad(xquad_path(data_dir, "en"))}
+    raw = read_json_document(squad_path(data_dir, "dev"), "SQuAD v1.1 JSON")
+    articles, count = [], 0
+    for article in raw["data"]:
+        paragraphs = []
+        for paragraph in article["paragraphs"]:
+            if count >= size or any(qa["id"] in xquad_ids for qa in paragraph["qas"]):
+                continue
+            qas = paragraph["qas"][:size - count]
+            paragraphs.append({"context": paragraph["context"], "qas": qas})
+            count += len(qas)
+        if paragraphs:
+            articles.append({"title": article.get("title", ""), "paragraphs": paragraphs})
+    common.write_json(path, {"version": "1.1", "held_out_from": "SQuAD v1.1 dev minus XQuAD's paragraphs",
+                             "data": articles})
     return path
 
 
@@ -375,9 +468,12 @@ def summarization_examples(records, lang):
 
 def task_examples(task, references, lang):
     """Examples of a task from its references (read_references)."""
-    if get_task(task).kind == "qa":
-        return qa_examples(references, lang)
-    return summarization_examples(references, lang)
+    return get_task(task).format.examples(references, lang)
+
+
+KINDS = {"qa": Kind(read=_read_squad_limit, examples=qa_examples, extension="json"),
+         "summarization": Kind(read=lambda path, limit=None: read_xlsum(path, limit=limit),
+                               examples=summarization_examples, extension="jsonl")}
 
 
 # -----------------------------------------------------------------------------

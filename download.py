@@ -51,8 +51,9 @@ OFFICIAL_BASE = {
     "text": "https://data.statmt.org/cc-100",
 }
 TASKS = tuple(OFFICIAL_BASE)
-XLSUM_LANGS = ["en"] + [lang for lang in dict.fromkeys(data.TASKS["xlsum"].val_langs + data.TASKS["xlsum"].test_langs
-                                                         + data.TASKS["xlsum"].source_langs) if lang != "en"]
+_XLSUM = data.TASKS["xlsum"]
+XLSUM_LANGS = ["en"] + [lang for lang in dict.fromkeys(_XLSUM.val_langs + _XLSUM.test_langs + _XLSUM.source_langs)
+                        if lang != "en"]
 TEXT_MB = 256  # per language; see the README ("Intermediate-tuning text") for what it serves
 
 
@@ -65,23 +66,40 @@ def plan(tasks, langs=None):
     mirror/<task>/<remote name>)."""
     items = []
     for task in tasks:
-        if task == "xquad":
-            items += [(task, f"xquad.{lang}.json", f"xquad/xquad.{lang}.json", lang) for lang in data.XQUAD_LANGS]
-        elif task == "squad":
-            items += [(task, f"{split}-v1.1.json", f"squad/{split}-v1.1.json", None) for split in ("train", "dev")]
-        elif task == "xlsum":
-            for lang in langs or XLSUM_LANGS:
-                folder = data.get_language(lang, "--langs").xlsum
-                if folder is None:
-                    raise UsageError(f"--langs: XL-Sum has no data for '{lang}'")
-                items.append((task, f"{folder}_XLSum_v2.0.tar.bz2", f"xlsum/{folder}_train.jsonl", lang))
-        elif task == "text":
-            for lang in langs or data.target_langs():
-                language = data.get_language(lang, "--langs")
-                items.append((task, f"{language.cc100 or language.code}.txt.xz", data.text_path("", lang).lstrip(os.sep), lang))
-        else:
+        if task not in FILES:
             raise UsageError(f"--tasks: unknown task '{task}'; choose from {', '.join(TASKS)}")
+        items += [(task, remote, rel, lang) for remote, rel, lang in FILES[task](langs)]
     return items
+
+
+def xquad_files(langs):
+    return [(f"xquad.{lang}.json", f"xquad/xquad.{lang}.json", lang) for lang in data.XQUAD_LANGS]
+
+
+def squad_files(langs):
+    return [(f"{split}-v1.1.json", f"squad/{split}-v1.1.json", None) for split in ("train", "dev")]
+
+
+def xlsum_files(langs):
+    items = []
+    for lang in langs or XLSUM_LANGS:
+        folder = data.get_language(lang, "--langs").xlsum
+        if folder is None:
+            raise UsageError(f"--langs: XL-Sum has no data for '{lang}'")
+        items.append((f"{folder}_XLSum_v2.0.tar.bz2", f"xlsum/{folder}_train.jsonl", lang))
+    return items
+
+
+def text_files(langs):
+    items = []
+    for lang in langs or data.target_langs():
+        language = data.get_language(lang, "--langs")
+        items.append((f"{language.cc100 or language.code}.txt.xz", data.text_path("", lang).lstrip(os.sep), lang))
+    return items
+
+
+# What each source holds: (remote name, destination, language) of every file
+FILES = {"xquad": xquad_files, "squad": squad_files, "xlsum": xlsum_files, "text": text_files}
 
 
 def url_of(task, remote, mirror=None):
@@ -305,16 +323,28 @@ def download(data_dir, tasks, langs=None, mirror=None, force=False, text_mb=TEXT
             print(f"have {dest}")
             continue
         print(f"get  {url} -> {dest}", flush=True)
-        if task == "xlsum":
-            fetch_xlsum(url, dest)
-        elif task == "text":
-            with tqdm(total=int(text_mb * 2 ** 20), unit="B", unit_scale=True, desc=f"text {lang}",
-                      dynamic_ncols=True, leave=False) as bar:
-                mb, lines, dropped, ended = fetch_text(url, dest, text_mb, bar=bar)
-            print(f"     {mb:,.1f} MB, {lines:,} lines ({dropped:,} duplicate lines dropped)"
-                  + (f"; the source ended before {text_mb} MB" if ended else ""))
-        else:
-            fetch(url, dest, check=data.read_squad)
+        FETCH[task](url, dest, lang, text_mb)
+
+
+def fetch_squad_format(url, dest, lang, text_mb):
+    fetch(url, dest, check=data.read_squad)
+
+
+def fetch_xlsum_language(url, dest, lang, text_mb):
+    fetch_xlsum(url, dest)
+
+
+def fetch_text_language(url, dest, lang, text_mb):
+    with tqdm(total=int(text_mb * 2 ** 20), unit="B", unit_scale=True, desc=f"text {lang}",
+              dynamic_ncols=True, leave=False) as bar:
+        mb, lines, dropped, ended = fetch_text(url, dest, text_mb, bar=bar)
+    print(f"     {mb:,.1f} MB, {lines:,} lines ({dropped:,} duplicate lines dropped)"
+          + (f"; the source ended before {text_mb} MB" if ended else ""))
+
+
+# How each source's files are fetched and checked
+FETCH = {"xquad": fetch_squad_format, "squad": fetch_squad_format, "xlsum": fetch_xlsum_language,
+         "text": fetch_text_language}
 
 
 def parse_args(argv=None):

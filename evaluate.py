@@ -187,6 +187,47 @@ def qa_filter(questions, lang, lid):
     return keep
 
 
+def score_qa(metrics, details, references, cleaned, correct, language, lid, rouge_mode):
+    """QA: SQuAD v1.1 EM and F1 (the best over the gold answers), on every question and on the
+    paper's filtered set (qa_filter), with the language-correct rate on that set."""
+    keep = qa_filter(references, language.code, lid)
+    for row, ref in zip(details, references):
+        answered = row["id"] in cleaned
+        row["em"] = max(qa_exact_match(row["prediction"], g) for g in ref["answers"]) if answered else 0.0
+        row["f1"] = max(qa_f1(row["prediction"], g) for g in ref["answers"]) if answered else 0.0
+        row["in_filtered_set"] = row["id"] in keep
+    metrics["em"] = _mean(r["em"] for r in details)
+    metrics["f1"] = _mean(r["f1"] for r in details)
+    metrics["f1_filtered"] = _mean(r["f1"] for r in details if r["in_filtered_set"])
+    metrics["num_filtered"] = len(keep)
+    metrics["lcr_filtered"] = _mean(ok for ok, r in zip(correct, details) if r["in_filtered_set"])
+
+
+def score_summaries(metrics, details, references, cleaned, correct, language, lid, rouge_mode):
+    """Summarisation: ROUGE-1/2/L F-measures in `rouge_mode`, and the other mode beside them."""
+    scorer = rouge_scorer(rouge_mode)
+    for row, ref in zip(details, references):
+        scores = scorer.score(ref["summary"], row["prediction"])
+        for name in ROUGE_TYPES:
+            row[name] = scores[name].fmeasure
+    for name in ROUGE_TYPES:
+        metrics[name] = _mean(r[name] for r in details)
+    metrics["rouge_mode"] = rouge_mode
+    # the other mode too, so every result compares with the paper (gem) and is right for every script
+    other = next(mode for mode in ROUGE_MODES if mode != rouge_mode)
+    other_scorer = rouge_scorer(other)
+    other_scores = [other_scorer.score(ref["summary"], row["prediction"]) for row, ref in zip(details, references)]
+    metrics[other] = {name: _mean(s[name].fmeasure for s in other_scores) for name in ROUGE_TYPES}
+    if rouge_mode == "gem" and language.script != "Latn":
+        metrics["rouge_warning"] = (f"gem mode: rouge-score's default tokenizer keeps only a-z0-9, so it "
+                                    f"deletes every {language.name} word; only Latin-letter words and digits "
+                                    f"in the text are scored; use --rouge-mode multilingual")
+
+
+# The metric of each kind of task (data.KINDS): a task's scores are SCORERS[task.kind]'s
+SCORERS = {"qa": score_qa, "summarization": score_summaries}
+
+
 def score(task, lang, predictions, references, rouge_mode="multilingual", lid_model=None):
     """Score predictions {id: text} against references (read_squad questions or read_xlsum records).
 
@@ -214,36 +255,7 @@ def score(task, lang, predictions, references, rouge_mode="multilingual", lid_mo
 
     metrics = {"task": task, "lang": lang}
     correct = [row["lang"] == language.fasttext for row in details]
-    if kind == "qa":
-        keep = qa_filter(references, lang, lid)
-        for row, ref in zip(details, references):
-            answered = row["id"] in cleaned
-            row["em"] = max(qa_exact_match(row["prediction"], g) for g in ref["answers"]) if answered else 0.0
-            row["f1"] = max(qa_f1(row["prediction"], g) for g in ref["answers"]) if answered else 0.0
-            row["in_filtered_set"] = row["id"] in keep
-        metrics["em"] = _mean(r["em"] for r in details)
-        metrics["f1"] = _mean(r["f1"] for r in details)
-        metrics["f1_filtered"] = _mean(r["f1"] for r in details if r["in_filtered_set"])
-        metrics["num_filtered"] = len(keep)
-        metrics["lcr_filtered"] = _mean(ok for ok, r in zip(correct, details) if r["in_filtered_set"])
-    else:
-        scorer = rouge_scorer(rouge_mode)
-        for row, ref in zip(details, references):
-            scores = scorer.score(ref["summary"], row["prediction"])
-            for name in ROUGE_TYPES:
-                row[name] = scores[name].fmeasure
-        for name in ROUGE_TYPES:
-            metrics[name] = _mean(r[name] for r in details)
-        metrics["rouge_mode"] = rouge_mode
-        # the other mode too, so every result compares with the paper (gem) and is right for every script
-        other = next(mode for mode in ROUGE_MODES if mode != rouge_mode)
-        other_scorer = rouge_scorer(other)
-        other_scores = [other_scorer.score(ref["summary"], row["prediction"]) for row, ref in zip(details, references)]
-        metrics[other] = {name: _mean(s[name].fmeasure for s in other_scores) for name in ROUGE_TYPES}
-        if rouge_mode == "gem" and language.script != "Latn":
-            metrics["rouge_warning"] = (f"gem mode: rouge-score's default tokenizer keeps only a-z0-9, so it "
-                                        f"deletes every {language.name} word; only Latin-letter words and digits "
-                                        f"in the text are scored; use --rouge-mode multilingual")
+    SCORERS[kind](metrics, details, references, cleaned, correct, language, lid, rouge_mode)
 
     distribution = collections.Counter(row["lang"] or "(empty)" for row in details)
     metrics["main_metric"] = data.get_task(task).main_metric

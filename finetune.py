@@ -20,7 +20,6 @@ finished run to N steps; any other change of settings in an existing run directo
 """
 
 import os
-import sys
 import time
 
 import adapt
@@ -36,7 +35,7 @@ def parse_args(argv=None):
     p = common.ArgumentParser(description=__doc__)
     p.add_argument("--model", default="google/mt5-base",
                    help="hub name (any mT5/mBART/NLLB checkpoint), checkpoint directory, or tiny-mt5/tiny-mbart/tiny-nllb")
-    p.add_argument("--task", default="xlsum", choices=data.FINETUNE_TASKS, help="xlsum or xquad")
+    p.add_argument("--task", default="xlsum", choices=data.finetune_tasks(), help="a task of data.TASKS: xlsum or xquad")
     adapt.add_method_args(p)
     loop.add_training_args(p, max_steps=20000, max_tokens=4000, eval_every=2000)
     p.add_argument("--eval-at-start", action="store_true", help="also evaluate the model before training (step 0)")
@@ -100,13 +99,16 @@ def check_args(args):
     args.max_new_tokens = args.max_new_tokens or task.max_new_tokens
     args.data_dir = os.path.abspath(args.data_dir)
     args.xlsum_dir = os.path.abspath(args.xlsum_dir or os.path.join(args.data_dir, "xlsum"))
-    if args.method == "multisrc":
+    method = adapt.get_method(args.method)
+    if method.several_sources:
         if args.method not in adapt.methods_for(args.task):
-            raise UsageError(f"--method multisrc: {args.task} has training data only in English; use --task xlsum")
+            with_several = [name for name in data.finetune_tasks() if adapt.get_method(args.method).applies_to(name)]
+            raise UsageError(f"--method {args.method}: {args.task} has training data only in English; use --task "
+                             f"{' or '.join(with_several)}")
         args.src_langs = data.parse_langs(args.src_langs or list(task.source_langs), "--src-langs")
     else:
         args.src_langs = [args.train_lang]
-    if args.method == "mix":
+    if method.mixes_text:
         default_mix = [lang for lang in dict.fromkeys(args.val_langs + args.test_langs) if lang != "en"]
         args.mix_langs = data.parse_langs(args.mix_langs or default_mix, "--mix-langs")
     adapt.check_options(args.method, adapt.options_from_args(args))
@@ -137,16 +139,16 @@ def check_args(args):
                 files[split][lang] = os.path.abspath(path)
                 resolved.append(f"{lang}={os.path.abspath(path)}")
             setattr(args, f"{split}_file", resolved)
-    for lang in (args.mix_langs if args.method == "mix" else []):
+    for lang in (args.mix_langs if method.mixes_text else []):
         files["text"][lang] = data.text_path(args.data_dir, lang)
-    for group in files.values():
+    for split, group in files.items():
         for path in group.values():
             if os.path.isdir(path):
                 raise UsageError(f"{path}: is a directory, expected a file")
             if not os.path.isfile(path):
-                hint = {"xlsum": "--tasks xlsum", "squad": "--tasks squad", "xquad": "--tasks xquad", "text": "--tasks text"}
-                what = next((v for k, v in hint.items() if f"{os.sep}{k}{os.sep}" in path), "")
-                raise UsageError(f"{path}: file not found" + (f" (python download.py {what} fetches it)" if what else ""))
+                given = path in (args.train_file, *[p.partition("=")[2] for p in (args.val_file or []) + (args.test_file or [])])
+                fetch = "--tasks text" if split == "text" else "" if given else task.download
+                raise UsageError(f"{path}: file not found" + (f" (python download.py {fetch} fetches it)" if fetch else ""))
     args.init = resolve_init(args.init)
     if args.init is not None and models.family_of(models.load_config(args.init)) != family:
         raise UsageError(f"--init {args.init}: a {models.family_of(models.load_config(args.init))} checkpoint, "
@@ -215,7 +217,7 @@ def build_stream(args, files, corpus, encoder):
         print(f"train {lang}: {len(examples):,} examples from {path}; {describe_cuts(stats, encoder, args.max_tokens)}; "
               f"padding efficiency {task_streams[lang].padding_efficiency():.3f}")
     task = data.Mixture.uniform(task_streams, seed=args.seed)
-    if args.method != "mix":
+    if not adapt.get_method(args.method).mixes_text:
         return data.Mixture({"task": (1.0, task)}, seed=args.seed), summary
     ss_streams = {}
     for i, (lang, examples) in enumerate(corpus["text"].items()):
@@ -323,17 +325,8 @@ def main(args):
         validation_seconds.append(time.perf_counter() - start)
         return average[task.main_metric]
 
-    try:
-        best_step, best_metric, stopped = loop.train(
-            model, tokenizer, stream, run_dir=run_dir, base_model=base_model, lr=args.lr,
-            warmup_steps=args.warmup_steps, max_steps=args.max_steps, eval_every=args.eval_every,
-            evaluate_fn=evaluate_fn, device=device, grad_clip=args.grad_clip, weight_decay=args.weight_decay,
-            betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps, update_freq=args.update_freq,
-            log_every=args.log_every, resume=args.resume, eval_at_start=args.eval_at_start,
-            stop_at_step=args.stop_at_step,
-            stop_after_steps=args.stop_after_steps)
-    except FloatingPointError as e:
-        sys.exit(f"error: {e}")
+    settings = loop.TrainSettings.from_args(args, base_model=base_model, device=device, metric_mode="max")
+    best_step, best_metric, stopped = loop.train(model, tokenizer, stream, evaluate_fn, settings)
     if stopped is not None:
         print(f"stopped after the checkpoint of step {stopped}; continue with --resume")
         return None

@@ -21,6 +21,7 @@ The loop has one shape (llm.c / nanoGPT style); `step` counts finished updates:
 """
 
 import collections
+import dataclasses
 import inspect
 import json
 import math
@@ -516,10 +517,40 @@ def generate(model, tokenizer, encoded, generation_kwargs, device, max_new_token
 # -----------------------------------------------------------------------------
 # The loop
 
-def train(model, tokenizer, stream, *, run_dir, base_model, lr, warmup_steps, max_steps, eval_every,
-          evaluate_fn, device, grad_clip=1.0, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8, update_freq=1,
-          log_every=10, resume=False, eval_at_start=False, metric_mode="max", stop_at_step=None,
-          stop_after_steps=None):
+@dataclasses.dataclass(frozen=True)
+class TrainSettings:
+    """What train() needs besides the model and the data: the flags of add_training_args, where the
+    run writes, and how its metric compares. Made by from_args, so both stages pass the same."""
+    run_dir: str
+    base_model: str          # recorded in adapter checkpoints (the model the added weights go on)
+    device: object
+    lr: float
+    warmup_steps: int
+    max_steps: int
+    eval_every: int
+    grad_clip: float = 1.0
+    weight_decay: float = 0.0
+    betas: tuple = (0.9, 0.999)
+    eps: float = 1e-8
+    update_freq: int = 1
+    log_every: int = 10
+    resume: bool = False
+    eval_at_start: bool = False
+    metric_mode: str = "max"  # "max": a higher metric is better (task metrics); "min": a loss (IT)
+    stop_at_step: int | None = None
+    stop_after_steps: int | None = None
+
+    @classmethod
+    def from_args(cls, args, base_model, device, metric_mode="max"):
+        return cls(run_dir=args.out_dir, base_model=base_model, device=device, lr=args.lr,
+                   warmup_steps=args.warmup_steps, max_steps=args.max_steps, eval_every=args.eval_every,
+                   grad_clip=args.grad_clip, weight_decay=args.weight_decay, betas=(args.adam_beta1, args.adam_beta2),
+                   eps=args.adam_eps, update_freq=args.update_freq, log_every=args.log_every, resume=args.resume,
+                   eval_at_start=getattr(args, "eval_at_start", False), metric_mode=metric_mode,
+                   stop_at_step=args.stop_at_step, stop_after_steps=args.stop_after_steps)
+
+
+def train(model, tokenizer, stream, evaluate_fn, settings):
     """Train `model` on batches from `stream` (a data.Mixture); returns (best_step, best_metric, stopped_at):
     stopped_at is the step of the checkpoint it stopped at (stop_at_step / stop_after_steps), else None.
 
@@ -531,8 +562,12 @@ def train(model, tokenizer, stream, *, run_dir, base_model, lr, warmup_steps, ma
     `stop_after_steps`: the same at the first evaluation step at least that many steps after this
     session's start.
     """
+    run_dir, base_model, device, lr, warmup_steps = (settings.run_dir, settings.base_model, settings.device,
+                                                      settings.lr, settings.warmup_steps)
+    max_steps, eval_every, update_freq, resume = settings.max_steps, settings.eval_every, settings.update_freq, settings.resume
+    stop_at_step, stop_after_steps = settings.stop_at_step, settings.stop_after_steps
     model.to(device)
-    optimizer = make_optimizer(model, lr, weight_decay, betas, eps)
+    optimizer = make_optimizer(model, lr, settings.weight_decay, settings.betas, settings.eps)
     start_step, best_step, best_metric = 0, None, None
     if resume:
         state = load_train_state(os.path.join(run_dir, "last"))
@@ -542,7 +577,7 @@ def train(model, tokenizer, stream, *, run_dir, base_model, lr, warmup_steps, ma
         start_step, best_step, best_metric = state["step"], state["best_step"], state["best_metric"]
         print(f"resuming from step {start_step} (best step {best_step}, metric {best_metric})")
     log = RunLog(run_dir, resume_step=start_step if resume else None)
-    better = (lambda a, b: a > b) if metric_mode == "max" else (lambda a, b: a < b)
+    better = (lambda a, b: a > b) if settings.metric_mode == "max" else (lambda a, b: a < b)
 
     def new_window():
         return {"loss_sum": 0.0, "tokens": 0, "real": 0, "padded": 0, "time": time.perf_counter(),
@@ -553,7 +588,7 @@ def train(model, tokenizer, stream, *, run_dir, base_model, lr, warmup_steps, ma
     model.train()
     for step in range(start_step, max_steps + 1):
         # ---- evaluation and checkpoints, before stepping ----
-        is_eval_step = (step % eval_every == 0 and step > 0) or step == max_steps or (step == 0 and eval_at_start)
+        is_eval_step = (step % eval_every == 0 and step > 0) or step == max_steps or (step == 0 and settings.eval_at_start)
         if is_eval_step and not (resume and step == start_step):
             metric = evaluate_fn(step)
             if metric is not None and (best_metric is None or better(metric, best_metric)):
@@ -576,12 +611,12 @@ def train(model, tokenizer, stream, *, run_dir, base_model, lr, warmup_steps, ma
                    for path, indices in drawn]
         step_lr = get_lr(step + 1, lr, warmup_steps)
         try:
-            loss, num_tokens, grad_norm = train_step(model, optimizer, batches, step_lr, grad_clip, device)
+            loss, num_tokens, grad_norm = train_step(model, optimizer, batches, step_lr, settings.grad_clip, device)
         except FloatingPointError as e:
             bar.close()
             last = os.path.join(run_dir, "last")
             where = f"the last good checkpoint is {last}" if os.path.isdir(last) else "no checkpoint was written yet"
-            raise FloatingPointError(f"{e} at step {step + 1} (lr {step_lr:.3e}); stopped; {where}") from None
+            raise common.TrainingError(f"{e} at step {step + 1} (lr {step_lr:.3e}); stopped; {where}") from None
 
         # ---- diagnostics only below here ----
         bar.update(1)
@@ -591,7 +626,7 @@ def train(model, tokenizer, stream, *, run_dir, base_model, lr, warmup_steps, ma
             window["real"] += int(batch["attention_mask"].sum()) + int((batch["labels"] != -100).sum())
             window["padded"] += batch["input_ids"].numel() + batch["labels"].numel()
             window["streams"]["/".join(path)] += 1
-        if (step + 1) % log_every == 0 or step + 1 == max_steps:
+        if (step + 1) % settings.log_every == 0 or step + 1 == max_steps:
             elapsed = time.perf_counter() - window["time"]
             row = {"step": step + 1, "loss": window["loss_sum"] / window["tokens"], "lr": step_lr,
                    "grad_norm": grad_norm, "tokens_per_s": window["real"] / elapsed,

@@ -138,16 +138,8 @@ def main(args):
               + f" | avg {average:.3f}")
         return average
 
-    try:
-        best_step, best_loss, stopped = loop.train(
-            model, tokenizer, stream, run_dir=run_dir, base_model=args.model, lr=args.lr,
-            warmup_steps=args.warmup_steps, max_steps=args.max_steps, eval_every=args.eval_every,
-            evaluate_fn=evaluate_fn, device=device, grad_clip=args.grad_clip, weight_decay=args.weight_decay,
-            betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps, update_freq=args.update_freq,
-            log_every=args.log_every, resume=args.resume, metric_mode="min", stop_at_step=args.stop_at_step,
-            stop_after_steps=args.stop_after_steps)
-    except FloatingPointError as e:
-        raise SystemExit(f"error: {e}") from None
+    settings = loop.TrainSettings.from_args(args, base_model=args.model, device=device, metric_mode="min")
+    best_step, best_loss, stopped = loop.train(model, tokenizer, stream, evaluate_fn, settings)
     if stopped is not None:
         print(f"stopped after the checkpoint of step {stopped}; continue with --resume")
         return None

@@ -35,7 +35,8 @@ import adapt
 import common
 import data
 import evaluate
-from study import GUARD, LARGE_LR, guard_value, load_results, mean, rank
+import plan as study_plan  # plan.json and chosen.json: what the study ran and chose
+from plan import load_results, mean, rank
 
 MISSING = "—"
 
@@ -113,16 +114,6 @@ def per_language(runs, plan, task):
     return found
 
 
-def settings_of(plan, keep=None, **match):
-    """{(lr, it): [runs of its seeds]} of the plan's runs whose record has the given values (and,
-    if given, for which keep(record) is true)."""
-    found = {}
-    for run, meta in plan.items():
-        if all(meta.get(key) == value for key, value in match.items()) and (keep is None or keep(meta)):
-            found.setdefault((meta["lr"], meta.get("it", False)), []).append(run)
-    return found
-
-
 def best_setting(settings, plan):
     """The (lr, it) whose runs have the best mean validation metric (a missing one never wins)."""
     def score(key):
@@ -170,9 +161,9 @@ def table_guard(plan):
     for run, meta in sorted(plan.items()):
         if meta.get("stage") != "guard":
             continue
-        metric, threshold, _ = GUARD[meta["task"]]
+        metric, threshold, _ = data.get_task(meta["task"]).guard
         results = load_results(run)
-        value = guard_value(results, meta["task"]) if results else None
+        value = study_plan.guard_value(results, meta["task"], metric) if results else None
         table.add([meta["model"], meta["task"], metric, fmt(value, 1), f"{threshold:g}",
                    MISSING if value is None else ("yes" if value >= threshold else "NO")], [run])
     return table
@@ -180,8 +171,7 @@ def table_guard(plan):
 
 def zero_shot_settings(plan, task, model, method, it):
     """The zero-shot settings of a method (not translate-train, not the large stage), by (lr, it)."""
-    return settings_of(plan, task=task, model=model, method=method, it=it,
-                       keep=lambda meta: meta.get("stage") in ("lr-search", "methods") and "train_lang" not in meta)
+    return study_plan.settings(plan, task=task, model=model, method=method, it=it, keep=study_plan.is_zero_shot)
 
 
 def table1_it_gain(plan):
@@ -204,10 +194,11 @@ def table1_it_gain(plan):
 
 def table2_mt5_large(plan, chosen, base_model):
     """The paper's Table 2: mT5-large at LR 1e-5 against mT5-base's chosen settings."""
-    tasks = data.FINETUNE_TASKS
+    tasks = data.finetune_tasks()
     header = ["model / method"] + [f"{t}: {data.TASKS[t].metric_label} (LCR %)" for t in tasks]
+    large_lrs = ", ".join(f"{lr:g}" for lr in sorted({m["lr"] for m in plan.values() if m.get("stage") == "large"}))
     table = Table("table2_mt5_large", "Table 2: mT5-large against mT5-base, averaged over the target languages",
-                  header, f"Large: LR {LARGE_LR:g} (paper Section 4), after intermediate tuning; base: the best LR of "
+                  header, f"Large: LR {large_lrs or '(no run)'} (paper Section 4), after intermediate tuning; base: the best LR of "
                   "the IT runs of each method, and data translation at its searched LR. n/a: XQuAD has only English "
                   "training data.")
     large_models = sorted({m["model"] for m in plan.values() if m.get("stage") == "large"})
@@ -224,7 +215,7 @@ def table2_mt5_large(plan, chosen, base_model):
         cells, runs = [], []
         for task in tasks:
             if method == "translate":
-                entry = chosen.get(f"{task}/{base_model}/translate")
+                entry = chosen.get(study_plan.chosen_key(task, base_model, "translate"))
                 found = entry["runs"] if entry else []
             elif method in adapt.methods_for(task):
                 settings = zero_shot_settings(plan, task, base_model, method, True)
@@ -283,21 +274,21 @@ def score_translated(meta, lid_model=None):
 def table4_lrs(chosen):
     table = Table("table4_lrs", "Table 4: preliminary LR (PLR) and chosen setting",
                   ["task", "model", "method", "PLR", "chosen LR", "IT", "validation metric"],
-                  "The PLR comes from the LR search of full finetuning, adapters or prompt tuning (freeze, mix and "
-                  "multisrc use full finetuning's); translate: the LR searched on translated data.")
+                  f"The PLR comes from {adapt.lr_search_note()}; translate: the LR searched on translated data.")
     for key, entry in sorted(chosen.items()):
-        task, model, method = key.split("/")
+        task, model, method = study_plan.split_key(key)
         table.add([task, model, method, f"{entry['plr']:g}", f"{entry['lr']:g}", "yes" if entry["it"] else "no",
                    fmt(entry["val_metric"])], entry["runs"])
     return table
 
 
 def methods_of(chosen, task):
-    return [m for m in list(adapt.METHODS) + ["translate"] if any(k.startswith(f"{task}/") and k.endswith(f"/{m}") for k in chosen)]
+    found = {study_plan.split_key(k)[2] for k in chosen if study_plan.split_key(k)[0] == task}
+    return [m for m in list(adapt.REGISTRY) + ["translate"] if m in found]
 
 
 def models_of(chosen, task):
-    return sorted({k.split("/")[1] for k in chosen if k.startswith(task + "/")})
+    return sorted({study_plan.split_key(k)[1] for k in chosen if study_plan.split_key(k)[0] == task})
 
 
 def table_methods(plan, chosen, task):
@@ -310,7 +301,7 @@ def table_methods(plan, chosen, task):
     for method in methods_of(chosen, task):
         row, runs = [method], []
         for model in models:
-            entry = chosen.get(f"{task}/{model}/{method}")
+            entry = chosen.get(study_plan.chosen_key(task, model, method))
             row.append(setting_cell(entry["runs"], plan, task) if entry else MISSING)
             runs += entry["runs"] if entry else []
         table.add(row, runs)
@@ -319,12 +310,12 @@ def table_methods(plan, chosen, task):
 
 def table_per_language(plan, chosen, task):
     """The numbers of Figure 7."""
-    rows = [(key, entry) for key, entry in sorted(chosen.items()) if key.startswith(task + "/")]
+    rows = [(key, entry) for key, entry in sorted(chosen.items()) if study_plan.split_key(key)[0] == task]
     langs = sorted({lang for _, entry in rows for lang in per_language(entry["runs"], plan, task)})
     table = Table(f"fig7_per_language_{task}", f"Figure 7 ({task}): test {data.TASKS[task].metric_label} (LCR %) "
                   "per language", ["model", "method"] + langs, "Chosen setting of each model and method; mean over seeds.")
     for key, entry in rows:
-        _, model, method = key.split("/")
+        _, model, method = study_plan.split_key(key)
         found = per_language(entry["runs"], plan, task)
         cells = [f"{spread([m for m, _ in found[lang]])} ({spread([l for _, l in found[lang]], 0)})" if lang in found
                  else MISSING for lang in langs]
@@ -360,7 +351,7 @@ def two_panels(task, width=11):
 
 def search_points(plan, task, model, method, stage="lr-search"):
     """[(lr, runs of its seeds)] of a method's LR search, by LR."""
-    return sorted(settings_of(plan, stage=stage, task=task, model=model, method=method, it=False).items())
+    return sorted(study_plan.settings(plan, stage=stage, task=task, model=model, method=method, it=False).items())
 
 
 def finish_lr_figure(fig, ax_metric, ax_lcr, title, path):
@@ -422,7 +413,7 @@ def fig3_models(plan, task, path):
     models = sorted({m["model"] for m in plan.values() if m.get("stage") == "lr-search" and m.get("task") == task})
     rows = []
     for model in models:
-        settings = settings_of(plan, task=task, model=model, method="full", it=False,
+        settings = study_plan.settings(plan, task=task, model=model, method="full", it=False,
                                keep=lambda meta: meta.get("stage") == "lr-search" and "train_lang" not in meta)
         best = best_setting(settings, plan)
         if best:
@@ -516,8 +507,8 @@ def fig4_examples(plan, chosen, report_dir):
     lines = ["# Figure 4: example predictions", "",
              "One test input per task (Spanish, a target language of both tasks), each model and method at its "
              "chosen setting, first seed. `lang`: what fastText detects; `(empty)`: nothing generated.", ""]
-    for task in data.FINETUNE_TASKS:
-        entries = [(key, entry) for key, entry in sorted(chosen.items()) if key.startswith(task + "/")]
+    for task in data.finetune_tasks():
+        entries = [(key, entry) for key, entry in sorted(chosen.items()) if study_plan.split_key(key)[0] == task]
         example = None
         for key, entry in entries:
             run = sorted(entry["runs"], key=lambda r: plan.get(r, {}).get("seed", 0))[0]
@@ -531,12 +522,13 @@ def fig4_examples(plan, chosen, report_dir):
                 config = results["config"]
                 path = test_file_of(config, task, "es")
                 reference = next(r for r in data.read_references(task, path) if r["id"] == example)
-                source = reference.get("text") or f"{reference['context']} {reference['question']}"
-                gold = reference.get("summary") or " | ".join(reference["answers"])
+                formatted = data.task_examples(task, [reference], "es")[0]  # the model's input, as finetune.py made it
+                source = f"{formatted.source} {formatted.source_tail}".strip()
+                gold = " | ".join(formatted.references)
                 lines += [f"## {task}, id {example}", "", f"**Input** ({len(source)} characters): {source[:300]}...", "",
                           f"**Reference:** {gold}", "", "| model | method | output | lang |", "|---|---|---|---|"]
             if example is not None and example in rows:
-                _, model, method = key.split("/")
+                _, model, method = study_plan.split_key(key)
                 text = rows[example]["prediction"].replace("|", "\\\\|") or "(empty)"
                 lines.append(f"| {model} | {method} | {text} | {rows[example]['lang'] or '(empty)'} |")
         lines.append("")
@@ -548,7 +540,7 @@ def fig4_examples(plan, chosen, report_dir):
 # Real outputs: published systems' predictions, scored by evaluate.py (what the metrics reveal)
 
 def real_output_rows(prediction_dirs, data_dir, lid_model=None):
-    """[(system, task, lang, metrics)] for every prediction file: SYSTEM.LANG.json is scored against
+    """[(system, what it was scored on, lang, metrics)] for every prediction file: SYSTEM.LANG.json is scored against
     XQuAD LANG, SYSTEM.json against SQuAD v1.1 dev (English)."""
     rows = []
     for directory in prediction_dirs:
@@ -558,12 +550,13 @@ def real_output_rows(prediction_dirs, data_dir, lid_model=None):
         for path in paths:
             system, _, lang = os.path.basename(path)[:-len(".json")].rpartition(".")
             if system and lang in data.LANGUAGES:
-                task, references = "xquad", data.xquad_path(data_dir, lang)
+                task, where = "xquad", f"XQuAD {lang}"
             else:
-                system, task, lang, references = os.path.basename(path)[:-len(".json")], "squad", "en", data.squad_path(data_dir, "dev")
+                system, task, lang, where = os.path.basename(path)[:-len(".json")], "squad", "en", "SQuAD dev (en)"
+            references = data.task_file(task, "test", lang, data_dir)
             metrics, _ = evaluate.score(task, lang, data.read_predictions(path), data.read_references(task, references),
                                         lid_model=lid_model)
-            rows.append((system, task, lang, metrics))
+            rows.append((system, where, lang, metrics))
     return rows
 
 
@@ -579,8 +572,7 @@ def table_real_outputs(rows):
                   "with no digit, identified by fastText as the target language; Appendix A). LCR: share of answers "
                   "fastText identifies as the target language; the tables of the study use the filtered one, as the "
                   "paper does, because language identification is unreliable on short answers.")
-    for system, task, lang, m in rows:
-        where = f"XQuAD {lang}" if task == "xquad" else "SQuAD dev (en)"
+    for system, where, lang, m in rows:
         table.add([system, where, fmt(m["f1"]), fmt(m["f1_filtered"]), fmt(m["em"]), fmt(m["lcr"], 1),
                    fmt(m["lcr_filtered"], 1), top_languages(m), fmt(m["avg_len"], 1),
                    f"{m['num_references']:,} ({m['num_filtered']:,})"], [])
@@ -593,7 +585,7 @@ def figure_real_outputs(rows, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    labels = [f"{system}\n{'SQuAD' if task == 'squad' else 'XQuAD'} {lang}" for system, task, lang, _ in rows]
+    labels = [f"{system}\n{where.split()[0]} {lang}" for system, where, lang, _ in rows]
     fig, (ax_metric, ax_langs) = plt.subplots(1, 2, figsize=(14, 4.8), gridspec_kw={"width_ratios": [1.1, 1]})
     xs = range(len(rows))
     for offset, key, label in ((-0.27, "f1_filtered", "F1 (filtered)"), (0.0, "lcr", "LCR (all answers)"),
@@ -645,11 +637,10 @@ def write_report(root, prediction_dirs=None, data_dir=None, lid_model=None):
     plan_path = os.path.join(root, "plan.json")
     if not os.path.isfile(plan_path):
         raise common.UsageError(f"--out-dir: {plan_path} not found; run the study stages first")
-    plan = common.read_json(plan_path, "plan.json")
-    chosen_path = os.path.join(root, "chosen.json")
-    chosen = common.read_json(chosen_path, "chosen.json") if os.path.isfile(chosen_path) else {}
+    recorded = study_plan.Plan.load(root, write=False)
+    plan, chosen = recorded.runs, recorded.chosen
     report_dir = os.path.join(root, "report")
-    tasks = [t for t in data.FINETUNE_TASKS if any(m.get("task") == t for m in plan.values())]
+    tasks = [t for t in data.finetune_tasks() if any(m.get("task") == t for m in plan.values())]
     base_model = next((m["model"] for m in plan.values() if m.get("model") in ("mt5-base", "tiny-mt5")), None)
 
     tables = [table_guard(plan), table1_it_gain(plan), table2_mt5_large(plan, chosen, base_model),

@@ -48,7 +48,7 @@ TRANSLATION_HUB = ("facebook/nllb-200-", "facebook/m2m100", "facebook/mbart-larg
 def parse_args(argv=None):
     p = common.ArgumentParser(description=__doc__)
     p.add_argument("--model", default="facebook/nllb-200-3.3B", help="NLLB/M2M100 or mBART-50 many-to-many checkpoint, or tiny-nllb")
-    p.add_argument("--task", default=None, choices=data.FINETUNE_TASKS,
+    p.add_argument("--task", default=None, choices=data.finetune_tasks(),
                    help="xquad (SQuAD JSON) or xlsum (XL-Sum jsonl); not with --predictions")
     p.add_argument("--train-file", default=None, help="the English file to translate")
     p.add_argument("--predictions", default=None, help="translate these {id: text} predictions instead (Appendix D)")
@@ -181,12 +181,18 @@ def load_units(args):
         def write(rebuilt):
             common.write_json(args.out_file, {item["key"]: rebuilt[item["key"]] for item in items})
         return items, prediction_segments, prediction_rebuild, write
-    if args.task == "xlsum":
-        records = data.read_xlsum(args.train_file, limit=args.limit)
-        units = [dict(r, key=r["id"]) for r in records]
-        def write(rebuilt):
-            common.write_jsonl(args.out_file, [rebuilt[u["key"]] for u in units])
-        return units, xlsum_segments, xlsum_rebuild, write
+    return UNITS[data.get_task(args.task).kind](args)
+
+
+def summarization_units(args):
+    records = data.read_xlsum(args.train_file, limit=args.limit)
+    units = [dict(r, key=r["id"]) for r in records]
+    def write(rebuilt):
+        common.write_jsonl(args.out_file, [rebuilt[u["key"]] for u in units])
+    return units, xlsum_segments, xlsum_rebuild, write
+
+
+def squad_units(args):
     raw, units = qa_units(args.train_file, args.limit)
     def write(rebuilt):
         articles = []
@@ -199,7 +205,15 @@ def load_units(args):
             articles[-1][1]["paragraphs"].append(paragraph)
         common.write_json(args.out_file, {"version": raw.get("version", "1.1"), "translated_to": args.tgt_lang,
                                         "translated_with": args.model, "data": [art for _, art in articles]})
+        answers = [a for p in rebuilt.values() for qa in p["qas"] for a in qa["answers"]]
+        missing = sum(not a["answer_in_context"] for a in answers)
+        print(f"{missing} of {len(answers)} translated answers not found in their translated context "
+              f"(kept, with answer_start -1 and answer_in_context false)")
     return units, qa_segments, qa_rebuild, write
+
+
+# How each kind of task (data.KINDS) is cut into units of translation and written back
+UNITS = {"qa": squad_units, "summarization": summarization_units}
 
 
 # -----------------------------------------------------------------------------
@@ -333,11 +347,6 @@ def main(args):
     # ---- the output file, atomically ----
     write(progress.examples)
     os.remove(progress.path)
-    if args.task == "xquad" and args.predictions is None:
-        answers = [a for p in progress.examples.values() for qa in p["qas"] for a in qa["answers"]]
-        missing = sum(not a["answer_in_context"] for a in answers)
-        print(f"{missing} of {len(answers)} translated answers not found in their translated context "
-              f"(kept, with answer_start -1 and answer_in_context false)")
     print(f"wrote {args.out_file}")
 
 

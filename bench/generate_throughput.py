@@ -81,17 +81,27 @@ class HFReferenceLengths(LogitsProcessor):
         return scores
 
 
+def gum_summaries(args):
+    """XL-Sum-length work: the 141 GUM documents (sources at the 512-token cut, 35-84-token summaries)."""
+    return data.summarization_examples(data.read_xlsum(data.gum_path(args.data_dir)), "en")
+
+
+def xquad_validation(args):
+    """XQuAD-length work: --per-lang questions of each XQuAD validation language."""
+    examples = []
+    for lang in data.TASKS["xquad"].val_langs:
+        questions = data.read_squad(data.xquad_path(args.data_dir, lang))[:args.per_lang]
+        examples += data.qa_examples(questions, lang)
+    return examples
+
+
+WORKLOAD_EXAMPLES = {"xlsum": gum_summaries, "xquad": xquad_validation}
+
+
 def workload(name, args, tokenizer, encoder):
     """(encoded sources, reference token lengths, max_new_tokens) of one workload."""
     task = data.TASKS[name]
-    if name == "xlsum":
-        records = data.read_xlsum(os.path.join(args.data_dir, "summarization", "gum_en.jsonl"))
-        examples = data.summarization_examples(records, "en")
-    else:
-        examples = []
-        for lang in data.TASKS["xquad"].val_langs:
-            questions = data.read_squad(data.xquad_path(args.data_dir, lang))[:args.per_lang]
-            examples += data.qa_examples(questions, lang)
+    examples = WORKLOAD_EXAMPLES[name](args)
     encoded = encoder.encode(examples)
     lengths = [min(len(tokenizer(ex.target, add_special_tokens=False)["input_ids"]), task.max_new_tokens - 1)
                for ex in examples]

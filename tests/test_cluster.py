@@ -1,7 +1,7 @@
 """Cluster runs survive what clusters do: a real single-node SLURM (slurm_cluster.py), and a local
 background launcher with SIGKILL where SLURM is absent.
 
-Each test drives study.Study.execute, the same code every stage uses, with real tiny finetune.py
+Each test drives launch.Launcher.execute (through study.Study), the same code every stage uses, with real tiny finetune.py
 runs: cancelled jobs, killed processes, time limits, failing commands and refused submissions.
 """
 
@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 import finetune
+import launch
 import models
 import report
 import study
@@ -105,8 +106,8 @@ def test_slurm_cancelled_job_resumes_bitwise_and_a_time_limit_is_beaten_by_chunk
     s = make_study(tmp_path, chunk_steps=150, heartbeat_timeout=60)
     a, b = tmp_path / "study" / "a", tmp_path / "study" / "b"
     a_flags = ["--max-steps", "100", "--eval-every", "25", "--seed", "1"]
-    runs = [study.Run(str(a), finetune_argv(a, *a_flags), str(a / "results.json")),
-            study.Run(str(b), finetune_argv(b, "--max-steps", "450", "--eval-every", "75", "--seed", "2"),
+    runs = [launch.Run(str(a), finetune_argv(a, *a_flags), str(a / "results.json")),
+            launch.Run(str(b), finetune_argv(b, "--max-steps", "450", "--eval-every", "75", "--seed", "2"),
                       str(b / "results.json"))]
     thread, _ = in_background(s.execute, runs)
     reference, _ = in_background(straight, tmp_path, "a-straight", *a_flags)  # meanwhile, the uninterrupted A
@@ -142,11 +143,12 @@ def test_slurm_a_failing_run_is_retried_then_reported_and_its_cell_marked(cluste
     s = make_study(tmp_path, max_retries=1)
     root = tmp_path / "study"
     good, bad = root / "runs" / "xquad" / "tiny-mt5" / "full-lr0.001", root / "runs" / "xquad" / "tiny-mt5" / "adapters-lr0.001"
-    runs = [study.Run(str(good), finetune_argv(good, "--max-steps", "20", "--eval-every", "10"), str(good / "results.json")),
-            study.Run(str(bad), finetune_argv(bad, "--max-steps", "20", "--train-file", str(tmp_path / "missing.json")),
+    runs = [launch.Run(str(good), finetune_argv(good, "--max-steps", "20", "--eval-every", "10"), str(good / "results.json")),
+            launch.Run(str(bad), finetune_argv(bad, "--max-steps", "20", "--train-file", str(tmp_path / "missing.json")),
                       str(bad / "results.json"))]
     for run, method in zip(runs, ("full", "adapters")):
-        s.record(run.dir, stage="lr-search", task="xquad", model="tiny-mt5", method=method, lr=1e-3, it=False, plr=1e-3)
+        s.plan.record(run.dir, stage="lr-search", task="xquad", model="tiny-mt5", method=method, lr=1e-3, it=False, seed=0,
+                      plr=1e-3)
     s.execute(runs)
     out = capsys.readouterr().out
     assert (good / "results.json").exists() and len(history(bad)) == 2  # one try and one retry
@@ -190,8 +192,8 @@ def test_local_sigkilled_run_is_found_dead_and_resumed_bitwise(tmp_path, monkeyp
     s = make_study(tmp_path, heartbeat_timeout=3)
     a, b = tmp_path / "study" / "a", tmp_path / "study" / "b"
     a_flags = ["--max-steps", "60", "--eval-every", "20", "--seed", "1"]
-    runs = [study.Run(str(a), finetune_argv(a, *a_flags), str(a / "results.json")),
-            study.Run(str(b), finetune_argv(b, "--max-steps", "20", "--eval-every", "10"), str(b / "results.json"))]
+    runs = [launch.Run(str(a), finetune_argv(a, *a_flags), str(a / "results.json")),
+            launch.Run(str(b), finetune_argv(b, "--max-steps", "20", "--eval-every", "10"), str(b / "results.json"))]
     thread, _ = in_background(s.execute, runs)
     reference, _ = in_background(straight, tmp_path, "a-straight", *a_flags)
     wait_for(lambda: (a / "last" / "train_state.pt").exists(), 120, "A's first checkpoint")

@@ -40,8 +40,10 @@ def steps(run_dir):
 
 # One end-to-end run per method, each family twice, both tasks (test_adapt.py covers every method
 # on every family at the module level).
-CASES = [("tiny-mt5", "full", "xquad"), ("tiny-mbart", "freeze", "xlsum"), ("tiny-nllb", "adapters", "xquad"),
-         ("tiny-mt5", "prompt", "xlsum"), ("tiny-mbart", "mix", "xquad"), ("tiny-nllb", "multisrc", "xlsum")]
+# Every method of the registry, families in turn, tasks in turn where the method applies to both.
+CASES = [(list(FAMILIES)[i % 3], method, task) for i, method in enumerate(adapt.REGISTRY)
+         for task in [["xquad", "xlsum"][i % 2] if adapt.get_method(method).applies_to(["xquad", "xlsum"][i % 2])
+                      else "xlsum"]]
 
 
 @pytest.mark.slow
@@ -51,7 +53,7 @@ def test_every_method_produces_the_run_directory(name, method, task, tmp_path):
     for path in ("args.json", "log.jsonl", "eval/step_10.json", "eval/step_20.json", "results.json",
                  "last/train_state.pt", "last/tokenizer.json", "best/tokenizer.json"):
         assert (tmp_path / path).exists(), path
-    weights = "adapter_model.safetensors" if method in ("adapters", "prompt") else "model.safetensors"
+    weights = "adapter_model.safetensors" if adapt.saves_added_weights(method) else "model.safetensors"
     assert (tmp_path / "last" / weights).exists() and (tmp_path / "best" / weights).exists()
     log = steps(tmp_path)
     assert [row["step"] for row in log] == [5, 10, 15, 20]
@@ -278,7 +280,7 @@ def test_zmbart_objective_runs(tmp_path):
 
 BAD = [
     (["--model", "gpt-2"], "--model: cannot find model 'gpt-2'"),
-    (["--method", "lora"], "argument --method: invalid choice: 'lora'"),
+    (["--method", "no-such-method"], "argument --method: invalid choice: 'no-such-method'"),
     (["--val-langs", "th,xx"], "--val-langs: unknown language 'xx'"),
     (["--task", "glue"], "argument --task: invalid choice: 'glue'"),
     (["--lr", "0"], "argument --lr: must be a finite number > 0, got 0"),

@@ -101,7 +101,7 @@ def one_by_one(model, tokenizer, encoded, generation, max_new_tokens, rule=None)
 
 
 @pytest.mark.parametrize("name", list(FAMILIES))
-@pytest.mark.parametrize("method", ["full", "prompt", "adapters"])
+@pytest.mark.parametrize("method", ["full"] + [name for name, m in adapt.REGISTRY.items() if m.add is not None])
 def test_greedy_batch_decodes_exactly_as_hf_generate(name, method):
     """loop.generate (sorted batches, greedy_batch, finished rows dropped from the batch) against HF
     generate on each source alone, each family (mBART's forced BOS and forced EOS, NLLB's BOS) and

@@ -11,6 +11,8 @@ import pytest
 
 import finetune
 import report
+import adapt
+import data
 import study
 from conftest import DATA_DIR, REPO
 
@@ -278,13 +280,13 @@ def test_seeds_are_averaged_for_selection_and_in_the_report(tmp_path):
     for lr, vals in ((1e-3, (10.0, 30.0)), (1e-4, (25.0, 5.0))):
         for seed, val in enumerate(vals):
             d = str(tmp_path / f"full-lr{lr:g}-seed{seed}")
-            s.plan[d] = write_run(d, seed, metric=10.0 + 10 * seed, lcr=80.0 + 10 * seed, val=val, lr=lr)
+            s.plan.runs[d] = write_run(d, seed, metric=10.0 + 10 * seed, lcr=80.0 + 10 * seed, val=val, lr=lr)
             runs.setdefault(lr, []).append(d)
     assert s.seeds == [0, 1]
     assert s.mean_val(runs[1e-3]) == 20.0 and s.mean_val(runs[1e-4]) == 15.0
-    scores = {lr: s.mean_val(dirs) for lr, dirs in s.settings(stage="lr-search").items()}
+    scores = {lr: s.mean_val(dirs) for lr, dirs in s.plan.by_lr(stage="lr-search").items()}
     assert study._best(scores) == 1e-3
-    assert report.setting_cell(runs[1e-3], s.plan, "xquad") == "15.00 ± 7.07 (85 ± 7)"
+    assert report.setting_cell(runs[1e-3], s.plan.runs, "xquad") == "15.00 ± 7.07 (85 ± 7)"
     assert report.spread([3.0]) == "3.00" and report.spread([None, None]) == "—"
 
 
@@ -301,8 +303,8 @@ def test_select_lr_gives_no_plr_when_every_run_failed():
 @pytest.mark.slow
 def test_an_all_failed_search_stops_names_its_logs_and_launches_nothing_that_depends_on_it(tmp_path, monkeypatch, capsys):
     from conftest import run_cli
-    monkeypatch.setattr(study, "TASKS", ["xquad"])
-    monkeypatch.setattr(study, "SEARCH_METHODS", ("full",))  # adapters and prompt then also lack a PLR
+    monkeypatch.setattr(data, "finetune_tasks", lambda: ["xquad"])
+    monkeypatch.setattr(adapt, "searched_methods", lambda: ["full"])  # the other methods then also lack a PLR
     init = study.Study.__init__
 
     def one_model(self, args):  # one task and one model keep the test short; the rule is per combination
@@ -380,8 +382,7 @@ def test_appendix_d_translates_the_best_english_lrs_outputs_and_table3_compares(
     1e-4's last-step Spanish outputs (English answers) into Spanish with tiny-nllb -- a real
     translate_train.py --predictions run -- and Table 3 scores the translation against XQuAD es
     beside 1e-3's own last-step score (7.00, from its results)."""
-    import data
-    monkeypatch.setattr(study, "TASKS", ["xquad"])
+    monkeypatch.setattr(data, "finetune_tasks", lambda: ["xquad"])
     s = _study(tmp_path, tiny=True)
     s.appendix_d_models = ["tiny-mt5"]
     questions = data.read_squad(data.xquad_path(DATA_DIR, "en"))[:6]  # XQuAD ids are the same in every language
@@ -395,17 +396,17 @@ def test_appendix_d_translates_the_best_english_lrs_outputs_and_table3_compares(
         (d / "results.json").write_text(json.dumps({
             "config": {"task": "xquad", "max_steps": 20, "data_dir": DATA_DIR, "xlsum_dir": None},
             "best_val_metric": non_en, "test_last_average": {"f1_filtered": last, "lcr_filtered": 50.0}}))
-        s.plan[str(d)] = {"stage": "lr-search", "task": "xquad", "model": "tiny-mt5", "method": "full", "lr": lr,
+        s.plan.runs[str(d)] = {"stage": "lr-search", "task": "xquad", "model": "tiny-mt5", "method": "full", "lr": lr,
                           "it": False, "seed": 0}
     study.stage_appendix_d(s)
-    assert s.failures == []
-    [(run_dir, meta)] = [(d, m) for d, m in s.plan.items() if m["stage"] == "appendix-d"]
+    assert s.launcher.failures == []
+    [(run_dir, meta)] = [(d, m) for d, m in s.plan.runs.items() if m["stage"] == "appendix-d"]
     assert (meta["best_en_lr"], meta["best_non_en_lr"], meta["lang"]) == (1e-4, 1e-3, "es")
     assert meta["source_run"] == str(tmp_path / "runs" / "full-lr0.0001-seed0")
     translated = json.loads(open(meta["translated"]).read())
     assert sorted(translated) == sorted(q["id"] for q in questions)  # every output translated, by id
     assert "--model tiny-nllb --tgt-lang es" in open(os.path.join(run_dir, "run.log")).readline()
-    table = report.table3_appendix_d(s.plan)
+    table = report.table3_appendix_d(s.plan.runs)
     [row] = table.rows
     score = report.score_translated(meta)
     assert row[:3] == ["xquad", "tiny-mt5", "0.0001"] and row[4:] == ["0.001", "7.00"]
@@ -418,7 +419,9 @@ def test_translate_train_search_selects_on_the_mean_over_its_languages_and_seeds
     the others 10 -> (40 + 40) / 5 = 16; 1e-4: 20 everywhere -> 20; 1e-5: 5; then full finetuning's
     3 x 10^-k*: 3e-4: 15. So the chosen LR is 1e-4, although Spanish alone and the best single run
     prefer 1e-3; it inherits zero-shot full finetuning's IT choice."""
-    monkeypatch.setattr(study, "TASKS", ["xquad"])
+    monkeypatch.setattr(data, "finetune_tasks", lambda: ["xquad"])
+    zero_shot = {"runs": [], "lr": 1e-3, "it": True, "plr": 1e-3, "val_metric": 1.0}
+    (tmp_path / "chosen.json").write_text(json.dumps({"xquad/mt5-base/full": zero_shot}))  # the methods stage's
     s = _study(tmp_path, seeds="0,1")
     s.models = {"mt5-base": study.MODELS["mt5-base"]}
     scores = {1e-3: {"es": (50.0, 30.0)}, 1e-4: {}, 1e-5: {}, 3e-4: {}}
@@ -428,18 +431,16 @@ def test_translate_train_search_selects_on_the_mean_over_its_languages_and_seeds
     def fake_execute(self, runs):  # what the runs would leave behind
         for run in runs:
             os.makedirs(run.dir, exist_ok=True)
-            meta = self.plan[run.dir]
+            meta = self.plan.runs[run.dir]
             if meta["stage"] == "translate-data":
-                os.makedirs(os.path.dirname(run.done), exist_ok=True)
-                open(run.done, "w").write("{}")
+                os.makedirs(os.path.dirname(run.done_file), exist_ok=True)
+                open(run.done_file, "w").write("{}")
                 continue
             launched.append(run.argv)
             lang, lr, seed = meta["train_lang"], meta["lr"], meta["seed"]
             value = scores[lr].get(lang, (default[lr],) * 2)[seed]
-            open(run.done, "w").write(json.dumps({"best_val_metric": value}))
+            open(run.done_file, "w").write(json.dumps({"best_val_metric": value}))
     monkeypatch.setattr(study.Study, "execute", fake_execute)
-    zero_shot = {"runs": [], "lr": 1e-3, "it": True, "plr": 1e-3, "val_metric": 1.0}
-    (tmp_path / "chosen.json").write_text(json.dumps({"xquad/mt5-base/full": zero_shot}))
     study.stage_translate(s)
     chosen = json.loads((tmp_path / "chosen.json").read_text())["xquad/mt5-base/translate"]
     assert chosen["lr"] == 1e-4 and chosen["it"] is True and chosen["val_metric"] == 20.0
@@ -449,3 +450,42 @@ def test_translate_train_search_selects_on_the_mean_over_its_languages_and_seeds
     for argv in launched:  # each run validates and tests in the language it was trained on
         lang = argv[argv.index("--train-lang") + 1]
         assert argv[argv.index("--val-langs") + 1] == argv[argv.index("--test-langs") + 1] == lang
+
+
+# ----------------------------------------------------------------------------- behaviour kept through the refactor
+
+def dry_run_commands(out, *flags):
+    """(run directory, command) of every RUN line of `run_all.sh --dry-run`, with the paths that
+    differ between machines named: PYTHON, REPO, OUT, DATA (../shared/data)."""
+    text = subprocess.run(["bash", os.path.join(REPO, "run_all.sh"), "--dry-run", "--out-dir", str(out), *flags],
+                          capture_output=True, text=True, check=True).stdout
+    found = []
+    for line in text.splitlines():
+        if line.startswith("RUN "):
+            words = shlex.split(line[4:])
+            record = words[words.index("--run-dir") + 1] + "\t" + shlex.join(words[words.index("--") + 1:])
+            for path, name in ((sys.executable, "PYTHON"), (str(out), "OUT"), (DATA_DIR, "DATA"), (REPO, "REPO")):
+                record = record.replace(path, name)
+            found.append(record)
+    return found
+
+
+@pytest.mark.parametrize("name,flags", [("full", []), ("tiny", ["--tiny", "--data-dir", DATA_DIR, "--xlsum-dir",
+                                                                 os.path.join(REPO, "tests", "fixtures", "xlsum")])])
+def test_dry_run_lists_the_commands_recorded_before_the_refactor(name, flags, tmp_path):
+    """tests/fixtures/dry_run/NAME.txt.gz is the dry run of commit c782168, before the method
+    registry, the task table and launch.py (run directory and command of each RUN line). The same
+    flags list the same commands in the same order, except: the runs of methods added since (found
+    by the registry), and the guard's example files, which the dry run now names as the study writes
+    them (OUT/guard/TASK.en.EXT; before, a placeholder without the extension)."""
+    import gzip
+    with gzip.open(os.path.join(REPO, "tests", "fixtures", "dry_run", f"{name}.txt.gz"), "rt") as f:
+        recorded = f.read().splitlines()
+    recorded = [line.replace("OUT/guard/xquad.en ", "OUT/guard/xquad.en.json ").replace(
+                "OUT/guard/xlsum.en ", "OUT/guard/xlsum.en.jsonl ") for line in recorded]
+    old_methods = ("full", "freeze", "adapters", "prompt", "mix", "multisrc")
+    now = dry_run_commands(tmp_path, *flags)
+    new_methods = [m for m in adapt.REGISTRY if m not in old_methods]
+    kept = [line for line in now if not any(f"--method {m} " in line for m in new_methods)]
+    assert len(recorded) == (836 if name == "full" else 117)
+    assert kept == recorded

@@ -1,0 +1,499 @@
+"""Running the study's commands: here, one after another, or through a scheduler (SLURM), with
+heartbeats, retries and resumption; or not at all (the dry run records and prints them).
+
+    python launch.py exec --run-dir RUN --done RUN/results.json -- python finetune.py ...   # one run, as a job runs it
+
+study.py decides which runs the protocol needs and hands them to a launcher (`Launcher.execute`);
+this module is the only one that knows how a command is run. Without LAUNCH, runs go one after
+another here, each forked from a forkserver that has torch and the stages imported (run_local).
+With LAUNCH (e.g. "sbatch --gres=gpu:1 --wrap"), a stage submits `LAUNCH '<command>'` for all its
+runs at once and watches them. The dry run (DryRun) prints each command once and answers the
+protocol's questions about results with made-up scores, so the plan shows the search's usual course.
+
+Each command runs inside `launch.py exec`, which leaves in the run directory:
+
+    run.log          the command's output (appended, one `$ command` line per attempt)
+    submission.json  attempt number, the scheduler's job id (sbatch's "Submitted batch job N")
+    started.json     host, pid, job id: the job has started
+    heartbeat        touched every few seconds while the command runs
+    status.json      exit status and whether the run is done: the command has ended
+    attempts.jsonl   the status of every attempt that ended, one line each
+
+A stage reads them at every poll: status.json says done, stopped (exit 0 before the end: a chunk of
+--chunk-steps) or failed; a started run whose heartbeat is older than --heartbeat-timeout, or whose
+job the scheduler reports ended (cancelled, timed out, preempted, out of memory, node failure)
+without a status, is dead. Stopped runs are resubmitted with --resume; dead and failed ones too, at
+most --max-retries times, then reported failed with their log. A submission the launcher refuses
+(bad partition, quota, no sbatch) is reported at once with the scheduler's message. No wait is
+endless: a stage gives up on what is not finished after --max-wait hours, and prints what it is
+waiting for (running, queued, done, failed) at most once a minute.
+"""
+
+import collections
+import dataclasses
+import json
+import math
+import os
+import re
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import common
+import plan
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def add_launch_args(parser):
+    """The flags of how runs are launched and watched (study.py's, for every stage)."""
+    parser.add_argument("--max-retries", type=common.non_negative_int, default=2,
+                        help="resubmissions of a run that died, was killed or failed, before it is reported failed")
+    parser.add_argument("--max-wait", type=common.positive_float, default=72.0,
+                        help="hours a stage waits for its runs at most; what is not finished then is reported failed")
+    parser.add_argument("--heartbeat-timeout", type=common.positive_float, default=300.0,
+                        help="seconds without a heartbeat after which a started run is dead (killed, node lost)")
+    parser.add_argument("--chunk-steps", type=common.positive_int, default=None,
+                        help="each job trains about N steps (--stop-after-steps), then is resubmitted with --resume: "
+                             "for partitions whose time limit is shorter than a run")
+    parser.add_argument("--poll-seconds", type=common.positive_float, default=30, help="with LAUNCH: how often to check on runs")
+    parser.add_argument("--status-seconds", type=common.positive_float, default=60,
+                        help="with LAUNCH: at most how often to print what the stage waits for")
+
+
+# -----------------------------------------------------------------------------
+# The launcher: runs commands and reads what they left
+
+class Launcher:
+    """args: the study's flags (add_launch_args); out: the study directory (for relative names)."""
+
+    runs_commands = True  # (the dry run's: False)
+
+    def __init__(self, args, out):
+        self.args, self.out = args, out
+        self.failures = []  # (run directory, what happened): reported at the end; the exit status
+
+    # ---- what the protocol asks of finished runs ----
+    def results(self, run_dir):
+        """The run's results.json, or None (not run, failed, or still running)."""
+        return plan.load_results(run_dir)
+
+    def val_metric(self, run_dir, meta):
+        """The run's selection metric (average non-English validation metric), None if it has none."""
+        results = self.results(run_dir)
+        return None if results is None else results.get("best_val_metric")
+
+    def last_step_metric(self, run_dir, meta, lang):
+        """The run's validation metric in `lang` at its last step (eval/step_N.json), or None."""
+        results = self.results(run_dir)
+        if results is None:
+            return None
+        path = os.path.join(run_dir, "eval", f"step_{results['config']['max_steps']}.json")
+        if not os.path.isfile(path):
+            return None
+        evaluation = common.read_json(path)
+        scores = evaluation["langs"].get(lang)
+        return None if scores is None else scores[evaluation["main_metric"]]
+
+    def make_file(self, path, build):
+        """A file the study writes itself (the guard's examples, a held-out slice): built once."""
+        if not os.path.isfile(path):
+            build(path)
+        return path
+
+    def run_here(self, argv, what):
+        """A command of the study's own that is not a run (the report), here; False if it failed."""
+        code = subprocess.run(argv).returncode
+        if code != 0:
+            self.fail(None, f"FAILED (exit {code}): {what}")
+        return code == 0
+
+    def execute(self, runs):
+        """runs: [Run]. Launch those not done, watch them until each is done or has failed for good,
+        resubmitting dead, killed, failed and stopped ones with --resume; report failures."""
+        runs = [run if isinstance(run, Run) else Run(*run) for run in runs]
+        todo = [run for run in runs if not os.path.exists(run.done_file)]
+        for run in runs:
+            if run not in todo:
+                print(f"skip (done)  {os.path.relpath(run.dir, self.out)}")
+        pending = []
+        for run in todo:
+            if alive(run.dir, self.args.heartbeat_timeout):  # started by an earlier invocation, still running
+                print(f"running (started earlier)  {os.path.relpath(run.dir, self.out)}", flush=True)
+                run.attempts = 1
+                pending.append(run)
+            elif self.submit(run):
+                pending.append(run)
+        self.watch(pending)
+
+    def command(self, run, resume=True):
+        """The run's command for its next attempt: --resume once it has a checkpoint (unless
+        resume=False: the dry run prints first attempts), and a step budget per job when
+        --chunk-steps is set."""
+        argv = list(run.argv)
+        if resume and run.resumable and os.path.isdir(os.path.join(run.dir, "last")):
+            argv.append("--resume")
+        if run.resumable and self.args.chunk_steps:
+            argv += ["--stop-after-steps", str(self.args.chunk_steps)]
+        return argv
+
+    def launch_line(self, run, command):
+        wrapped = [sys.executable, os.path.join(HERE, "launch.py"), "exec", "--run-dir", run.dir, "--done", run.done_file,
+                   "--heartbeat-seconds", f"{self.heartbeat_seconds():g}", "--"] + command
+        launch = os.environ.get("LAUNCH", "").strip()
+        if not launch:
+            return shlex.join(wrapped)
+        words = shlex.split(launch)
+        if os.path.basename(words[0]) == "sbatch" and not any(
+                w in ("-o", "--output") or w.startswith(("-o", "--output=")) for w in words[1:]):
+            # sbatch's own log (slurm-JOBID.out) goes beside the run, not into the directory it was called from
+            launch = f"{words[0]} --output={shlex.quote(os.path.join(run.dir, 'slurm-%j.out'))} {launch[len(words[0]):].lstrip()}"
+        return f"{launch} {shlex.quote(shlex.join(wrapped))}"
+
+    def heartbeat_seconds(self):
+        return max(1.0, min(30.0, self.args.heartbeat_timeout / 5))
+
+    def submit(self, run):
+        """Start one attempt of `run`. Without LAUNCH it runs here, to the end; with LAUNCH the
+        command's exit status and output are checked at once (a bad partition, a quota, a missing
+        sbatch: reported now, never waited for). Returns whether the attempt started."""
+        for name in ("status.json", "started.json", "heartbeat"):
+            _remove(os.path.join(run.dir, name))
+        os.makedirs(run.dir, exist_ok=True)
+        run.attempts += 1
+        run.job_id, run.ended_seen = None, None
+        command = self.command(run)
+        resumed = " with --resume" if "--resume" in command else ""
+        print(f"run  {os.path.relpath(run.dir, self.out)}" + (f" (attempt {run.attempts}{resumed})" if run.attempts > 1 else ""),
+              flush=True)
+        launch = os.environ.get("LAUNCH", "").strip()
+        if not launch:  # here, to its end, in a forked child (see run_local)
+            run_local(run.dir, run.done_file, command, self.heartbeat_seconds())
+            return True
+        result = subprocess.run(self.launch_line(run, command), shell=True, capture_output=True, text=True)
+        started = os.path.isfile(os.path.join(run.dir, "started.json"))  # a launcher that ran the command itself
+        if result.returncode != 0 and not started:
+            message = " ".join((result.stderr or result.stdout).split()) or f"exit status {result.returncode}"
+            self.fail(run.dir, f"SUBMIT FAILED: {os.path.relpath(run.dir, self.out)}: {launch.split()[0]} says: {message}")
+            return False
+        job = re.search(r"(\d+)\s*$", result.stdout.strip().splitlines()[-1]) if result.stdout.strip() else None
+        run.job_id = job.group(1) if job and "sbatch" in launch else None
+        if run.job_id:
+            print(f"     submitted as job {run.job_id}", flush=True)
+        common.write_json(os.path.join(run.dir, "submission.json"),
+                          {"attempt": run.attempts, "job_id": run.job_id, "time": time.time(), "launch": launch})
+        return True
+
+    def state(self, run):
+        """done | stopped | failed (...) | dead (...) | running | queued, from the run's files, its
+        heartbeat and, for a SLURM job, the scheduler's word."""
+        if os.path.exists(run.done_file):
+            return "done"
+        status = _read_status(run.dir)
+        if status is not None:
+            if status.get("done"):
+                return "done"
+            code = status.get("returncode")
+            return "stopped" if code == 0 else f"failed (exit {code})"
+        started = os.path.isfile(os.path.join(run.dir, "started.json"))
+        if started and not alive(run.dir, self.args.heartbeat_timeout):
+            return f"dead (no heartbeat for over {self.args.heartbeat_timeout:g} s)"
+        job_state = slurm_job_state(run.job_id) if run.job_id else None
+        if job_state is not None and (job_state in SLURM_ENDED or job_state == "GONE"):
+            # the scheduler says the job ended, yet no status.json: give a shared filesystem a moment
+            run.ended_seen = run.ended_seen or time.time()
+            if time.time() - run.ended_seen > max(10.0, 2 * self.args.poll_seconds):
+                return f"dead (job {run.job_id} {job_state.lower()} without a status)"
+        return "running" if started else "queued"
+
+    def watch(self, pending):
+        """Poll until every run is done or failed for good, at most --max-wait hours."""
+        deadline = time.time() + self.args.max_wait * 3600
+        last_print, finished, failed = 0.0, 0, 0
+        while pending:
+            states = {}
+            for run in list(pending):
+                state = states[run.dir] = self.state(run)
+                if state == "done":
+                    pending.remove(run)
+                    finished += 1
+                elif state not in ("running", "queued"):
+                    log = os.path.join(run.dir, "run.log")
+                    if state != "stopped":
+                        run.failures += 1
+                    if run.failures > self.args.max_retries:
+                        code = state.split("exit ")[1].rstrip(")") if state.startswith("failed (exit") else "?"
+                        self.fail(run.dir, f"FAILED (exit {code}): {os.path.relpath(run.dir, self.out)} -- {state}"
+                                           f"{'' if run.attempts == 1 else f' after {run.attempts} attempts'} -- log: {log}")
+                        pending.remove(run)
+                        failed += 1
+                        continue
+                    if state != "stopped":
+                        print(f"RETRY {os.path.relpath(run.dir, self.out)}: {state}; retry {run.failures} of "
+                              f"{self.args.max_retries} -- log: {log}", flush=True)
+                    if not self.submit(run):
+                        pending.remove(run)
+                        failed += 1
+            if not pending:
+                break
+            counts = collections.Counter(s for d, s in states.items() if any(r.dir == d for r in pending))
+            if time.time() - last_print >= self.args.status_seconds:
+                last_print = time.time()
+                print(f"waiting for {len(pending)} run(s): {counts['running']} running, {counts['queued']} queued, "
+                      f"{finished} done, {failed} failed", flush=True)
+            if time.time() > deadline:
+                for run in pending:
+                    self.fail(run.dir, f"FAILED: {os.path.relpath(run.dir, self.out)} not finished within --max-wait "
+                                       f"{self.args.max_wait:g} h ({states.get(run.dir)}) -- log: {os.path.join(run.dir, 'run.log')}")
+                break
+            time.sleep(self.args.poll_seconds)
+
+    def fail(self, run_dir, message):
+        print(message, flush=True)
+        self.failures.append((run_dir, message))
+
+
+class DryRun(Launcher):
+    """--dry-run: every command is printed once (by the first stage that needs it) and recorded;
+    nothing runs, nothing is written. A run's metric is made up from its LR (assumed_score), so the
+    protocol's decisions take their usual course and every stage's commands can be shown."""
+
+    runs_commands = False
+
+    def __init__(self, args, out):
+        super().__init__(args, out)
+        self.printed = {}  # {run dir: Run}, in the order printed
+
+    def execute(self, runs):
+        for run in runs:
+            if not os.path.exists(run.done_file) and run.dir not in self.printed:
+                self.printed[run.dir] = run
+                print(f"RUN {self.launch_line(run, self.command(run, resume=False))}")
+
+    def results(self, run_dir):
+        return None
+
+    def val_metric(self, run_dir, meta):
+        return assumed_score(meta["lr"]) + (0.1 if meta.get("it") else 0.0)
+
+    def last_step_metric(self, run_dir, meta, lang):
+        return assumed_score(meta["lr"] / 10)  # assume English likes a 10x larger LR (the paper's finding)
+
+    def make_file(self, path, build):
+        return path
+
+    def run_here(self, argv, what):
+        print(f"would run: {what}")
+        return True
+
+
+def assumed_score(lr):
+    """For --dry-run: a made-up metric peaking at 1e-4, so the plan shows the search's usual course."""
+    return -abs(math.log10(lr) + 4)
+
+
+# -----------------------------------------------------------------------------
+# Runs, and what SLURM and the heartbeat say about them
+
+@dataclasses.dataclass(eq=False)
+class Run:
+    """One command of the study and its attempts. `resumable`: the command takes --resume and
+    --stop-after-steps (finetune.py, pretrain_it.py); translate_train.py resumes by itself."""
+    dir: str
+    argv: list
+    done_file: str              # the file whose existence says the run is done (results.json, a translation)
+    resumable: bool = True
+    stage: str = "?"            # the stage of the study that made it (the dry run's cost table)
+    attempts: int = 0
+    failures: int = 0
+    job_id: str = None
+    ended_seen: float = None
+
+
+# SLURM job states after which a job runs no more (squeue --states; GONE: purged from squeue)
+SLURM_ENDED = {"BOOT_FAIL", "CANCELLED", "COMPLETED", "DEADLINE", "FAILED", "NODE_FAIL", "OUT_OF_MEMORY",
+               "PREEMPTED", "REVOKED", "SPECIAL_EXIT", "TIMEOUT"}
+
+
+def slurm_job_state(job_id):
+    """The scheduler's state of a job (PENDING, RUNNING, CANCELLED, ...), "GONE" when squeue no
+    longer knows it, None when squeue cannot be asked."""
+    try:
+        result = subprocess.run(["squeue", "-h", "-j", job_id, "-t", "all", "-o", "%T"], capture_output=True,
+                                text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if result.returncode != 0:
+        return "GONE" if "Invalid job id" in result.stderr else None
+    return result.stdout.strip().split()[0] if result.stdout.strip() else "GONE"
+
+
+def alive(run_dir, timeout):
+    """The run's exec wrapper has refreshed its heartbeat within `timeout` seconds."""
+    path = os.path.join(run_dir, "heartbeat")
+    return os.path.isfile(path) and time.time() - os.path.getmtime(path) <= timeout
+
+
+def _remove(path):
+    if os.path.exists(path):
+        os.remove(path)
+
+
+def _read_status(run_dir):
+    path = os.path.join(run_dir, "status.json")
+    return common.read_json(path, "status.json") if os.path.isfile(path) else None
+
+
+# -----------------------------------------------------------------------------
+# One run, as a job runs it
+
+def exec_run(args):
+    """`launch.py exec`: run one command of the study as a job runs it (see run_wrapped)."""
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    return run_wrapped(args.run_dir, args.done, command, args.heartbeat_seconds, in_process=False)
+
+
+def run_wrapped(run_dir, done, command, heartbeat_seconds, in_process):
+    """Run one command of the study, as a job would: its output into RUN/run.log; RUN/started.json
+    (host, pid, the scheduler's job id) when it starts; RUN/heartbeat touched every few seconds while
+    it runs; RUN/status.json (exit status, done or not) and a line of RUN/attempts.jsonl when it
+    ends. As a subprocess (a job), SIGTERM (scancel, a time limit, preemption) is passed on to the
+    command, which then ends with a status too; a SIGKILL or a lost node leaves no status, and the
+    stale heartbeat tells the study. Under SLURM the command gets OMP_NUM_THREADS = the job's CPUs,
+    unless it is set already. `in_process`: a stage script of this repository runs in this process
+    (a child forked for it by the local launcher, see run_local), without importing torch again."""
+    os.makedirs(run_dir, exist_ok=True)
+    heartbeat = os.path.join(run_dir, "heartbeat")
+    start = time.time()
+    common.write_json(os.path.join(run_dir, "started.json"),
+                      {"host": socket.gethostname(), "pid": os.getpid(), "job_id": os.environ.get("SLURM_JOB_ID"),
+                       "time": start, "command": command})
+    with open(heartbeat, "w"):
+        pass
+    with open(os.path.join(run_dir, "run.log"), "a") as log:
+        log.write(f"$ {shlex.join(command)}\n")
+        log.flush()
+        stage = STAGE_SCRIPTS.get(os.path.basename(command[1])) if len(command) > 1 and command[0] == sys.executable else None
+        if in_process and stage is not None:
+            code = run_stage_here(stage, command[2:], log, heartbeat, heartbeat_seconds)
+        else:
+            env = dict(os.environ)
+            cpus = env.get("SLURM_CPUS_PER_TASK") or env.get("SLURM_CPUS_ON_NODE")
+            if cpus and "OMP_NUM_THREADS" not in env:
+                # as many threads as the job has CPUs: two jobs on one node must not both spin on all cores
+                env["OMP_NUM_THREADS"] = cpus
+            child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+            signal.signal(signal.SIGTERM, lambda signum, frame: child.send_signal(signum))
+            while True:
+                try:
+                    code = child.wait(timeout=heartbeat_seconds)
+                    break
+                except subprocess.TimeoutExpired:
+                    os.utime(heartbeat)
+    status = {"returncode": code, "seconds": round(time.time() - start, 1), "done": os.path.exists(done),
+              "host": socket.gethostname(), "job_id": os.environ.get("SLURM_JOB_ID")}
+    with open(os.path.join(run_dir, "attempts.jsonl"), "a") as history:  # one line per attempt that ended
+        history.write(json.dumps(status) + "\n")
+    common.write_json(os.path.join(run_dir, "status.json"), status)
+    return code
+
+
+# The study's own stage scripts, which the local launcher runs in a forked child instead of a new interpreter
+STAGE_SCRIPTS = {"finetune.py": "finetune", "pretrain_it.py": "pretrain_it", "translate_train.py": "translate_train"}
+
+
+def run_stage_here(module_name, argv, log, heartbeat, heartbeat_seconds):
+    """`python STAGE.py ARGV` in this process, as its own program would end: the exit status of
+    SystemExit, 1 with a traceback for any other exception. Output goes to `log`."""
+    import importlib
+    import threading
+    import traceback
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.dup2(log.fileno(), 1)
+    os.dup2(log.fileno(), 2)
+    beating = threading.Event()
+
+    def beat():
+        while not beating.wait(heartbeat_seconds):
+            os.utime(heartbeat)
+    threading.Thread(target=beat, daemon=True).start()
+    module = importlib.import_module(module_name)
+    try:
+        module.main(module.parse_args(argv))
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
+    except BaseException:  # noqa: BLE001 -- the run failed; the study reads its status and log
+        traceback.print_exc()
+        code = 1
+    finally:
+        beating.set()
+        sys.stdout.flush()
+        sys.stderr.flush()
+    return code
+
+
+# What a forked child of the local launcher finds imported already (the forkserver imports it once:
+# torch, transformers' model and tokenizer classes, the stages), so a run starts in milliseconds.
+PRELOAD = ["finetune", "pretrain_it", "translate_train", "transformers.models.mt5.modeling_mt5",
+           "transformers.models.mbart.modeling_mbart", "transformers.models.m2m_100.modeling_m2m_100",
+           "transformers.models.t5.tokenization_t5", "transformers.models.mbart50.tokenization_mbart50",
+           "transformers.models.nllb.tokenization_nllb"]
+_LAUNCHER = []
+
+
+def run_local(run_dir, done, command, heartbeat_seconds):
+    """Run one command here, to its end, in a child process forked from a forkserver that has the
+    stage modules imported (Python's multiprocessing; the server itself never runs torch, so each
+    child starts clean). The child gets this process's current environment and directory."""
+    import multiprocessing
+    if not _LAUNCHER:
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(PRELOAD)
+        _LAUNCHER.append(context)
+    child = _LAUNCHER[0].Process(target=_local_child, args=(run_dir, done, command, heartbeat_seconds,
+                                                           dict(os.environ), os.getcwd()))
+    child.start()
+    child.join()
+    return child.exitcode
+
+
+def _local_child(run_dir, done, command, heartbeat_seconds, env, cwd):
+    import threading
+    from tqdm import tqdm
+    # tqdm would make a multiprocessing lock, which a child ending with os._exit leaves to the
+    # resource tracker ("leaked semaphore objects" at the study's end); one process needs a thread lock
+    tqdm.set_lock(threading.RLock())
+    os.environ.clear()
+    os.environ.update(env)
+    os.chdir(cwd)
+    code = run_wrapped(run_dir, done, command, heartbeat_seconds, in_process=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code if isinstance(code, int) and 0 <= code < 256 else 1)
+
+
+def parse_args(argv=None):
+    p = common.ArgumentParser(description=__doc__)
+    sub = p.add_subparsers(dest="command_name", required=True)
+    ex = sub.add_parser("exec", help="run one command, with run.log, started.json, heartbeat and status.json")
+    ex.add_argument("--run-dir", required=True)
+    ex.add_argument("--done", required=True)
+    ex.add_argument("--heartbeat-seconds", type=common.positive_float, default=30)
+    ex.add_argument("command", nargs="...")
+    return p.parse_args(argv)
+
+
+@common.exits_on_error
+def main(args):
+    sys.exit(exec_run(args))
+
+
+if __name__ == "__main__":
+    main(parse_args())
