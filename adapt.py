@@ -1,4 +1,4 @@
-"""The six adaptation methods of the paper (Section 3, Table 4), by module surgery on HF models.
+"""The six adaptation methods of the paper (Section 3, Table 4), and LoRA, by module surgery on HF models.
 
     python adapt.py --model tiny-mbart --method adapters      # apply a method, print what is trained
 
@@ -12,6 +12,8 @@ MBartForConditionalGeneration and M2M100ForConditionalGeneration (NLLB):
             and feed-forward sublayer of encoder and decoder; the base model is frozen.
   prompt    (Lester et al. 2021; Vu et al. 2022) learned vectors prepended to the encoder input
             embeddings; everything else frozen.
+  lora      (Hu et al. 2022) a low-rank update B A beside the query and value projections of every
+            attention (encoder self, decoder self and cross); the base model is frozen.
   mix       weights as `full`; finetune.py mixes Prefix-LM batches of the target languages in.
   multisrc  weights as `full`; finetune.py trains on several source languages.
 
@@ -372,6 +374,79 @@ def max_source_length(model):
 
 
 # -----------------------------------------------------------------------------
+# LoRA (Hu et al. 2022), as PEFT does it for T5 and mBART by default: on the query and value
+# projections of every attention (encoder self-attention, decoder self- and cross-attention)
+#
+#        x ──── W (frozen) ────────────────────────(+)── W x + (alpha / r) B A dropout(x)
+#        └── dropout ── A (d_in -> r) ── B (r -> d_out) ─┘       B = 0 at init: the base model
+#
+# A and B are child modules of the projection (`...SelfAttention.q.lora_A.weight`, PEFT's names
+# without its ".default"), wired in with a forward hook as the adapters are, so the base weights
+# keep their names. A is initialised as PEFT does (Kaiming-uniform, a = sqrt(5)), B with zeros.
+
+LORA_PROJECTIONS = {"mt5": {"q": "q", "k": "k", "v": "v", "o": "o"},  # what q, k, v, o are called per family
+                    "mbart": {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "out_proj"}}
+LORA_PROJECTIONS["m2m_100"] = LORA_PROJECTIONS["mbart"]
+
+
+def attentions(model):
+    """Every attention module: encoder self, decoder self and cross-attention."""
+    if model.config.model_type == "mt5":
+        return [layer.SelfAttention if hasattr(layer, "SelfAttention") else layer.EncDecAttention
+                for stack in (model.encoder, model.decoder) for block in stack.block for layer in block.layer
+                if hasattr(layer, "SelfAttention") or hasattr(layer, "EncDecAttention")]
+    inner = model.model
+    return [attention for layer in list(inner.encoder.layers) + list(inner.decoder.layers)
+            for attention in (layer.self_attn, getattr(layer, "encoder_attn", None)) if attention is not None]
+
+
+def _lora_hook(scaling):
+    def hook(linear, inputs, output):                   # inputs[0]: (batch, seq, d_in)
+        update = linear.lora_B(linear.lora_A(linear.lora_dropout(inputs[0])))
+        return output + scaling * update.to(output.dtype)
+    return hook
+
+
+def add_lora(model, options):
+    rank, targets = options["rank"], options["targets"]
+    reference = next(model.parameters())
+    names = LORA_PROJECTIONS[model.config.model_type]
+    for attention in attentions(model):
+        for target in targets:
+            linear = getattr(attention, names[target])
+            linear.lora_dropout = nn.Dropout(options["dropout"]).train(model.training)  # the model's mode
+            linear.lora_A = nn.Linear(linear.in_features, rank, bias=False).to(device=reference.device, dtype=reference.dtype)
+            linear.lora_B = nn.Linear(rank, linear.out_features, bias=False).to(device=reference.device, dtype=reference.dtype)
+            if reference.device.type != "meta":
+                nn.init.kaiming_uniform_(linear.lora_A.weight, a=math.sqrt(5))
+                nn.init.zeros_(linear.lora_B.weight)
+            linear.register_forward_hook(_lora_hook(options["alpha"] / rank))
+
+
+def _lora_targets(value):
+    items = value if isinstance(value, (list, tuple)) else str(value or "").split(",")
+    targets = [t.strip() for t in items if t.strip()]
+    unknown = [t for t in targets if t not in ("q", "k", "v", "o")]
+    if not targets or unknown or len(set(targets)) != len(targets):
+        raise UsageError(f"--lora-targets: give projections among q,k,v,o, each once, e.g. q,v; got {value!r}")
+    return targets
+
+
+def _positive_number(flag):
+    def check(value):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise UsageError(f"{flag}: must be a positive number, got {value}")
+        return value
+    return check
+
+
+def _dropout_rate(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        raise UsageError(f"--lora-dropout: must be in [0, 1), got {value}")
+    return value
+
+
+# -----------------------------------------------------------------------------
 # The entry point
 
 def set_trainable(model, method):
@@ -498,6 +573,10 @@ def _is_prompt(name):
     return name.startswith("prompt.")
 
 
+def _is_lora(name):
+    return ".lora_" in name
+
+
 register(Method("full", "full finetuning", "every weight is trained"))
 register(Method("freeze", "freeze", "only the encoder is trained (ZmBART)", trainable=_encoder_only, lr_search="full"))
 register(Method("adapters", "adapters", "bottleneck adapters after every sublayer; the base model frozen",
@@ -509,6 +588,16 @@ register(Method("prompt", "prompt tuning", "learned vectors before the encoder i
                                 _positive_int("--prompt-length", "must be at least 1")),
                          Option("seed", "--seed", 0, "seed of the prompt initialisation")),
                 add=add_prompt, trainable=_added_only(_is_prompt), added=_is_prompt))
+register(Method("lora", "LoRA", "a low-rank update of the query and value projections; the base model frozen",
+                options=(Option("rank", "--lora-rank", 8, "rank r of the update", common.positive_int,
+                                _positive_int("--lora-rank")),
+                         Option("alpha", "--lora-alpha", 16.0, "scaling alpha (the update is alpha / r * B A)",
+                                common.positive_float, _positive_number("--lora-alpha")),
+                         Option("dropout", "--lora-dropout", 0.1, "dropout on the update's input",
+                                common.non_negative_float, _dropout_rate),
+                         Option("targets", "--lora-targets", "q,v", "projections of every attention that get an "
+                                "update, among q,k,v,o", None, _lora_targets)),
+                add=add_lora, trainable=_added_only(_is_lora), added=_is_lora))
 register(Method("mix", "mix", "as full, with self-supervised batches of the target languages mixed in",
                 options=(Option("mix_prob", "--mix-prob", 0.01, "probability of a self-supervised batch (paper: 0.01)",
                                 common.probability, _open_probability("--mix-prob")),

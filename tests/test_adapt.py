@@ -62,6 +62,17 @@ def expected_trainable(name, method, all_names):
             names += ["model.encoder.embed_positions.weight", "model.encoder.layernorm_embedding.weight",
                       "model.encoder.layernorm_embedding.bias"]
         return set(names)
+    if method == "lora":  # A and B beside q and v of every attention: encoder self, decoder self and cross
+        if family == "mt5":
+            attentions = [f"encoder.block.{i}.layer.0.SelfAttention" for i in range(NUM_LAYERS)]
+            attentions += [f"decoder.block.{i}.layer.{j}.{a}" for i in range(NUM_LAYERS)
+                           for j, a in ((0, "SelfAttention"), (1, "EncDecAttention"))]
+            projections = ("q", "v")
+        else:
+            attentions = [f"model.encoder.layers.{i}.self_attn" for i in range(NUM_LAYERS)]
+            attentions += [f"model.decoder.layers.{i}.{a}" for i in range(NUM_LAYERS) for a in ("self_attn", "encoder_attn")]
+            projections = ("q_proj", "v_proj")
+        return {f"{a}.{p}.lora_{m}.weight" for a in attentions for p in projections for m in "AB"}
     assert method == "adapters"
     sites = []
     for i in range(NUM_LAYERS):
@@ -116,11 +127,16 @@ PUBLISHED = {"google/mt5-base": 582_401_280, "google/mt5-large": 1_229_581_312,
              "facebook/mbart-large-50": 610_879_488, "facebook/nllb-200-distilled-600M": 615_073_792}
 
 
-def closed_form(name, method, bottleneck=64, prompt_length=100):
+def closed_form(name, method, bottleneck=64, prompt_length=100, rank=8):
     family, c = models.REAL_CONFIGS[name]
     d = c["d_model"]
     enc_layers = c.get("num_layers", c.get("encoder_layers"))
     dec_layers = c.get("num_decoder_layers", c.get("decoder_layers"))
+    if method == "lora":
+        # per updated projection d_in -> d_out: A (rank x d_in) + B (d_out x rank); q and v of each
+        # attention: 1 per encoder layer, 2 per decoder layer (self, cross); q, v: d -> heads x d_kv
+        inner = c["num_heads"] * c["d_kv"] if family == "mt5" else d
+        return (enc_layers + 2 * dec_layers) * 2 * rank * (d + inner)
     if method == "adapters":
         # per adapter: LayerNorm 2d + Down (d*b + b) + Up (b*d + d); after 2 sublayers per encoder
         # layer and 3 per decoder layer
@@ -147,13 +163,15 @@ def test_real_architectures_on_meta(name):
     model = models.real_architecture(name)
     assert next(model.parameters()).device.type == "meta"
     assert adapt.count_parameters(model)[1] == PUBLISHED[name]
-    for method in ("adapters", "prompt", "freeze"):
+    for method in ("adapters", "prompt", "freeze", "lora"):
         adapted = adapt.apply(models.real_architecture(name), method, verbose=False)
         trainable, total = adapt.count_parameters(adapted)
         assert trainable == closed_form(name, method), method
         if method == "adapters":  # the saved file (float32 added weights) is ~1% of the model's
             assert trainable / PUBLISHED[name] < 0.05
     assert closed_form("google/mt5-base", "adapters") == 6_040_320
+    # LoRA on mT5-base by hand: 12 + 2 x 12 = 36 attentions, q and v each, 8 x (768 + 768) per projection
+    assert closed_form("google/mt5-base", "lora") == 36 * 2 * 8 * 1536 == 884_736
 
 
 # ----------------------------------------------------------------------------- behaviour
@@ -165,6 +183,31 @@ def test_adapters_at_init_equal_the_base_model(name, tokenizers):
     adapted = adapt.apply(models.load_model(name, DATA_DIR).eval(), "adapters", verbose=False)
     with torch.no_grad():
         assert torch.equal(base(**batch).logits, adapted(**batch).logits)
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_lora_at_init_is_the_base_model_and_trained_equals_the_merged_weights(name, tokenizers):
+    """B = 0 at init: the base model's logits exactly. After A and B move, the adapted model in eval
+    mode (no dropout) equals the base model whose q and v weights are W + (alpha / r) B A -- LoRA's
+    merged form (Hu et al. 2022, eq. 3), computed here independently of the hooks."""
+    torch.manual_seed(0)
+    batch, _ = _batch(name, tokenizers)
+    base = models.load_model(name, DATA_DIR).eval()
+    lora = adapt.apply(models.load_model(name, DATA_DIR).eval(), "lora", rank=4, alpha=12.0, verbose=False)
+    with torch.no_grad():
+        assert torch.equal(base(**batch).logits, lora(**batch).logits)
+        for param in lora.parameters():
+            if param.requires_grad:
+                param.copy_(0.1 * torch.randn_like(param))
+        merged = dict(base.named_parameters())
+        updated = 0
+        for module_name, module in lora.named_modules():
+            if hasattr(module, "lora_A"):
+                merged[f"{module_name}.weight"].add_(12.0 / 4 * module.lora_B.weight @ module.lora_A.weight)
+                updated += 1
+        assert updated == (2 + 2 * 2) * NUM_LAYERS  # q, v of the encoder's self and the decoder's self and cross
+        assert torch.allclose(lora(**batch).logits, base(**batch).logits, atol=1e-5)
+        assert not torch.allclose(lora(**batch).logits, models.load_model(name, DATA_DIR).eval()(**batch).logits, atol=1e-3)
 
 
 @pytest.mark.parametrize("name", list(FAMILIES))
@@ -208,11 +251,11 @@ def test_training_only_the_prompt_lowers_the_loss(tokenizers):
     assert losses[-1] < 0.7 * losses[0], losses
 
 
-@pytest.mark.parametrize("method", ["adapters", "prompt"])
+@pytest.mark.parametrize("method", ["adapters", "prompt", "lora"])
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_save_load_added_weights_round_trip(name, method, tokenizers, tmp_path):
     torch.manual_seed(1)
-    options = {"bottleneck": 16} if method == "adapters" else {"prompt_length": 20}
+    options = {"adapters": {"bottleneck": 16}, "prompt": {"prompt_length": 20}, "lora": {"rank": 4}}[method]
     model = adapt.apply(models.load_model(name, DATA_DIR), method, verbose=False, **options)
     with torch.no_grad():  # move the added weights away from their initial values
         for param in model.parameters():
@@ -243,6 +286,12 @@ def test_bad_input_errors(tokenizers):
         adapt.apply(model, "multisrc", src_langs=["en"])
     with pytest.raises(common.UsageError, match="unknown option"):
         adapt.apply(model, "adapters", prompt_length=3)
+    with pytest.raises(common.UsageError, match="--lora-rank: must be a positive integer, got 0"):
+        adapt.apply(model, "lora", rank=0)
+    with pytest.raises(common.UsageError, match="--lora-targets: give projections among q,k,v,o"):
+        adapt.apply(model, "lora", targets="q,x")
+    with pytest.raises(common.UsageError, match=r"--lora-dropout: must be in \[0, 1\), got 1.0"):
+        adapt.apply(model, "lora", dropout=1.0)
     from transformers import T5Config, T5ForConditionalGeneration
     t5 = T5ForConditionalGeneration(T5Config(vocab_size=50, d_model=8, d_kv=4, d_ff=8, num_layers=1, num_heads=2))
     with pytest.raises(common.UsageError, match="unsupported model class T5ForConditionalGeneration"):

@@ -70,6 +70,23 @@ def test_every_method_produces_the_run_directory(name, method, task, tmp_path):
     assert results["best_step"] in (10, 20) and results["main_metric"] == main
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_lora_finetunes_on_every_family(name, tmp_path):
+    """finetune.py --method lora on each family: the checkpoint holds the update alone, with the
+    options it was made with, B has moved from zero (something was learnt), the test languages are scored."""
+    results = run_finetune(tmp_path, "--lora-rank", "4", task="xquad", method="lora", model=name)
+    files = os.listdir(tmp_path / "best")
+    assert "adapter_model.safetensors" in files and "model.safetensors" not in files
+    config = json.loads((tmp_path / "best" / "adapter_config.json").read_text())
+    assert config["method"] == "lora" and config["options"] == {"rank": 4, "alpha": 16.0, "dropout": 0.1,
+                                                                  "targets": ["q", "v"]}
+    saved = load_file(tmp_path / "best" / "adapter_model.safetensors")
+    assert saved and all(".lora_A." in k or ".lora_B." in k for k in saved)
+    assert any(float(v.abs().sum()) > 0 for k, v in saved.items() if ".lora_B." in k)
+    assert sorted(results["test"]) == ["de", "zh"] and "f1_filtered" in results["test"]["zh"]
+
+
 def test_mix_draws_prefix_lm_batches(tmp_path):
     run_finetune(tmp_path, "--mix-prob", "0.5", "--log-every", "20", method="mix")
     (row,) = steps(tmp_path)  # one window of 20 steps: every batch of it is counted by stream

@@ -76,10 +76,10 @@ def expected_study_size():
       S = 2 seeds, M = 4 models, L = 5 target languages per task
       learning guard           1 per model and task                                        2 M = 8
       intermediate tuning      1 per model                                                     M = 4
-      LR search                full 4 LRs (grid + 3e-4), adapters 3, prompt 3; x S     2 x M x 10 S = 160
+      LR search                full 4 LRs (grid + 3e-4), adapters 3, prompt 3, LoRA 3; x S  2 x M x 13 S = 208
       methods                  {1e-4, 1e-3} x {no IT, IT}; the search has the no-IT pair of full,
-                               adapters and prompt (2 new settings each), freeze, mix, multisrc 4:
-                               XL-Sum 3 x 2 + 3 x 4 = 18, XQuAD 3 x 2 + 2 x 4 = 14 settings; x M x S  = 256
+                               adapters, prompt and LoRA (2 new settings each), freeze, mix, multisrc 4:
+                               XL-Sum 4 x 2 + 3 x 4 = 20, XQuAD 4 x 2 + 2 x 4 = 16 settings; x M x S  = 288
       translations             the training data into L languages per task, and XQuAD's held-out
                                SQuAD dev slice into L                                      L + 2 L = 15
       translate-train search   4 LRs x L languages x S, per task and model            2 x M x 4 x L x S = 320
@@ -89,8 +89,8 @@ def expected_study_size():
     """
     S, M, L = 2, 4, 5
     guard, it = 2 * M, M
-    search = 2 * M * 10 * S
-    methods = (18 + 14) * M * S
+    search = 2 * M * 13 * S
+    methods = (20 + 16) * M * S
     translations = L + 2 * L
     translate_search = 2 * M * 4 * L * S
     large = 1 + (S + S + L * S) + (S + L * S) + 2 * 4 * S
@@ -102,7 +102,7 @@ def test_dry_run_lists_every_run_of_the_protocol(tmp_path):
     out = subprocess.run(["bash", os.path.join(REPO, "run_all.sh"), "--dry-run", "--out-dir", str(tmp_path)],
                          capture_output=True, text=True, check=True).stdout
     commands = [line for line in out.splitlines() if line.startswith("RUN ")]
-    assert len(commands) == expected_study_size() == 836
+    assert len(commands) == expected_study_size() == 916
     assert len(set(commands)) == len(commands)
     assert sum("pretrain_it.py" in c for c in commands) == 5  # 4 models and mT5-large
     assert sum("translate_train.py" in c and "nllb-200-3.3B" in c for c in commands) == 15 + 30
@@ -129,7 +129,12 @@ def test_dry_run_lists_every_run_of_the_protocol(tmp_path):
     # the cost table: every run counted once, in the stage that printed it, every one of them estimated
     table = out[out.index("estimated GPU-hours"):].splitlines()[1:]
     counts = {line.split()[0]: int(line.split()[1]) for line in table if line.strip()}
-    assert counts.pop("total") == sum(counts.values()) == 836 and "not estimated" not in out
+    assert counts.pop("total") == sum(counts.values()) == 916 and "not estimated" not in out
+    # LoRA is searched like adapters: its own grid in the lr-search stage, then its four settings
+    lora = [a for a in finetunes if a.method == "lora"]
+    assert sorted({(a.lr, a.init is not None) for a in lora}) == [(1e-5, False), (1e-4, False), (1e-4, True),
+                                                                   (1e-3, False), (1e-3, True)]
+    assert sum("/lora-lr1e-05-seed" in a.out_dir for a in lora) == 2 * 4 * 2  # searched only: tasks x models x seeds
     assert counts["it"] == 5 and counts["translate-data"] == 15 and counts["appendix-d"] == 30
 
 
