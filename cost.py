@@ -23,6 +23,7 @@ import functools
 import math
 import os
 
+import common
 import data
 import models
 
@@ -108,14 +109,24 @@ def generate_hours(flops):
     return flops / MEASURED["generate_flops_per_s"] / 3600 if MEASURED["generate_flops_per_s"] else math.nan
 
 
+def split_size(task, split, lang):
+    """Examples of a task's split in a language (data.TASKS' `sizes`); a language the table has no
+    size for is a one-line error naming where to add it, not a KeyError in the middle of a dry run."""
+    sizes = data.get_task(task).sizes.get(split, {})
+    if lang not in sizes:
+        raise common.UsageError(f"cost: data.TASKS['{task}'].sizes['{split}'] has no size for '{lang}'; add the "
+                                f"number of examples of that split there to price runs that use it")
+    return sizes[lang]
+
+
 def validation_examples(task, langs):
     """Examples in the validation sets of `langs` (XQuAD's English: the held-out SQuAD dev slice)."""
-    return sum(data.get_task(task).sizes["val"][lang] for lang in langs)
+    return sum(split_size(task, "val", lang) for lang in langs)
 
 
 def test_examples(task, langs):
-    spec = data.get_task(task)
-    return sum(min(spec.sizes["test"][lang], spec.test_limit or math.inf) for lang in langs)
+    limit = data.get_task(task).test_limit
+    return sum(min(split_size(task, "test", lang), limit or math.inf) for lang in langs)
 
 
 def finetune_hours(name, task, max_steps=None, max_tokens=None, eval_every=None, val_langs=None, test_langs=None,
@@ -183,7 +194,7 @@ def run_hours(argv):
             return 0.0, generate_hours(generation_flops(args.model, "it", examples, lengths(task)["generated"]))
         # the English training set, or a held-out English validation set (study.py writes it into heldout/)
         split = "val" if f"{os.sep}heldout{os.sep}" in args.train_file else "train"
-        examples = data.get_task(args.task).sizes[split]["en"]
+        examples = split_size(args.task, split, "en")
         return translate_hours(args.model, args.task, args.limit or examples)
     return None
 

@@ -219,6 +219,29 @@ case("report of a directory with no study", report, "not found; run the study st
     lambda w, t: ["--out-dir", t])
 case("study with a truncated plan.json", study, "plan.json:1: invalid plan.json")(
     lambda w, t: ["methods", "--out-dir", os.path.dirname(write(os.path.join(t, "study", "plan.json"), '{"/x": {'))])
+# a hand-edited plan.json or chosen.json: read through plan.py, each entry checked (one line naming file and entry)
+for label, content, expected in [
+        ("not an object", '[1, 2]', "plan.json: expected a JSON object, got list"),
+        ("a null entry", '{"/r": null}', "plan.json: entry '/r' is not an object with a known stage"),
+        ("an unknown stage", '{"/r": {"stage": "warmup", "task": "xquad"}}', "entry '/r' is not an object with a known stage"),
+        ("an entry without its keys", '{"/r": {"stage": "methods", "task": "xquad"}}',
+         "entry '/r' (stage methods) lacks model, method, lr, it, seed"),
+        ("a non-number LR", '{"/r": {"stage": "lr-search", "task": "xquad", "model": "m", "method": "full", "lr": "1e-3", '
+                            '"it": false, "seed": 0}}', "entry '/r': lr '1e-3' is not a number")]:
+    case(f"report with a plan.json: {label}", report, expected)(
+        lambda w, t, content=content: ["--out-dir", os.path.dirname(write(os.path.join(t, "study", "plan.json"), content))])
+
+
+def study_with_bad_chosen(tmp):
+    write(os.path.join(tmp, "study", "plan.json"), "{}")
+    write(os.path.join(tmp, "study", "chosen.json"), '{"xquad/m/full": {"lr": 1}}')
+    return os.path.join(tmp, "study")
+
+
+case("report with a chosen.json entry without its keys", report, "chosen.json: entry 'xquad/m/full' is not a task/model/method")(
+    lambda w, t: ["--out-dir", study_with_bad_chosen(t)])
+case("finetune --lora-targets q,x", finetune, "--lora-targets: give projections among q,k,v,o")(
+    lambda w, t: QUICK + ["--method", "lora", "--lora-targets", "q,x", "--out-dir", os.path.join(t, "r")])
 case("study --poll-seconds 0", study, "argument --poll-seconds: must be a finite number > 0")(
     lambda w, t: ["it", "--poll-seconds", "0", "--out-dir", t])
 case("download --mirror that is not a URL", download, "--mirror: expected an http://, https:// or file:// URL")(

@@ -7,6 +7,7 @@ import os
 
 import pytest
 
+import common
 import cost
 import data
 import finetune
@@ -52,6 +53,9 @@ def test_finetune_trains_validates_and_tests_the_third_task(third_task, tmp_path
     assert {"em", "f1", "num_filtered"} <= set(results["test"]["es"])
     # and the cost model prices it from its sizes: 10 validations of 100 Thai questions + 200 test questions
     assert cost.validation_examples("qa3", ["th"]) == 100 and cost.test_examples("qa3", ["es", "de"]) == 200
+    # a language the table gives no size for is one line naming the entry to complete
+    with pytest.raises(common.UsageError, match=r"data.TASKS\['qa3'\].sizes\['test'\] has no size for 'ru'"):
+        cost.test_examples("qa3", ["ru"])
 
 
 def test_the_dry_run_plans_every_stage_for_the_third_task(third_task, tmp_path, capsys):
