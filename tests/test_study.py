@@ -161,10 +161,10 @@ def test_cost_model_counts_the_real_weights():
     assert head == 250_112 * 768 and (enc_layers, dec_layers, width) == (12, 12, 768)
 
 
-def test_launch_prefix_in_dry_run(tmp_path):
-    env = dict(os.environ, LAUNCH="sbatch --gres=gpu:1 --wrap")
-    out = subprocess.run([sys.executable, os.path.join(REPO, "study.py"), "it", "--dry-run", "--out-dir", str(tmp_path)],
-                         capture_output=True, text=True, check=True, env=env).stdout
+def test_launch_prefix_in_dry_run(tmp_path, monkeypatch, capsys):
+    from conftest import run_cli
+    monkeypatch.setenv("LAUNCH", "sbatch --gres=gpu:1 --wrap")
+    out = run_cli(study, ["it", "--dry-run", "--out-dir", str(tmp_path)], capsys)[1]
     lines = [line for line in out.splitlines() if line.startswith("RUN ")]
     assert len(lines) == 4
     for line in lines:
@@ -172,9 +172,8 @@ def test_launch_prefix_in_dry_run(tmp_path):
         run_dir = wrapped[wrapped.index("--run-dir") + 1]
         log = os.path.join(run_dir, "slurm-%j.out")  # sbatch's log beside the run
         assert line.startswith(f"RUN sbatch --output={log} --gres=gpu:1 --wrap '"), line
-    env["LAUNCH"] = "sbatch -o /logs/%j.out --wrap"  # the user's own --output is kept
-    out = subprocess.run([sys.executable, os.path.join(REPO, "study.py"), "it", "--dry-run", "--out-dir", str(tmp_path)],
-                         capture_output=True, text=True, check=True, env=env).stdout
+    monkeypatch.setenv("LAUNCH", "sbatch -o /logs/%j.out --wrap")  # the user's own --output is kept
+    out = run_cli(study, ["it", "--dry-run", "--out-dir", str(tmp_path)], capsys)[1]
     assert all(line.startswith("RUN sbatch -o /logs/%j.out --wrap '") for line in out.splitlines() if line.startswith("RUN "))
 
 
@@ -374,13 +373,14 @@ def test_real_outputs_section_matches_the_evaluate_command_line(tmp_path, capsys
         assert float(r["LCR (filtered)"]) > float(r["LCR (all)"])
 
 
-def test_lid_model_and_it_lr_reach_every_run(tmp_path):
+def test_lid_model_and_it_lr_reach_every_run(tmp_path, capsys):
     """--lid-model reaches every finetuning run; --it-lr the IT run of its model only; a model the
-    study does not have is a one-line error."""
+    study does not have is a one-line error. (In this process: the dry run as the command line runs it.)"""
+    from conftest import run_cli
     lid = tmp_path / "lid.176.bin"
-    out = subprocess.run([sys.executable, os.path.join(REPO, "study.py"), "all", "--dry-run", "--out-dir", str(tmp_path),
-                          "--lid-model", str(lid), "--it-lr", "mt5-base=3e-5,nllb-600m=1e-4"],
-                         capture_output=True, text=True, check=True).stdout
+    code, out, _ = run_cli(study, ["all", "--dry-run", "--out-dir", str(tmp_path), "--lid-model", str(lid),
+                                   "--it-lr", "mt5-base=3e-5,nllb-600m=1e-4"], capsys)
+    assert code == 0
     commands = [line for line in out.splitlines() if line.startswith("RUN ")]
     finetunes = [c for c in commands if "finetune.py" in c]
     assert len(finetunes) > 700 and all(f"--lid-model {lid}" in c for c in finetunes)
@@ -388,9 +388,8 @@ def test_lid_model_and_it_lr_reach_every_run(tmp_path):
     assert it["google/mt5-base"].endswith("--lr 3e-05")
     assert it["facebook/nllb-200-distilled-600M"].endswith("--lr 0.0001")
     assert "--lr" not in it["google/mt5-large"].split(" -- ", 1)[1]
-    bad = subprocess.run([sys.executable, os.path.join(REPO, "study.py"), "it", "--dry-run", "--out-dir", str(tmp_path),
-                          "--it-lr", "mt5-small=1e-4"], capture_output=True, text=True)
-    assert bad.returncode != 0 and bad.stderr.strip().splitlines()[-1].startswith(
+    code, _, err = run_cli(study, ["it", "--dry-run", "--out-dir", str(tmp_path), "--it-lr", "mt5-small=1e-4"], capsys)
+    assert code != 0 and err.strip().splitlines()[-1].startswith(
         "error: --it-lr: unknown model 'mt5-small'; the study's models are mt5-base")
 
 
