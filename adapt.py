@@ -99,7 +99,7 @@ class Method:
     summary: str                 # one line, for --help
     options: tuple = ()          # Option(...) of the method
     add: object = None           # module surgery: add(model, options) adds modules (None: nothing added)
-    trainable: object = None     # trainable(model, param_name) -> bool (None: every weight)
+    trainable: object = None     # trainable(model) -> names of the parameters trained (None: every weight)
     added: object = None         # added(param_name) -> bool: the parameters `add` created; when set,
                                  # checkpoints hold only these (adapter_config.json + weights)
     lr_search: str = "own"       # "own": the study searches its LR; else the method whose PLR it uses
@@ -207,18 +207,12 @@ def check_options(method, options):
     return options
 
 
-def _positive_int(flag, what="must be a positive integer"):
+def _number_check(flag, kinds, valid, expected):
+    """The check of a numeric option given to apply() (the flags' own types check the command line):
+    a number of `kinds` (never a bool) for which valid(value) holds, else one line naming the flag."""
     def check(value):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise UsageError(f"{flag}: {what}, got {value}")
-        return value
-    return check
-
-
-def _open_probability(flag):
-    def check(value):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < float(value) < 1.0:
-            raise UsageError(f"{flag}: must be in (0, 1), got {value}")
+        if isinstance(value, bool) or not isinstance(value, kinds) or not valid(value):
+            raise UsageError(f"{flag}: must be {expected}, got {value}")
         return value
     return check
 
@@ -432,20 +426,6 @@ def _lora_targets(value):
     return targets
 
 
-def _positive_number(flag):
-    def check(value):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-            raise UsageError(f"{flag}: must be a positive number, got {value}")
-        return value
-    return check
-
-
-def _dropout_rate(value):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
-        raise UsageError(f"--lora-dropout: must be in [0, 1), got {value}")
-    return value
-
-
 # -----------------------------------------------------------------------------
 # The entry point
 
@@ -581,26 +561,27 @@ register(Method("full", "full finetuning", "every weight is trained"))
 register(Method("freeze", "freeze", "only the encoder is trained (ZmBART)", trainable=_encoder_only, lr_search="full"))
 register(Method("adapters", "adapters", "bottleneck adapters after every sublayer; the base model frozen",
                 options=(Option("bottleneck", "--adapter-dim", 64, "bottleneck size", common.positive_int,
-                                _positive_int("--adapter-dim")),),
+                                _number_check("--adapter-dim", int, lambda v: v >= 1, "a positive integer")),),
                 add=add_adapters, trainable=_added_only(_is_adapter), added=_is_adapter))
 register(Method("prompt", "prompt tuning", "learned vectors before the encoder input; the base model frozen",
                 options=(Option("prompt_length", "--prompt-length", 100, "number of prompt vectors", common.positive_int,
-                                _positive_int("--prompt-length", "must be at least 1")),
+                                _number_check("--prompt-length", int, lambda v: v >= 1, "at least 1")),
                          Option("seed", "--seed", 0, "seed of the prompt initialisation")),
                 add=add_prompt, trainable=_added_only(_is_prompt), added=_is_prompt))
 register(Method("lora", "LoRA", "a low-rank update of the query and value projections; the base model frozen",
                 options=(Option("rank", "--lora-rank", 8, "rank r of the update", common.positive_int,
-                                _positive_int("--lora-rank")),
+                                _number_check("--lora-rank", int, lambda v: v >= 1, "a positive integer")),
                          Option("alpha", "--lora-alpha", 16.0, "scaling alpha (the update is alpha / r * B A)",
-                                common.positive_float, _positive_number("--lora-alpha")),
+                                common.positive_float, _number_check("--lora-alpha", (int, float), lambda v: v > 0, "a positive number")),
                          Option("dropout", "--lora-dropout", 0.1, "dropout on the update's input",
-                                common.non_negative_float, _dropout_rate),
+                                common.non_negative_float,
+                                _number_check("--lora-dropout", (int, float), lambda v: 0 <= v < 1, "in [0, 1)")),
                          Option("targets", "--lora-targets", "q,v", "projections of every attention that get an "
                                 "update, among q,k,v,o", None, _lora_targets)),
                 add=add_lora, trainable=_added_only(_is_lora), added=_is_lora))
 register(Method("mix", "mix", "as full, with self-supervised batches of the target languages mixed in",
                 options=(Option("mix_prob", "--mix-prob", 0.01, "probability of a self-supervised batch (paper: 0.01)",
-                                common.probability, _open_probability("--mix-prob")),
+                                common.probability, _number_check("--mix-prob", (int, float), lambda v: 0 < v < 1, "in (0, 1)")),
                          Option("mix_langs", "--mix-langs", None, "languages of raw text mixed in (default: the "
                                 "validation and test languages)", None,
                                 _langs("--mix-langs", 1, "method mix needs at least one target language to mix in"))),

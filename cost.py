@@ -95,6 +95,7 @@ def generation_flops(name, task, examples, generated=None):
     return examples * (encoder + decoder)
 
 
+@functools.lru_cache(maxsize=None)
 def stage_defaults(stage):
     """The default settings of a stage script (finetune, pretrain_it): its parser with no flags."""
     import importlib

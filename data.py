@@ -126,16 +126,13 @@ class Task:
     lengths: dict = dataclasses.field(default_factory=dict)  # {"source", "target", "generated": tokens}
     guard: tuple = ()              # the learning guard: (metric, threshold, number of examples)
     # English validation (Appendix D needs the best LR for English) when English is a test set only:
-    # heldout_english(data_dir, path, size) writes a held-out English set in the task's format
+    # heldout_english(data_dir, path) writes a held-out English set in the task's format
     heldout_english: object = None
     heldout_name: str = ""         # its name in file names ("squad-dev": OUT/heldout/squad-dev.en.json)
 
     @property
     def format(self):
         return KINDS[self.kind]
-
-    def file(self, split, lang, data_dir, task_dir=None):
-        return self.files(split, lang, data_dir, task_dir)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,6 +142,8 @@ class Kind:
     read: object        # read(path, limit) -> references (dicts with an "id")
     examples: object    # examples(references, lang) -> [Example]
     extension: str      # of its files ("json": SQuAD format; "jsonl": XL-Sum format)
+    guard_examples: object  # guard_examples(task, data_dir, task_dir, path, num): write the learning guard's
+                            # `num` English examples to `path` in this format
 
 
 def _xquad_files(split, lang, data_dir, task_dir):
@@ -183,7 +182,7 @@ TASKS = {task.name: task for task in [
          sizes={"train": {"en": 87599}, "val": dict.fromkeys(XQUAD_LANGS, XQUAD_SIZE),
                 "test": dict.fromkeys(XQUAD_LANGS, XQUAD_SIZE)},
          lengths={"source": 210, "target": 7, "generated": 8}, guard=("f1", 90.0, 4),
-         heldout_english=lambda data_dir, path, size: squad_dev_heldout(data_dir, path, size), heldout_name="squad-dev"),
+         heldout_english=lambda data_dir, path: squad_dev_heldout(data_dir, path), heldout_name="squad-dev"),
     # SQuAD v1.1 dev: English QA, for scoring only (evaluate.py)
     Task("squad", "qa", "f1", "F1", "lcr_filtered", files=_squad_dev_files, download="--tasks squad"),
 ]}
@@ -409,7 +408,7 @@ def gum_path(data_dir):
 def task_file(task, split, lang, data_dir, xlsum_dir=None):
     """The file of a task's split in a language (the task's `files`): e.g. XQuAD / SQuAD JSON, or
     XL-Sum jsonl in xlsum_dir (default DATA/xlsum)."""
-    return get_task(task).file(split, lang, data_dir, xlsum_dir)
+    return get_task(task).files(split, lang, data_dir, xlsum_dir)
 
 
 def squad_dev_heldout(data_dir, path, size=XQUAD_SIZE):
@@ -471,9 +470,23 @@ def task_examples(task, references, lang):
     return get_task(task).format.examples(references, lang)
 
 
-KINDS = {"qa": Kind(read=_read_squad_limit, examples=qa_examples, extension="json"),
-         "summarization": Kind(read=lambda path, limit=None: read_xlsum(path, limit=limit),
-                               examples=summarization_examples, extension="jsonl")}
+def first_questions(task, data_dir, task_dir, path, num):
+    """QA guard examples: the first question of each of the first `num` paragraphs of the English
+    test file (one per paragraph, so the sources differ in more than their question), SQuAD format."""
+    raw = read_json_document(task_file(task, "test", "en", data_dir, task_dir), "SQuAD-format JSON")
+    paragraphs = [(a["title"], p) for a in raw["data"] for p in a["paragraphs"]][:num]
+    common.write_json(path, {"version": "1.1", "data": [
+        {"title": title, "paragraphs": [{"context": p["context"], "qas": p["qas"][:1]}]} for title, p in paragraphs]})
+
+
+def first_records(task, data_dir, task_dir, path, num):
+    """Summarisation guard examples: the first `num` records of the English validation file."""
+    common.write_jsonl(path, read_xlsum(task_file(task, "val", "en", data_dir, task_dir), limit=num))
+
+
+KINDS = {"qa": Kind(read=_read_squad_limit, examples=qa_examples, extension="json", guard_examples=first_questions),
+         "summarization": Kind(read=read_xlsum, examples=summarization_examples, extension="jsonl",
+                               guard_examples=first_records)}
 
 
 # -----------------------------------------------------------------------------

@@ -63,7 +63,7 @@ def is_zero_shot(entry):
     return entry.get("stage") in ("lr-search", "methods") and "train_lang" not in entry
 
 
-def guard_value(results, task, metric):
+def guard_value(results, metric):
     """What the guard reached: its metric on the English examples it was trained on."""
     return results["test"]["en"][metric]
 

@@ -163,7 +163,7 @@ def table_guard(plan):
             continue
         metric, threshold, _ = data.get_task(meta["task"]).guard
         results = load_results(run)
-        value = study_plan.guard_value(results, meta["task"], metric) if results else None
+        value = study_plan.guard_value(results, metric) if results else None
         table.add([meta["model"], meta["task"], metric, fmt(value, 1), f"{threshold:g}",
                    MISSING if value is None else ("yes" if value >= threshold else "NO")], [run])
     return table

@@ -250,18 +250,11 @@ class Study:
 # path. A break anywhere in that path (a wrong decoder start, a clean-up that eats answers, a metric
 # that scores nothing) then fails loudly here instead of printing zeros in every table.
 def guard_examples(task, data_dir, xlsum_dir, path):
-    """Write the guard's examples of `task` to `path` in the task's format: the first question of each
-    of the first paragraphs of the English test file (QA: one per paragraph, so the sources differ
-    in more than their question), or the first records of the English validation file."""
+    """Write the guard's English examples of `task` to `path`, in the task's format (its kind's
+    guard_examples: QA, the first question of each of the first paragraphs; summarisation, the
+    first records of the validation file)."""
     spec = data.get_task(task)
-    num = spec.guard[2]
-    if spec.format.extension == "json":
-        raw = data.read_json_document(data.task_file(task, "test", "en", data_dir, xlsum_dir), "SQuAD-format JSON")
-        paragraphs = [(a["title"], p) for a in raw["data"] for p in a["paragraphs"]][:num]
-        common.write_json(path, {"version": "1.1", "data": [
-            {"title": title, "paragraphs": [{"context": p["context"], "qas": p["qas"][:1]}]} for title, p in paragraphs]})
-    else:
-        common.write_jsonl(path, data.read_xlsum(data.task_file(task, "val", "en", data_dir, xlsum_dir), limit=num))
+    spec.format.guard_examples(task, data_dir, xlsum_dir, path, spec.guard[2])
     return path
 
 
@@ -300,7 +293,7 @@ def stage_guard(study):
         if results is None:
             continue  # reported as a failed run already (the dry run has no results)
         metric, threshold, _ = data.get_task(meta["task"]).guard
-        value = plan.guard_value(results, meta["task"], metric)
+        value = plan.guard_value(results, metric)
         if value >= threshold:
             print(f"GUARD ok      {meta['model']:<10} {meta['task']:<6} {metric} {value:.1f} >= {threshold:g}")
         else:
@@ -314,8 +307,7 @@ def heldout_file(study, task):
     translate-train's validation per language (no XQuAD validation set exists in the target languages)."""
     spec = data.get_task(task)
     path = os.path.join(study.out, "heldout", f"{spec.heldout_name}.en.{spec.format.extension}")
-    size = spec.sizes.get("val", {}).get("en", data.XQUAD_SIZE)
-    return study.launcher.make_file(path, lambda p: spec.heldout_english(study.data_dir, p, size))
+    return study.launcher.make_file(path, lambda p: spec.heldout_english(study.data_dir, p))
 
 
 def translated_file(study, task, lang):
@@ -626,9 +618,9 @@ def main(args):
         STAGES[name](study)
     if args.dry_run:
         print_cost(study)
-    if study.launcher.failures:
-        print(f"{len(study.launcher.failures)} failure(s):")
-        for _, message in study.launcher.failures:
+    if study.failures:
+        print(f"{len(study.failures)} failure(s):")
+        for _, message in study.failures:
             print(f"  {message}")
         sys.exit(1)
 
