@@ -19,6 +19,7 @@ Sections:
 
 import dataclasses
 import gzip
+import itertools
 import json
 import os
 import re
@@ -140,6 +141,7 @@ class Kind:
     """What tasks of one kind share: the official file format and the formatting into seq2seq
     examples. (The metric of a kind is evaluate.SCORERS[kind]; its translation, translate_train.UNITS.)"""
     read: object        # read(path, limit) -> references (dicts with an "id")
+    iterate: object     # iterate(path) -> the same references one at a time (the token cache streams big files)
     examples: object    # examples(references, lang) -> [Example]
     extension: str      # of its files ("json": SQuAD format; "jsonl": XL-Sum format)
     guard_examples: object  # guard_examples(task, data_dir, task_dir, path, num): write the learning guard's
@@ -299,9 +301,9 @@ def _jsonl_objects(path, what, lines=None):
         yield line_no, row
 
 
-def read_xlsum(path, limit=None):
-    """Read XL-Sum jsonl (one {id, url, title, summary, text} object per line), at most `limit` records."""
-    records, seen = [], {}
+def iter_xlsum(path):
+    """XL-Sum jsonl records (one {id, url, title, summary, text} object per line) one at a time, checked."""
+    seen = {}
     for line_no, record in _jsonl_objects(path, "XL-Sum jsonl"):
         missing = [k for k in ("id", "summary", "text") if not isinstance(record.get(k), str)]
         if missing:
@@ -309,21 +311,23 @@ def read_xlsum(path, limit=None):
         if record["id"] in seen:
             raise DataError(f"{path}:{line_no}: duplicate id '{record['id']}' (first on line {seen[record['id']]})")
         seen[record["id"]] = line_no
-        records.append({k: record.get(k, "") for k in XLSUM_FIELDS})
-        if limit is not None and len(records) >= limit:
-            break
-    return records
+        yield {k: record.get(k, "") for k in XLSUM_FIELDS}
+
+
+def read_xlsum(path, limit=None):
+    """Read XL-Sum jsonl into a list, at most `limit` records."""
+    return list(itertools.islice(iter_xlsum(path), limit))
+
+
+def iter_text(path):
+    """Raw monolingual text, one paragraph per line, stripped; blank lines skipped."""
+    for _, line in _read_lines(path):
+        if line.strip():
+            yield line.strip()
 
 
 def read_text(path, limit=None):
-    """Raw monolingual text, one paragraph per line; blank lines skipped."""
-    lines = []
-    for _, line in _read_lines(path):
-        if limit is not None and len(lines) >= limit:
-            break
-        if line.strip():
-            lines.append(line.strip())
-    return lines
+    return list(itertools.islice(iter_text(path), limit))
 
 
 def read_references(task, path, limit=None):
@@ -484,8 +488,9 @@ def first_records(task, data_dir, task_dir, path, num):
     common.write_jsonl(path, read_xlsum(task_file(task, "val", "en", data_dir, task_dir), limit=num))
 
 
-KINDS = {"qa": Kind(read=_read_squad_limit, examples=qa_examples, extension="json", guard_examples=first_questions),
-         "summarization": Kind(read=read_xlsum, examples=summarization_examples, extension="jsonl",
+KINDS = {"qa": Kind(read=_read_squad_limit, iterate=lambda path: iter(read_squad(path)), examples=qa_examples,
+                    extension="json", guard_examples=first_questions),
+         "summarization": Kind(read=read_xlsum, iterate=iter_xlsum, examples=summarization_examples, extension="jsonl",
                                guard_examples=first_records)}
 
 
@@ -572,15 +577,95 @@ def zmbart_example(text, lang, rng, id_="", ratio=0.2):
 SELF_SUPERVISED_OBJECTIVES = {"prefix_lm": prefix_lm_example, "zmbart": zmbart_example}
 
 
-def self_supervised_examples(paragraphs, lang, objective="prefix_lm", seed=0):
-    """One self-supervised example per paragraph (those too short to split are skipped), seeded."""
+def iter_self_supervised(paragraphs, lang, objective="prefix_lm", seed=0):
+    """One self-supervised example per paragraph (those too short to split are skipped), seeded, one at a time."""
     if objective not in SELF_SUPERVISED_OBJECTIVES:
         raise UsageError(f"--objective: unknown objective '{objective}'; "
                         f"choose from {', '.join(SELF_SUPERVISED_OBJECTIVES)}")
     make = SELF_SUPERVISED_OBJECTIVES[objective]
     rng = np.random.default_rng([seed, sum(map(ord, lang))])
     examples = (make(text, lang, rng, id_=f"{lang}-{i}") for i, text in enumerate(paragraphs))
-    return [ex for ex in examples if ex is not None]
+    return (ex for ex in examples if ex is not None)
+
+
+def self_supervised_examples(paragraphs, lang, objective="prefix_lm", seed=0):
+    return list(iter_self_supervised(paragraphs, lang, objective, seed))
+
+
+class PrefixLMExamples:
+    """Prefix-LM examples made in token space from cached paragraphs, as batches need them.
+
+    `paragraphs`: EncodedExamples of raw paragraph ids (token_cache.text; src_lengths = paragraph
+    lengths). One cut per paragraph, drawn once from (seed, lang) among its word starts -- tokens
+    whose piece begins with "▁", so the split falls on a space as prefix_lm_example's does; any token
+    boundary in a language written without spaces -- never right after a lone "▁" piece (that side
+    would decode to nothing). Paragraphs with no such cut are skipped. Only the cut (and the lengths)
+    is kept per example; examples[i] encodes  [prefix] para[:cut] [</s>]  ->  [prefix] para[cut:] [</s>]
+    with the encoder's affixes and maximum lengths (Seq2SeqEncoder.encode_ids), so src_lengths and
+    tgt_lengths are known without reading a token (TokenBatches batches on them)."""
+
+    CHUNK_TOKENS = 1 << 22  # paragraphs are read in groups of about this many tokens (16 MB)
+
+    def __init__(self, paragraphs, lang, encoder, seed=0, rows=None, cuts=None):
+        self.paragraphs, self.lang, self.encoder = paragraphs, lang, encoder
+        if rows is None:
+            rows, cuts = self._draw_cuts(paragraphs, get_language(lang).spaces, encoder.word_starts, seed, lang)
+        self.rows, self.cuts = rows, cuts
+        prefix, suffix = encoder.affixes(lang)
+        room = encoder.max_source_length - len(prefix) - len(suffix)
+        lengths = paragraphs.src_lengths[rows].astype(np.int64)
+        target = len(prefix) + (lengths - cuts) + len(suffix)
+        self.src_lengths = np.minimum(len(prefix) + np.minimum(cuts, room) + len(suffix),
+                                      encoder.max_source_length).astype(np.int32)
+        self.tgt_lengths = np.minimum(target, encoder.max_target_length).astype(np.int32)
+        self.flags = ((cuts > room).astype(np.uint8) | (target > encoder.max_target_length).astype(np.uint8) << 1)
+
+    @classmethod
+    def _draw_cuts(cls, paragraphs, spaces, word_starts, seed, lang):
+        """(rows, cuts): the paragraphs that can be split and the token position of each one's split."""
+        is_word_start, spacer = word_starts
+        rng = np.random.default_rng([seed, sum(map(ord, lang))])
+        rows, cuts, start, num = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)], 0, len(paragraphs)
+        while start < num:  # a group of whole paragraphs, about CHUNK_TOKENS tokens
+            first = int(paragraphs.offsets[start])
+            stop = max(start + 1, int(np.searchsorted(paragraphs.offsets, first + cls.CHUNK_TOKENS)))
+            lengths = paragraphs.src_lengths[start:stop].astype(np.int64)
+            ids = paragraphs.tokens.read(first, int(paragraphs.offsets[stop - 1]) - first + int(lengths[-1]))
+            begin = paragraphs.offsets[start:stop] - first                      # each paragraph's first token
+            ok = is_word_start[ids] if spaces else np.ones(len(ids), dtype=bool)  # where a cut may go
+            ok[1:] &= ids[:-1] != spacer
+            nonempty = lengths > 0
+            ok[begin[nonempty]] = False                                         # not before the first token
+            counts = np.zeros(stop - start, np.int64)
+            if nonempty.any():
+                counts[nonempty] = np.add.reduceat(ok.astype(np.int64), begin[nonempty])
+            u = rng.random(stop - start)
+            choice = np.minimum((u * counts).astype(np.int64), np.maximum(counts - 1, 0))  # the k-th cut point
+            seen = np.cumsum(ok)                                                # cut points up to each token
+            before = np.concatenate([[0], seen])[begin]                         # ... before each paragraph
+            where = np.searchsorted(seen, before + choice + 1)                  # position of the (k+1)-th
+            keep = counts > 0
+            rows.append(np.arange(start, stop)[keep])
+            cuts.append((where - begin)[keep])
+            start = stop
+        return np.concatenate(rows).astype(np.int32), np.concatenate(cuts).astype(np.int32)
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        para = self.paragraphs[int(self.rows[i])]["input_ids"]
+        cut = int(self.cuts[i])
+        input_ids, labels, _ = self.encoder.encode_ids(para[:cut], [], para[cut:], self.lang, self.lang)
+        return {"input_ids": input_ids, "labels": labels}
+
+    def subset(self, start, stop=None):
+        part = slice(start, stop)
+        return PrefixLMExamples(self.paragraphs, self.lang, self.encoder, rows=self.rows[part], cuts=self.cuts[part])
+
+    def stats(self):
+        return {"num_examples": len(self), "num_cut_sources": int((self.flags & 1).astype(bool).sum()),
+                "num_cut_targets": int((self.flags & 2).astype(bool).sum())}
 
 
 # -----------------------------------------------------------------------------
@@ -624,36 +709,106 @@ def num_tokens(example):
     return max(len(example["input_ids"]), len(example["labels"]))
 
 
-def batch_by_size(encoded, max_tokens, order):
-    """Greedy fairseq-style batching of `order` (already length-sorted indices) under `max_tokens`."""
-    batches, batch, batch_max = [], [], 0
-    for idx in order:
-        length = num_tokens(encoded[idx])
-        new_max = max(batch_max, length)
-        if batch and new_max * (len(batch) + 1) > max_tokens:
-            batches.append(batch)
-            batch, new_max = [], length
-        batch.append(idx)
-        batch_max = new_max
-    if batch:
-        batches.append(batch)
-    return batches
+class ArrayTokens:
+    """Token ids in RAM, with the read(start, count) of a token cache's file (token_cache.TokenFile)."""
+
+    def __init__(self, ids):
+        self.ids = np.asarray(ids, dtype=np.int32)
+
+    def read(self, start, count):
+        return self.ids[start:start + count]
 
 
-def padding_efficiency(encoded, batches):
-    """Real tokens / padded tokens over source and target tensors (1.0 = no padding)."""
-    real = padded = 0
-    for batch in batches:
-        src = [len(encoded[i]["input_ids"]) for i in batch]
-        tgt = [len(encoded[i]["labels"]) for i in batch]
-        real += sum(src) + sum(tgt)
-        padded += len(batch) * (max(src) + max(tgt))
-    return real / max(padded, 1)
+class EncodedExamples:
+    """Encoded examples as one flat array of token ids plus, per example, where it starts and how long
+    its two sides are -- the layout of fairseq's binarized datasets:
+
+        tokens:   [ src 0 ...... | tgt 0 .. | src 1 .... | tgt 1 . | src 2 ... ]
+        offsets:    ^ 0                       ^ 1                    ^ 2          (int64)
+        src_lengths, tgt_lengths                                                 (int32)
+
+    Only offsets, lengths and cut flags are in RAM (17 bytes an example); `tokens` is an ArrayTokens
+    or a token cache's file, read when a batch is built. `flags`: bit 0 set where the source was cut
+    to the model's maximum length, bit 1 where the target was. examples[i] -> {"input_ids", "labels"}.
+    """
+
+    def __init__(self, tokens, src_lengths, tgt_lengths, flags=None, offsets=None):
+        self.tokens = tokens
+        self.src_lengths = np.asarray(src_lengths, dtype=np.int32)
+        self.tgt_lengths = np.asarray(tgt_lengths, dtype=np.int32)
+        self.flags = np.zeros(len(self.src_lengths), np.uint8) if flags is None else np.asarray(flags, np.uint8)
+        if offsets is None:
+            offsets = np.concatenate([[0], np.cumsum(self.src_lengths + self.tgt_lengths, dtype=np.int64)[:-1]])
+        self.offsets = np.asarray(offsets, dtype=np.int64)[:len(self.src_lengths)]
+
+    @classmethod
+    def from_lists(cls, encoded, flags=None):
+        """From [{"input_ids", "labels"}] (Seq2SeqEncoder.encode's output)."""
+        ids = [i for e in encoded for i in e["input_ids"] + e["labels"]]
+        return cls(ArrayTokens(ids), [len(e["input_ids"]) for e in encoded], [len(e["labels"]) for e in encoded], flags)
+
+    def __len__(self):
+        return len(self.src_lengths)
+
+    def __getitem__(self, i):
+        src, tgt = int(self.src_lengths[i]), int(self.tgt_lengths[i])
+        ids = self.tokens.read(int(self.offsets[i]), src + tgt).tolist()
+        return {"input_ids": ids[:src], "labels": ids[src:]}
+
+    def subset(self, start, stop=None):
+        """Examples start..stop-1 (a view: the token ids are not copied)."""
+        part = slice(start, stop)
+        return EncodedExamples(self.tokens, self.src_lengths[part], self.tgt_lengths[part], self.flags[part],
+                               self.offsets[part])
+
+    def stats(self):
+        """What Seq2SeqEncoder.encode's `stats` holds for these examples."""
+        return {"num_examples": len(self), "num_cut_sources": int((self.flags & 1).astype(bool).sum()),
+                "num_cut_targets": int((self.flags & 2).astype(bool).sum())}
+
+
+def as_examples(encoded):
+    """EncodedExamples (or PrefixLMExamples) as they are; a list of {"input_ids", "labels"} converted."""
+    return encoded if hasattr(encoded, "src_lengths") else EncodedExamples.from_lists(encoded)
+
+
+def batch_by_size(lengths, max_tokens, order):
+    """Greedy fairseq-style batching of `order` (length-sorted indices, an array) under `max_tokens`;
+    lengths[i] = num_tokens of example i. Returns the start of each batch in `order` (and len(order)):
+    batch k is order[starts[k]:starts[k + 1]]."""
+    starts, size, batch_max, position = [0], 0, 0, 0
+    for block in range(0, len(order), 1 << 16):  # as Python ints a block at a time (not a list per example)
+        for length in lengths[order[block:block + (1 << 16)]].tolist():
+            new_max = max(batch_max, length)
+            if size and new_max * (size + 1) > max_tokens:
+                starts.append(position)
+                size, new_max = 0, length
+            size += 1
+            batch_max = new_max
+            position += 1
+    starts.append(len(order))
+    return np.array(starts, dtype=np.int64)
+
+
+class _BudgetView:
+    """examples[i] cut to the batch budget (what a TokenBatches collates)."""
+
+    def __init__(self, examples, max_tokens):
+        self.examples, self.max_tokens = examples, max_tokens
+
+    def __len__(self):
+        return len(self.examples)
+
+    def __getitem__(self, i):
+        e = self.examples[i]
+        return {"input_ids": truncate(e["input_ids"], self.max_tokens), "labels": truncate(e["labels"], self.max_tokens)}
 
 
 class TokenBatches:
     """Endless, seeded, resumable stream of token-budget batches over encoded examples.
 
+    `encoded`: EncodedExamples (e.g. from the token cache), PrefixLMExamples, or a list of
+    {"input_ids", "labels"}. Only lengths are held per example; ids are read in `collate`.
     `next()` returns a list of example indices; `collate(indices)` the padded tensors.
     `state_dict()` / `load_state_dict()` save and restore (epoch, position) exactly.
     `num_truncated`: how many examples were cut to fit `max_tokens` on their own.
@@ -662,39 +817,48 @@ class TokenBatches:
     def __init__(self, encoded, max_tokens=4000, seed=0, shuffle=True, name="task"):
         if max_tokens < 1:
             raise UsageError(f"--max-tokens: must be positive, got {max_tokens}")
-        if not encoded:
+        if not len(encoded):
             raise DataError(f"no examples to batch for stream '{name}'")
-        self.num_truncated = sum(num_tokens(e) > max_tokens for e in encoded)
-        self.encoded = [
-            {"input_ids": truncate(e["input_ids"], max_tokens), "labels": truncate(e["labels"], max_tokens)}
-            for e in encoded]
+        examples = as_examples(encoded)
+        self.num_truncated = int((np.maximum(examples.src_lengths, examples.tgt_lengths) > max_tokens).sum())
+        self.src_lengths = np.minimum(examples.src_lengths, max_tokens)
+        self.tgt_lengths = np.minimum(examples.tgt_lengths, max_tokens)
+        self.encoded = _BudgetView(examples, max_tokens)
         self.max_tokens, self.seed, self.shuffle, self.name = max_tokens, seed, shuffle, name
         self.epoch, self.position = 0, 0
         self._batches = self._epoch_batches(self.epoch)
 
     def _epoch_batches(self, epoch):
+        """(order, starts, batch order) of an epoch: its k-th batch is order[starts[j]:starts[j + 1]] for
+        j = batch_order[k] (arrays, 8 bytes an example, not a list of lists)."""
         rng = np.random.default_rng([self.seed, epoch])
-        src = np.array([len(e["input_ids"]) for e in self.encoded])
-        tgt = np.array([len(e["labels"]) for e in self.encoded])
-        tiebreak = rng.permutation(len(self.encoded)) if self.shuffle else np.arange(len(self.encoded))
-        order = np.lexsort((tiebreak, tgt, src))  # by source length, then target length, then random
-        batches = batch_by_size(self.encoded, self.max_tokens, order.tolist())
-        if self.shuffle:
-            batches = [batches[i] for i in rng.permutation(len(batches))]
-        return batches
+        num = len(self.src_lengths)
+        tiebreak = rng.permutation(num) if self.shuffle else np.arange(num)
+        order = np.lexsort((tiebreak, self.tgt_lengths, self.src_lengths))  # by source, then target length, then random
+        starts = batch_by_size(np.maximum(self.src_lengths, self.tgt_lengths), self.max_tokens, order)
+        num_batches = len(starts) - 1
+        batch_order = rng.permutation(num_batches) if self.shuffle else np.arange(num_batches)
+        return order, starts, batch_order
+
+    @staticmethod
+    def _batch(batches, k):
+        order, starts, batch_order = batches
+        j = batch_order[k]
+        return order[starts[j]:starts[j + 1]].tolist()
 
     def epoch_batches(self, epoch=0):
         """All batches of one epoch, in order (for inspection and tests)."""
-        return self._epoch_batches(epoch)
+        batches = self._epoch_batches(epoch)
+        return [self._batch(batches, k) for k in range(len(batches[2]))]
 
     def __iter__(self):
         return self
 
     def __next__(self):
-        if self.position >= len(self._batches):
+        if self.position >= len(self._batches[2]):
             self.epoch, self.position = self.epoch + 1, 0
             self._batches = self._epoch_batches(self.epoch)
-        batch = self._batches[self.position]
+        batch = self._batch(self._batches, self.position)
         self.position += 1
         return batch
 
@@ -702,7 +866,12 @@ class TokenBatches:
         return collate([self.encoded[i] for i in indices], pad_token_id)
 
     def padding_efficiency(self, epoch=0):
-        return padding_efficiency(self.encoded, self._epoch_batches(epoch))
+        """Real tokens / padded tokens over an epoch's source and target tensors (from the lengths)."""
+        order, starts, _ = self._epoch_batches(epoch)
+        src, tgt = self.src_lengths[order].astype(np.int64), self.tgt_lengths[order].astype(np.int64)
+        sizes = np.diff(starts)
+        padded = (sizes * (np.maximum.reduceat(src, starts[:-1]) + np.maximum.reduceat(tgt, starts[:-1]))).sum()
+        return float((src.sum() + tgt.sum()) / max(padded, 1))
 
     def state_dict(self):
         return {"epoch": self.epoch, "position": self.position}

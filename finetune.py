@@ -13,6 +13,9 @@ XL-Sum, filtered F1 for XQuAD), then the test languages scored with it.
   --task xlsum   train English XL-Sum; validate and test on zh fr ko ru es (test cut to 2k examples)
   --task xquad   train SQuAD v1.1 (English); tune on XQuAD th ro vi; test on XQuAD ar zh de ru es
 
+Training and evaluation files are read through the token cache (token_cache.py): tokenized once per
+tokenizer and encoding, by the first run that needs them; a run holds lengths, not tokens.
+
 The run directory holds args.json (the resolved settings), log.jsonl, eval/step_N.json,
 predictions/, best/, last/ (with train_state.pt for --resume) and, at the end, results.json.
 A finished run asked again with the same settings is skipped; `--resume --max-steps N` extends a
@@ -28,6 +31,7 @@ import data
 import evaluate
 import loop
 import models
+import token_cache
 from common import UsageError
 
 
@@ -45,6 +49,7 @@ def parse_args(argv=None):
     p.add_argument("--xlsum-dir", default=None, help="XL-Sum jsonl files (default: DATA_DIR/xlsum)")
     p.add_argument("--train-file", default=None, help="training file in the task's official format (e.g. translate-train output)")
     p.add_argument("--train-lang", default="en", help="language of the training data")
+    token_cache.add_cache_arg(p)
     p.add_argument("--max-train-examples", type=common.positive_int, default=None,
                    help="use only the first N training examples of each source language (quick runs)")
     p.add_argument("--val-langs", default=None, help="comma-separated validation languages (task default)")
@@ -169,14 +174,11 @@ def read_task(task, path, lang, limit=None):
     return data.task_examples(task, references, lang), references
 
 
-def encode_stream(encoder, examples, max_tokens, seed, name):
-    """Encoded, batched examples, and what was cut: to the model's maximum length, then to the
+def make_stream(examples, max_tokens, seed, name):
+    """Batches over encoded examples, and what was cut: to the model's maximum length, then to the
     batch budget (fairseq reports the examples it skips or cuts; so do we)."""
-    stats = {}
-    encoded = encoder.encode(examples, stats)
-    stream = data.TokenBatches(encoded, max_tokens, seed=seed, name=name)
-    stats["num_cut_to_budget"] = stream.num_truncated
-    return stream, stats
+    stream = data.TokenBatches(examples, max_tokens, seed=seed, name=name)
+    return stream, {**examples.stats(), "num_cut_to_budget": stream.num_truncated}
 
 
 def describe_cuts(stats, encoder, max_tokens):
@@ -190,29 +192,26 @@ def describe_cuts(stats, encoder, max_tokens):
 
 
 def read_corpus(args, files):
-    """Every input of the run, read and checked before the run directory is touched (a bad file is
-    an error that leaves nothing behind): {"train": {lang: examples}, "text": {lang: Prefix-LM
-    examples}, "val" / "test": {lang: (examples, references)}}."""
+    """The evaluation sets, read and checked before the run directory is touched (a bad file is an
+    error that leaves nothing behind): {"val" / "test": {lang: (examples, references)}}. Training
+    files are read by the token cache (build_stream): only lengths are kept, never the texts."""
     task = data.get_task(args.task)
-    corpus = {"train": {}, "text": {}, "val": {}, "test": {}}
-    for lang, path in files["train"].items():
-        corpus["train"][lang] = read_task(args.task, path, lang, args.max_train_examples)[0]
-    for lang, path in files["text"].items():
-        corpus["text"][lang] = data.self_supervised_examples(data.read_text(path), lang, "prefix_lm", seed=args.seed)
+    corpus = {"val": {}, "test": {}}
     for split, limit in (("val", args.max_eval_examples), ("test", args.max_eval_examples or task.test_limit)):
         for lang, path in files[split].items():
             corpus[split][lang] = read_task(args.task, path, lang, limit)
     return corpus
 
 
-def build_stream(args, files, corpus, encoder):
+def build_stream(args, files, encoder):
     """The training batches: a Mixture of task streams (one per source language, uniform) and,
-    for `mix`, Prefix-LM streams of the target languages with total probability --mix-prob.
-    Returns (stream, {stream name: what was read and cut})."""
+    for `mix`, Prefix-LM streams of the target languages with total probability --mix-prob; the
+    examples come from the token cache. Returns (stream, {stream name: what was read and cut})."""
+    root = token_cache.cache_root(args.token_cache, args.data_dir)
     task_streams, summary = {}, {}
-    for i, (lang, examples) in enumerate(corpus["train"].items()):
-        path = files["train"][lang]
-        task_streams[lang], stats = encode_stream(encoder, examples, args.max_tokens, args.seed + i, f"task/{lang}")
+    for i, (lang, path) in enumerate(files["train"].items()):
+        examples = token_cache.task_examples(args.task, path, lang, encoder, root, limit=args.max_train_examples)
+        task_streams[lang], stats = make_stream(examples, args.max_tokens, args.seed + i, f"task/{lang} ({path})")
         summary[f"task/{lang}"] = {"file": path, **stats}
         print(f"train {lang}: {len(examples):,} examples from {path}; {describe_cuts(stats, encoder, args.max_tokens)}; "
               f"padding efficiency {task_streams[lang].padding_efficiency():.3f}")
@@ -220,9 +219,10 @@ def build_stream(args, files, corpus, encoder):
     if not adapt.get_method(args.method).mixes_text:
         return data.Mixture({"task": (1.0, task)}, seed=args.seed), summary
     ss_streams = {}
-    for i, (lang, examples) in enumerate(corpus["text"].items()):
-        ss_streams[lang], stats = encode_stream(encoder, examples, args.max_tokens, args.seed + 100 + i, f"prefix_lm/{lang}")
-        summary[f"prefix_lm/{lang}"] = {"file": files["text"][lang], **stats}
+    for i, (lang, path) in enumerate(files["text"].items()):
+        examples = token_cache.self_supervised(path, lang, "prefix_lm", encoder, root, seed=args.seed)
+        ss_streams[lang], stats = make_stream(examples, args.max_tokens, args.seed + 100 + i, f"prefix_lm/{lang} ({path})")
+        summary[f"prefix_lm/{lang}"] = {"file": path, **stats}
     print(f"mix: Prefix-LM batches of {', '.join(ss_streams)} with probability {args.mix_prob}")
     self_supervised = data.Mixture.uniform(ss_streams, seed=args.seed + 1)
     return data.Mixture({"task": (1.0 - args.mix_prob, task), "prefix_lm": (args.mix_prob, self_supervised)},
@@ -246,9 +246,14 @@ def build_model(args, checkpoint=None):
 # -----------------------------------------------------------------------------
 # Evaluation
 
-def encode_sets(split, encoder):
-    """{lang: (examples, references, encoded)} of a split, tokenized once for every evaluation."""
-    return {lang: (examples, references, encoder.encode(examples)) for lang, (examples, references) in split.items()}
+def encode_sets(args, split, encoder, corpus, files):
+    """{lang: (examples, references, encoded)} of a split, encoded once per tokenizer (token cache)."""
+    root = token_cache.cache_root(args.token_cache, args.data_dir)
+    sets = {}
+    for lang, (examples, references) in corpus[split].items():
+        encoded = token_cache.task_examples(args.task, files[split][lang], lang, encoder, root, limit=len(examples))
+        sets[lang] = (examples, references, [encoded[i] for i in range(len(encoded))])
+    return sets
 
 
 def evaluate_split(args, model, tokenizer, encoder, eval_sets, device, tag, out_dir):
@@ -303,12 +308,14 @@ def main(args):
                                     models.max_length(model.config))
     base_model = args.init or args.model
 
-    # ---- data, encoded for this model ----
-    stream, data_summary = build_stream(args, files, corpus, encoder)
+    # ---- data, encoded for this model (token cache) ----
+    data_start = time.perf_counter()
+    stream, data_summary = build_stream(args, files, encoder)
     loop.begin_run(args, args.resume)
     if not args.resume:
         loop.RunLog(run_dir).event({"event": "data", "streams": data_summary})
-    val_sets = encode_sets(corpus["val"], encoder)
+    val_sets = encode_sets(args, "val", encoder, corpus, files)
+    print(f"data ready in {time.perf_counter() - data_start:.1f} s")
 
     # ---- training, with validation every --eval-every steps ----
     validation_seconds = []
@@ -334,7 +341,7 @@ def main(args):
     # ---- final evaluation of the best checkpoint on the test languages ----
     test_start = time.perf_counter()
     model = adapt.load(os.path.join(run_dir, "best"), args.data_dir).to(device)
-    test_sets = encode_sets(corpus["test"], encoder)
+    test_sets = encode_sets(args, "test", encoder, corpus, files)
     per_lang = evaluate_split(args, model, tokenizer, encoder, test_sets, device, "test",
                               os.path.join(run_dir, "predictions"))
     results = {"config": loop.settings_of(args), "main_metric": task.main_metric, "main_lcr": task.main_lcr,

@@ -207,7 +207,7 @@ def set_rng_state(state):
 # must give the same settings, except those listed here, which only say how far to go or where to
 # run (fairseq and HF would silently mix two runs in one directory).
 RUNTIME_SETTINGS = ("max_steps", "stop_at_step", "stop_after_steps", "resume", "device", "log_every",
-                    "eval_max_tokens", "max_gen_batch_size", "config")
+                    "eval_max_tokens", "max_gen_batch_size", "config", "token_cache")
 
 
 def settings_of(args):

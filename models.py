@@ -29,6 +29,7 @@ and text round-trips. Same seed, same model.
 """
 
 import argparse
+import functools
 import glob
 import io
 import os
@@ -36,6 +37,7 @@ import shutil
 import sys
 import tempfile
 
+import numpy as np
 import torch
 
 import common
@@ -116,7 +118,7 @@ class Seq2SeqEncoder:
             if tokenizer.convert_tokens_to_ids(code) in (None, tokenizer.unk_token_id):
                 raise DataError(f"--model: tokenizer has no token for language code '{code}'")
 
-    def _affixes(self, lang):
+    def affixes(self, lang):
         """Special ids the tokenizer puts before and after a text of `lang`."""
         if self.family == "mt5":
             return [], [self.eos_token_id]
@@ -127,30 +129,51 @@ class Seq2SeqEncoder:
             return []
         return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
 
-    def encode(self, examples, stats=None):
+    def encode_ids(self, body, tail, target, src_lang, tgt_lang):
+        """One example from token ids (without special tokens): (input_ids, labels, cut flags), where
+        input_ids = [prefix] body tail [suffix] with the body cut to fit max_source_length, labels =
+        [prefix] target [suffix] cut to max_target_length (keeping </s>); flags: bit 0 the source was
+        cut, bit 1 the target was."""
+        prefix, suffix = self.affixes(src_lang)
+        room = self.max_source_length - len(prefix) - len(suffix) - len(tail)
+        input_ids = data.truncate(prefix + body[:max(room, 0)] + tail + suffix, self.max_source_length)
+        t_prefix, t_suffix = self.affixes(tgt_lang)
+        labels = t_prefix + target + t_suffix
+        flags = int(len(body) > max(room, 0)) | int(len(labels) > self.max_target_length) << 1
+        return input_ids, data.truncate(labels, self.max_target_length), flags
+
+    def encode(self, examples, stats=None, flags=None):
         """Encode Examples to [{"input_ids", "labels"}], each cut to the maximum lengths.
 
         Source = [prefix] body tail [suffix]: the body (a QA paragraph, an article) is cut, never the
         language code, the tail (the QA question appended at the end) or </s>. `stats`, if given,
-        is a dict that gets the counts of cut sources and targets.
+        is a dict that gets the counts of cut sources and targets; `flags`, if given, a list that
+        gets each example's cut flags (encode_ids).
         """
         bodies = self._tokenize([ex.source for ex in examples])
         tails = self._tokenize([ex.source_tail for ex in examples])
         targets = self._tokenize([ex.target for ex in examples])
-        encoded, cut_sources, cut_targets = [], 0, 0
+        encoded, cut = [], []
         for i, ex in enumerate(examples):
-            prefix, suffix = self._affixes(ex.src_lang)
-            tail = tails[i] if ex.source_tail else []
-            room = self.max_source_length - len(prefix) - len(suffix) - len(tail)
-            cut_sources += len(bodies[i]) > max(room, 0)
-            input_ids = data.truncate(prefix + bodies[i][:max(room, 0)] + tail + suffix, self.max_source_length)
-            t_prefix, t_suffix = self._affixes(ex.tgt_lang)
-            labels = t_prefix + targets[i] + t_suffix
-            cut_targets += len(labels) > self.max_target_length
-            encoded.append({"input_ids": input_ids, "labels": data.truncate(labels, self.max_target_length)})
+            input_ids, labels, flag = self.encode_ids(bodies[i], tails[i] if ex.source_tail else [], targets[i],
+                                                      ex.src_lang, ex.tgt_lang)
+            encoded.append({"input_ids": input_ids, "labels": labels})
+            cut.append(flag)
         if stats is not None:
-            stats.update(num_examples=len(examples), num_cut_sources=cut_sources, num_cut_targets=cut_targets)
+            stats.update(num_examples=len(examples), num_cut_sources=sum(f & 1 for f in cut),
+                         num_cut_targets=sum(f >> 1 & 1 for f in cut))
+        if flags is not None:
+            flags.extend(cut)
         return encoded
+
+    @functools.cached_property
+    def word_starts(self):
+        """(is_word_start, spacer): per vocabulary id, whether its piece begins a word (SentencePiece's
+        "▁" prefix), and the id of the lone "▁" piece (SentencePiece puts it before a word it cannot
+        glue the space to, e.g. at the start of a Chinese line)."""
+        pieces = self.tokenizer.convert_ids_to_tokens(list(range(len(self.tokenizer))))
+        starts = np.array([isinstance(p, str) and p.startswith("\u2581") for p in pieces], dtype=bool)
+        return starts, self.tokenizer.convert_tokens_to_ids("\u2581")
 
     def generation_kwargs(self, tgt_lang):
         """What `model.generate` needs to produce text in `tgt_lang` for this family."""

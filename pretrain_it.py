@@ -11,6 +11,10 @@ from its beginning (Prefix-LM, Vu et al. 2022), on English and the target langua
 uniformly; paper: 100k steps of 5k-token batches on CommonCrawl text. `--objective zmbart` uses
 Appendix B's alternative: generate randomly chosen sentences of the input chunk (Maurya et al. 2021).
 
+The text is read through the token cache (token_cache.py): each text/<lang>.txt is tokenized once
+per tokenizer (paragraph ids on disk), and the Prefix-LM examples are cut from those ids in token
+space, on a word boundary, when the streams are made; a run holds lengths, not tokens.
+
 The paper chose the IT learning rate by reading the model's generations; so every evaluation writes,
 besides the held-out loss per language, a few generated continuations to eval/step_N.json. The run
 directory's last/ is a save_pretrained checkpoint that `finetune.py --init` takes (the run
@@ -19,6 +23,7 @@ run directory behaves the same way (args.json, --resume, --stop-at-step, skipped
 """
 
 import os
+import time
 
 import numpy as np
 import torch
@@ -28,6 +33,7 @@ import common
 import data
 import loop
 import models
+import token_cache
 from common import DataError, UsageError
 
 
@@ -45,6 +51,7 @@ def parse_args(argv=None):
     p.add_argument("--max-new-tokens", type=common.positive_int, default=48, help="length of the sample continuations")
     p.add_argument("--data-dir", default=data.DEFAULT_DATA_DIR, help="data directory with text/<lang>.txt")
     p.add_argument("--text-dir", default=None, help="raw text directory (default DATA_DIR/text)")
+    token_cache.add_cache_arg(p)
     return common.parse_with_config(p, argv)
 
 
@@ -88,11 +95,6 @@ def main(args):
     results = loop.finished_run(args)
     if results is not None:
         return results
-    examples = {lang: data.self_supervised_examples(data.read_text(path), lang, args.objective, seed=args.seed)
-                for lang, path in files.items()}  # every input read before the run directory is touched
-    for lang, path in files.items():
-        if len(examples[lang]) <= args.val_lines:
-            raise DataError(f"{path}: too few paragraphs ({len(examples[lang])}) for --val-lines {args.val_lines}")
     last, device = loop.start_run(args)
 
     # ---- model ----
@@ -103,20 +105,25 @@ def main(args):
     length = models.max_length(model.config)
     encoder = models.Seq2SeqEncoder(tokenizer, family, length, length)
 
-    # ---- data: per language, held-out paragraphs first, the rest for training ----
+    # ---- data: per language, held-out paragraphs first, the rest for training (token cache) ----
+    data_start = time.perf_counter()
+    root = token_cache.cache_root(args.token_cache, args.data_dir)
     train_streams, val_streams, val_examples, summary = {}, {}, {}, {}
     for i, (lang, path) in enumerate(files.items()):
-        held, rest = examples[lang][:args.val_lines], examples[lang][args.val_lines:]
-        stats = {}
-        train_streams[lang] = data.TokenBatches(encoder.encode(rest, stats), args.max_tokens, seed=args.seed + i, name=lang)
-        stats["num_cut_to_budget"] = train_streams[lang].num_truncated
+        examples = token_cache.self_supervised(path, lang, args.objective, encoder, root, seed=args.seed)
+        if len(examples) <= args.val_lines:
+            raise DataError(f"{path}: too few paragraphs ({len(examples)}) for --val-lines {args.val_lines}")
+        held, rest = examples.subset(0, args.val_lines), examples.subset(args.val_lines)
+        train_streams[lang] = data.TokenBatches(rest, args.max_tokens, seed=args.seed + i, name=f"{lang} ({path})")
+        stats = {**rest.stats(), "num_cut_to_budget": train_streams[lang].num_truncated}
         summary[lang] = {"file": path, **stats}
-        val_streams[lang] = data.TokenBatches(encoder.encode(held), args.max_tokens, shuffle=False, name=f"val/{lang}")
-        val_examples[lang] = held[:args.num_samples]
+        val_streams[lang] = data.TokenBatches(held, args.max_tokens, shuffle=False, name=f"val/{lang}")
+        val_examples[lang] = [held[j] for j in range(min(args.num_samples, len(held)))]
         print(f"{lang}: {len(rest):,} training and {len(held)} held-out {args.objective} examples from {path}; "
               f"{stats['num_cut_sources']:,} sources and {stats['num_cut_targets']:,} targets cut to {length} tokens, "
               f"{stats['num_cut_to_budget']:,} examples to the {args.max_tokens}-token batch budget")
     stream = data.Mixture.uniform(train_streams, seed=args.seed)
+    print(f"data ready in {time.perf_counter() - data_start:.1f} s")
     loop.begin_run(args, args.resume)
     if not args.resume:
         loop.RunLog(run_dir).event({"event": "data", "streams": summary})
@@ -126,10 +133,11 @@ def main(args):
         losses = {lang: held_out_loss(model, s, tokenizer.pad_token_id, device) for lang, s in val_streams.items()}
         samples = {}
         for lang, shown in val_examples.items():
-            texts = loop.generate(model, tokenizer, encoder.encode(shown), encoder.generation_kwargs(lang), device,
+            texts = loop.generate(model, tokenizer, shown, encoder.generation_kwargs(lang), device,
                                   args.max_new_tokens, max_tokens=args.eval_max_tokens,
                                   max_batch_size=args.max_gen_batch_size, desc=f"samples {lang}") if shown else []
-            samples[lang] = [{"input": ex.source, "generated": text, "reference": ex.target}
+            samples[lang] = [{"input": tokenizer.decode(ex["input_ids"], skip_special_tokens=True), "generated": text,
+                              "reference": tokenizer.decode(ex["labels"], skip_special_tokens=True)}
                              for ex, text in zip(shown, texts)]
         average = float(np.mean(list(losses.values())))
         common.write_json(os.path.join(run_dir, "eval", f"step_{step}.json"),
