@@ -310,10 +310,17 @@ def _encoding_key(encoder):
 
 
 def task_examples(task, path, lang, encoder, root, limit=None):
-    """EncodedExamples of a task file in `lang`, as encoder.encode(data.task_examples(...)) gives them
-    (the first `limit` only, when given: the entry holds the whole file)."""
+    """EncodedExamples of a task file in `lang`, as encoder.encode(data.task_examples(...)) gives them.
+    With `limit` (--max-train-examples, --max-eval-examples, XL-Sum's first 2k test examples): the
+    first `limit`, from the whole file's entry if there is one, else from an entry of those only (a
+    quick run does not tokenize a whole training set to use 400 examples of it)."""
     key = {"what": "task", "file": file_digest(path, root), "format": data.get_task(task).kind, "lang": lang,
            **_encoding_key(encoder)}
+    whole = entry_name(path, f"{task}-{lang}", key)
+    if limit is not None:
+        if os.path.isdir(os.path.join(root, whole)) and check_entry(os.path.join(root, whole)) is None:
+            return open_entry(os.path.join(root, whole)).subset(0, limit)
+        key = {**key, "limit": limit}
 
     def encode_chunk(references):
         flags = []
@@ -321,9 +328,10 @@ def task_examples(task, path, lang, encoder, root, limit=None):
         return [e["input_ids"] for e in encoded], [e["labels"] for e in encoded], flags
 
     def build(writer):
-        _build_loop(writer, path, data.get_task(task).format.iterate(path), encode_chunk, f"{task} {lang}", key)
-    examples = get_or_build(root, entry_name(path, f"{task}-{lang}", key), build)
-    return examples.subset(0, limit) if limit is not None else examples
+        references = itertools.islice(data.get_task(task).format.iterate(path), limit)
+        _build_loop(writer, path, references, encode_chunk, f"{task} {lang}", key)
+    name = whole if limit is None else entry_name(path, f"{task}-{lang}-first{limit}", key)
+    return get_or_build(root, name, build)
 
 
 def text_paragraphs(path, tokenizer, root):
