@@ -664,8 +664,7 @@ class PrefixLMExamples:
         return PrefixLMExamples(self.paragraphs, self.lang, self.encoder, rows=self.rows[part], cuts=self.cuts[part])
 
     def stats(self):
-        return {"num_examples": len(self), "num_cut_sources": int((self.flags & 1).astype(bool).sum()),
-                "num_cut_targets": int((self.flags & 2).astype(bool).sum())}
+        return cut_stats(self.flags)
 
 
 # -----------------------------------------------------------------------------
@@ -762,9 +761,13 @@ class EncodedExamples:
                                self.offsets[part])
 
     def stats(self):
-        """What Seq2SeqEncoder.encode's `stats` holds for these examples."""
-        return {"num_examples": len(self), "num_cut_sources": int((self.flags & 1).astype(bool).sum()),
-                "num_cut_targets": int((self.flags & 2).astype(bool).sum())}
+        return cut_stats(self.flags)
+
+
+def cut_stats(flags):
+    """What Seq2SeqEncoder.encode's `stats` holds, from per-example cut flags (bit 0 source, bit 1 target)."""
+    return {"num_examples": len(flags), "num_cut_sources": int((flags & 1).astype(bool).sum()),
+            "num_cut_targets": int((flags & 2).astype(bool).sum())}
 
 
 def as_examples(encoded):

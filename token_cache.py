@@ -309,6 +309,13 @@ def _encoding_key(encoder):
             "max_source_length": encoder.max_source_length, "max_target_length": encoder.max_target_length}
 
 
+def _encode(encoder, examples):
+    """(sources, targets, cut flags) of data.Examples, encoded as Seq2SeqEncoder.encode does it."""
+    flags = []
+    encoded = encoder.encode(examples, flags=flags)
+    return [e["input_ids"] for e in encoded], [e["labels"] for e in encoded], flags
+
+
 def task_examples(task, path, lang, encoder, root, limit=None):
     """EncodedExamples of a task file in `lang`, as encoder.encode(data.task_examples(...)) gives them.
     With `limit` (--max-train-examples, --max-eval-examples, XL-Sum's first 2k test examples): the
@@ -322,14 +329,10 @@ def task_examples(task, path, lang, encoder, root, limit=None):
             return open_entry(os.path.join(root, whole)).subset(0, limit)
         key = {**key, "limit": limit}
 
-    def encode_chunk(references):
-        flags = []
-        encoded = encoder.encode(data.task_examples(task, references, lang), flags=flags)
-        return [e["input_ids"] for e in encoded], [e["labels"] for e in encoded], flags
-
     def build(writer):
         references = itertools.islice(data.get_task(task).format.iterate(path), limit)
-        _build_loop(writer, path, references, encode_chunk, f"{task} {lang}", key)
+        _build_loop(writer, path, references, lambda chunk: _encode(encoder, data.task_examples(task, chunk, lang)),
+                    f"{task} {lang}", key)
     name = whole if limit is None else entry_name(path, f"{task}-{lang}-first{limit}", key)
     return get_or_build(root, name, build)
 
@@ -355,14 +358,9 @@ def self_supervised(path, lang, objective, encoder, root, seed=0):
         return data.PrefixLMExamples(text_paragraphs(path, encoder.tokenizer, root), lang, encoder, seed=seed)
     key = {"what": objective, "file": file_digest(path, root), "lang": lang, "seed": seed, **_encoding_key(encoder)}
 
-    def encode_chunk(examples):
-        flags = []
-        encoded = encoder.encode(examples, flags=flags)
-        return [e["input_ids"] for e in encoded], [e["labels"] for e in encoded], flags
-
     def build(writer):
         items = data.iter_self_supervised(data.iter_text(path), lang, objective, seed)
-        _build_loop(writer, path, items, encode_chunk, f"{objective} {lang}", key)
+        _build_loop(writer, path, items, lambda chunk: _encode(encoder, chunk), f"{objective} {lang}", key)
     return get_or_build(root, entry_name(path, f"{objective}-{lang}-seed{seed}", key), build)
 
 
