@@ -601,7 +601,7 @@ def parse_args(argv=None):
     parser.add_argument("--model", default="tiny-mt5",
                         help="tiny-mt5, tiny-mbart, tiny-nllb, a checkpoint (full or added weights) or a hub name")
     parser.add_argument("--data-dir", default=data.DEFAULT_DATA_DIR, help="data directory (for building tiny models)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the prompt initialisation")
+    parser.add_argument("--seed", type=common.seed, default=0, help="seed of the prompt initialisation")
     add_method_args(parser)
     parser.set_defaults(method="adapters")
     return parser.parse_args(argv)

@@ -19,13 +19,16 @@ There is one home here for each of these:
 """
 
 import argparse
+import fcntl
 import functools
 import json
 import math
 import os
 import shutil
+import socket
 import sys
 import tempfile
+import time
 
 
 # -----------------------------------------------------------------------------
@@ -45,16 +48,36 @@ class TrainingError(ValueError):
     checkpoint is the last good one."""
 
 
-def exits_on_error(main):
+RESUME_HINT = "resume with --resume"
+RERUN_HINT = "run the same command again to continue"
+
+
+def exits_on_error(main=None, *, interrupted=None):
     """Decorator for a stage's `main(args)`. UsageError, DataError and TrainingError end the
-    program with `error: <message>` and exit status 1, with no traceback."""
+    program with `error: <message>` and exit status 1, with no traceback. Ctrl-C ends it with one
+    line, `interrupted; <how to continue>` (RESUME_HINT, RERUN_HINT, or nothing), and the shell's
+    status for SIGINT, 130. Use as @exits_on_error or @exits_on_error(interrupted=RESUME_HINT)."""
+    if main is None:
+        return functools.partial(exits_on_error, interrupted=interrupted)
+
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
         try:
             return main(*args, **kwargs)
         except (UsageError, DataError, TrainingError) as e:
             sys.exit(f"error: {e}")
+        except KeyboardInterrupt:
+            _close_progress_bars()  # (else tqdm redraws them at exit, after the message)
+            sys.stdout.flush()
+            print("\ninterrupted" + (f"; {interrupted}" if interrupted else ""), file=sys.stderr, flush=True)
+            sys.exit(130)
     return wrapper
+
+
+def _close_progress_bars():
+    from tqdm import tqdm
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
 
 
 # -----------------------------------------------------------------------------
@@ -102,6 +125,11 @@ def non_negative_float(text):
     return _number(text, float, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
 
 
+def seed(text):
+    """A random seed: an integer in [0, 2**32 - 1] (what numpy accepts)."""
+    return _number(text, int, lambda v: 0 <= v < 2 ** 32, "an integer in [0, 4294967295]")
+
+
 def probability(text):
     """A number strictly between 0 and 1."""
     return _number(text, float, lambda v: 0 < v < 1, "a number in (0, 1)")
@@ -121,8 +149,9 @@ def add_config_flag(parser):
 
 
 def parse_with_config(parser, argv=None):
-    """parser.parse_args, with the settings of --config FILE as defaults. Each saved value goes
-    through its flag's type again, so a hand-edited args.json is checked like the command line."""
+    """parser.parse_args, with the settings of --config FILE as defaults. Each saved value is
+    checked as its flag checks the command line (config_value), so a hand-edited args.json fails
+    here, in one line, before a run directory is touched."""
     args = parser.parse_args(argv)
     if getattr(args, "config", None) is None:
         return args
@@ -136,18 +165,57 @@ def parse_with_config(parser, argv=None):
     unknown = sorted(set(settings) - set(actions))
     if unknown:
         parser.error(f"argument --config: {args.config}: unknown setting(s) {', '.join(unknown)}")
-    for name, value in settings.items():
-        action = actions[name]
-        if action.choices is not None and value not in action.choices:
-            parser.error(f"argument --config: {args.config}: {name}: invalid choice {value!r}")
-        if action.type is not None and value is not None and not isinstance(value, (list, bool)):
-            try:
-                action.type(str(value))
-            except argparse.ArgumentTypeError as e:
-                parser.error(f"argument --config: {args.config}: {name}: {e}")
     settings.pop("config", None)
+    for name, value in settings.items():
+        try:
+            settings[name] = config_value(actions[name], value)
+        except argparse.ArgumentTypeError as e:
+            parser.error(f"argument --config: {args.config}: {name}: {e}")
     parser.set_defaults(**settings)
     return parser.parse_args(argv)
+
+
+def config_value(action, value):
+    """A value of args.json for `action`, checked as the command line checks it; returns it
+    converted. JSON has types the command line has not, so: a switch (store_true) takes true or
+    false only; null only where the flag's default is null (it is optional); a boolean is never a
+    number; a number goes through the flag's type as its text would (10.0 is not an integer); a
+    repeatable flag takes a list of strings, and so does a comma-separated one (args.json records
+    the parsed list, e.g. val_langs)."""
+    shown = json.dumps(value, ensure_ascii=False)
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+        if not isinstance(value, bool):
+            raise argparse.ArgumentTypeError(f"expected true or false, got {shown}")
+        return value
+    if value is None:
+        if action.default is not None:
+            raise argparse.ArgumentTypeError(f"expected a value (default {action.default!r}), got null")
+        return None
+    if isinstance(action, argparse._AppendAction) and not isinstance(value, list):
+        raise argparse.ArgumentTypeError(f"expected a list of strings, got {shown}")
+    if isinstance(value, list) and (isinstance(action, argparse._AppendAction) or action.type is None):
+        if not all(isinstance(item, str) for item in value):
+            raise argparse.ArgumentTypeError(f"expected a list of strings, got {shown}")
+        if action.choices is not None and not all(item in action.choices for item in value):
+            raise argparse.ArgumentTypeError(f"invalid choice in {shown}")
+        return value
+    if action.type is None and not isinstance(value, str):
+        raise argparse.ArgumentTypeError(f"expected a string, got {shown}")
+    if isinstance(value, (bool, list, dict)):  # the flag's type says what it expects ("an integer >= 1, got 'true'")
+        _convert(action, shown)
+        raise argparse.ArgumentTypeError(f"expected a number, got {shown}")
+    if action.type is not None:
+        value = _convert(action, value if isinstance(value, str) else shown)
+    if action.choices is not None and value not in action.choices:
+        raise argparse.ArgumentTypeError(f"invalid choice {value!r} (choose from {', '.join(map(str, action.choices))})")
+    return value
+
+
+def _convert(action, text):
+    try:
+        return action.type(text)
+    except (TypeError, ValueError):  # a plain int/float type (ours raise ArgumentTypeError)
+        raise argparse.ArgumentTypeError(f"invalid {getattr(action.type, '__name__', 'value')} value: {text}") from None
 
 
 def print_settings(settings, title="settings"):
@@ -260,3 +328,147 @@ def check_output_dir(path, flag, describe=None):
         os.unlink(probe)
     except OSError as e:
         raise UsageError(f"{describe}: {existing} is not writable ({e.strerror})") from None
+
+
+# -----------------------------------------------------------------------------
+# Locks: one process at a time writes a run directory or a study directory
+
+LOCK_NAME = ".lock"
+
+
+class DirectoryLock:
+    """An exclusive OS lock (flock) on DIR/.lock, held while a process writes DIR:
+
+        with common.DirectoryLock(run_dir, "--out-dir"):
+            ...  # train, write checkpoints
+
+    A second process gets a UsageError naming the holder's pid and host (written into the file).
+    The kernel releases the lock when the holder dies, SIGKILL included, so a crashed run never
+    leaves a stale lock: the file may stay, but it no longer blocks. On a clean exit the file is
+    removed (and DIR too, if this lock created it and nothing else was written there). Works on
+    NFS (flock is a POSIX lock there) and Lustre mounted with -o flock.
+
+    Removing a lock file races with a process that opened it just before: after taking the lock,
+    the holder checks that the file it locked is still the one at the path, and tries again if not.
+    """
+
+    def __init__(self, directory, flag, what="it"):
+        self.directory, self.flag, self.what = os.path.abspath(directory), flag, what
+        self.path = os.path.join(self.directory, LOCK_NAME)
+        self.fd, self.created = None, None
+
+    def __enter__(self):
+        created = self.directory
+        while os.path.dirname(created) != created and not os.path.exists(os.path.dirname(created)):
+            created = os.path.dirname(created)  # the topmost directory that makedirs will create
+        self.created = None if os.path.exists(self.directory) else created
+        try:
+            os.makedirs(self.directory, exist_ok=True)
+            while True:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, file_mode())
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    holder = os.pread(fd, 512, 0).decode("utf-8", "replace").strip()
+                    os.close(fd)
+                    self._remove_created()
+                    raise UsageError(f"{self.flag} {self.directory}: in use by another process ({holder or 'unknown pid'}); "
+                                     f"wait for it to end, or use another {self.flag}") from None
+                try:
+                    same = os.path.samestat(os.fstat(fd), os.stat(self.path))
+                except FileNotFoundError:
+                    same = False
+                if same:
+                    break
+                os.close(fd)  # its holder removed the file as we opened it: lock the new one
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} on host {socket.gethostname()}, since "
+                          f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
+        except OSError as e:
+            raise UsageError(f"{self.flag} {self.directory}: cannot lock it ({e.strerror or e})") from None
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc):
+        try:
+            os.unlink(self.path)  # while still holding it: a newcomer creates a fresh file
+        except OSError:
+            pass
+        os.close(self.fd)
+        self.fd = None
+        self._remove_created()
+        return False
+
+    def _remove_created(self):
+        """Remove the directories this lock made, if nothing else was written into them."""
+        if self.created is None:
+            return
+        path = self.directory
+        while True:
+            try:
+                os.rmdir(path)
+            except OSError:
+                return
+            if path == self.created:
+                return
+            path = os.path.dirname(path)
+
+
+def lock_holder(directory):
+    """Who holds DIR's DirectoryLock ("pid N on host H, since ..."), or None if nobody does."""
+    path = os.path.join(directory, LOCK_NAME)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return None
+    except BlockingIOError:
+        return os.pread(fd, 512, 0).decode("utf-8", "replace").strip() or "unknown pid"
+    finally:
+        os.close(fd)  # (closing releases a shared lock taken just now)
+
+
+# -----------------------------------------------------------------------------
+# Outputs are never inputs
+
+def refuse_overwriting_inputs(outputs, inputs):
+    """Before anything is read or written: no output path (and no file derived from one) is one of
+    the command's inputs, compared by resolved path (symbolic links, `..`, hard links). outputs
+    and inputs: {description, e.g. "--out m.json": path}; None paths are skipped."""
+    def identity(path):
+        real = os.path.realpath(path)
+        try:
+            st = os.stat(real)
+            return real, (st.st_dev, st.st_ino)
+        except OSError:
+            return real, None
+    seen = {}
+    for name, path in inputs.items():
+        if path is not None:
+            real, inode = identity(path)
+            seen[real] = name
+            if inode is not None:
+                seen[inode] = name
+    for name, path in outputs.items():
+        if path is None:
+            continue
+        real, inode = identity(path)
+        given = seen.get(real) or (seen.get(inode) if inode is not None else None)
+        if given:
+            raise UsageError(f"{name}: is also {given}; writing it would destroy that input: give another output path")
+
+
+def refuse_inputs_inside(directory, flag, inputs):
+    """Before anything is written: no input file or checkpoint lies inside the output directory a
+    command writes (e.g. `finetune.py --init RUN --out-dir RUN` would replace the checkpoint it
+    starts from). inputs: [(flag, path)]; None paths are skipped."""
+    root = os.path.realpath(directory)
+    for name, path in inputs:
+        if path is None:
+            continue
+        real = os.path.realpath(path)
+        if os.path.commonpath([root, real]) == root:
+            raise UsageError(f"{name} {path}: is inside {flag} {directory}, which this command writes; "
+                             f"copy it elsewhere or use another {flag}")

@@ -2,6 +2,7 @@
 the rates bench/ measured on a GPU.
 
     python cost.py                               # one paper run of each task (mT5-base), itemised
+    python cost.py --model google/mt5-large --task xquad
     bash run_all.sh --dry-run                    # the whole study: hours per stage and in total
 
 A training step costs 6 FLOPs per weight per token (forward 2, backward 4) for the weights that
@@ -208,16 +209,26 @@ def validation_hours(name, task, evaluations=10, cap=None):
     return generate_hours(generation_flops(name, task, evaluations * examples))
 
 
-def main():
+def parse_args(argv=None):
+    p = common.ArgumentParser(description=__doc__)
+    p.add_argument("--model", default="google/mt5-base", choices=list(models.REAL_CONFIGS),
+                   help="a model whose real dimensions cost.py knows (models.REAL_CONFIGS)")
+    p.add_argument("--task", default=None, choices=data.finetune_tasks(), help="one task (default: each)")
+    return p.parse_args(argv)
+
+
+@common.exits_on_error
+def main(args):
     print(f"GPU: {MEASURED['gpu']}, training at {MEASURED['train_mfu']:.1%} MFU of {PEAK_FLOPS / 1e12:.0f} TFLOP/s, "
           f"generation at {MEASURED['generate_flops_per_s'] / 1e12:.1f} TFLOP/s (measured, bench/gpu.sh)")
-    for task in data.finetune_tasks():
-        train, evaluation = finetune_hours("google/mt5-base", task, test_last=True)
-        print(f"one mT5-base run, {task}: 20k steps of 4000 tokens {train:.2f} h + 10 validations and the test "
+    name = args.model
+    for task in [args.task] if args.task else data.finetune_tasks():
+        train, evaluation = finetune_hours(name, task, test_last=True)
+        print(f"one {name} run, {task}: 20k steps of 4000 tokens {train:.2f} h + 10 validations and the test "
               f"{evaluation:.2f} h = {train + evaluation:.2f} h (evaluation {evaluation / (train + evaluation):.0%}); "
-              f"the validations alone {validation_hours('google/mt5-base', task):.2f} h, capped at 500 examples "
-              f"per language {validation_hours('google/mt5-base', task, cap=500):.2f} h")
+              f"the validations alone {validation_hours(name, task):.2f} h, capped at 500 examples "
+              f"per language {validation_hours(name, task, cap=500):.2f} h")
 
 
 if __name__ == "__main__":
-    main()
+    main(parse_args())

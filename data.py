@@ -263,11 +263,18 @@ def read_squad(path):
             for p, paragraph in enumerate(article["paragraphs"]):
                 where = f"data[{a}].paragraphs[{p}]"
                 context = paragraph["context"]
+                if not isinstance(context, str):
+                    raise TypeError("context must be a string")
                 for q, qa in enumerate(paragraph["qas"]):
                     where = f"data[{a}].paragraphs[{p}].qas[{q}]"
                     answers = qa["answers"]
                     if not isinstance(qa["id"], str) or not isinstance(qa["question"], str) or not answers:
                         raise TypeError("id/question must be strings and answers non-empty")
+                    if not isinstance(answers, list) or not all(isinstance(ans, dict) for ans in answers):
+                        raise TypeError(f"question '{qa['id']}': answers must be a list of objects")
+                    for ans in answers:
+                        if not isinstance(ans["text"], str):
+                            raise TypeError(f"question '{qa['id']}': answer text {json.dumps(ans['text'])} is not a string")
                     if qa["id"] in seen:
                         raise ValueError(f"duplicate question id '{qa['id']}'")
                     seen.add(qa["id"])
@@ -370,6 +377,8 @@ def read_predictions(path):
     for line_no, row in _jsonl_objects(path, PREDICTIONS_FORMAT, lines):
         if not isinstance(row.get("prediction"), str) or "id" not in row:
             raise DataError(f"{path}:{line_no}: expected an object with 'id' and a string 'prediction'")
+        if isinstance(row["id"], bool) or not isinstance(row["id"], (str, int)):  # str(None) would be the id "None"
+            raise DataError(f"{path}:{line_no}: id {json.dumps(row['id'])} is not a string or an integer")
         key = str(row["id"])
         if key in predictions:
             raise DataError(f"{path}:{line_no}: prediction id '{key}' is given twice (first on line {first_line[key]})")

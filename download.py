@@ -361,7 +361,7 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-@common.exits_on_error
+@common.exits_on_error(interrupted=common.RERUN_HINT)
 def main(args):
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if args.mirror is not None and not args.mirror.startswith(("http://", "https://", "file://")):

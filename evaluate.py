@@ -304,8 +304,20 @@ def main(args):
     data.get_language(args.lang)
     if args.out:
         common.check_output_file(args.out, "--out")
+        common.refuse_overwriting_inputs(
+            {f"--out {args.out}": args.out, f"--out {args.out}: its details file {details_path(args.out)}": details_path(args.out)},
+            {f"--predictions {args.predictions}": args.predictions, f"--references {args.references}": args.references,
+             f"--lid-model {args.lid_model}": args.lid_model})
     predictions = data.read_predictions(args.predictions)
     references = data.read_references(args.task, args.references, args.limit)
+    if not references:
+        raise DataError(f"--references {args.references}: no {data.get_task(args.task).kind} examples in it; nothing to score")
+    if not predictions:
+        raise DataError(f"--predictions {args.predictions}: no predictions in it; nothing to score")
+    if not set(predictions) & {r["id"] for r in references}:
+        example = next(iter(predictions))
+        raise DataError(f"--predictions {args.predictions}: none of its {len(predictions)} ids is an id of --references "
+                        f"{args.references} (e.g. '{example}'); nothing to score: are they for another file or language?")
     metrics, details = score(args.task, args.lang, predictions, references, args.rouge_mode, args.lid_model)
     if metrics["num_unknown_ids"]:
         print(f"warning: {metrics['num_unknown_ids']} prediction id(s) are not in {args.references}; ignored",

@@ -117,7 +117,8 @@ def check_args(args):
         default_mix = [lang for lang in dict.fromkeys(args.val_langs + args.test_langs) if lang != "en"]
         args.mix_langs = data.parse_langs(args.mix_langs or default_mix, "--mix-langs")
     adapt.check_options(args.method, adapt.options_from_args(args))
-    for flag, langs in (("--val-langs", args.val_langs), ("--test-langs", args.test_langs), ("--src-langs", args.src_langs)):
+    source_flag = "--src-langs" if method.several_sources else "--train-lang"  # the flag that named them
+    for flag, langs in (("--val-langs", args.val_langs), ("--test-langs", args.test_langs), (source_flag, args.src_langs)):
         for lang in langs:
             models.language_code(family, lang, flag)  # e.g. mBART-50 has no Greek
     # the files every stage will read
@@ -162,6 +163,10 @@ def check_args(args):
     if args.lid_model is not None:
         args.lid_model = os.path.abspath(args.lid_model)
         evaluate.get_lid(args.lid_model)  # a missing or garbage model fails now, not at the first evaluation
+    inputs = [(f"--{split}-file" if split != "text" else "--mix-langs: text", path)
+              for split, group in files.items() for path in group.values()]
+    common.refuse_inputs_inside(args.out_dir, "--out-dir", inputs + [
+        ("--init", args.init), ("--lid-model", args.lid_model), ("--model", args.model if os.path.isdir(args.model) else None)])
     return files
 
 
@@ -200,6 +205,9 @@ def read_corpus(args, files):
     for split, limit in (("val", args.max_eval_examples), ("test", args.max_eval_examples or task.test_limit)):
         for lang, path in files[split].items():
             corpus[split][lang] = read_task(args.task, path, lang, limit)
+            if not corpus[split][lang][1]:
+                raise common.DataError(f"{path}: no {task.kind} examples in it ({split} language {lang}); "
+                                       f"nothing to {'select a checkpoint by' if split == 'val' else 'test on'}")
     return corpus
 
 
@@ -211,6 +219,8 @@ def build_stream(args, files, encoder):
     task_streams, summary = {}, {}
     for i, (lang, path) in enumerate(files["train"].items()):
         examples = token_cache.task_examples(args.task, path, lang, encoder, root, limit=args.max_train_examples)
+        if not len(examples):
+            raise common.DataError(f"{path}: no {data.get_task(args.task).kind} examples in it (training language {lang})")
         task_streams[lang], stats = make_stream(examples, args.max_tokens, args.seed + i, f"task/{lang} ({path})")
         summary[f"task/{lang}"] = {"file": path, **stats}
         print(f"train {lang}: {len(examples):,} examples from {path}; {describe_cuts(stats, encoder, args.max_tokens)}; "
@@ -221,6 +231,8 @@ def build_stream(args, files, encoder):
     ss_streams = {}
     for i, (lang, path) in enumerate(files["text"].items()):
         examples = token_cache.self_supervised(path, lang, "prefix_lm", encoder, root, seed=args.seed)
+        if not len(examples):
+            raise common.DataError(f"{path}: no paragraphs in it (--mix-langs {lang})")
         ss_streams[lang], stats = make_stream(examples, args.max_tokens, args.seed + 100 + i, f"prefix_lm/{lang} ({path})")
         summary[f"prefix_lm/{lang}"] = {"file": path, **stats}
     print(f"mix: Prefix-LM batches of {', '.join(ss_streams)} with probability {args.mix_prob}")
@@ -286,10 +298,15 @@ def summary_line(tag, per_lang, task):
 
 # -----------------------------------------------------------------------------
 
-@common.exits_on_error
+@common.exits_on_error(interrupted=common.RESUME_HINT)
 def main(args):
-    # ---- setup ----
     files = check_args(args)
+    with loop.run_lock(args):  # one process at a time in a run directory
+        return run(args, files)
+
+
+def run(args, files):
+    # ---- setup ----
     run_dir = args.out_dir
     started = time.perf_counter()
     results = loop.finished_run(args)

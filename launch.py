@@ -159,7 +159,14 @@ class Launcher:
     def submit(self, run):
         """Start one attempt of `run`. Without LAUNCH it runs here, to the end; with LAUNCH the
         command's exit status and output are checked at once (a bad partition, a quota, a missing
-        sbatch: reported now, never waited for). Returns whether the attempt started."""
+        sbatch: reported now, never waited for). A run whose directory another process holds
+        (its lock, common.DirectoryLock: a finetune.py started by hand, or a job still alive) is
+        not started: it is reported, never run twice at once. Returns whether the attempt started."""
+        holder = common.lock_holder(run.dir)
+        if holder is not None:
+            self.fail(run.dir, f"LOCKED: {os.path.relpath(run.dir, self.out)} is in use by {holder}; not started "
+                               f"(run the stage again when that process has ended)")
+            return False
         for name in ("status.json", "started.json", "heartbeat"):
             _remove(os.path.join(run.dir, name))
         os.makedirs(run.dir, exist_ok=True)

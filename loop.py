@@ -132,7 +132,7 @@ def add_training_args(parser, max_steps, max_tokens, eval_every):
     p.add_argument("--stop-after-steps", type=common.positive_int, default=None,
                    help="exit after the first checkpoint at least N steps into this session (job time limits: "
                         "each job trains about N steps; the study resubmits with --resume)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (data order, dropout, initialisation of added weights)")
+    p.add_argument("--seed", type=common.seed, default=0, help="random seed (data order, dropout, initialisation of added weights)")
     p.add_argument("--eval-max-tokens", type=common.positive_int, default=8000, help="source-token budget of a generation batch")
     p.add_argument("--max-gen-batch-size", type=common.positive_int, default=256, help="most sources in a generation batch")
     p.add_argument("--grad-clip", type=common.non_negative_float, default=1.0, help="clip the gradient norm to this (0 = off)")
@@ -239,6 +239,15 @@ def read_args(run_dir):
     return common.read_json(path, "args.json") if os.path.isfile(path) else None
 
 
+def run_lock(args):
+    """The lock of the run directory args.out_dir (common.DirectoryLock), taken before the run
+    reads its state: a second process on the same directory stops at once with the holder's pid."""
+    common.check_output_dir(args.out_dir, "--out-dir")
+    if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
+        raise UsageError(f"--out-dir {args.out_dir}: is a file")
+    return common.DirectoryLock(args.out_dir, "--out-dir")
+
+
 def start_run(args):
     """Check the run directory args.out_dir for a stage (after `finished_run` said it is not
     finished, and after every input was read): recover an interrupted save; refuse to overwrite a
@@ -340,13 +349,29 @@ def save_checkpoint(run_dir, name, model, tokenizer, base_model, train_state=Non
         rename .tmp-name-XXXX -> name/                 (one rename)
         delete .old-name
     `recover_checkpoint` puts .old-name back if a kill fell between the two renames.
+    A failure while writing (a full disk, Ctrl-C) removes the temporary directory, so it does not
+    keep the space, and leaves name/ as it was; a full disk is a one-line DataError.
     """
     final, old = os.path.join(run_dir, name), os.path.join(run_dir, f".old-{name}")
-    tmp = common.make_temp_dir(run_dir, prefix=f".tmp-{name}-")
-    adapt.save(model, tmp, base_model)
-    tokenizer.save_pretrained(tmp)
-    if train_state is not None:
-        torch.save(train_state, os.path.join(tmp, "train_state.pt"))
+    tmp = None
+    try:
+        tmp = common.make_temp_dir(run_dir, prefix=f".tmp-{name}-")
+        adapt.save(model, tmp, base_model)
+        tokenizer.save_pretrained(tmp)
+        if train_state is not None:
+            torch.save(train_state, os.path.join(tmp, "train_state.pt"))
+    except BaseException as e:
+        if tmp is not None:
+            common.remove_tree(tmp)
+        written = os.path.join(run_dir, name)
+        keep = f"{written} is unchanged" if os.path.isdir(written) else f"no {name}/ checkpoint was written"
+        if isinstance(e, Exception):  # e.g. a full disk: OSError, or safetensors' / torch.save's own error
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else \
+                f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+            then = "continue with --resume" if os.path.isdir(os.path.join(run_dir, "last")) else "run it again"
+            raise DataError(f"{run_dir}: cannot write the {name}/ checkpoint ({reason}); {keep}; "
+                            f"free space there and {then}") from None
+        raise
     if os.path.isdir(final):
         common.remove_tree(old)
         os.rename(final, old)

@@ -28,7 +28,6 @@ full character coverage and no normalisation so every character of the 12 langua
 and text round-trips. Same seed, same model.
 """
 
-import argparse
 import functools
 import glob
 import io
@@ -402,12 +401,28 @@ def resolve(name, data_dir=None):
     return name
 
 
+def hub_missing_message(name, error):
+    """One line for a hub model that cannot be had: which name, why, and how to fetch it."""
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    why = "HF_HUB_OFFLINE is set" if offline else f"the hub cannot be reached or has no such model ({first})"
+    return (f"--model {name}: not in the local hub cache ({os.environ.get('HF_HOME', '~/.cache/huggingface')}) and "
+            f"{why}; on a machine with internet run `hf download {name}` with the same HF_HOME, or give a "
+            f"checkpoint directory")
+
+
 def load_config(name, data_dir=None):
     from transformers import AutoConfig
     _quiet_transformers()
     try:
         return AutoConfig.from_pretrained(resolve(name, data_dir))
-    except (OSError, ValueError) as e:
+    except OSError as e:
+        if not os.path.isdir(name) and "/" in name:
+            raise UsageError(hub_missing_message(name, e)) from None
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UsageError(f"--model: cannot find model '{name}': not a tiny model ({', '.join(TINY_MODELS)}), "
+                         f"a checkpoint directory, or a model on the hub or in the local hub cache ({reason})") from None
+    except ValueError as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UsageError(f"--model: cannot find model '{name}': not a tiny model ({', '.join(TINY_MODELS)}), "
                          f"a checkpoint directory, or a model on the hub or in the local hub cache ({reason})") from None
@@ -437,6 +452,8 @@ def _load(loader, name, data_dir, what):
         return loader.from_pretrained(path)
     except Exception as e:  # noqa: BLE001 -- any failure to read a checkpoint on disk gets its path
         if not os.path.isdir(path):
+            if isinstance(e, OSError):  # a hub name: not in the local hub cache, and the hub is offline or unreachable
+                raise UsageError(hub_missing_message(name, e)) from None
             raise
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DataError(f"{path}: cannot load the {what} ({type(e).__name__}: {reason}); the checkpoint is "
@@ -508,7 +525,7 @@ def parse_args(argv=None):
     parser.add_argument("--model", default="tiny-mt5", help="tiny-mt5, tiny-mbart, tiny-nllb, a checkpoint or a hub name")
     parser.add_argument("--data-dir", default=data.DEFAULT_DATA_DIR, help="data directory (text/ for tiny models, squad/)")
     parser.add_argument("--max-tokens", type=common.positive_int, default=4000, help="token budget per batch")
-    parser.add_argument("--seed", type=int, default=0, help="random seed of the batch order")
+    parser.add_argument("--seed", type=common.seed, default=0, help="random seed of the batch order")
     return parser.parse_args(argv)
 
 

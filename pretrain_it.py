@@ -71,6 +71,8 @@ def check_args(args):
                              f"CommonCrawl text for intermediate tuning)")
     name = os.path.basename(os.path.normpath(args.model))
     args.out_dir = os.path.abspath(args.out_dir or os.path.join("runs", "it", f"{name}-{args.objective}-lr{args.lr:g}"))
+    common.refuse_inputs_inside(args.out_dir, "--out-dir", [(f"--langs {lang}: text", path) for lang, path in files.items()]
+                                + [("--model", args.model if os.path.isdir(args.model) else None)])
     return files, family
 
 
@@ -87,10 +89,15 @@ def held_out_loss(model, stream, pad_token_id, device):
     return loss_sum / max(num_tokens, 1)
 
 
-@common.exits_on_error
+@common.exits_on_error(interrupted=common.RESUME_HINT)
 def main(args):
-    # ---- setup ----
     files, family = check_args(args)
+    with loop.run_lock(args):  # one process at a time in a run directory
+        return run(args, files, family)
+
+
+def run(args, files, family):
+    # ---- setup ----
     run_dir = args.out_dir
     results = loop.finished_run(args)
     if results is not None:

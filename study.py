@@ -38,6 +38,8 @@ The study exits with status 1 when any run failed, after finishing everything it
 
 import math
 import os
+import shlex
+import shutil
 import sys
 
 import adapt
@@ -131,7 +133,10 @@ class Study:
             self.models, self.large, self.base_of_large = dict(MODELS), dict(LARGE_MODELS), "mt5-base"
             self.grid, self.k_range = (3, 4, 5), (1, 7)
             self.translator, self.appendix_d_models = TRANSLATOR, ["mt5-base", "mbart-pt", "nllb-600m"]
-        self.seeds = [int(s) for s in (args.seeds or ("0" if tiny else "0,1")).split(",")]
+        try:
+            self.seeds = [common.seed(s) for s in (args.seeds or ("0" if tiny else "0,1")).split(",")]
+        except Exception as e:  # noqa: BLE001 -- argparse.ArgumentTypeError
+            raise common.UsageError(f"--seeds {args.seeds}: {e}") from None
         self.it_lrs = parse_it_lrs(args.it_lr, self.all_models())
         self.tasks = data.finetune_tasks()
         # how runs are run (here, a scheduler, or only printed: --dry-run), and what the study recorded
@@ -608,11 +613,70 @@ def print_cost(study):
               f"generation {total[2]:,.0f} h: {total[2] / (total[1] + total[2]):.0%})")
 
 
-@common.exits_on_error
+def missing_inputs(study, stages):
+    """Before any run: the data files the stages' runs will read and that are not there, as one
+    line per task ("XL-Sum ...: 21 files missing ..., fetch with ..."), so a study without its
+    data stops at once instead of failing every run three times."""
+    needs_text = any(stage in ("it", "methods", "all") for stage in stages)  # IT, and the mix method
+    if all(stage == "report" for stage in stages):
+        return []
+    problems = []
+    for task in study.tasks:
+        spec = data.get_task(task)
+        sources = ["en"] + (["es"] if study.args.tiny else list(spec.source_langs[1:]))
+        wanted = [data.task_file(task, "train", lang, study.data_dir, study.xlsum_dir)
+                  for lang in (sources if len(spec.source_langs) > 1 else ["en"])]
+        val_langs = list(spec.val_langs) + (["en"] if spec.heldout_english is None else [])
+        wanted += [data.task_file(task, "val", lang, study.data_dir, study.xlsum_dir) for lang in val_langs]
+        wanted += [data.task_file(task, "test", lang, study.data_dir, study.xlsum_dir) for lang in spec.test_langs]
+        if spec.heldout_english is not None:
+            wanted.append(data.squad_path(study.data_dir, "dev"))
+        missing = [path for path in dict.fromkeys(wanted) if not os.path.isfile(path)]
+        if missing:
+            folder = os.path.dirname(missing[0])
+            hint = f"python download.py --data-dir {study.data_dir} {spec.download}" + (
+                ", or give --xlsum-dir" if os.path.dirname(missing[0]) == study.xlsum_dir else "")
+            problems.append(f"{task}: {len(missing)} of its {len(set(wanted))} files missing in {folder} (e.g. "
+                            f"{os.path.basename(missing[0])}); {hint}")
+    if needs_text:
+        missing = [lang for lang in data.target_langs() if not os.path.isfile(data.text_path(study.data_dir, lang))]
+        if missing:
+            problems.append(f"text: {', '.join(missing)} missing in {os.path.join(study.data_dir, 'text')}; "
+                            f"python download.py --data-dir {study.data_dir} --tasks text")
+    return problems
+
+
+def check_launch():
+    """LAUNCH's command must exist before a stage submits anything (else every run fails alike)."""
+    launch_command = os.environ.get("LAUNCH", "").strip()
+    if not launch_command:
+        return
+    try:
+        words = shlex.split(launch_command)
+    except ValueError as e:
+        raise common.UsageError(f"LAUNCH={launch_command!r}: cannot be parsed as a command line ({e})") from None
+    if shutil.which(words[0]) is None:
+        raise common.UsageError(f"LAUNCH={launch_command!r}: command '{words[0]}' not found on PATH; nothing was submitted")
+
+
+@common.exits_on_error(interrupted=common.RERUN_HINT)
 def main(args):
-    study = Study(args)
-    common.print_settings({k: v for k, v in vars(args).items() if k != "stages"} | {"LAUNCH": os.environ.get("LAUNCH", "")})
     stages = list(STAGES) if "all" in args.stages else args.stages
+    if args.dry_run:  # writes nothing: no lock, no checks of data that is yet to be downloaded
+        return run_stages(Study(args), stages)
+    check_launch()
+    common.check_output_dir(args.out_dir, "--out-dir")
+    with common.DirectoryLock(args.out_dir, "--out-dir"):  # one study.py at a time in a study directory
+        study = Study(args)
+        problems = missing_inputs(study, stages)
+        if problems:
+            raise common.UsageError("the study's data is not all there: " + " | ".join(problems))
+        return run_stages(study, stages)
+
+
+def run_stages(study, stages):
+    args = study.args
+    common.print_settings({k: v for k, v in vars(args).items() if k != "stages"} | {"LAUNCH": os.environ.get("LAUNCH", "")})
     for name in stages:
         print(f"== stage {name} ==", flush=True)
         STAGES[name](study)

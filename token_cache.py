@@ -384,7 +384,7 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-@common.exits_on_error
+@common.exits_on_error(interrupted=common.RERUN_HINT)
 def main(args):
     import models
     root = cache_root(args.token_cache, args.data_dir)

@@ -170,6 +170,11 @@ def check_args(args):
         raise UsageError(f"{source}: file not found")
     common.check_output_file(args.out_file, "--out-file")
     common.check_output_file(args.out_file + ".progress.jsonl", "--out-file")
+    source_flag = "--train-file" if args.train_file else "--predictions"
+    common.refuse_overwriting_inputs(
+        {f"--out-file {args.out_file}": args.out_file,
+         f"--out-file {args.out_file}: its progress file {args.out_file}.progress.jsonl": args.out_file + ".progress.jsonl"},
+        {f"{source_flag} {source}": source})
     return family
 
 
@@ -312,7 +317,7 @@ def translate_sentences(model, tokenizer, encoder, sentences, args, device, bar)
         yield {sentences[i]: " ".join(evaluate.clean_prediction(t)[0].split()) for i, t in zip(batch, texts)}
 
 
-@common.exits_on_error
+@common.exits_on_error(interrupted=common.RERUN_HINT)
 def main(args):
     # ---- setup ----
     family = check_args(args)
@@ -321,10 +326,10 @@ def main(args):
     settings = {"model": args.model, "src": args.src_lang, "tgt": args.tgt_lang, "beams": args.num_beams,
                 "input": file_digest(args.train_file or args.predictions),
                 "ratio": args.max_length_ratio, "offset": args.max_length_offset}
-    progress = Progress(args.out_file, settings)
     device = loop.pick_device(args.device)
     tokenizer = models.load_tokenizer(args.model, args.data_dir)
     model = models.load_model(args.model, args.data_dir).to(device).eval()
+    progress = Progress(args.out_file, settings)  # (once the model is there: a failure before leaves no file)
     encoder = models.Seq2SeqEncoder(tokenizer, family, models.max_length(model.config), models.max_length(model.config))
     todo = [u for u in units if u["key"] not in progress.examples]
     print(f"{len(units)} examples, {len(units) - len(todo)} already done; "

@@ -12,7 +12,6 @@ the real command line in this process and checks:
 """
 
 import collections
-import gzip
 import hashlib
 import json
 import os
@@ -30,7 +29,7 @@ import pretrain_it
 import report
 import study
 import translate_train
-from conftest import DATA_DIR, run_cli
+from conftest import DATA_DIR, error_lines, run_cli
 
 QUICK = ["--model", "tiny-mt5", "--task", "xquad", "--data-dir", DATA_DIR, "--eval-every", "10", "--warmup-steps",
          "2", "--max-tokens", "1500", "--max-eval-examples", "3", "--max-new-tokens", "4", "--max-train-examples",
@@ -252,6 +251,175 @@ case("models.py --model that does not exist", models, "no such checkpoint direct
     lambda w, t: ["--model", os.path.join(t, "nowhere"), "--data-dir", DATA_DIR])
 
 
+# -----------------------------------------------------------------------------
+# Second sweep (issue 26): no command writes over its own inputs; every value of --config checked
+# as on the command line; nothing to score is an error; messages name the file or flag given.
+
+import cost  # noqa: E402 -- with the second sweep's cases
+
+EVAL_ES = ["--task", "xquad", "--lang", "es", "--references", XQUAD_ES]
+
+
+def copied(source, tmp, name):
+    target = os.path.join(tmp, name)
+    shutil.copyfile(source, target)
+    return target
+
+
+def linked(source, tmp, name):
+    os.symlink(source, os.path.join(tmp, name))
+    return os.path.join(tmp, name)
+
+
+def squad_with(tmp, name, edit):
+    """The first article of XQuAD es, edited by `edit(first_question)`."""
+    with open(XQUAD_ES, encoding="utf-8") as f:
+        raw = json.load(f)
+    raw["data"] = raw["data"][:1]
+    edit(raw["data"][0]["paragraphs"][0]["qas"][0])
+    return write(os.path.join(tmp, name), json.dumps(raw, ensure_ascii=False))
+
+
+def config_with(world, tmp, **changes):
+    with open(os.path.join(world.done, "args.json"), encoding="utf-8") as f:
+        settings = json.load(f)
+    settings.update(changes)
+    settings.pop("out_dir")
+    return ["--config", write(os.path.join(tmp, "args.json"), json.dumps(settings)), "--out-dir", os.path.join(tmp, "r")]
+
+
+# ---- outputs that are inputs: refused before anything is read or written
+case("evaluate --out is --predictions", evaluate, "--out {t}/p.json: is also --predictions {t}/p.json; writing it would "
+                                                   "destroy that input")(
+    lambda w, t: EVAL_ES + ["--predictions", copied(PRED_ES, t, "p.json"), "--out", os.path.join(t, "p.json")])
+case("evaluate --out is --references", evaluate, "is also --references")(
+    lambda w, t: ["--task", "xquad", "--lang", "es", "--references", copied(XQUAD_ES, t, "r.json"), "--predictions", PRED_ES,
+                  "--out", os.path.join(t, "r.json")])
+case("evaluate --out's details file is --predictions", evaluate,
+     "--out {t}/m.json: its details file {t}/m.details.jsonl: is also --predictions")(
+    lambda w, t: EVAL_ES + ["--predictions", copied(PRED_ES, t, "m.details.jsonl"), "--out", os.path.join(t, "m.json")])
+case("evaluate --out is a link to --predictions", evaluate, "is also --predictions")(
+    lambda w, t: EVAL_ES + ["--predictions", copied(PRED_ES, t, "p.json"), "--out", linked(os.path.join(t, "p.json"), t, "m.json")])
+case("evaluate --out is a hard link to --references", evaluate, "is also --references")(
+    lambda w, t: ["--task", "xquad", "--lang", "es", "--references", copied(XQUAD_ES, t, "r.json"), "--predictions", PRED_ES,
+                  "--out", (os.link(os.path.join(t, "r.json"), os.path.join(t, "m.json")), os.path.join(t, "m.json"))[1]])
+case("evaluate --out is --lid-model", evaluate, "is also --lid-model")(
+    lambda w, t: EVAL_ES + ["--predictions", PRED_ES, "--lid-model", write(os.path.join(t, "lid.ftz"), b"model"),
+                            "--out", os.path.join(t, "lid.ftz")])
+case("translate --out-file is --train-file", translate_train, "--out-file {t}/s.json.gz: is also --train-file")(
+    lambda w, t: TRANSLATE[:-4] + ["--train-file", copied(STANDIN, t, "s.json.gz"), "--tgt-lang", "fr", "--limit", "3",
+                                   "--out-file", os.path.join(t, "s.json.gz")])
+case("translate --out-file's progress file is --predictions", translate_train, "its progress file")(
+    lambda w, t: ["--model", "tiny-nllb", "--data-dir", DATA_DIR, "--tgt-lang", "fr", "--predictions",
+                  write(os.path.join(t, "o.json.progress.jsonl"), '{"a": "x"}'), "--out-file", os.path.join(t, "o.json")])
+case("finetune --init inside --out-dir", finetune, "--init {t}/run/last: is inside --out-dir {t}/run, which this command writes")(
+    lambda w, t: QUICK + ["--max-steps", "10", "--init", copy_run(w.done, t), "--out-dir", os.path.join(t, "run")])
+case("finetune --train-file inside --out-dir", finetune, "--train-file {t}/run/train.json: is inside --out-dir {t}/run")(
+    lambda w, t: QUICK + ["--max-steps", "10", "--train-file", copied(XQUAD_ES, copy_run(w.done, t), "train.json"),
+                          "--out-dir", os.path.join(t, "run")])
+case("pretrain_it --out-dir holds its text", pretrain_it, "--langs en: text {t}/text/en.txt: is inside --out-dir {t}")(
+    lambda w, t: ["--model", "tiny-mt5", "--data-dir", DATA_DIR, "--langs", "en",
+                  "--text-dir", os.path.dirname(copied(os.path.join(DATA_DIR, "text", "en.txt"),
+                                                       os.path.dirname(write(os.path.join(t, "text", "x"), "")), "en.txt")),
+                  "--out-dir", t])
+
+# ---- every value of --config / args.json checked as on the command line
+for label, changes, expected in [
+        ("max_steps true", {"max_steps": True}, "max_steps: expected an integer >= 1, got 'true'"),
+        ("max_steps false", {"max_steps": False}, "max_steps: expected an integer >= 1, got 'false'"),
+        ("max_steps null", {"max_steps": None}, "max_steps: expected a value (default 20000), got null"),
+        ("max_steps 10.5", {"max_steps": 10.5}, "max_steps: expected an integer >= 1, got '10.5'"),
+        ("lr null", {"lr": None}, "lr: expected a value (default 0.0001), got null"),
+        ("lr 'fast'", {"lr": "fast"}, "lr: expected a finite number > 0, got 'fast'"),
+        ("lr [0.001]", {"lr": [0.001]}, "lr: expected a finite number > 0, got '[0.001]'"),
+        ("seed -1", {"seed": -1}, "seed: must be an integer in [0, 4294967295], got -1"),
+        ("eval_at_start 1", {"eval_at_start": 1}, "eval_at_start: expected true or false, got 1"),
+        ("resume 'no'", {"resume": "no"}, "resume: expected true or false, got \"no\""),
+        ("model 5", {"model": 5}, "model: expected a string, got 5"),
+        ("method null", {"method": None}, "method: expected a value (default 'full'), got null"),
+        ("method 'lora2'", {"method": "lora2"}, "method: invalid choice 'lora2'"),
+        ("val_langs [1]", {"val_langs": [1]}, "val_langs: expected a list of strings, got [1]"),
+        ("val_file 'th=x'", {"val_file": "th=x"}, "val_file: expected a list of strings, got \"th=x\""),
+        ("max_new_tokens {}", {"max_new_tokens": {}}, "max_new_tokens: expected an integer >= 1, got '{}'")]:
+    literal = expected.replace("{", "{{").replace("}", "}}")  # (the expected text is formatted with t=)
+    case(f"finetune --config with {label}", finetune, f"argument --config: {{t}}/args.json: {literal}")(
+        lambda w, t, changes=changes: config_with(w, t, **changes))
+case("finetune --seed -1", finetune, "argument --seed: must be an integer in [0, 4294967295], got -1")(
+    lambda w, t: QUICK + ["--seed=-1", "--out-dir", os.path.join(t, "r")])
+case("finetune --seed 2**32", finetune, "argument --seed: must be an integer in [0, 4294967295], got 4294967296")(
+    lambda w, t: QUICK + ["--seed", str(2 ** 32), "--out-dir", os.path.join(t, "r")])
+case("pretrain_it --seed -3", pretrain_it, "argument --seed: must be an integer in [0, 4294967295], got -3")(
+    lambda w, t: ["--model", "tiny-mt5", "--data-dir", DATA_DIR, "--seed=-3", "--out-dir", os.path.join(t, "r")])
+case("study --seeds 0,x", study, "--seeds 0,x: expected an integer in [0, 4294967295], got 'x'")(
+    lambda w, t: ["methods", "--dry-run", "--tiny", "--seeds", "0,x", "--out-dir", t])
+case("cost --model that cost.py does not know", cost, "argument --model: invalid choice: 'no-such-model'")(
+    lambda w, t: ["--model", "no-such-model"])
+case("cost --task nope", cost, "argument --task: invalid choice: 'nope'")(lambda w, t: ["--task", "nope"])
+case("cost an unknown flag", cost, "unrecognized arguments: --steps 5")(lambda w, t: ["--steps", "5"])
+
+# ---- nothing to score is an error
+case("evaluate references with no questions", evaluate, "--references {t}/empty.json: no qa examples in it; nothing to score")(
+    lambda w, t: ["--task", "xquad", "--lang", "es", "--references", write(os.path.join(t, "empty.json"), '{"data": []}'),
+                  "--predictions", PRED_ES])
+case("evaluate an empty predictions object", evaluate, "--predictions {t}/p.json: no predictions in it; nothing to score")(
+    lambda w, t: EVAL_ES + ["--predictions", write(os.path.join(t, "p.json"), "{}")])
+case("evaluate an empty predictions file", evaluate, "--predictions {t}/p.jsonl: no predictions in it")(
+    lambda w, t: EVAL_ES + ["--predictions", write(os.path.join(t, "p.jsonl"), "")])
+case("evaluate every prediction id unknown", evaluate, "none of its 2 ids is an id of --references")(
+    lambda w, t: EVAL_ES + ["--predictions", write(os.path.join(t, "p.json"), '{"q1": "a", "q2": "b"}')])
+case("evaluate an XL-Sum references file with no records", evaluate, "no summarization examples in it")(
+    lambda w, t: ["--task", "xlsum", "--lang", "fr", "--references", write(os.path.join(t, "french_test.jsonl"), "\n"),
+                  "--predictions", write(os.path.join(t, "p.json"), '{"f1": "x"}')])
+case("finetune --val-file with no questions", finetune, "{t}/v.json: no qa examples in it (val language th)")(
+    lambda w, t: QUICK + ["--val-file", write(os.path.join(t, "v.json"), '{"data": []}'), "--out-dir", os.path.join(t, "r")])
+case("finetune --test-file with no questions", finetune, "{t}/v.json: no qa examples in it (test language zh)")(
+    lambda w, t: QUICK + ["--test-file", write(os.path.join(t, "v.json"), '{"data": []}'), "--out-dir", os.path.join(t, "r")])
+
+# ---- records of the wrong type, and messages that name what the user gave
+case("evaluate a SQuAD answer whose text is a number", evaluate, "qas[0]: question '56beb4343aeaaa14008c925b': answer text 5 is not a string")(
+    lambda w, t: ["--task", "xquad", "--lang", "es", "--references", squad_with(t, "r.json", lambda q: q["answers"][0].update(text=5)),
+                  "--predictions", PRED_ES])
+case("evaluate a SQuAD answer that is a string, not an object", evaluate, "answers must be a list of objects")(
+    lambda w, t: ["--task", "xquad", "--lang", "es", "--references", squad_with(t, "r.json", lambda q: q.update(answers=["x"])),
+                  "--predictions", PRED_ES])
+case("finetune a SQuAD answer whose text is null", finetune, "v.json: record data[0].paragraphs[0].qas[0]: question "
+                                                              "'56beb4343aeaaa14008c925b': answer text null is not a string")(
+    lambda w, t: QUICK + ["--val-file", squad_with(t, "v.json", lambda q: q["answers"][0].update(text=None)),
+                          "--out-dir", os.path.join(t, "r")])
+case("finetune a training answer whose text is a list", finetune, "t.json: record data[0].paragraphs[0].qas[0]")(
+    lambda w, t: QUICK + ["--train-file", squad_with(t, "t.json", lambda q: q["answers"][0].update(text=["a"])),
+                          "--out-dir", os.path.join(t, "r")])
+case("evaluate jsonl prediction id null", evaluate, "p.jsonl:1: id null is not a string or an integer")(
+    lambda w, t: EVAL_ES + ["--predictions", write(os.path.join(t, "p.jsonl"), '{"id": null, "prediction": "x"}\n')])
+case("evaluate jsonl prediction id true", evaluate, "p.jsonl:2: id true is not a string or an integer")(
+    lambda w, t: EVAL_ES + ["--predictions", write(os.path.join(t, "p.jsonl"), '{"id": "a", "prediction": "x"}\n'
+                                                                               '{"id": true, "prediction": "y"}\n')])
+case("finetune --train-lang el on mBART names --train-lang", finetune, "--train-lang: mbart has no language code for 'el'")(
+    lambda w, t: QUICK + ["--model", "tiny-mbart", "--train-lang", "el", "--out-dir", os.path.join(t, "r")])
+case("finetune a hub model offline", finetune, "--model google/mt5-small: not in the local hub cache")(
+    lambda w, t: QUICK + ["--model", "google/mt5-small", "--max-steps", "10", "--out-dir", os.path.join(t, "r")])
+case("pretrain_it a hub model offline", pretrain_it, "--model facebook/mbart-large-50: not in the local hub cache")(
+    lambda w, t: ["--model", "facebook/mbart-large-50", "--data-dir", DATA_DIR, "--max-steps", "10", "--out-dir", os.path.join(t, "r")])
+case("translate a hub model offline", translate_train, "--model facebook/nllb-200-distilled-600M: not in the local hub cache")(
+    lambda w, t: ["--model", "facebook/nllb-200-distilled-600M"] + TRANSLATE[2:] + ["--limit", "3", "--out-file", os.path.join(t, "o.json")])
+case("finetune an empty XL-Sum training file names it", finetune, "xlsum/english_train.jsonl: no summarization examples in it "
+                                                                   "(training language en)")(
+    lambda w, t: ["--model", "tiny-mt5", "--task", "xlsum", "--data-dir", DATA_DIR, "--xlsum-dir", xlsum_empty_train(t),
+                  "--val-langs", "fr", "--test-langs", "fr", "--max-steps", "10", "--max-eval-examples", "2",
+                  "--out-dir", os.path.join(t, "r")])
+case("study without the XL-Sum files says which and how to get them", study,
+     "the study's data is not all there: xlsum: 12 of its 13 files missing in ")(
+    lambda w, t: ["all", "--tiny", "--data-dir", DATA_DIR, "--out-dir", os.path.join(t, "study")])
+
+
+def xlsum_empty_train(tmp):
+    folder = os.path.join(tmp, "xlsum")
+    for split in ("val", "test"):
+        write(os.path.join(folder, f"french_{split}.jsonl"), '{"id": "f1", "summary": "s", "text": "t"}\n')
+    write(os.path.join(folder, "english_train.jsonl"), "")
+    return folder
+
+
 def truncated(run_dir, rel, keep="run", lines=None):
     """Cut a file to its first third, or to its first `lines` lines."""
     path = os.path.join(run_dir, rel)
@@ -385,3 +553,178 @@ def test_a_run_directory_written_by_finetune_is_readable_by_the_group(world):
     for path in (os.path.join(world.done, "results.json"), os.path.join(world.done, "args.json"),
                  os.path.join(world.done, "last")):
         assert os.stat(path).st_mode & 0o044 == 0o044, path  # the default umask 022 gives group and others read
+
+
+# -----------------------------------------------------------------------------
+# One process per run directory and per study directory (common.DirectoryLock); Ctrl-C; a full disk
+
+import signal  # noqa: E402
+import socket  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+import common  # noqa: E402
+import launch  # noqa: E402
+from conftest import FIXTURES, REPO  # noqa: E402
+
+
+def wait_for(condition, what, timeout=240):
+    deadline = time.time() + timeout
+    while not condition():
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def start_finetune(argv, tmp_path, name):
+    """finetune.py as a user starts it, in its own process; its stderr goes to a file."""
+    err = open(tmp_path / f"{name}.err", "w")
+    proc = subprocess.Popen([sys.executable, os.path.join(REPO, "finetune.py")] + argv, cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=err, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    return proc, tmp_path / f"{name}.err"
+
+
+def lock_pid(run_dir):
+    try:
+        with open(os.path.join(run_dir, common.LOCK_NAME)) as f:
+            return f.read().split()[1]
+    except (OSError, IndexError):
+        return None
+
+
+def hold_lock(directory):
+    """Another process holding `directory`'s lock until it is killed."""
+    proc = subprocess.Popen([sys.executable, "-c", "import sys, time, common; common.DirectoryLock(sys.argv[1], '--out-dir')"
+                             ".__enter__(); print('held', flush=True); time.sleep(600)", str(directory)],
+                            cwd=REPO, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_two_finetunes_on_one_directory_ctrl_c_and_a_killed_holder(tmp_path, capsys):
+    """One directory, four processes: A trains; B, started while A runs, exits at once naming A's
+    pid; Ctrl-C ends A with one line and status 130; C resumes and is SIGKILLed (its lock file
+    stays, stale); D resumes through the stale lock to the end."""
+    run = str(tmp_path / "run")
+    argv = QUICK + ["--eval-every", "20", "--max-steps", "400", "--out-dir", run]
+    a, a_err = start_finetune(argv, tmp_path, "a")
+    try:
+        wait_for(lambda: os.path.isdir(os.path.join(run, "last")), "A's first checkpoint")
+        assert lock_pid(run) == str(a.pid)
+        code, _, err = run_cli(finetune, argv, capsys)
+        assert code == 1 and error_lines(err) == [f"error: --out-dir {run}: in use by another process (pid {a.pid} on host "
+                                                  f"{socket.gethostname()}, since {error_lines(err)[0].split('since ')[1]}"]
+        assert a.poll() is None  # B stopped while A goes on
+        a.send_signal(signal.SIGINT)
+        assert a.wait(timeout=120) == 130
+    finally:
+        a.kill()
+    a_lines = [line for line in a_err.read_text().replace("\r", "\n").splitlines() if line.strip()]
+    assert a_lines[-1] == "interrupted; resume with --resume" and "Traceback" not in a_err.read_text()
+    assert not os.path.exists(os.path.join(run, common.LOCK_NAME))  # a clean exit removes its lock file
+    assert not stray_files(run)
+
+    c, _ = start_finetune(argv + ["--resume"], tmp_path, "c")
+    try:
+        wait_for(lambda: lock_pid(run) == str(c.pid), "C's lock")
+        time.sleep(2)
+        c.kill()
+        c.wait(timeout=60)
+    finally:
+        c.kill()
+    assert lock_pid(run) == str(c.pid)  # the file stays behind a SIGKILL; the kernel released the lock
+    code, _, err = run_cli(finetune, QUICK + ["--eval-every", "20", "--max-steps", "40", "--resume", "--out-dir", run], capsys)
+    assert code == 0, err
+    assert common.read_json(os.path.join(run, "results.json"))["config"]["max_steps"] == 40
+
+
+def test_a_study_directory_in_use_is_refused_and_its_runs_are_not_started(tmp_path, capsys):
+    study_dir = tmp_path / "study"
+    holder = hold_lock(study_dir)
+    try:
+        code, _, err = run_cli(study, ["guard", "--tiny", "--data-dir", DATA_DIR, "--xlsum-dir", FIXTURES,
+                                       "--out-dir", str(study_dir)], capsys)
+        assert code == 1 and len(error_lines(err)) == 1, err
+        assert f"--out-dir {study_dir}: in use by another process (pid {holder.pid} on host " in error_lines(err)[0]
+        assert os.listdir(study_dir) == [common.LOCK_NAME]  # the holder's; nothing else was written
+    finally:
+        holder.kill()
+        holder.wait()
+    # a run directory whose lock is held (e.g. a finetune.py started by hand) is never started by a stage
+    run_dir = tmp_path / "runs" / "r"
+    holder = hold_lock(run_dir)
+    try:
+        launcher = launch.Launcher(study.parse_args(["guard", "--out-dir", str(tmp_path)]), str(tmp_path))
+        marker = tmp_path / "ran"
+        launcher.execute([launch.Run(str(run_dir), [sys.executable, "-c", f"open({str(marker)!r}, 'w')"],
+                                     str(run_dir / "results.json"))])
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not marker.exists() and sorted(os.listdir(run_dir)) == [common.LOCK_NAME]
+    assert [m for _, m in launcher.failures] == [f"LOCKED: runs/r is in use by pid {holder.pid} on host "
+                                                 f"{socket.gethostname()}, since {launcher.failures[0][1].split('since ')[1]}"]
+
+
+def test_a_missing_launch_command_fails_once_before_anything_is_submitted(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("LAUNCH", "no-such-sbatch --gres=gpu:1 --wrap")
+    code, out, err = run_cli(study, ["guard", "--tiny", "--data-dir", DATA_DIR, "--xlsum-dir", FIXTURES,
+                                     "--out-dir", str(tmp_path / "study")], capsys)
+    assert code == 1 and error_lines(err) == ["error: LAUNCH='no-such-sbatch --gres=gpu:1 --wrap': command 'no-such-sbatch' "
+                                              "not found on PATH; nothing was submitted"]
+    assert "SUBMIT" not in out and not (tmp_path / "study").exists()
+
+
+def test_a_killed_lock_holder_does_not_block_and_a_live_one_does(tmp_path):
+    holder = hold_lock(tmp_path / "d")
+    assert common.lock_holder(str(tmp_path / "d")).startswith(f"pid {holder.pid} on host ")
+    with pytest.raises(common.UsageError, match=f"in use by another process \\(pid {holder.pid} "):
+        common.DirectoryLock(str(tmp_path / "d"), "--out-dir").__enter__()
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    assert common.lock_holder(str(tmp_path / "d")) is None and os.path.exists(tmp_path / "d" / common.LOCK_NAME)
+    with common.DirectoryLock(str(tmp_path / "d"), "--out-dir"):
+        assert common.lock_holder(str(tmp_path / "d")).startswith(f"pid {os.getpid()} ")
+    assert os.listdir(tmp_path / "d") == []
+    with common.DirectoryLock(str(tmp_path / "new" / "run"), "--out-dir"):  # made for the lock: removed with it
+        assert os.path.isdir(tmp_path / "new" / "run")
+    assert os.listdir(tmp_path) == ["d"]
+
+
+def small_filesystem(path, size_bytes):
+    """A real filesystem of `size_bytes` (tmpfs) at path: a full disk that is not simulated."""
+    os.makedirs(path)
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_bytes}", "tmpfs", path]).returncode:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    return lambda: subprocess.run(["umount", path])
+
+
+def tree_size(path):
+    return sum(os.path.getsize(os.path.join(d, n)) for d, _, names in os.walk(path) for n in names)
+
+
+def test_a_full_disk_while_saving_a_checkpoint_leaves_the_old_ones_and_no_temporary_directory(world, tmp_path, capsys):
+    disk = str(tmp_path / "disk")
+    room = tree_size(world.stopped) + 4 * 2 ** 20  # the run, and 4 MB: less than either checkpoint needs
+    undo = small_filesystem(disk, room + 2 ** 20)
+    try:
+        run = copy_run(world.stopped, disk)
+        before = {p: v for p, v in snapshot(run).items() if f"{os.sep}last{os.sep}" in p or f"{os.sep}best{os.sep}" in p}
+        code, _, err = run_cli(finetune, QUICK + ["--max-steps", "20", "--resume", "--out-dir", run], capsys)
+        after = snapshot(run)
+        leftovers = stray_files(disk)
+    finally:
+        undo()
+    assert code == 1 and "Traceback" not in err and len(error_lines(err)) == 1, err
+    assert f"error: {run}: cannot write the " in error_lines(err)[0]
+    assert "No space left on device" in error_lines(err)[0] and "continue with --resume" in error_lines(err)[0]
+    assert leftovers == []
+    assert {p: after[p] for p in before} == before  # last/ and best/ as they were: the run can resume from step 10
+
+
+def test_config_values_that_the_command_line_would_accept_are_accepted(world, tmp_path):
+    """The strict --config check keeps what a saved args.json holds: numbers, strings of numbers,
+    lists for the comma-separated and repeatable flags, null where the flag's default is null."""
+    argv = config_with(world, str(tmp_path), max_steps="10", lr=0.001, val_langs=["th"], val_file=None, init=None,
+                       eval_at_start=False)
+    args = finetune.parse_args(argv)
+    assert (args.max_steps, args.lr, args.val_langs, args.val_file, args.eval_at_start) == (10, 0.001, ["th"], None, False)

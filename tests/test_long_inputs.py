@@ -3,7 +3,6 @@ that the encoder never sees more positions than the model has, for every family 
 prompt's vectors take positions too (paper: 100 of them; mBART has 1024 learned positions)."""
 
 import json
-import os
 
 import pytest
 import torch

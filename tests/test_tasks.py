@@ -68,7 +68,7 @@ def test_the_dry_run_plans_every_stage_for_the_third_task(third_task, tmp_path, 
         ("large", "--model tiny-mt5-large"))}
     assert all(by_kind.values()), {k: len(v) for k, v in by_kind.items()}
     # English validation of full finetuning's search: the task's own English validation file
-    assert any(f"--val-langs th,en" in r and "--test-last" in r for r in by_kind["search"])
+    assert any("--val-langs th,en" in r and "--test-last" in r for r in by_kind["search"])
     # translate-train translates its English training file, validates in the target language's own split
     assert any(f"--train-file {third_task}/train/en.json" in r for r in by_kind["translate"])
     assert not os.path.exists(tmp_path / "s")  # a dry run writes nothing
