@@ -161,13 +161,17 @@ class Study:
         if train_file:
             argv += ["--train-file", train_file, "--train-lang", train_lang]
         if adapt.get_method(method).several_sources:
-            argv += ["--src-langs", "en,es" if self.args.tiny else ",".join(data.get_task(task).source_langs)]
+            argv += ["--src-langs", ",".join(self.source_langs(task))]
         argv += self.lid_flags()
         if self.args.tiny:
             argv += ["--max-steps", "20", "--eval-every", "10", "--warmup-steps", "5", "--max-tokens", "1500",
                      "--max-train-examples", "400", "--max-eval-examples", "6", "--max-new-tokens", "8",
                      "--prompt-length", "10", "--log-every", "10"]
         return argv + list(extra)
+
+    def source_langs(self, task):
+        """The training languages of a several-sources method (multisrc; tiny: English and Spanish)."""
+        return ["en", "es"] if self.args.tiny else list(data.get_task(task).source_langs)
 
     def lid_flags(self):
         return ["--lid-model", os.path.abspath(self.args.lid_model)] if self.args.lid_model else []
@@ -614,18 +618,17 @@ def print_cost(study):
 
 
 def missing_inputs(study, stages):
-    """Before any run: the data files the stages' runs will read and that are not there, as one
-    line per task ("XL-Sum ...: 21 files missing ..., fetch with ..."), so a study without its
-    data stops at once instead of failing every run three times."""
-    needs_text = any(stage in ("it", "methods", "all") for stage in stages)  # IT, and the mix method
-    if all(stage == "report" for stage in stages):
-        return []
+    """Before any run: the data files the stages' runs will read and are not there, one entry per
+    task ("xlsum: 12 of its 13 files missing in DIR (e.g. ...); python download.py ..."), so a
+    study without its data stops at once instead of failing every run three times."""
+    needs_text = any(stage in ("it", "methods") for stage in stages)  # IT, and the mix method
+    needs_tasks = any(stage not in ("it", "report") for stage in stages)  # every stage that finetunes
     problems = []
-    for task in study.tasks:
+    for task in study.tasks if needs_tasks else []:
         spec = data.get_task(task)
-        sources = ["en"] + (["es"] if study.args.tiny else list(spec.source_langs[1:]))
+        several = any(adapt.get_method(m).several_sources for m in adapt.methods_for(task))
         wanted = [data.task_file(task, "train", lang, study.data_dir, study.xlsum_dir)
-                  for lang in (sources if len(spec.source_langs) > 1 else ["en"])]
+                  for lang in (study.source_langs(task) if several else ["en"])]
         val_langs = list(spec.val_langs) + (["en"] if spec.heldout_english is None else [])
         wanted += [data.task_file(task, "val", lang, study.data_dir, study.xlsum_dir) for lang in val_langs]
         wanted += [data.task_file(task, "test", lang, study.data_dir, study.xlsum_dir) for lang in spec.test_langs]

@@ -411,6 +411,11 @@ case("study without the XL-Sum files says which and how to get them", study,
      "the study's data is not all there: xlsum: 12 of its 13 files missing in ")(
     lambda w, t: ["all", "--tiny", "--data-dir", DATA_DIR, "--out-dir", os.path.join(t, "study")])
 
+case("study it without the raw text names the missing languages", study,
+     "the study's data is not all there: text: en, zh, fr, ko, ru, es, th, ro, vi, ar, de missing in {t}/data/text; "
+     "python download.py --data-dir {t}/data --tasks text")(
+    lambda w, t: ["it", "--tiny", "--data-dir", os.path.join(t, "data"), "--out-dir", os.path.join(t, "study")])
+
 
 def xlsum_empty_train(tmp):
     folder = os.path.join(tmp, "xlsum")
