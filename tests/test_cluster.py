@@ -121,7 +121,7 @@ def test_slurm_cancelled_job_resumes_bitwise_and_a_time_limit_is_beaten_by_chunk
     rate of A's uninterrupted run measured just before (~30 s a job here, whatever the machine's
     speed), not fixed. Then a second invocation submits nothing."""
     models.resolve("tiny-mt5", DATA_DIR)  # built before the jobs start (they share the cache)
-    a_flags = ["--max-steps", "100", "--eval-every", "25", "--seed", "1"]
+    a_flags = ["--max-steps", "50", "--eval-every", "25", "--seed", "1"]
     reference, per_step, startup = timed_straight(tmp_path, "a-straight", *a_flags)  # the uninterrupted A
     if startup > 25:
         pytest.skip(f"a job here takes {startup:.0f} s to start: no room for chunks in a 1-minute limit")
@@ -141,7 +141,7 @@ def test_slurm_cancelled_job_resumes_bitwise_and_a_time_limit_is_beaten_by_chunk
     assert not thread.is_alive()
     out = capsys.readouterr().out
     assert (a / "results.json").exists() and (b / "results.json").exists() and s.failures == [], out
-    assert cluster.jobs()[job] == "CANCELLED" and attempts(a) >= 2  # (more when A's 100 steps take several chunks)
+    assert cluster.jobs()[job] == "CANCELLED" and attempts(a) >= 2  # (more when A's 50 steps take several chunks)
     assert "CANCELLED" in (a / f"slurm-{job}.out").read_text()  # sbatch's log beside the run, not in the cwd
     assert f"RETRY a: failed (exit -{signal.SIGTERM.value})" in out and "run  a (attempt 2 with --resume)" in out, out
     assert equal(weights(a), reference)
