@@ -252,12 +252,10 @@ def start_run(args):
     """Check the run directory args.out_dir for a stage (after `finished_run` said it is not
     finished, and after every input was read): recover an interrupted save; refuse to overwrite a
     checkpoint without --resume, and to resume with other settings; print the settings; seed;
-    pick the device. Writes nothing else (see begin_run). Returns (last/ or None, device)."""
+    pick the device. Writes nothing else (see begin_run). Called under run_lock, which checked the
+    directory and made it. Returns (last/ or None, device)."""
     run_dir = args.out_dir
-    common.check_output_dir(run_dir, "--out-dir")
-    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
-        raise UsageError(f"--out-dir {run_dir}: is a file")
-    last = recover_checkpoint(run_dir, "last") if os.path.isdir(run_dir) else None
+    last = recover_checkpoint(run_dir, "last")
     if last and not args.resume:
         raise UsageError(f"--out-dir {run_dir} holds a checkpoint; pass --resume to continue it or choose another --out-dir")
     if args.resume and not last:

@@ -36,6 +36,7 @@ a search in which every run failed gives no PLR, and the runs that depend on it 
 The study exits with status 1 when any run failed, after finishing everything it can.
 """
 
+import argparse
 import math
 import os
 import shlex
@@ -135,7 +136,7 @@ class Study:
             self.translator, self.appendix_d_models = TRANSLATOR, ["mt5-base", "mbart-pt", "nllb-600m"]
         try:
             self.seeds = [common.seed(s) for s in (args.seeds or ("0" if tiny else "0,1")).split(",")]
-        except Exception as e:  # noqa: BLE001 -- argparse.ArgumentTypeError
+        except argparse.ArgumentTypeError as e:
             raise common.UsageError(f"--seeds {args.seeds}: {e}") from None
         self.it_lrs = parse_it_lrs(args.it_lr, self.all_models())
         self.tasks = data.finetune_tasks()
