@@ -87,13 +87,14 @@ def train_step_flops(name, task, max_tokens):
     return 3 * forward
 
 
-def generation_flops(name, task, examples, generated=None):
-    """FLOPs of generating for `examples` sources of `task` (greedy, cache, finished rows dropped)."""
+def generation_flops(name, task, examples, generated=None, beams=1):
+    """FLOPs of generating for `examples` sources of `task` (cache, finished rows dropped): the
+    encoder once per source, the decoder once per beam (greedy: 1)."""
     (enc, dec, head), (enc_layers, dec_layers, width) = weights(name)
     src, out = source_length(name, task), generated or lengths(task)["generated"]
     encoder = 2 * enc * src + 4 * width * enc_layers * src * src
     decoder = out * (2 * (dec + head) + 4 * width * dec_layers * (src + out / 2))
-    return examples * (encoder + decoder)
+    return examples * (encoder + beams * decoder)
 
 
 @functools.lru_cache(maxsize=None)
@@ -161,15 +162,71 @@ def it_hours(name, max_steps=None, max_tokens=None, eval_every=None):
     return train_hours(max_steps * train_step_flops(name, "it", max_tokens) + held_out), 0.0
 
 
-def translate_hours(translator, task, examples):
-    """Translating `examples` training examples (every source and target sentence) with `translator`."""
+def translate_hours(translator, task, examples, beams=4):
+    """Translating `examples` training examples (every source and target sentence) with `translator`,
+    beam search with `beams` beams (translate_train.py's default: 4)."""
     tokens = lengths(task)["source"] + lengths(task)["target"]
-    return 0.0, generate_hours(generation_flops(translator, "it", examples, generated=tokens))
+    return 0.0, generate_hours(generation_flops(translator, "it", examples, generated=tokens, beams=beams))
+
+
+@functools.lru_cache(maxsize=None)
+def saved_weights(name, method):
+    """Weights a checkpoint of `method` holds: all of them (a save_pretrained checkpoint), or only
+    those the method added (adapters, prompt, lora: adapt.saves_added_weights); and the weights the
+    optimizer keeps state for (the trainable ones)."""
+    import torch
+    import adapt
+    model = models.real_architecture(name)
+    if method not in (None, "full"):
+        try:
+            with torch.device("meta"):
+                adapt.apply(model, method, verbose=False)
+        except common.UsageError:  # a method that needs its data's options (mix, multisrc) trains every weight
+            pass
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if adapt.saves_added_weights(method):
+        added = adapt.get_method(method).added
+        return sum(p.numel() for n, p in model.named_parameters() if added(n)), trainable
+    return sum(p.numel() for p in model.parameters()), trainable
+
+
+def run_disk(argv):
+    """(bytes a finished run keeps, bytes it needs while it runs) for one command of the study, or
+    None (tiny models; translations: a text file). A finished run keeps best/ and last/, fp32
+    weights (one copy when they are the same step: loop.finish_checkpoints links them); while it
+    runs, last/ also has the AdamW state (two fp32 moments per trainable weight) and a save writes
+    a new checkpoint beside the old one."""
+    script = os.path.basename(argv[1])
+    if script not in ("finetune.py", "pretrain_it.py"):
+        return None
+    import importlib
+    args = importlib.import_module(script[:-3]).parse_args(argv[2:])
+    if args.model not in models.REAL_CONFIGS:
+        return None
+    saved, trainable = saved_weights(args.model, getattr(args, "method", None))
+    weights_bytes, state_bytes = 4 * saved, 8 * trainable
+    return 2 * weights_bytes, 3 * weights_bytes + 2 * state_bytes
+
+
+def run_estimate(argv):
+    """(hours, training steps, evaluation interval) of one command of the study, what the launcher
+    sizes a job's time and chunks by (launch.Resources); None where run_hours has no estimate. A
+    translation has no steps: (hours, 1, 1)."""
+    hours = run_hours(argv)
+    if hours is None:
+        return None
+    script = os.path.basename(argv[1])
+    if script in ("finetune.py", "pretrain_it.py"):
+        import importlib
+        args = importlib.import_module(script[:-3]).parse_args(argv[2:])
+        return sum(hours), args.max_steps, args.eval_every
+    return sum(hours), 1, 1
 
 
 def run_hours(argv):
     """(training hours, generation hours) of one command of the study (python SCRIPT.py ARGS), from its
-    own parsed arguments; None for tiny models (nothing to estimate)."""
+    own parsed arguments; None for tiny models (nothing to estimate). A translation shard
+    (--shard I/N) costs 1/N of the whole."""
     script, flags = os.path.basename(argv[1]), argv[2:]
     if script == "finetune.py":
         import finetune
@@ -193,11 +250,15 @@ def run_hours(argv):
         if args.predictions:  # a run's test predictions (Appendix D): short outputs, not examples
             task = next(t for t in data.finetune_tasks() if f"{os.sep}{t}{os.sep}" in args.predictions)
             examples = test_examples(task, [args.tgt_lang])
-            return 0.0, generate_hours(generation_flops(args.model, "it", examples, lengths(task)["generated"]))
+            return 0.0, generate_hours(generation_flops(args.model, "it", examples, lengths(task)["generated"],
+                                                        beams=args.num_beams))
+        if args.merge:
+            return 0.0, 0.0
         # the English training set, or a held-out English validation set (study.py writes it into heldout/)
         split = "val" if f"{os.sep}heldout{os.sep}" in args.train_file else "train"
-        examples = split_size(args.task, split, "en")
-        return translate_hours(args.model, args.task, args.limit or examples)
+        examples = min(args.limit or math.inf, split_size(args.task, split, "en"))
+        share = 1 / args.shard[1] if args.shard else 1.0
+        return 0.0, translate_hours(args.model, args.task, examples * share, args.num_beams)[1]
     return None
 
 

@@ -293,7 +293,7 @@ def read_squad(path):
 XLSUM_FIELDS = ("id", "url", "title", "summary", "text")
 
 
-def _jsonl_objects(path, what, lines=None):
+def jsonl_objects(path, what, lines=None):
     """(line number, object) for each non-empty line of a jsonl file; a line that is not a JSON
     object is an error naming it."""
     for line_no, line in (lines if lines is not None else _read_lines(path)):
@@ -311,7 +311,7 @@ def _jsonl_objects(path, what, lines=None):
 def iter_xlsum(path):
     """XL-Sum jsonl records (one {id, url, title, summary, text} object per line) one at a time, checked."""
     seen = {}
-    for line_no, record in _jsonl_objects(path, "XL-Sum jsonl"):
+    for line_no, record in jsonl_objects(path, "XL-Sum jsonl"):
         missing = [k for k in ("id", "summary", "text") if not isinstance(record.get(k), str)]
         if missing:
             raise DataError(f"{path}:{line_no}: missing or non-string field(s) {', '.join(missing)}")
@@ -374,7 +374,7 @@ def read_predictions(path):
     if obj is not None and not isinstance(obj, dict):
         raise DataError(f"{path}: expected {PREDICTIONS_FORMAT}, got a JSON {type(obj).__name__}")
     predictions, first_line = {}, {}
-    for line_no, row in _jsonl_objects(path, PREDICTIONS_FORMAT, lines):
+    for line_no, row in jsonl_objects(path, PREDICTIONS_FORMAT, lines):
         if not isinstance(row.get("prediction"), str) or "id" not in row:
             raise DataError(f"{path}:{line_no}: expected an object with 'id' and a string 'prediction'")
         if isinstance(row["id"], bool) or not isinstance(row["id"], (str, int)):  # str(None) would be the id "None"

@@ -25,6 +25,17 @@ duplicate lines dropped), and cut at --text-mb MB of text per language:
 A rerun after an interruption decompresses the compressed prefix it already has (fast, local) and
 fetches only the rest. A corrupt or truncated stream is a one-line error; nothing is left half
 written (the final text/<lang>.txt appears only by a rename when complete).
+
+For clusters whose compute nodes have no internet, the models and the paper's language-ID model,
+ahead of time, on a machine that has it (not part of the default --tasks):
+
+    python download.py --data-dir data --tasks models,lid          # every model of the study, lid.176.bin
+    python download.py --tasks models --models google/mt5-base     # some of them
+    HF_HUB_OFFLINE=1 bash run_all.sh ...                           # then every stage runs offline
+
+  models  huggingface.co (the Hugging Face cache a run reads:       $HF_HOME/hub/models--ORG--NAME/...;
+          HF_HOME, --hub-endpoint for a hub mirror)                 DATA/models.json: each model's commit
+  lid     dl.fbaipublicfiles.com/fasttext (lid.176.bin, 126 MB)     lid/lid.176.bin (the study uses it)
 """
 
 import codecs
@@ -50,7 +61,11 @@ OFFICIAL_BASE = {
     "xlsum": "https://huggingface.co/datasets/csebuetnlp/xlsum/resolve/main/data",
     "text": "https://data.statmt.org/cc-100",
 }
-TASKS = tuple(OFFICIAL_BASE)
+TASKS = tuple(OFFICIAL_BASE)  # the default --tasks; also: models, lid (EXTRA_TASKS)
+LID_URL = "https://dl.fbaipublicfiles.com/fasttext/supervised-models"
+LID_FILE = os.path.join("lid", "lid.176.bin")
+# What a run reads of a model repository (weights, configs, tokenizers); not the other formats
+MODEL_FILES = ["*.json", "*.safetensors", "pytorch_model*.bin", "*.model", "*.txt"]
 _XLSUM = data.TASKS["xlsum"]
 XLSUM_LANGS = ["en"] + [lang for lang in dict.fromkeys(_XLSUM.val_langs + _XLSUM.test_langs + _XLSUM.source_langs)
                         if lang != "en"]
@@ -313,10 +328,61 @@ def fetch_text(url, dest, text_mb, chunk_size=1 << 16, bar=None):
 
 # -----------------------------------------------------------------------------
 
-def download(data_dir, tasks, langs=None, mirror=None, force=False, text_mb=TEXT_MB):
+def study_models():
+    """Every model the study uses (study.py's models, mT5-large, the translator)."""
+    import study
+    return list(study.MODELS.values()) + list(study.LARGE_MODELS.values()) + [study.TRANSLATOR]
+
+
+def download_models(data_dir, names, endpoint=None, revision="main"):
+    """Each model's repository files (MODEL_FILES) into the Hugging Face cache that from_pretrained
+    reads (HF_HOME), at `revision`; the commit it resolved to is recorded in DATA/models.json.
+    Already cached files are not fetched again."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+    record_path = os.path.join(data_dir, "models.json")
+    record = common.read_json(record_path, "models.json") if os.path.isfile(record_path) else {}
+    for name in names:
+        print(f"get  {endpoint or 'huggingface.co'}/{name} ({revision}) -> the Hugging Face cache", flush=True)
+        try:
+            path = snapshot_download(name, revision=revision, allow_patterns=MODEL_FILES, endpoint=endpoint)
+        except RepositoryNotFoundError:
+            raise DataError(f"download model {name}: no such repository on {endpoint or 'huggingface.co'}") from None
+        except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as e:
+            raise DataError(f"download model {name}: {' '.join(str(e).split())[:300]}") from None
+        record[name] = {"revision": os.path.basename(path), "requested": revision, "path": path}
+        print(f"     {path}")
+        common.write_json(record_path, record)  # after each model: an interrupted run keeps what it recorded
+
+
+def fetch_lid(data_dir, mirror=None, force=False):
+    """The paper's fastText language-ID model, lid.176.bin, into DATA/lid/, checked by loading it."""
+    dest = os.path.join(data_dir, LID_FILE)
+    if os.path.exists(dest) and not force:
+        print(f"have {dest}")
+        return
+    url = f"{mirror.rstrip('/')}/lid/lid.176.bin" if mirror else f"{LID_URL}/lid.176.bin"
+    print(f"get  {url} -> {dest}", flush=True)
+
+    def check(path):
+        import fasttext
+        try:
+            fasttext.load_model(path)
+        except ValueError as e:
+            raise DataError(f"download {url}: not a fastText model ({e})") from None
+    fetch(url, dest, check=check)
+
+
+def download(data_dir, tasks, langs=None, mirror=None, force=False, text_mb=TEXT_MB, models=None, hub_endpoint=None):
     """Fetch every file of `tasks` into data_dir; files already there are kept unless `force`."""
-    items = plan(tasks, langs)
+    extra = [t for t in tasks if t in EXTRA_TASKS]
+    items = plan([t for t in tasks if t not in EXTRA_TASKS], langs)
     common.check_output_dir(data_dir, "--data-dir")
+    os.makedirs(data_dir, exist_ok=True)
+    if "lid" in extra:
+        fetch_lid(data_dir, mirror, force)
+    if "models" in extra:
+        download_models(data_dir, models or study_models(), hub_endpoint)
     for task, remote, rel, lang in items:
         dest, url = os.path.join(data_dir, rel), url_of(task, remote, mirror)
         if os.path.exists(dest) and not force:
@@ -342,6 +408,8 @@ def fetch_text_language(url, dest, lang, text_mb):
           + (f"; the source ended before {text_mb} MB" if ended else ""))
 
 
+EXTRA_TASKS = ("models", "lid")  # fetched only when asked for (--tasks models,lid)
+
 # How each source's files are fetched and checked
 FETCH = {"xquad": fetch_squad_format, "squad": fetch_squad_format, "xlsum": fetch_xlsum_language,
          "text": fetch_text_language}
@@ -350,7 +418,14 @@ FETCH = {"xquad": fetch_squad_format, "squad": fetch_squad_format, "xlsum": fetc
 def parse_args(argv=None):
     p = common.ArgumentParser(description=__doc__)
     p.add_argument("--data-dir", default=data.DEFAULT_DATA_DIR, help="where to write the files (default data/ or $XLGEN_DATA_DIR)")
-    p.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated: {', '.join(TASKS)}")
+    p.add_argument("--tasks", default=",".join(TASKS),
+                   help=f"comma-separated: {', '.join(TASKS)} (the default), and models (every model of the study, "
+                        f"into the Hugging Face cache), lid (fastText lid.176.bin)")
+    p.add_argument("--models", default=None, metavar="NAME,...",
+                   help="with --tasks models: these hub models instead of the study's (implies --tasks models "
+                        "when --tasks is not given)")
+    p.add_argument("--hub-endpoint", default=None,
+                   help="a Hugging Face hub mirror for --tasks models (default: $HF_ENDPOINT or huggingface.co)")
     p.add_argument("--langs", default=None,
                    help=f"languages of xlsum and text (default: xlsum {','.join(XLSUM_LANGS)}; "
                         f"text {','.join(data.target_langs())})")
@@ -364,10 +439,17 @@ def parse_args(argv=None):
 @common.exits_on_error(interrupted=common.RERUN_HINT)
 def main(args):
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models is not None else None
+    if models is not None and not models:
+        raise UsageError("--models: expected NAME,... (hub model names)")
+    if models and args.tasks == ",".join(TASKS):  # --models alone: those models, nothing else
+        tasks = ["models"]
+    if models and "models" not in tasks:
+        raise UsageError(f"--models: only with --tasks models (got --tasks {args.tasks})")
     if args.mirror is not None and not args.mirror.startswith(("http://", "https://", "file://")):
         raise UsageError(f"--mirror: expected an http://, https:// or file:// URL, got '{args.mirror}'")
     langs = data.parse_langs(args.langs, "--langs") if args.langs else None
-    download(args.data_dir, tasks, langs, args.mirror, args.force, args.text_mb)
+    download(args.data_dir, tasks, langs, args.mirror, args.force, args.text_mb, models, args.hub_endpoint)
 
 
 if __name__ == "__main__":

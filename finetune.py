@@ -371,7 +371,7 @@ def run(args, files):
         results |= {"last_step": args.max_steps, "test_last": last_lang, "test_last_average": averages(last_lang, args.task)}
     results["seconds"] = {"total": time.perf_counter() - started, "validation": sum(validation_seconds),
                           "test": time.perf_counter() - test_start}
-    common.write_json(os.path.join(run_dir, "results.json"), results)
+    results = loop.finish_run(args, results, args.model, device)  # results.json; checkpoints pruned
     print(summary_line("test (best checkpoint)", per_lang, args.task)
           + f" | avg {results['test_average'][task.main_metric]:.2f}")
     return results

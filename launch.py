@@ -59,7 +59,16 @@ def add_launch_args(parser):
     parser.add_argument("--chunk-steps", type=common.positive_int, default=None,
                         help="each job trains about N steps (--stop-after-steps), then is resubmitted with --resume: "
                              "for partitions whose time limit is shorter than a run")
-    parser.add_argument("--poll-seconds", type=common.positive_float, default=30, help="with LAUNCH: how often to check on runs")
+    parser.add_argument("--max-queued", type=common.positive_int, default=None,
+                        help="with LAUNCH: at most N of the stage's jobs submitted and not ended (pending or running) at "
+                             "a time; the rest wait here (default: no limit). A submission the scheduler refuses for a "
+                             "limit (e.g. QOSMaxSubmitJobPerUserLimit) waits and is retried in any case")
+    parser.add_argument("--resources", default=None, metavar="FILE",
+                        help="JSON: per kind of job (guard, it, finetune, large, translate) its max_hours (the "
+                             "partition's time limit; default 12), and optionally partition, mem, cpus, gpus, time, "
+                             "extra (sbatch options); see docs/cluster.md")
+    parser.add_argument("--poll-seconds", type=common.positive_float, default=30,
+                        help="with LAUNCH: how often to check on runs (one squeue call for all of them)")
     parser.add_argument("--status-seconds", type=common.positive_float, default=60,
                         help="with LAUNCH: at most how often to print what the stage waits for")
 
@@ -75,6 +84,7 @@ class Launcher:
     def __init__(self, args, out):
         self.args, self.out = args, out
         self.failures = []  # (run directory, what happened): reported at the end; the exit status
+        self.resources = Resources(getattr(args, "resources", None))
 
     # ---- what the protocol asks of finished runs ----
     def results(self, run_dir):
@@ -112,22 +122,24 @@ class Launcher:
         return code == 0
 
     def execute(self, runs):
-        """runs: [Run]. Launch those not done, watch them until each is done or has failed for good,
-        resubmitting dead, killed, failed and stopped ones with --resume; report failures."""
+        """runs: [Run]. Launch those not done (at most --max-queued at a time), watch them until each
+        is done or has failed for good, resubmitting dead, killed, crashed and stopped ones with
+        --resume; report failures. A run that ended with an `error:` line (a usage or data error,
+        a model not found) is not retried: the same command would fail the same way."""
         runs = [run if isinstance(run, Run) else Run(*run) for run in runs]
         todo = [run for run in runs if not os.path.exists(run.done_file)]
         for run in runs:
             if run not in todo:
                 print(f"skip (done)  {os.path.relpath(run.dir, self.out)}")
-        pending = []
+        pending, waiting = [], []
         for run in todo:
             if alive(run.dir, self.args.heartbeat_timeout):  # started by an earlier invocation, still running
                 print(f"running (started earlier)  {os.path.relpath(run.dir, self.out)}", flush=True)
                 run.attempts = 1
                 pending.append(run)
-            elif self.submit(run):
-                pending.append(run)
-        self.watch(pending)
+            else:
+                waiting.append(run)
+        self.watch(pending, waiting)
 
     def command(self, run, resume=True):
         """The run's command for its next attempt: --resume once it has a checkpoint (unless
@@ -136,8 +148,10 @@ class Launcher:
         argv = list(run.argv)
         if resume and run.resumable and os.path.isdir(os.path.join(run.dir, "last")):
             argv.append("--resume")
-        if run.resumable and self.args.chunk_steps:
-            argv += ["--stop-after-steps", str(self.args.chunk_steps)]
+        steps = self.args.chunk_steps or (self.resources.chunk_steps(run) if os.environ.get("LAUNCH", "").strip()
+                                          or not self.runs_commands else None)
+        if run.resumable and steps:
+            argv += ["--stop-after-steps", str(steps)]
         return argv
 
     def launch_line(self, run, command):
@@ -147,10 +161,13 @@ class Launcher:
         if not launch:
             return shlex.join(wrapped)
         words = shlex.split(launch)
-        if os.path.basename(words[0]) == "sbatch" and not any(
-                w in ("-o", "--output") or w.startswith(("-o", "--output=")) for w in words[1:]):
-            # sbatch's own log (slurm-JOBID.out) goes beside the run, not into the directory it was called from
-            launch = f"{words[0]} --output={shlex.quote(os.path.join(run.dir, 'slurm-%j.out'))} {launch[len(words[0]):].lstrip()}"
+        if os.path.basename(words[0]) == "sbatch":
+            # the kind's resources first, so that an option LAUNCH gives itself wins (sbatch: the last one counts)
+            options = self.resources.sbatch_options(run)
+            if not any(w in ("-o", "--output") or w.startswith(("-o", "--output=")) for w in words[1:]):
+                # sbatch's own log (slurm-JOBID.out) goes beside the run, not into the directory it was called from
+                options.append(f"--output={os.path.join(run.dir, 'slurm-%j.out')}")
+            launch = " ".join([words[0]] + [shlex.quote(o) for o in options] + [launch[len(words[0]):].lstrip()])
         return f"{launch} {shlex.quote(shlex.join(wrapped))}"
 
     def heartbeat_seconds(self):
@@ -158,15 +175,17 @@ class Launcher:
 
     def submit(self, run):
         """Start one attempt of `run`. Without LAUNCH it runs here, to the end; with LAUNCH the
-        command's exit status and output are checked at once (a bad partition, a quota, a missing
-        sbatch: reported now, never waited for). A run whose directory another process holds
-        (its lock, common.DirectoryLock: a finetune.py started by hand, or a job still alive) is
-        not started: it is reported, never run twice at once. Returns whether the attempt started."""
+        command's exit status and output are checked at once: a submission refused for a limit of
+        the scheduler (too many jobs of this user) is "deferred", to be tried again at a later poll;
+        any other refusal (a bad partition, no sbatch) is reported now, never waited for. A run whose
+        directory another process holds (its lock, common.DirectoryLock: a finetune.py started by
+        hand, or a job still alive) is not started: it is reported, never run twice at once.
+        Returns "started", "deferred" or "failed"."""
         holder = common.lock_holder(run.dir)
         if holder is not None:
             self.fail(run.dir, f"LOCKED: {os.path.relpath(run.dir, self.out)} is in use by {holder}; not started "
                                f"(run the stage again when that process has ended)")
-            return False
+            return "failed"
         for name in ("status.json", "started.json", "heartbeat"):
             _remove(os.path.join(run.dir, name))
         os.makedirs(run.dir, exist_ok=True)
@@ -179,24 +198,30 @@ class Launcher:
         launch = os.environ.get("LAUNCH", "").strip()
         if not launch:  # here, to its end, in a forked child (see run_local)
             run_local(run.dir, run.done_file, command, self.heartbeat_seconds())
-            return True
-        result = subprocess.run(self.launch_line(run, command), shell=True, capture_output=True, text=True)
+            return "started"
+        result = subprocess.run(self.launch_line(run, command), shell=True, capture_output=True, text=True,
+                                env=dict(os.environ, **self.resources.variables(run)))
         started = os.path.isfile(os.path.join(run.dir, "started.json"))  # a launcher that ran the command itself
         if result.returncode != 0 and not started:
             message = " ".join((result.stderr or result.stdout).split()) or f"exit status {result.returncode}"
+            if SUBMIT_LIMIT.search(message):  # the scheduler's per-user limit: wait for our own jobs to end
+                run.attempts -= 1
+                print(f"     deferred: {launch.split()[0]} says: {message} (tried again when a job has ended)", flush=True)
+                return "deferred"
             self.fail(run.dir, f"SUBMIT FAILED: {os.path.relpath(run.dir, self.out)}: {launch.split()[0]} says: {message}")
-            return False
+            return "failed"
         job = re.search(r"(\d+)\s*$", result.stdout.strip().splitlines()[-1]) if result.stdout.strip() else None
         run.job_id = job.group(1) if job and "sbatch" in launch else None
         if run.job_id:
             print(f"     submitted as job {run.job_id}", flush=True)
         common.write_json(os.path.join(run.dir, "submission.json"),
                           {"attempt": run.attempts, "job_id": run.job_id, "time": time.time(), "launch": launch})
-        return True
+        return "started"
 
-    def state(self, run):
-        """done | stopped | failed (...) | dead (...) | running | queued, from the run's files, its
-        heartbeat and, for a SLURM job, the scheduler's word."""
+    def state(self, run, job_states=None):
+        """done | stopped | failed (...) | error (...) | dead (...) | running | queued, from the run's
+        files, its heartbeat and, for a SLURM job, the scheduler's word (`job_states`: {job id:
+        state} of one squeue call for every job of the poll; asked here when not given)."""
         if os.path.exists(run.done_file):
             return "done"
         status = _read_status(run.dir)
@@ -204,11 +229,15 @@ class Launcher:
             if status.get("done"):
                 return "done"
             code = status.get("returncode")
+            if code != 0 and status.get("error"):
+                return f"error (exit {code}): {status['error'][len('error: '):]}"
             return "stopped" if code == 0 else f"failed (exit {code})"
         started = os.path.isfile(os.path.join(run.dir, "started.json"))
         if started and not alive(run.dir, self.args.heartbeat_timeout):
             return f"dead (no heartbeat for over {self.args.heartbeat_timeout:g} s)"
-        job_state = slurm_job_state(run.job_id) if run.job_id else None
+        if run.job_id and job_states is None:
+            job_states = slurm_job_states([run.job_id])
+        job_state = job_states.get(run.job_id) if run.job_id and job_states is not None else None
         if job_state is not None and (job_state in SLURM_ENDED or job_state == "GONE"):
             # the scheduler says the job ended, yet no status.json: give a shared filesystem a moment
             run.ended_seen = run.ended_seen or time.time()
@@ -216,14 +245,36 @@ class Launcher:
                 return f"dead (job {run.job_id} {job_state.lower()} without a status)"
         return "running" if started else "queued"
 
-    def watch(self, pending):
-        """Poll until every run is done or failed for good, at most --max-wait hours."""
+    def fill(self, pending, waiting):
+        """Submit waiting runs while fewer than --max-queued are pending; stop at the first one the
+        scheduler defers (its limit is reached: the next poll tries again). Runs whose submission
+        failed for good are dropped. Returns the number of runs that failed so."""
+        failed = 0
+        while waiting and (self.args.max_queued is None or len(pending) < self.args.max_queued):
+            run = waiting[0]
+            outcome = self.submit(run)
+            if outcome == "deferred":
+                break
+            waiting.pop(0)
+            if outcome == "started":
+                pending.append(run)
+            else:
+                failed += 1
+        return failed
+
+    def watch(self, pending, waiting=()):
+        """Submit and poll until every run is done or failed for good, at most --max-wait hours:
+        one squeue call per poll for all jobs; a run to retry goes back to the front of the queue."""
+        waiting = list(waiting)
         deadline = time.time() + self.args.max_wait * 3600
         last_print, finished, failed = 0.0, 0, 0
-        while pending:
-            states = {}
+        while pending or waiting:
+            failed += self.fill(pending, waiting)
+            jobs = [run.job_id for run in pending if run.job_id]
+            job_states = (slurm_job_states(jobs) if jobs else None) or {}
+            states, requeued = {}, False
             for run in list(pending):
-                state = states[run.dir] = self.state(run)
+                state = states[run.dir] = self.state(run, job_states)
                 if state == "done":
                     pending.remove(run)
                     finished += 1
@@ -231,9 +282,11 @@ class Launcher:
                     log = os.path.join(run.dir, "run.log")
                     if state != "stopped":
                         run.failures += 1
-                    if run.failures > self.args.max_retries:
-                        code = state.split("exit ")[1].rstrip(")") if state.startswith("failed (exit") else "?"
-                        self.fail(run.dir, f"FAILED (exit {code}): {os.path.relpath(run.dir, self.out)} -- {state}"
+                    permanent = state.startswith("error")  # a usage or data error: the same again on a retry
+                    if permanent or run.failures > self.args.max_retries:
+                        code = state.split("exit ")[1].split(")")[0].split(":")[0] if "(exit" in state else "?"
+                        why = " (not retried: a usage or data error, the same on every attempt)" if permanent else ""
+                        self.fail(run.dir, f"FAILED (exit {code}): {os.path.relpath(run.dir, self.out)} -- {state}{why}"
                                            f"{'' if run.attempts == 1 else f' after {run.attempts} attempts'} -- log: {log}")
                         pending.remove(run)
                         failed += 1
@@ -241,26 +294,147 @@ class Launcher:
                     if state != "stopped":
                         print(f"RETRY {os.path.relpath(run.dir, self.out)}: {state}; retry {run.failures} of "
                               f"{self.args.max_retries} -- log: {log}", flush=True)
-                    if not self.submit(run):
-                        pending.remove(run)
-                        failed += 1
-            if not pending:
+                    pending.remove(run)
+                    waiting.insert(0, run)
+                    requeued = True
+            if not pending and not waiting:
                 break
+            if requeued and not os.environ.get("LAUNCH", "").strip():
+                continue  # here: the next attempt now, no poll to wait for
             counts = collections.Counter(s for d, s in states.items() if any(r.dir == d for r in pending))
             if time.time() - last_print >= self.args.status_seconds:
                 last_print = time.time()
-                print(f"waiting for {len(pending)} run(s): {counts['running']} running, {counts['queued']} queued, "
-                      f"{finished} done, {failed} failed", flush=True)
+                print(f"waiting for {len(pending) + len(waiting)} run(s): {counts['running']} running, "
+                      f"{counts['queued']} queued, " + (f"{len(waiting)} not submitted yet, " if waiting else "")
+                      + f"{finished} done, {failed} failed", flush=True)
             if time.time() > deadline:
-                for run in pending:
+                for run in pending + waiting:
                     self.fail(run.dir, f"FAILED: {os.path.relpath(run.dir, self.out)} not finished within --max-wait "
-                                       f"{self.args.max_wait:g} h ({states.get(run.dir)}) -- log: {os.path.join(run.dir, 'run.log')}")
+                                       f"{self.args.max_wait:g} h ({states.get(run.dir, 'not submitted')}) -- log: "
+                                       f"{os.path.join(run.dir, 'run.log')}")
                 break
             time.sleep(self.args.poll_seconds)
 
     def fail(self, run_dir, message):
         print(message, flush=True)
         self.failures.append((run_dir, message))
+
+
+# -----------------------------------------------------------------------------
+# Resources per kind of job
+
+JOB_KINDS = ("guard", "it", "finetune", "large", "translate")
+DEFAULT_MAX_HOURS = 12.0  # a common partition limit; --resources gives a cluster's own
+TIME_MARGIN = 1.5         # a job asks for 1.5 x its estimate (+ 10 minutes to load and save), within max_hours
+RESOURCE_KEYS = {"max_hours": (int, float), "time": str, "partition": str, "mem": str, "cpus": int, "gpus": int,
+                 "extra": str}
+
+
+class Resources:
+    """What each kind of job asks the scheduler for (--resources FILE, JSON), e.g.
+
+        {"it":        {"partition": "gpu-long", "max_hours": 48, "mem": "64G", "cpus": 8, "gpus": 1},
+         "finetune":  {"partition": "gpu", "max_hours": 12, "mem": "32G", "cpus": 8, "gpus": 1},
+         "translate": {"partition": "gpu", "max_hours": 12, "mem": "48G", "cpus": 8, "gpus": 1}}
+
+    Kinds not given keep the defaults: max_hours 12, nothing else. A job's time is 1.5 x the cost
+    model's estimate of the job (cost.py) + 10 minutes, at most max_hours (or `time`, when given:
+    "HH:MM:SS" as sbatch takes it). A run whose estimate does not fit in max_hours is cut into
+    chunks of whole evaluation intervals that do (--stop-after-steps, then --resume), unless
+    --chunk-steps says how. With sbatch the settings become options before LAUNCH's own (which win);
+    any other LAUNCH finds them in the environment: XLGEN_KIND, XLGEN_TIME_MINUTES, XLGEN_PARTITION,
+    XLGEN_MEM, XLGEN_CPUS, XLGEN_GPUS."""
+
+    def __init__(self, path=None):
+        self.kinds = {kind: {"max_hours": DEFAULT_MAX_HOURS} for kind in JOB_KINDS}
+        if path is None:
+            return
+        given = common.read_json(path, "--resources JSON")
+        if not isinstance(given, dict):
+            raise common.UsageError(f"--resources {path}: expected a JSON object {{kind: {{setting: value}}}}")
+        for kind, settings in given.items():
+            if kind not in JOB_KINDS:
+                raise common.UsageError(f"--resources {path}: unknown kind of job '{kind}'; the kinds are "
+                                        f"{', '.join(JOB_KINDS)}")
+            if not isinstance(settings, dict):
+                raise common.UsageError(f"--resources {path}: '{kind}' must be an object of settings")
+            for key, value in settings.items():
+                kind_of = RESOURCE_KEYS.get(key)
+                if kind_of is None:
+                    raise common.UsageError(f"--resources {path}: {kind}.{key}: unknown setting; the settings are "
+                                            f"{', '.join(RESOURCE_KEYS)}")
+                if not isinstance(value, kind_of) or isinstance(value, bool) or (
+                        isinstance(value, (int, float)) and value <= 0):
+                    raise common.UsageError(f"--resources {path}: {kind}.{key}: {value!r} is not a valid value "
+                                            f"(expected a {'positive number' if key != 'time' and kind_of != str else 'string'})")
+            self.kinds[kind] = {**self.kinds[kind], **settings}
+
+    def of(self, run):
+        return self.kinds[run.kind]
+
+    def estimate(self, run):
+        """(hours of the whole run, its steps, its evaluation interval) by the cost model, or None
+        (tiny models, or a command cost.py does not price)."""
+        if run.estimate is None:
+            import cost
+            run.estimate = cost.run_estimate(run.argv) or ()
+        return run.estimate or None
+
+    def chunk_steps(self, run):
+        """Steps per job for a run too long for its kind's max_hours (whole evaluation intervals),
+        else None."""
+        estimate = self.estimate(run) if run.resumable else None
+        if estimate is None:
+            return None
+        hours, steps, eval_every = estimate
+        budget = self.of(run)["max_hours"] / TIME_MARGIN - 1 / 6
+        if hours <= budget:
+            return None
+        intervals = max(1, int(budget / (hours * eval_every / steps)))
+        return intervals * eval_every
+
+    def job_hours(self, run):
+        """The cost model's hours of one job of the run (a chunk, when it is chunked), or None."""
+        estimate = self.estimate(run)
+        if estimate is None:
+            return None
+        hours, steps, _ = estimate
+        chunk = self.chunk_steps(run)
+        return hours if chunk is None else hours * min(1.0, chunk / steps)
+
+    def minutes(self, run):
+        """The job's time limit in minutes: `time` if given, else the estimate with its margin,
+        within max_hours; None (the scheduler's default) for a run without an estimate."""
+        spec = self.of(run)
+        if "time" in spec:
+            return None
+        hours = self.job_hours(run)
+        if hours is None:
+            return None
+        return math.ceil(min(spec["max_hours"], hours * TIME_MARGIN + 1 / 6) * 60)
+
+    def sbatch_options(self, run):
+        spec, minutes = self.of(run), self.minutes(run)
+        options = []
+        if "partition" in spec:
+            options.append(f"--partition={spec['partition']}")
+        if "time" in spec:
+            options.append(f"--time={spec['time']}")
+        elif minutes is not None:
+            options.append(f"--time={minutes // 60}:{minutes % 60:02d}:00")
+        if "mem" in spec:
+            options.append(f"--mem={spec['mem']}")
+        if "cpus" in spec:
+            options.append(f"--cpus-per-task={spec['cpus']}")
+        if "gpus" in spec:
+            options.append(f"--gres=gpu:{spec['gpus']}")
+        return options + shlex.split(spec.get("extra", ""))
+
+    def variables(self, run):
+        spec, minutes = self.of(run), self.minutes(run)
+        values = {"XLGEN_KIND": run.kind, "XLGEN_TIME_MINUTES": minutes, "XLGEN_PARTITION": spec.get("partition"),
+                  "XLGEN_MEM": spec.get("mem"), "XLGEN_CPUS": spec.get("cpus"), "XLGEN_GPUS": spec.get("gpus")}
+        return {k: str(v) for k, v in values.items() if v is not None}
 
 
 class DryRun(Launcher):
@@ -314,6 +488,8 @@ class Run:
     done_file: str              # the file whose existence says the run is done (results.json, a translation)
     resumable: bool = True
     stage: str = "?"            # the stage of the study that made it (the dry run's cost table)
+    kind: str = "finetune"      # the kind of job (Resources): guard, it, finetune, large, translate
+    estimate: tuple = None      # (hours, steps, evaluation interval) by the cost model, once asked
     attempts: int = 0
     failures: int = 0
     job_id: str = None
@@ -325,17 +501,25 @@ SLURM_ENDED = {"BOOT_FAIL", "CANCELLED", "COMPLETED", "DEADLINE", "FAILED", "NOD
                "PREEMPTED", "REVOKED", "SPECIAL_EXIT", "TIMEOUT"}
 
 
-def slurm_job_state(job_id):
-    """The scheduler's state of a job (PENDING, RUNNING, CANCELLED, ...), "GONE" when squeue no
-    longer knows it, None when squeue cannot be asked."""
+# What sbatch says when a per-user or per-account limit refuses a job (QOS or association limits):
+# not a failure of the run; it is submitted again once some of the study's jobs have ended
+SUBMIT_LIMIT = re.compile(r"MaxSubmitJob|SubmitJobLimit|job submit limit|Job violates accounting/QOS policy|"
+                          r"temporarily unable to accept job", re.IGNORECASE)
+
+
+def slurm_job_states(job_ids):
+    """{job id: the scheduler's state (PENDING, RUNNING, CANCELLED, ...)} of `job_ids`, from one
+    squeue call; "GONE" for a job squeue no longer knows. None when squeue cannot be asked."""
+    job_ids = list(dict.fromkeys(job_ids))
     try:
-        result = subprocess.run(["squeue", "-h", "-j", job_id, "-t", "all", "-o", "%T"], capture_output=True,
-                                text=True, timeout=60)
+        result = subprocess.run(["squeue", "-h", "-j", ",".join(job_ids), "-t", "all", "-o", "%i %T"],
+                                capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.TimeoutExpired):
         return None
     if result.returncode != 0:
-        return "GONE" if "Invalid job id" in result.stderr else None
-    return result.stdout.strip().split()[0] if result.stdout.strip() else "GONE"
+        return {job: "GONE" for job in job_ids} if "Invalid job id" in result.stderr else None
+    known = dict(line.split()[:2] for line in result.stdout.splitlines() if len(line.split()) >= 2)
+    return {job: known.get(job, "GONE") for job in job_ids}
 
 
 def alive(run_dir, timeout):
@@ -402,10 +586,22 @@ def run_wrapped(run_dir, done, command, heartbeat_seconds, in_process):
                     os.utime(heartbeat)
     status = {"returncode": code, "seconds": round(time.time() - start, 1), "done": os.path.exists(done),
               "host": socket.gethostname(), "job_id": os.environ.get("SLURM_JOB_ID")}
+    if code != 0:
+        status["error"] = error_line(os.path.join(run_dir, "run.log"))
     with open(os.path.join(run_dir, "attempts.jsonl"), "a") as history:  # one line per attempt that ended
         history.write(json.dumps(status) + "\n")
     common.write_json(os.path.join(run_dir, "status.json"), status)
     return code
+
+
+def error_line(log_path):
+    """The `error: ...` line a stage script ends with when it refuses its input (a usage or data
+    error, a model not found: common.exits_on_error, argparse), or None: it crashed, was killed or
+    preempted, which a retry may not repeat. Only the attempt's last line counts."""
+    with open(log_path, "rb") as f:
+        f.seek(max(0, os.path.getsize(log_path) - 4096))
+        lines = [line.strip() for line in f.read().decode("utf-8", "replace").splitlines() if line.strip()]
+    return lines[-1] if lines and lines[-1].startswith("error: ") else None
 
 
 # The study's own stage scripts, which the local launcher runs in a forked child instead of a new interpreter

@@ -22,6 +22,7 @@ The loop has one shape (llm.c / nanoGPT style); `step` counts finished updates:
 
 import collections
 import dataclasses
+import filecmp
 import inspect
 import json
 import math
@@ -132,6 +133,9 @@ def add_training_args(parser, max_steps, max_tokens, eval_every):
     p.add_argument("--stop-after-steps", type=common.positive_int, default=None,
                    help="exit after the first checkpoint at least N steps into this session (job time limits: "
                         "each job trains about N steps; the study resubmits with --resume)")
+    p.add_argument("--keep-train-state", action="store_true",
+                   help="keep last/train_state.pt (optimizer, schedule, data position) when the run has finished: "
+                        "extending the run later (--resume --max-steps N) needs it; by default it is removed")
     p.add_argument("--seed", type=common.seed, default=0, help="random seed (data order, dropout, initialisation of added weights)")
     p.add_argument("--eval-max-tokens", type=common.positive_int, default=8000, help="source-token budget of a generation batch")
     p.add_argument("--max-gen-batch-size", type=common.positive_int, default=256, help="most sources in a generation batch")
@@ -207,7 +211,7 @@ def set_rng_state(state):
 # must give the same settings, except those listed here, which only say how far to go or where to
 # run (fairseq and HF would silently mix two runs in one directory).
 RUNTIME_SETTINGS = ("max_steps", "stop_at_step", "stop_after_steps", "resume", "device", "log_every",
-                    "eval_max_tokens", "max_gen_batch_size", "config", "token_cache")
+                    "eval_max_tokens", "max_gen_batch_size", "config", "token_cache", "keep_train_state")
 
 
 def settings_of(args):
@@ -294,11 +298,84 @@ def finished_run(args):
     done_steps = results.get("config", {}).get("max_steps") if isinstance(results, dict) else None
     if done_steps == args.max_steps:
         print(f"{args.out_dir}/results.json exists with the same settings: run already finished, skipped")
+        finish_checkpoints(args.out_dir, results, args.keep_train_state)  # (if a kill came between the two)
         return results
     if done_steps is not None and args.max_steps > done_steps and not args.resume:
         raise UsageError(f"--max-steps {args.max_steps}: the run in {args.out_dir} finished at {done_steps} steps; "
                          f"pass --resume to extend it")
+    state = os.path.join(args.out_dir, "last", "train_state.pt")
+    if done_steps is not None and args.max_steps > done_steps and not os.path.isfile(state):
+        raise UsageError(f"--resume --max-steps {args.max_steps}: the run in {args.out_dir} finished at {done_steps} "
+                         f"steps and its optimizer state was removed then ({state}); a run can be extended only if it "
+                         f"was run with --keep-train-state: run it again with that flag, or start a new run")
     return None
+
+
+def finish_run(args, results, model_name, device):
+    """The end of a finished run: results.json (with how it was made: provenance), then the
+    checkpoints pruned to what a finished run needs (finish_checkpoints)."""
+    results = {**results, "provenance": provenance(model_name, device)}
+    common.write_json(os.path.join(args.out_dir, "results.json"), results)
+    finish_checkpoints(args.out_dir, results, args.keep_train_state)
+    return results
+
+
+def finish_checkpoints(run_dir, results, keep_train_state=False):
+    """A finished run keeps weights only: last/train_state.pt (the AdamW moments: twice the weights)
+    is removed unless keep_train_state; when best/ is the last step, best/'s files become hard links
+    to last/'s identical ones (one copy on disk). Called after results.json is written, so a kill in
+    between leaves a finished run with more on disk, never an unfinished run without its state."""
+    last, best = os.path.join(run_dir, "last"), os.path.join(run_dir, "best")
+    state = os.path.join(last, "train_state.pt")
+    if not keep_train_state and os.path.isfile(state):
+        os.remove(state)
+    if results.get("best_step") != results.get("config", {}).get("max_steps") or not (
+            os.path.isdir(best) and os.path.isdir(last)):
+        return
+    for name in os.listdir(best):
+        ours, theirs = os.path.join(best, name), os.path.join(last, name)
+        if not os.path.isfile(theirs) or os.path.samefile(ours, theirs) or not filecmp.cmp(ours, theirs, shallow=False):
+            continue
+        link = os.path.join(best, f".link-{name}")
+        try:
+            os.link(theirs, link)
+            os.replace(link, ours)
+        except OSError:  # a filesystem without hard links: keep the copy
+            if os.path.exists(link):
+                os.remove(link)
+
+
+def provenance(model_name, device):
+    """How a run was made: the code's git commit (and whether files differed from it), the versions
+    of the requirements (requirements.txt's names), the device, and which weights the model name
+    stood for (models.model_revision)."""
+    import platform
+    import subprocess
+    from importlib import metadata
+    here = os.path.dirname(os.path.abspath(__file__))
+
+    def git(*words):
+        try:
+            out = subprocess.run(["git", "-C", here, *words], capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+    commit = git("rev-parse", "HEAD")
+    versions = {"python": platform.python_version()}
+    with open(os.path.join(here, "requirements.txt"), encoding="utf-8") as f:
+        for line in f:
+            name = line.split("#")[0].split("==")[0].strip()
+            if name:
+                try:
+                    versions[name] = metadata.version(name)
+                except metadata.PackageNotFoundError:
+                    versions[name] = None
+    is_cuda = torch.device(device).type == "cuda"
+    return {"git_commit": commit, "git_dirty": None if commit is None else bool(git("status", "--porcelain",
+                                                                                      "--untracked-files=no")),
+            "versions": versions, "device": torch.cuda.get_device_name(device) if is_cuda else
+            f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+            "model": model_name, "model_revision": models.model_revision(model_name)}
 
 
 class RunLog:

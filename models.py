@@ -407,7 +407,7 @@ def hub_missing_message(name, error):
     first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     why = "HF_HUB_OFFLINE is set" if offline else f"the hub cannot be reached or has no such model ({first})"
     return (f"--model {name}: not in the local hub cache ({os.environ.get('HF_HOME', '~/.cache/huggingface')}) and "
-            f"{why}; on a machine with internet run `hf download {name}` with the same HF_HOME, or give a "
+            f"{why}; on a machine with internet run `python download.py --models {name}` with the same HF_HOME, or give a "
             f"checkpoint directory")
 
 
@@ -464,6 +464,21 @@ def load_tokenizer(name, data_dir=None):
     from transformers import AutoTokenizer
     _quiet_transformers()
     return _load(AutoTokenizer, name, data_dir, "tokenizer")
+
+
+def model_revision(name):
+    """Which weights `name` stands for: the hub commit of the cached snapshot (a hub name), "tiny-vN"
+    (a tiny model, built in-process by this version of models.py), or None (a local directory)."""
+    if name in TINY_MODELS:
+        return f"tiny-v{TINY_VERSION}"
+    if os.path.isdir(name):
+        return None
+    from huggingface_hub import try_to_load_from_cache
+    try:
+        path = try_to_load_from_cache(name, "config.json")
+    except Exception:  # noqa: BLE001 -- not a valid repository name: nothing cached to name
+        return None
+    return os.path.basename(os.path.dirname(path)) if isinstance(path, str) else None
 
 
 def load_model(name, data_dir=None):

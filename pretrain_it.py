@@ -160,7 +160,7 @@ def run(args, files, family):
         return None
     results = {"config": loop.settings_of(args), "best_step": best_step, "best_val_loss": best_loss,
                "checkpoint": os.path.join(run_dir, "last"), "data": summary}
-    common.write_json(os.path.join(run_dir, "results.json"), results)
+    results = loop.finish_run(args, results, args.model, device)  # results.json; checkpoints pruned
     print(f"intermediate-tuned checkpoint: {os.path.join(run_dir, 'last')} (use with finetune.py --init {run_dir})")
     return results
 

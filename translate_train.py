@@ -15,15 +15,26 @@ paragraph structure, and finetune.py trains on the result (`--train-file G --tra
 How the work is organised (so that a long job survives being killed):
 
     examples (paragraphs / articles), in order, in chunks of --chunk-size
-      -> the chunk's sentences, deduplicated, minus those already in the cache
+      -> the chunk's sentences, deduplicated
       -> sorted by length, cut into batches of <= --max-tokens source tokens, beam 4,
          target language forced, output <= ratio * input + offset tokens
-      -> each finished batch is appended to OUT.progress.jsonl (sentence -> translation)
+      -> each finished batch is appended to OUT.progress.jsonl (chunk, sentence -> translation)
       -> each finished example is appended to OUT.progress.jsonl
     all examples done -> OUT written via a temporary file and a rename; progress file removed.
 
-A rerun with the same arguments skips finished examples and cached sentences: a kill loses at most
-the batch in flight, and an existing good OUT is never replaced by a partial one.
+A rerun with the same arguments skips finished examples and batches: a kill loses at most the batch
+in flight, and an existing good OUT is never replaced by a partial one. A batch is made from its
+chunk alone (never from what other chunks did), so each example's translation is the same whether
+the job ran straight, was killed and resumed, or was one shard of many.
+
+A long translation is split into jobs (the study does this; cost.py sizes them):
+
+    python translate_train.py ... --out-file OUT --shard 2/3     # the 2nd third of the chunks -> OUT.shard-2-of-3.jsonl
+    python translate_train.py ... --out-file OUT --merge 3       # the 3 shards -> OUT, byte for byte an unsharded run's
+
+Each shard resumes by itself (its own progress file); the merge checks that every shard was made
+from the same input and settings and that together they hold every example, writes OUT atomically
+and removes the shard files.
 """
 
 import hashlib
@@ -63,9 +74,37 @@ def parse_args(argv=None):
     p.add_argument("--max-length-ratio", type=common.positive_float, default=2.0,
                    help="output tokens <= ratio * input tokens + offset")
     p.add_argument("--max-length-offset", type=common.non_negative_int, default=10, help="see --max-length-ratio")
+    p.add_argument("--shard", type=shard_spec, default=None, metavar="I/N",
+                   help="translate only shard I of N (1 <= I <= N: the I-th of N equal runs of whole chunks) into "
+                        "OUT.shard-I-of-N.jsonl, resumably; --merge N joins the shards")
+    p.add_argument("--merge", type=common.positive_int, default=None, metavar="N",
+                   help="join the N shard files of --out-file into --out-file (exactly the file an unsharded run "
+                        "writes) and remove them; translates nothing")
     p.add_argument("--data-dir", default=data.DEFAULT_DATA_DIR, help="data directory (for tiny models)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     return p.parse_args(argv)
+
+
+def shard_spec(text):
+    """--shard I/N -> (I, N), 1 <= I <= N."""
+    import argparse
+    index, _, count = text.partition("/")
+    try:
+        index, count = int(index), int(count)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected I/N, e.g. 2/3, got {text!r}") from None
+    if not 1 <= index <= count:
+        raise argparse.ArgumentTypeError(f"expected I/N with 1 <= I <= N, got {text!r}")
+    return index, count
+
+
+def shard_chunks(num_chunks, index, count):
+    """The chunk indices of shard `index` of `count` (1-based): consecutive, as equal as can be."""
+    return range((index - 1) * num_chunks // count, index * num_chunks // count)
+
+
+def shard_path(out_file, index, count):
+    return f"{out_file}.shard-{index}-of-{count}.jsonl"
 
 
 # -----------------------------------------------------------------------------
@@ -168,12 +207,15 @@ def check_args(args):
         raise UsageError(f"{source}: is a directory, expected a file")
     if not os.path.isfile(source):
         raise UsageError(f"{source}: file not found")
+    if args.shard and args.merge:
+        raise UsageError("--shard and --merge: give one (translate a shard, or join the shards)")
+    target = shard_path(args.out_file, *args.shard) if args.shard else args.out_file
     common.check_output_file(args.out_file, "--out-file")
-    common.check_output_file(args.out_file + ".progress.jsonl", "--out-file")
+    common.check_output_file(target + ".progress.jsonl", "--out-file")
     source_flag = "--train-file" if args.train_file else "--predictions"
     common.refuse_overwriting_inputs(
-        {f"--out-file {args.out_file}": args.out_file,
-         f"--out-file {args.out_file}: its progress file {args.out_file}.progress.jsonl": args.out_file + ".progress.jsonl"},
+        {f"--out-file {args.out_file}": args.out_file, f"--out-file {args.out_file}: {target}": target,
+         f"--out-file {args.out_file}: its progress file {target}.progress.jsonl": target + ".progress.jsonl"},
         {f"{source_flag} {source}": source})
     return family
 
@@ -225,7 +267,8 @@ UNITS = {"qa": squad_units, "summarization": summarization_units}
 # Progress file
 
 class Progress:
-    """OUT.progress.jsonl: a header with the settings, then sentence and example lines, appended.
+    """OUT.progress.jsonl: a header with the settings, then sentence lines (per chunk: `sentences`
+    is {chunk: {source: translation}}) and example lines, appended.
     A kill can cut the last line anywhere, even inside a UTF-8 character: that line is ignored.
     Any other line that cannot be read is an error naming it."""
 
@@ -264,8 +307,9 @@ class Progress:
                 continue
             if not isinstance(row, dict):
                 raise DataError(f"{self.path}:{i}: not a progress line; {fix}")
-            if row.get("kind") == "sentence" and isinstance(row.get("src"), str) and isinstance(row.get("tgt"), str):
-                self.sentences[row["src"]] = row["tgt"]
+            if row.get("kind") == "sentence" and isinstance(row.get("chunk"), int) and isinstance(row.get("src"), str) \
+                    and isinstance(row.get("tgt"), str):
+                self.sentences.setdefault(row["chunk"], {})[row["src"]] = row["tgt"]
             elif row.get("kind") == "example" and "key" in row and "value" in row:
                 self.examples[row["key"]] = row["value"]
             else:
@@ -281,9 +325,9 @@ class Progress:
             f.flush()
             os.fsync(f.fileno())
 
-    def add_sentences(self, pairs):
-        self.sentences.update(pairs)
-        self._append([{"kind": "sentence", "src": s, "tgt": t} for s, t in pairs.items()])
+    def add_sentences(self, chunk, pairs):
+        self.sentences.setdefault(chunk, {}).update(pairs)
+        self._append([{"kind": "sentence", "chunk": chunk, "src": s, "tgt": t} for s, t in pairs.items()])
 
     def add_example(self, key, value):
         self.examples[key] = value
@@ -300,14 +344,18 @@ def file_digest(path):
 
 # -----------------------------------------------------------------------------
 
-def translate_sentences(model, tokenizer, encoder, sentences, args, device, bar):
-    """Translate unique sentences with length-sorted, token-budget batches; yields {src: tgt} per batch."""
+def translate_sentences(model, tokenizer, encoder, sentences, args, device, bar, done=None):
+    """Translate unique sentences with length-sorted, token-budget batches; yields {src: tgt} per batch.
+    A batch whose sentences are all in `done` (translated before a kill) is skipped: the batches
+    depend on `sentences` only, so a resumed chunk translates what remains exactly as it would have."""
     examples = [data.Example(id=str(i), source=s, target="", src_lang=args.src_lang, tgt_lang=args.tgt_lang)
                 for i, s in enumerate(sentences)]
     encoded = encoder.encode(examples)
     generation = encoder.generation_kwargs(args.tgt_lang)
     lengths = [len(e["input_ids"]) for e in encoded]
     for batch in data.generation_batches(lengths, args.max_tokens):
+        if done and all(sentences[i] in done for i in batch):
+            continue
         longest = max(lengths[i] for i in batch)
         limit = min(encoder.max_target_length, int(args.max_length_ratio * longest) + args.max_length_offset)
         out = loop.generate_batch(model, tokenizer, [encoded[i]["input_ids"] for i in batch], generation, device,
@@ -317,42 +365,98 @@ def translate_sentences(model, tokenizer, encoder, sentences, args, device, bar)
         yield {sentences[i]: " ".join(evaluate.clean_prediction(t)[0].split()) for i, t in zip(batch, texts)}
 
 
+def settings_of(args):
+    """What the progress and shard files record; a resume or a merge must find the same."""
+    return {"model": args.model, "src": args.src_lang, "tgt": args.tgt_lang, "beams": args.num_beams,
+            "input": file_digest(args.train_file or args.predictions), "limit": args.limit,
+            "chunk_size": args.chunk_size, "max_tokens": args.max_tokens,
+            "ratio": args.max_length_ratio, "offset": args.max_length_offset}
+
+
 @common.exits_on_error(interrupted=common.RERUN_HINT)
 def main(args):
     # ---- setup ----
     family = check_args(args)
     common.print_settings(vars(args))
     units, segments_of, rebuild, write = load_units(args)
-    settings = {"model": args.model, "src": args.src_lang, "tgt": args.tgt_lang, "beams": args.num_beams,
-                "input": file_digest(args.train_file or args.predictions),
-                "ratio": args.max_length_ratio, "offset": args.max_length_offset}
+    settings = settings_of(args)
+    chunks = [units[start:start + args.chunk_size] for start in range(0, len(units), args.chunk_size)]
+    if args.merge:
+        return merge(args, units, settings, write)
+    if args.shard and args.shard[1] > len(chunks):
+        raise UsageError(f"--shard {args.shard[0]}/{args.shard[1]}: the input has {len(chunks)} chunks of "
+                         f"--chunk-size {args.chunk_size} examples; give at most {len(chunks)} shards")
+    target = shard_path(args.out_file, *args.shard) if args.shard else args.out_file
+    selected = shard_chunks(len(chunks), *args.shard) if args.shard else range(len(chunks))
+    if args.shard and os.path.isfile(target):
+        print(f"{target} exists: shard {args.shard[0]} of {args.shard[1]} already done, skipped")
+        return
     device = loop.pick_device(args.device)
     tokenizer = models.load_tokenizer(args.model, args.data_dir)
     model = models.load_model(args.model, args.data_dir).to(device).eval()
-    progress = Progress(args.out_file, settings)  # (once the model is there: a failure before leaves no file)
+    progress = Progress(target, settings)  # (once the model is there: a failure before leaves no file)
     encoder = models.Seq2SeqEncoder(tokenizer, family, models.max_length(model.config), models.max_length(model.config))
-    todo = [u for u in units if u["key"] not in progress.examples]
-    print(f"{len(units)} examples, {len(units) - len(todo)} already done; "
-          f"{len(progress.sentences)} sentences cached in {progress.path}")
+    mine = [u for k in selected for u in chunks[k]]
+    print(f"{len(mine)} examples" + (f" (shard {args.shard[0]} of {args.shard[1]}: chunks {selected.start}-"
+                                     f"{selected.stop - 1} of {len(chunks)})" if args.shard else "")
+          + f", {sum(u['key'] in progress.examples for u in mine)} already done; "
+          f"{sum(map(len, progress.sentences.values()))} sentences cached in {progress.path}")
 
     # ---- translation, chunk by chunk ----
-    all_sentences = {s for u in todo for s in segments_of(u)} - set(progress.sentences)
-    bar = tqdm(total=len(all_sentences), desc=f"translate {args.src_lang}->{args.tgt_lang}", unit="sent",
-               dynamic_ncols=True, file=sys.stderr)
-    for start in range(0, len(todo), args.chunk_size):
-        chunk = todo[start:start + args.chunk_size]
-        needed = list(dict.fromkeys(s for u in chunk for s in segments_of(u) if s not in progress.sentences))
+    todo_chunks = [k for k in selected if any(u["key"] not in progress.examples for u in chunks[k])]
+    sentences_of = {k: list(dict.fromkeys(s for u in chunks[k] for s in segments_of(u))) for k in todo_chunks}
+    bar = tqdm(total=sum(len(v) - len(set(v) & set(progress.sentences.get(k, {}))) for k, v in sentences_of.items()),
+               desc=f"translate {args.src_lang}->{args.tgt_lang}", unit="sent", dynamic_ncols=True, file=sys.stderr)
+    for k in todo_chunks:
         with torch.no_grad():
-            for translated in translate_sentences(model, tokenizer, encoder, needed, args, device, bar):
-                progress.add_sentences(translated)
-        for unit in chunk:
-            progress.add_example(unit["key"], rebuild(unit, progress.sentences, args.tgt_lang))
+            for translated in translate_sentences(model, tokenizer, encoder, sentences_of[k], args, device, bar,
+                                                  done=progress.sentences.get(k)):
+                progress.add_sentences(k, translated)
+        for unit in chunks[k]:
+            if unit["key"] not in progress.examples:
+                progress.add_example(unit["key"], rebuild(unit, progress.sentences.get(k, {}), args.tgt_lang))
     bar.close()
 
     # ---- the output file, atomically ----
-    write(progress.examples)
+    if args.shard:
+        common.write_jsonl(target, [{"kind": "shard", "shard": list(args.shard), "settings": settings}]
+                           + [{"key": u["key"], "value": progress.examples[u["key"]]} for u in mine])
+    else:
+        write(progress.examples)
     os.remove(progress.path)
-    print(f"wrote {args.out_file}")
+    print(f"wrote {target}")
+
+
+def merge(args, units, settings, write):
+    """--merge N: the N shard files -> --out-file, the file an unsharded run writes; then the shards
+    are removed. Every shard must be there, made from the same input and settings."""
+    count = args.merge
+    paths = [shard_path(args.out_file, i, count) for i in range(1, count + 1)]
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise UsageError(f"--merge {count}: {len(missing)} of the {count} shards are not there (e.g. {missing[0]}); "
+                         f"translate them first (--shard I/{count})")
+    rebuilt = {}
+    for i, path in enumerate(paths, 1):
+        rows = [row for _, row in data.jsonl_objects(path, "shard of a translation")]
+        header = rows[0] if rows else None
+        if not isinstance(header, dict) or header.get("kind") != "shard" or header.get("shard") != [i, count]:
+            raise DataError(f"{path}:1: not the header of shard {i} of {count}; translate that shard again")
+        if header.get("settings") != settings:
+            changed = sorted(k for k in set(settings) | set(header.get("settings") or {})
+                             if (header.get("settings") or {}).get(k) != settings.get(k))
+            raise DataError(f"{path}: made with other settings or input ({', '.join(changed)}); translate that shard "
+                            f"again with these")
+        for row in rows[1:]:
+            rebuilt[row["key"]] = row["value"]
+    missing = [u["key"] for u in units if u["key"] not in rebuilt]
+    if missing:
+        raise DataError(f"--merge {count}: the shards lack {len(missing)} of the {len(units)} examples (e.g. "
+                        f"{missing[0]}); translate the shards again")
+    write(rebuilt)
+    for path in paths:
+        os.remove(path)
+    print(f"wrote {args.out_file} from {count} shards")
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ SlurmctldPidFile={root}/slurmctld.pid
 SlurmdPidFile={root}/slurmd.pid
 SlurmctldLogFile={root}/slurmctld.log
 SlurmdLogFile={root}/slurmd.log
-AccountingStorageType=accounting_storage/none
+{accounting}
 JobCompType=jobcomp/none
 KillWait=5
 MinJobAge=600
@@ -43,8 +43,34 @@ PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP
 """
 
 
-def available():
-    return all(shutil.which(tool) for tool in ("munged", "slurmctld", "slurmd", "sbatch", "squeue", "scancel"))
+# With accounting (Cluster(max_submit_jobs=N)): slurmdbd on a MariaDB server of its own, and slurmctld
+# enforcing the association limits, so that sbatch refuses a user's job beyond N pending or running
+DBD_CONF = """\
+AuthType=auth/munge
+AuthInfo=socket={root}/munge.socket
+DbdHost=localhost
+DbdPort={dbd_port}
+SlurmUser=root
+StorageType=accounting_storage/mysql
+StorageHost=127.0.0.1
+StoragePort={db_port}
+StorageUser=root
+StorageLoc=slurm_acct_db
+PidFile={root}/slurmdbd.pid
+LogFile={root}/slurmdbd.log
+"""
+ACCOUNTING = """\
+AccountingStorageType=accounting_storage/slurmdbd
+AccountingStorageHost=localhost
+AccountingStoragePort={dbd_port}
+AccountingStoragePass={root}/munge.socket
+AccountingStorageEnforce=associations,limits"""
+
+
+def available(accounting=False):
+    tools = ["munged", "slurmctld", "slurmd", "sbatch", "squeue", "scancel"]
+    tools += ["slurmdbd", "sacctmgr", "mariadbd", "mariadb-install-db"] if accounting else []
+    return all(shutil.which(tool) for tool in tools)
 
 
 def _free_port():
@@ -53,11 +79,22 @@ def _free_port():
         return s.getsockname()[1]
 
 
+def _wait_for_port(port, log, timeout=60):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.3)
+    raise RuntimeError(f"nothing listens on port {port} after {timeout} s; see {log}")
+
+
 class Cluster:
     """Start with `Cluster(directory).start()`; `env` is the environment the SLURM commands need."""
 
-    def __init__(self, root):
+    def __init__(self, root, max_submit_jobs=None):
         self.root = str(root)
+        self.max_submit_jobs = max_submit_jobs
         self.processes = []
         self.env = dict(os.environ, SLURM_CONF=os.path.join(self.root, "slurm.conf"))
 
@@ -67,8 +104,11 @@ class Cluster:
             os.makedirs(os.path.join(self.root, sub), exist_ok=True)
         node = subprocess.run(["slurmd", "-C"], capture_output=True, text=True, check=True).stdout.splitlines()[0]
         node += " NodeAddr=127.0.0.1 State=UNKNOWN"
+        dbd_port = _free_port()
+        accounting = ACCOUNTING.format(dbd_port=dbd_port, root=self.root) if self.max_submit_jobs else "AccountingStorageType=accounting_storage/none"
         with open(self.env["SLURM_CONF"], "w") as f:
-            f.write(CONF.format(host=host, root=self.root, node=node, ctld_port=_free_port(), slurmd_port=_free_port()))
+            f.write(CONF.format(host=host, root=self.root, node=node, ctld_port=_free_port(), slurmd_port=_free_port(),
+                                accounting=accounting))
         # munge, entirely in the temporary directory: its own key, socket, pid, log and seed files
         subprocess.run(["mungekey", "--create", "--keyfile", os.path.join(self.root, "munge.key")], check=True,
                        capture_output=True)
@@ -76,6 +116,8 @@ class Cluster:
         subprocess.run(["munged", "--force", f"--socket={self.root}/munge.socket", f"--key-file={self.root}/munge.key",
                         f"--pid-file={self.root}/munged.pid", f"--log-file={self.root}/munged.log",
                         f"--seed-file={self.root}/munged.seed"], check=True, capture_output=True)
+        if self.max_submit_jobs:
+            self._start_accounting(dbd_port)
         self.processes.append(subprocess.Popen(["slurmctld", "-D", "-i", "-f", self.env["SLURM_CONF"]], env=self.env,
                                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         time.sleep(1)
@@ -89,6 +131,29 @@ class Cluster:
             time.sleep(0.5)
         self.stop()
         raise RuntimeError(f"the SLURM node did not come up (sinfo says {state!r}); see {self.root}/slurmctld.log")
+
+    def _start_accounting(self, dbd_port):
+        """MariaDB (its own data directory and port, no grant tables: a throwaway database), slurmdbd,
+        then the cluster, and this user's limit MaxSubmitJobs."""
+        db, db_port = os.path.join(self.root, "db"), _free_port()
+        subprocess.run(["mariadb-install-db", f"--datadir={db}", "--user=root", "--auth-root-authentication-method=normal"],
+                       check=True, capture_output=True)
+        self.processes.append(subprocess.Popen(
+            ["mariadbd", f"--datadir={db}", "--user=root", f"--port={db_port}", "--bind-address=127.0.0.1",
+             f"--socket={self.root}/mysqld.sock", f"--pid-file={self.root}/mysqld.pid", "--skip-grant-tables",
+             f"--log-error={self.root}/mysqld.log"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        _wait_for_port(db_port, f"{self.root}/mysqld.log")
+        path = os.path.join(self.root, "slurmdbd.conf")
+        with open(path, "w") as f:
+            f.write(DBD_CONF.format(root=self.root, dbd_port=dbd_port, db_port=db_port))
+        os.chmod(path, 0o600)  # slurmdbd refuses a configuration others can read
+        self.processes.append(subprocess.Popen(["slurmdbd", "-D"], env=self.env,  # (reads SLURM_CONF's directory)
+                                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        _wait_for_port(dbd_port, f"{self.root}/slurmdbd.log")
+        # (adding the cluster gives user root an association in account root: the limit goes there)
+        for words in (["add", "cluster", "xlgen"],
+                      ["modify", "user", "where", "name=root", "set", f"MaxSubmitJobs={self.max_submit_jobs}"]):
+            subprocess.run(["sacctmgr", "-i", *words], env=self.env, check=True, capture_output=True)
 
     def jobs(self):
         """{job id: state} of every job slurmctld still knows (MinJobAge keeps finished ones)."""

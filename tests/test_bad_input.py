@@ -210,6 +210,27 @@ case("translate progress line without its fields", translate_train, "o.json.prog
 case("translate an mT5 model", translate_train, "is an mT5 model, not a translation model")(
     lambda w, t: ["--model", "tiny-mt5", "--data-dir", DATA_DIR, "--task", "xquad", "--train-file", STANDIN,
                   "--tgt-lang", "fr", "--out-file", os.path.join(t, "o.json")])
+case("translate --shard 4/3", translate_train, "argument --shard: expected I/N with 1 <= I <= N, got '4/3'")(
+    lambda w, t: TRANSLATE + ["--shard", "4/3", "--out-file", os.path.join(t, "o.json")])
+case("translate --shard and --merge", translate_train, "--shard and --merge: give one")(
+    lambda w, t: TRANSLATE + ["--shard", "1/3", "--merge", "3", "--out-file", os.path.join(t, "o.json")])
+case("translate more shards than chunks", translate_train, "the input has 1 chunks of --chunk-size 64 examples; give at most 1")(
+    lambda w, t: TRANSLATE + ["--limit", "3", "--shard", "1/2", "--out-file", os.path.join(t, "o.json")])
+case("translate --merge without the shards", translate_train, "2 of the 2 shards are not there")(
+    lambda w, t: TRANSLATE + ["--limit", "3", "--merge", "2", "--out-file", os.path.join(t, "o.json")])
+case("study --resources of an unknown kind", study, "resources.json: unknown kind of job 'gpu'; the kinds are guard, it")(
+    lambda w, t: ["it", "--out-dir", os.path.join(t, "s"), "--resources", write(os.path.join(t, "resources.json"),
+                                                                                  '{"gpu": {"max_hours": 4}}')])
+case("study --resources with a negative max_hours", study, "resources.json: finetune.max_hours: -1 is not a valid value")(
+    lambda w, t: ["it", "--out-dir", os.path.join(t, "s"), "--resources", write(os.path.join(t, "resources.json"),
+                                                                                  '{"finetune": {"max_hours": -1}}')])
+case("study --resources with an unknown setting", study, "resources.json: it.memory: unknown setting")(
+    lambda w, t: ["it", "--out-dir", os.path.join(t, "s"), "--resources", write(os.path.join(t, "resources.json"),
+                                                                                  '{"it": {"memory": "8G"}}')])
+case("study --resources that does not exist", study, "nope.json: file not found")(
+    lambda w, t: ["it", "--out-dir", os.path.join(t, "s"), "--resources", os.path.join(t, "nope.json")])
+case("download --models with --tasks xquad", download, "--models: only with --tasks models")(
+    lambda w, t: ["--data-dir", t, "--tasks", "xquad", "--models", "google/mt5-base"])
 
 # ---- study.py, report.py, download.py, adapt.py, models.py
 case("report with a truncated plan.json", report, "plan.json:1: invalid plan.json")(
@@ -454,9 +475,9 @@ def progress_missing_field(tmp):
     """A progress file whose header matches, then a line that lost its fields."""
     out = os.path.join(tmp, "o.json")
     settings = {"model": "tiny-nllb", "src": "en", "tgt": "fr", "beams": 4, "input": translate_train.file_digest(STANDIN),
-                "ratio": 2.0, "offset": 10}
+                "limit": 3, "chunk_size": 64, "max_tokens": 4000, "ratio": 2.0, "offset": 10}
     write(out + ".progress.jsonl", json.dumps({"kind": "header", "settings": settings}) + "\n"
-          + json.dumps({"kind": "sentence", "src": "Hello."}) + "\n")
+          + json.dumps({"kind": "sentence", "chunk": 0, "src": "Hello."}) + "\n")
     return out
 
 

@@ -159,7 +159,7 @@ def test_slurm_cancelled_job_resumes_bitwise_and_a_time_limit_is_beaten_by_chunk
 
 
 @pytest.mark.slow
-def test_slurm_a_failing_run_is_retried_then_reported_and_its_cell_marked(cluster, tmp_path, monkeypatch, capsys):
+def test_slurm_a_failing_run_is_reported_without_retry_and_its_cell_marked(cluster, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("LAUNCH", "sbatch --wrap")
     s = make_study(tmp_path, max_retries=1)
     root = tmp_path / "study"
@@ -172,9 +172,10 @@ def test_slurm_a_failing_run_is_retried_then_reported_and_its_cell_marked(cluste
                       plr=1e-3)
     s.execute(runs)
     out = capsys.readouterr().out
-    assert (good / "results.json").exists() and len(history(bad)) == 2  # one try and one retry
-    assert f"RETRY runs/xquad/tiny-mt5/adapters-lr0.001: failed (exit 1); retry 1 of 1 -- log: {bad / 'run.log'}" in out
-    assert f"FAILED (exit 1): runs/xquad/tiny-mt5/adapters-lr0.001 -- failed (exit 1) after 2 attempts -- log: {bad / 'run.log'}" in out
+    assert (good / "results.json").exists() and len(history(bad)) == 1  # a data error: the same on a retry
+    assert "RETRY" not in out
+    assert (f"FAILED (exit 1): runs/xquad/tiny-mt5/adapters-lr0.001 -- error (exit 1): {tmp_path / 'missing.json'}: file "
+            f"not found (not retried: a usage or data error, the same on every attempt) -- log: {bad / 'run.log'}") in out
     assert [d for d, _ in s.failures] == [str(bad)] and "missing.json: file not found" in open(bad / "run.log").read()
     common_chosen = {"xquad/tiny-mt5/full": {"runs": [str(good)], "lr": 1e-3, "it": False, "plr": 1e-3, "val_metric": 0.0},
                      "xquad/tiny-mt5/adapters": {"runs": [str(bad)], "lr": 1e-3, "it": False, "plr": 1e-3, "val_metric": None}}
@@ -229,3 +230,96 @@ def test_local_sigkilled_run_is_found_dead_and_resumed_bitwise(tmp_path, monkeyp
     assert len(history(a)) == 1  # the killed attempt left no status; the second one did
     reference.join(timeout=300)
     assert equal(weights(a), weights(tmp_path / "a-straight"))
+
+
+# ----------------------------------------------------------------------------- translation shards, a submit limit
+
+STANDIN = os.path.join(DATA_DIR, "squad", "train-standin-v1.1.json.gz")
+
+
+@pytest.mark.slow
+def test_slurm_a_translation_in_three_shards_one_cancelled_merges_into_the_unsharded_file(cluster, tmp_path, monkeypatch,
+                                                                                          capsys):
+    """The study's translate path (Study.translation, execute_translations) with 3 shards as 3 SLURM
+    jobs: shard 2 is cancelled with scancel after its first example, resubmitted, resumes from its
+    progress file; the shards are merged into the file an unsharded run writes, byte for byte. The
+    jobs ask for the translate kind's resources (--resources: time limit, CPUs)."""
+    models.resolve("tiny-nllb", DATA_DIR)
+    out = str(tmp_path / "study" / "translated" / "xquad.de.json")
+    argv = [sys.executable, os.path.join(REPO, "translate_train.py"), "--model", "tiny-nllb", "--task", "xquad",
+            "--train-file", STANDIN, "--tgt-lang", "de", "--limit", "300", "--chunk-size", "1", "--num-beams", "1",
+            "--max-length-ratio", "0.5", "--data-dir", DATA_DIR, "--out-file", out]  # 15 paragraphs, ~20 s
+    straight = str(tmp_path / "straight.json")
+    subprocess.run(argv[:-1] + [straight], check=True, capture_output=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    monkeypatch.setenv("LAUNCH", "sbatch --wrap")
+    resources = tmp_path / "resources.json"  # the translate kind's time limit and CPUs, as a cluster would give them
+    resources.write_text(json.dumps({"translate": {"time": "0:20:00", "cpus": 1}}))
+    s = make_study(tmp_path, translate_shards=3, heartbeat_timeout=60, resources=resources)
+    runs, count = s.translation("xquad.de", argv, out, "translate-data")
+    assert count == 3 and [r.argv[-2:] for r in runs] == [["--shard", f"{i}/3"] for i in (1, 2, 3)]
+    thread, _ = in_background(s.execute_translations, [(argv, out, runs, count)])
+    second = runs[1]
+    progress = second.done_file + ".progress.jsonl"
+    wait_for(lambda: os.path.exists(progress) and '"kind": "example"' in open(progress).read(), 180,
+             "shard 2's first example")
+    job = json.loads(open(os.path.join(second.dir, "started.json")).read())["job_id"]
+    limits = subprocess.run(["squeue", "-h", "-j", job, "-o", "%l %C"], env=cluster.env, capture_output=True, text=True)
+    assert limits.stdout.split() == ["20:00", "1"]  # the scheduler got the kind's resources
+    subprocess.run(["scancel", job], check=True, env=cluster.env)
+    thread.join(timeout=600)
+    assert not thread.is_alive()
+    printed = capsys.readouterr().out
+    assert s.failures == [] and f"RETRY runs/translate/xquad.de.shard-2-of-3: failed (exit -{signal.SIGTERM.value})" in printed
+    log = open(os.path.join(second.dir, "run.log")).read()
+    assert log.count("$ ") == 2 and "already done" in log.split("$ ")[-1]
+    resumed = int(log.split("$ ")[-1].split(" already done")[0].split(", ")[-1])
+    assert 1 <= resumed < 5  # the second attempt went on from the first one's examples (of 5)
+    assert open(out, "rb").read() == open(straight, "rb").read()
+    assert not any(os.path.exists(r.done_file) for r in runs)  # the merge removed the shards
+
+
+@pytest.fixture
+def limited_cluster(tmp_path_factory, monkeypatch):
+    """A second real SLURM, with accounting (slurmdbd on MariaDB) and MaxSubmitJobs=2 for this user."""
+    if not slurm_cluster.available(accounting=True):
+        pytest.skip("SLURM accounting is not installed (.ci/run installs slurmdbd and mariadb-server)")
+    cluster = slurm_cluster.Cluster(tmp_path_factory.mktemp("slurm-limited"), max_submit_jobs=2).start()
+    monkeypatch.setenv("SLURM_CONF", cluster.env["SLURM_CONF"])
+    yield cluster
+    cluster.stop()
+
+
+def test_slurm_a_submit_limit_is_waited_out_and_max_queued_stays_under_it(limited_cluster, tmp_path, monkeypatch, capsys):
+    """MaxSubmitJobs=2, five runs: sbatch refuses the third submission (AssocMaxSubmitJobLimit); the
+    study defers it and submits again as jobs end: all five complete, none failed, and squeue never
+    shows more than 2 of them. With --max-queued 2 the study never meets the refusal."""
+    monkeypatch.setenv("LAUNCH", "sbatch --wrap")
+    seen, watching = [], threading.Event()
+
+    def sample():
+        while not watching.is_set():
+            seen.append(sum(state in ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING")
+                            for state in limited_cluster.jobs().values()))
+            time.sleep(0.2)
+    for phase, flags in (("refused", {}), ("throttled", {"max_queued": 2})):
+        s = make_study(tmp_path / phase, **flags)
+        runs = []
+        for i in range(5):
+            d = tmp_path / phase / f"r{i}"
+            write = f"import json, time; time.sleep(2); json.dump({{}}, open({str(d / 'results.json')!r}, 'w'))"
+            runs.append(launch.Run(str(d), [sys.executable, "-c", write], str(d / "results.json")))
+        seen.clear()
+        watching.clear()
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        s.execute(runs)
+        watching.set()
+        sampler.join()
+        out = capsys.readouterr().out
+        assert s.failures == [] and all(os.path.exists(r.done_file) for r in runs), out
+        assert max(seen) == 2, seen
+        deferred = out.count("deferred: sbatch says: sbatch: error: AssocMaxSubmitJobLimit")
+        if phase == "refused":
+            assert deferred >= 1, out
+        else:
+            assert deferred == 0, out

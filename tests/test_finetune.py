@@ -10,6 +10,7 @@ import time
 
 import pytest
 import torch
+import transformers
 from safetensors.torch import load_file
 
 import adapt
@@ -51,8 +52,9 @@ CASES = [(list(FAMILIES)[i % 3], method, task) for i, method in enumerate(adapt.
 def test_every_method_produces_the_run_directory(name, method, task, tmp_path):
     results = run_finetune(tmp_path, task=task, method=method, model=name)
     for path in ("args.json", "log.jsonl", "eval/step_10.json", "eval/step_20.json", "results.json",
-                 "last/train_state.pt", "last/tokenizer.json", "best/tokenizer.json"):
+                 "last/tokenizer.json", "best/tokenizer.json"):
         assert (tmp_path / path).exists(), path
+    assert not (tmp_path / "last" / "train_state.pt").exists()  # a finished run keeps weights only
     weights = "adapter_model.safetensors" if adapt.saves_added_weights(method) else "model.safetensors"
     assert (tmp_path / "last" / weights).exists() and (tmp_path / "best" / weights).exists()
     log = steps(tmp_path)
@@ -418,13 +420,43 @@ def test_resolved_settings_are_printed_and_args_json_reruns_the_run(tmp_path, ca
 
 @pytest.mark.slow
 def test_resume_with_more_steps_extends_a_finished_run_bitwise(tmp_path, capsys):
+    """With --keep-train-state a finished run can be extended, bit for bit; without it the optimizer
+    state is gone, and asking to extend says which flag it needed."""
     run_finetune(tmp_path / "straight", "--max-steps", "20")
-    first = run_finetune(tmp_path / "ext", "--max-steps", "10")
+    first = run_finetune(tmp_path / "ext", "--max-steps", "10", "--keep-train-state")
     assert first["config"]["max_steps"] == 10 and (tmp_path / "ext" / "results.json").exists()
-    again = run_finetune(tmp_path / "ext", "--max-steps", "10")          # same settings: skipped
+    assert (tmp_path / "ext" / "last" / "train_state.pt").exists()
+    again = run_finetune(tmp_path / "ext", "--max-steps", "10", "--keep-train-state")  # same settings: skipped
     assert again == first and "run already finished, skipped" in capsys.readouterr().out
-    extended = run_finetune(tmp_path / "ext", "--max-steps", "20", "--resume")
+    pruned = run_finetune(tmp_path / "pruned", "--max-steps", "10")
+    assert not (tmp_path / "pruned" / "last" / "train_state.pt").exists() and pruned["best_step"] in (5, 10)
+    with pytest.raises(SystemExit) as e:
+        run_finetune(tmp_path / "pruned", "--max-steps", "20", "--resume")
+    assert "was run with --keep-train-state" in str(e.value) and str(e.value).startswith("error: ")
+    extended = run_finetune(tmp_path / "ext", "--max-steps", "20", "--resume", "--keep-train-state")
     assert _equal(_weights(tmp_path / "straight" / "last"), _weights(tmp_path / "ext" / "last"))
     assert extended["config"]["max_steps"] == 20 and loop.load_train_state(str(tmp_path / "ext" / "last"))["step"] == 20
     assert [r["step"] for r in steps(tmp_path / "ext")] == [5, 10, 15, 20]
     assert json.loads((tmp_path / "ext" / "args.json").read_text())["max_steps"] == 20
+
+
+@pytest.mark.slow
+def test_a_finished_run_keeps_one_copy_of_its_weights_and_says_how_it_was_made(tmp_path):
+    """The optimizer state is removed at the end; when the best step is the last, best/ and last/
+    are the same files on disk (hard links, equal bytes); results.json records the commit of the
+    code, the requirements' versions, the device and the model's revision."""
+    results = run_finetune(tmp_path / "run", "--max-steps", "10", "--eval-every", "10")  # one evaluation: best = last
+    run = tmp_path / "run"
+    assert results["best_step"] == 10 and not (run / "last" / "train_state.pt").exists()
+    for name in ("model.safetensors", "tokenizer.json", "config.json"):
+        assert os.path.samefile(run / "best" / name, run / "last" / name), name
+    assert _equal(_weights(run / "best"), _weights(run / "last"))
+    loaded = adapt.load(str(run / "best"))  # a linked checkpoint loads like any other
+    assert sum(p.numel() for p in loaded.parameters()) > 0
+    made = json.loads((run / "results.json").read_text())["provenance"]
+    head = subprocess.run(["git", "-C", REPO, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert made["git_commit"] == (head or None)
+    assert made["versions"]["torch"] == torch.__version__
+    assert made["versions"]["transformers"] == transformers.__version__ and made["versions"]["pytest"] == pytest.__version__
+    assert made["device"].startswith("cpu") and made["model"] == "tiny-mt5"
+    assert made["model_revision"] == f"tiny-v{models.TINY_VERSION}"

@@ -214,3 +214,39 @@ def test_a_progress_line_cut_inside_a_utf8_character_is_ignored(tmp_path, monkey
     run(*common, "--out-file", str(tmp_path / "cut.jsonl"))
     assert (tmp_path / "cut.jsonl").read_bytes() == (tmp_path / "straight.jsonl").read_bytes()
     assert not progress.exists()
+
+
+def test_shards_merge_into_exactly_the_unsharded_file(tmp_path, monkeypatch, capsys):
+    """A translation in 3 shards, the second interrupted after 2 examples and run again, merged:
+    the same bytes as one unsharded run. The merge refuses a missing shard and one made from other
+    settings, and removes the shards once it has written the file."""
+    common = ["--task", "xquad", "--train-file", STANDIN, "--tgt-lang", "de", "--limit", "150", "--chunk-size", "1"]
+    run(*common, "--out-file", str(tmp_path / "straight.json"))
+    out = str(tmp_path / "sharded.json")
+    for i in (1, 3):
+        run(*common, "--out-file", out, "--shard", f"{i}/3")
+    with pytest.raises(SystemExit) as e:
+        run(*common, "--out-file", out, "--merge", "3")
+    assert "1 of the 3 shards are not there" in str(e.value) and f"{out}.shard-2-of-3.jsonl" in str(e.value)
+    Counter(monkeypatch, stop_after_examples=2)
+    with pytest.raises(SystemExit, match="^130$"):
+        run(*common, "--out-file", out, "--shard", "2/3")
+    monkeypatch.undo()
+    assert not os.path.exists(f"{out}.shard-2-of-3.jsonl") and os.path.exists(f"{out}.shard-2-of-3.jsonl.progress.jsonl")
+    run(*common, "--out-file", out, "--shard", "2/3")
+    shards = [f"{out}.shard-{i}-of-3.jsonl" for i in (1, 2, 3)]
+    keys = [[json.loads(line)["key"] for line in open(path).readlines()[1:]] for path in shards]
+    assert all(keys) and sum(map(len, keys)) == len({k for ks in keys for k in ks})  # disjoint, none empty
+    # a shard made from another input (here: another --limit) is refused by name
+    run("--task", "xquad", "--train-file", STANDIN, "--tgt-lang", "de", "--limit", "60", "--chunk-size", "1",
+        "--out-file", str(tmp_path / "other.json"), "--shard", "1/3")
+    good = open(shards[0], "rb").read()
+    os.replace(f"{tmp_path / 'other.json'}.shard-1-of-3.jsonl", shards[0])
+    with pytest.raises(SystemExit) as e:
+        run(*common, "--out-file", out, "--merge", "3")
+    assert f"{shards[0]}: made with other settings or input (limit)" in str(e.value)
+    with open(shards[0], "wb") as f:
+        f.write(good)
+    run(*common, "--out-file", out, "--merge", "3")
+    assert open(out, "rb").read() == (tmp_path / "straight.json").read_bytes()
+    assert not any(os.path.exists(path) for path in shards)
