@@ -6,8 +6,10 @@ heartbeats, retries and resumption; or not at all (the dry run records and print
 study.py decides which runs the protocol needs and hands them to a launcher (`Launcher.execute`);
 this module is the only one that knows how a command is run. Without LAUNCH, runs go one after
 another here, each forked from a forkserver that has torch and the stages imported (run_local).
-With LAUNCH (e.g. "sbatch --gres=gpu:1 --wrap"), a stage submits `LAUNCH '<command>'` for all its
-runs at once and watches them. The dry run (DryRun) prints each command once and answers the
+With LAUNCH (e.g. "sbatch --gres=gpu:1 --wrap"), a stage submits `LAUNCH '<command>'` for its runs
+(at most --max-queued at a time; a submission refused for the scheduler's submit limit is tried
+again later), each job with its kind's resources (Resources: --resources, the cost model's time),
+and watches them with one squeue call per poll. The dry run (DryRun) prints each command once and answers the
 protocol's questions about results with made-up scores, so the plan shows the search's usual course.
 
 Each command runs inside `launch.py exec`, which leaves in the run directory:
@@ -23,7 +25,8 @@ A stage reads them at every poll: status.json says done, stopped (exit 0 before 
 --chunk-steps) or failed; a started run whose heartbeat is older than --heartbeat-timeout, or whose
 job the scheduler reports ended (cancelled, timed out, preempted, out of memory, node failure)
 without a status, is dead. Stopped runs are resubmitted with --resume; dead and failed ones too, at
-most --max-retries times, then reported failed with their log. A submission the launcher refuses
+most --max-retries times, then reported failed with their log; a run that ended with an `error:`
+line (a usage or data error: the same on every attempt) is reported at once. A submission the launcher refuses
 (bad partition, quota, no sbatch) is reported at once with the scheduler's message. No wait is
 endless: a stage gives up on what is not finished after --max-wait hours, and prints what it is
 waiting for (running, queued, done, failed) at most once a minute.

@@ -9,7 +9,8 @@
 
 Stages (run_all.sh lists them; `python study.py all` runs them in this order, STAGES below):
   guard      each model learns to reproduce a few English examples through the real generation,
-             clean-up and scoring path (F1 >= 90, ROUGE-2 >= 80), or the study reports it broken
+             clean-up and scoring path (F1 >= 90, ROUGE-2 >= 80), or the study stops here, exit 1,
+             naming the guard's logs (--skip-guard: go on regardless)
   it         intermediate tuning (Prefix-LM) of every model, once per model
   lr-search  per task x model, the LR search of every method with its own (adapt.searched_methods();
              the paper's: full finetuning, adapters, prompt tuning), without IT: {1e-3, 1e-4, 1e-5}, extended to 1e-2, 1e-1 or 1e-6, 1e-7 while the average

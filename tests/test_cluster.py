@@ -7,6 +7,7 @@ runs: cancelled jobs, killed processes, time limits, failing commands and refuse
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -292,8 +293,15 @@ def limited_cluster(tmp_path_factory, monkeypatch):
 def test_slurm_a_submit_limit_is_waited_out_and_max_queued_stays_under_it(limited_cluster, tmp_path, monkeypatch, capsys):
     """MaxSubmitJobs=2, five runs: sbatch refuses the third submission (AssocMaxSubmitJobLimit); the
     study defers it and submits again as jobs end: all five complete, none failed, and squeue never
-    shows more than 2 of them. With --max-queued 2 the study never meets the refusal."""
+    shows more than 2 of them. With --max-queued 2 the study never meets the refusal. Each poll asks
+    squeue once about all the stage's jobs."""
     monkeypatch.setenv("LAUNCH", "sbatch --wrap")
+    calls = tmp_path / "squeue.calls"  # the study's squeue calls, through a shim that logs them and runs squeue
+    shim = tmp_path / "bin" / "squeue"
+    shim.parent.mkdir()
+    shim.write_text(f"#!/bin/sh\necho \"$*\" >> {calls}\nexec {shutil.which('squeue')} \"$@\"\n")
+    shim.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{shim.parent}{os.pathsep}{os.environ['PATH']}")
     seen, watching = [], threading.Event()
 
     def sample():
@@ -323,3 +331,6 @@ def test_slurm_a_submit_limit_is_waited_out_and_max_queued_stays_under_it(limite
             assert deferred >= 1, out
         else:
             assert deferred == 0, out
+    # one squeue call per poll asks about every job the stage waits for, not one call per job
+    asked = [line.split("-j ")[1].split()[0].split(",") for line in calls.read_text().splitlines() if "-j " in line]
+    assert asked and max(len(jobs) for jobs in asked) >= 2, asked  # (before: one call per job, one id each)
