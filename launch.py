@@ -221,10 +221,10 @@ class Launcher:
                           {"attempt": run.attempts, "job_id": run.job_id, "time": time.time(), "launch": launch})
         return "started"
 
-    def state(self, run, job_states=None):
+    def state(self, run, job_states):
         """done | stopped | failed (...) | error (...) | dead (...) | running | queued, from the run's
         files, its heartbeat and, for a SLURM job, the scheduler's word (`job_states`: {job id:
-        state} of one squeue call for every job of the poll; asked here when not given)."""
+        state} of the poll's one squeue call for all its jobs)."""
         if os.path.exists(run.done_file):
             return "done"
         status = _read_status(run.dir)
@@ -238,9 +238,7 @@ class Launcher:
         started = os.path.isfile(os.path.join(run.dir, "started.json"))
         if started and not alive(run.dir, self.args.heartbeat_timeout):
             return f"dead (no heartbeat for over {self.args.heartbeat_timeout:g} s)"
-        if run.job_id and job_states is None:
-            job_states = slurm_job_states([run.job_id])
-        job_state = job_states.get(run.job_id) if run.job_id and job_states is not None else None
+        job_state = job_states.get(run.job_id) if run.job_id else None
         if job_state is not None and (job_state in SLURM_ENDED or job_state == "GONE"):
             # the scheduler says the job ended, yet no status.json: give a shared filesystem a moment
             run.ended_seen = run.ended_seen or time.time()
@@ -369,7 +367,7 @@ class Resources:
                 if not isinstance(value, kind_of) or isinstance(value, bool) or (
                         isinstance(value, (int, float)) and value <= 0):
                     raise common.UsageError(f"--resources {path}: {kind}.{key}: {value!r} is not a valid value "
-                                            f"(expected a {'positive number' if key != 'time' and kind_of != str else 'string'})")
+                                            f"(expected a {'string' if kind_of is str else 'positive number'})")
             self.kinds[kind] = {**self.kinds[kind], **settings}
 
     def of(self, run):
