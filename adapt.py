@@ -84,7 +84,7 @@ SUPPORTED = {"mt5": "MT5ForConditionalGeneration", "mbart": "MBartForConditional
 @dataclasses.dataclass(frozen=True)
 class Option:
     """One option of a method: its apply() keyword, the command-line flag that sets it and a check."""
-    name: str                    # keyword of apply(), key in adapter_config.json
+    name: str                    # keyword of apply(), key of "options" in xlgen_adaptation.json
     flag: str                    # e.g. "--adapter-dim"; "--seed" is finetune's own flag (not added here)
     default: object
     help: str = ""
@@ -101,7 +101,8 @@ class Method:
     add: object = None           # module surgery: add(model, options) adds modules (None: nothing added)
     trainable: object = None     # trainable(model) -> names of the parameters trained (None: every weight)
     added: object = None         # added(param_name) -> bool: the parameters `add` created; when set,
-                                 # checkpoints hold only these (adapter_config.json + weights)
+                                 # checkpoints hold only these (see "Checkpoints" below)
+    peft: object = None          # PeftFormat: the method's checkpoints in PEFT's format (None: xlgen's)
     lr_search: str = "own"       # "own": the study searches its LR; else the method whose PLR it uses
     mixes_text: bool = False     # finetune.py mixes self-supervised batches of raw text in (mix)
     several_sources: bool = False  # finetune.py trains on several source languages (multisrc)
@@ -487,7 +488,32 @@ def apply(model, method, verbose=True, **options):
 
 
 # -----------------------------------------------------------------------------
-# Checkpoints: added weights only (adapters, prompt) or the whole model
+# Checkpoints: added weights only (adapters, prompt, LoRA) or the whole model
+#
+#   full, freeze, mix, multisrc:  save_pretrained (config.json, model.safetensors, generation_config.json)
+#   prompt, lora:   adapter_config.json + adapter_model.safetensors in PEFT's format: PeftModel.from_pretrained
+#                   (base, CHECKPOINT) computes xlgen's logits (tests/test_portable.py)
+#   adapters:       adapters.safetensors (PEFT has no bottleneck adapters; AdapterHub's format needs its
+#                   package, which pins transformers 4.57, so it is not written)
+#   every added-weights checkpoint: xlgen_adaptation.json {"base_model", "base_model_path", "method", "options"}
+#
+# base_model is the base model's name (tiny or hub) or, for a local checkpoint (an IT run), its path
+# relative to the checkpoint directory, so that a study directory that is moved or copied as a whole
+# still loads; base_model_path is the absolute path it had, tried second. A PEFT-written directory
+# (no xlgen_adaptation.json) loads too: method and options from its adapter_config.json.
+
+@dataclasses.dataclass(frozen=True)
+class PeftFormat:
+    """How a method's checkpoint is written in PEFT's format (PEFT is not needed to write or read it).
+    config(model, options) -> adapter_config.json's method fields; options(config, model_type) -> the
+    method's options from a PEFT config (a DataError for PEFT settings xlgen's method does not have);
+    to_peft(name) / from_peft(key): parameter name <-> PEFT's key in adapter_model.safetensors."""
+    peft_type: str
+    config: object
+    options: object
+    to_peft: object
+    from_peft: object
+
 
 def saves_added_weights(method):
     """Whether a method's checkpoints hold only the weights it added (adapters, prompt, ...)."""
@@ -500,37 +526,109 @@ def added_state_dict(model):
     return {name: param.detach().cpu().contiguous() for name, param in model.named_parameters() if added(name)}
 
 
+def _recorded_base(base_model, directory):
+    """(base_model, base_model_path) as recorded: a local directory relative to the checkpoint."""
+    if not os.path.isdir(base_model):
+        return base_model, None
+    absolute = os.path.abspath(base_model)
+    return os.path.relpath(absolute, os.path.abspath(directory)), absolute
+
+
 def save(model, directory, base_model):
-    """Write the model into `directory`: for adapters and prompt only the added weights
-    (adapter_model.safetensors) and adapter_config.json (base model name, method, options);
-    otherwise a save_pretrained checkpoint."""
+    """Write the model into `directory` (see "Checkpoints" above): the added weights and their record
+    for adapters, prompt and LoRA, otherwise a save_pretrained checkpoint. Files follow the umask."""
     adaptation = adaptation_of(model)
     if not saves_added_weights(adaptation["method"]):
-        model.save_pretrained(directory)
+        models.save_pretrained(model, directory)
         return
     from safetensors.torch import save_file
     os.makedirs(directory, exist_ok=True)
-    save_file(added_state_dict(model), os.path.join(directory, models.ADDED_WEIGHTS_FILE))
-    common.write_json(os.path.join(directory, models.ADDED_CONFIG_FILE), {"base_model": base_model, **adaptation})
+    base, base_path = _recorded_base(base_model, directory)
+    weights, peft = added_state_dict(model), get_method(adaptation["method"]).peft
+    if peft is None:
+        save_file(weights, os.path.join(directory, ADAPTERS_WEIGHTS_FILE))
+    else:
+        save_file({peft.to_peft(name): value for name, value in weights.items()},
+                  os.path.join(directory, models.PEFT_WEIGHTS_FILE), metadata={"format": "pt"})
+        common.write_json(os.path.join(directory, models.PEFT_CONFIG_FILE),
+                          {"peft_type": peft.peft_type, "task_type": "SEQ_2_SEQ_LM", "base_model_name_or_path": base,
+                           "revision": None, "inference_mode": True, **peft.config(model, adaptation["options"])})
+    common.write_json(os.path.join(directory, models.ADAPTATION_FILE),
+                      {"base_model": base, "base_model_path": base_path, **adaptation})
+    common.follow_umask(directory)
+
+
+def _resolve_base(path, record):
+    """The base model to load: the recorded name, or the recorded path (relative to the checkpoint
+    first, then as it was when saved)."""
+    base = record.get("base_model")
+    if not isinstance(base, str) or not base:
+        raise DataError(f"{path}: the checkpoint does not name its base model")
+    candidates = [os.path.join(path, base)] if not os.path.isabs(base) else [base]
+    candidates += [record["base_model_path"]] if isinstance(record.get("base_model_path"), str) else []
+    for candidate in candidates:
+        if os.path.isdir(candidate):
+            return os.path.normpath(candidate)
+    if record.get("base_model_path") or base.startswith((".", os.sep)):
+        raise DataError(f"{path}: its base model {base} (relative to the checkpoint) is not there"
+                        + (f", nor at {record['base_model_path']}" if record.get("base_model_path") else "")
+                        + "; move the checkpoint together with the run it was trained on")
+    return base  # a tiny or hub name
+
+
+def read_adaptation(path):
+    """{"base_model" (loadable), "method", "options", "weights" (file), "keys" (saved key -> name)} of an
+    added-weights checkpoint: xlgen's (xlgen_adaptation.json), one PEFT wrote (prompt tuning or LoRA:
+    adapter_config.json with a peft_type), or xlgen's before it wrote PEFT's format (an
+    adapter_config.json with a method: xlgen's names in adapter_model.safetensors)."""
+    record_path, peft_path = os.path.join(path, models.ADAPTATION_FILE), os.path.join(path, models.PEFT_CONFIG_FILE)
+    source = record_path if os.path.isfile(record_path) else peft_path
+    record = common.read_json(source, "xlgen adaptation record" if source == record_path else "adapter config")
+    written_by_peft = source == peft_path and isinstance(record, dict) and "peft_type" in record
+    if written_by_peft:
+        by_type = {m.peft.peft_type: m for m in REGISTRY.values() if m.peft is not None}
+        method = by_type.get(str(record["peft_type"]))
+        if method is None:
+            raise DataError(f"{peft_path}: PEFT type {record['peft_type']} is not an xlgen method "
+                            f"(xlgen reads {', '.join(sorted(by_type))})")
+        if record.get("task_type") not in (None, "SEQ_2_SEQ_LM"):
+            raise DataError(f"{peft_path}: task_type {record['task_type']}; xlgen's models are SEQ_2_SEQ_LM")
+        base = _resolve_base(path, {"base_model": record.get("base_model_name_or_path")})
+        try:
+            options = method.peft.options(record, models.load_config(base).model_type)
+        except (KeyError, TypeError, ValueError) as e:
+            raise DataError(f"{peft_path}: not a complete PEFT {record['peft_type']} config ({type(e).__name__}: {e})") from None
+        record = {"base_model": base, "method": method.name, "options": options}
+    if not isinstance(record, dict) or not {"base_model", "method", "options"} <= set(record):
+        raise DataError(f"{source}: expected base_model, method and options")
+    method = get_method(record["method"], flag=f"{source}: method")
+    if source == peft_path and not written_by_peft:
+        weights, keys = models.PEFT_WEIGHTS_FILE, (lambda key: key)  # xlgen's names in PEFT's file name
+    elif method.peft is not None:
+        weights, keys = models.PEFT_WEIGHTS_FILE, method.peft.from_peft
+    else:
+        weights, keys = ADAPTERS_WEIGHTS_FILE, (lambda key: key)
+    return {"base_model": _resolve_base(path, record), "method": record["method"], "options": record["options"],
+            "weights": os.path.join(path, weights), "keys": keys}
 
 
 def load_added(path, data_dir=None):
-    """Base model (by the saved name) + saved method + added weights."""
+    """Base model (by the saved name or relative path) + saved method + added weights."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
-    config = models.read_added_config(path)
-    model = models.load_model(config["base_model"], data_dir)
-    apply(model, config["method"], verbose=False, **config["options"])
-    weights_path = os.path.join(path, models.ADDED_WEIGHTS_FILE)
+    record = read_adaptation(path)
+    model = models.load_model(record["base_model"], data_dir)
+    apply(model, record["method"], verbose=False, **record["options"])
+    weights_path = record["weights"]
     try:
-        weights = load_file(weights_path)
+        weights = {record["keys"](key): value for key, value in load_file(weights_path).items()}
     except (SafetensorError, OSError) as e:
         raise DataError(f"{weights_path}: cannot load the added weights ({e}); the checkpoint is truncated "
                         f"or corrupt: use another one (e.g. best/ instead of last/) or remove it") from None
     _, unexpected = model.load_state_dict(weights, strict=False)
     expected = set(added_state_dict(model))
     if unexpected or expected - set(weights):
-        raise DataError(f"{path}: added weights do not match method {config['method']} "
+        raise DataError(f"{path}: added weights do not match method {record['method']} "
                         f"(missing {sorted(expected - set(weights))[:3]}, unexpected {unexpected[:3]})")
     return model
 
@@ -540,6 +638,54 @@ def load(path, data_dir=None):
     if os.path.isdir(path) and models.is_added_checkpoint(path):
         return load_added(path, data_dir)
     return models.load_model(path, data_dir)
+
+
+ADAPTERS_WEIGHTS_FILE = "adapters.safetensors"
+
+
+# PEFT's formats of prompt tuning and LoRA. Prompt tuning: PEFT's PromptTuningConfig with
+# num_transformer_submodules=1 (the prompt before the encoder input only, as ours; PEFT's seq2seq
+# default, 2, also prompts the decoder), the prompt as "prompt_embeddings". LoRA: LoraConfig on the
+# family's projection names, keys "base_model.model." + ours.
+
+def _prompt_options(config, model_type):
+    if config.get("num_transformer_submodules", 1) != 1:
+        raise DataError(f"PEFT prompt tuning with num_transformer_submodules {config['num_transformer_submodules']} "
+                        f"(a prompt on the decoder too): xlgen's prompt is on the encoder input only (1)")
+    return {"prompt_length": int(config["num_virtual_tokens"]), "seed": 0}
+
+
+def _lora_options(config, model_type):
+    unsupported = {key: config.get(key) for key in ("use_rslora", "use_dora", "fan_in_fan_out") if config.get(key)}
+    unsupported |= {key: config.get(key) for key in ("rank_pattern", "alpha_pattern", "layers_to_transform")
+                    if config.get(key)}
+    if config.get("bias", "none") != "none":
+        unsupported["bias"] = config["bias"]
+    if unsupported:
+        raise DataError(f"PEFT LoRA with {unsupported}: not xlgen's LoRA (rank r on whole layers, no bias)")
+    names = {name: target for target, name in LORA_PROJECTIONS[model_type or "mt5"].items()}
+    modules = config.get("target_modules") or []
+    if isinstance(modules, str) or any(m not in names for m in modules):
+        raise DataError(f"PEFT LoRA target_modules {modules}: xlgen puts LoRA on attention projections "
+                        f"({', '.join(names)})")
+    return {"rank": int(config["r"]), "alpha": float(config["lora_alpha"]), "dropout": float(config.get("lora_dropout", 0.0)),
+            "targets": [names[m] for m in modules]}
+
+
+PROMPT_PEFT = PeftFormat(
+    "PROMPT_TUNING",
+    config=lambda model, options: {"num_virtual_tokens": options["prompt_length"], "num_transformer_submodules": 1,
+                                   "token_dim": model.config.d_model, "prompt_tuning_init": "RANDOM"},
+    options=_prompt_options,
+    to_peft=lambda name: "prompt_embeddings", from_peft=lambda key: "prompt.weight" if key == "prompt_embeddings" else key)
+LORA_PEFT = PeftFormat(
+    "LORA",
+    config=lambda model, options: {
+        "r": options["rank"], "lora_alpha": options["alpha"], "lora_dropout": options["dropout"],
+        "target_modules": [LORA_PROJECTIONS[model.config.model_type][t] for t in options["targets"]], "bias": "none",
+        "fan_in_fan_out": False, "use_rslora": False, "use_dora": False, "init_lora_weights": True, "modules_to_save": None},
+    options=_lora_options,
+    to_peft=lambda name: "base_model.model." + name, from_peft=lambda key: key.removeprefix("base_model.model."))
 
 
 # -----------------------------------------------------------------------------
@@ -567,7 +713,7 @@ register(Method("prompt", "prompt tuning", "learned vectors before the encoder i
                 options=(Option("prompt_length", "--prompt-length", 100, "number of prompt vectors", common.positive_int,
                                 _number_check("--prompt-length", int, lambda v: v >= 1, "at least 1")),
                          Option("seed", "--seed", 0, "seed of the prompt initialisation")),
-                add=add_prompt, trainable=_added_only(_is_prompt), added=_is_prompt))
+                add=add_prompt, trainable=_added_only(_is_prompt), added=_is_prompt, peft=PROMPT_PEFT))
 register(Method("lora", "LoRA", "a low-rank update of the query and value projections; the base model frozen",
                 options=(Option("rank", "--lora-rank", 8, "rank r of the update", common.positive_int,
                                 _number_check("--lora-rank", int, lambda v: v >= 1, "a positive integer")),
@@ -578,7 +724,7 @@ register(Method("lora", "LoRA", "a low-rank update of the query and value projec
                                 _number_check("--lora-dropout", (int, float), lambda v: 0 <= v < 1, "in [0, 1)")),
                          Option("targets", "--lora-targets", "q,v", "projections of every attention that get an "
                                 "update, among q,k,v,o", None, _lora_targets)),
-                add=add_lora, trainable=_added_only(_is_lora), added=_is_lora))
+                add=add_lora, trainable=_added_only(_is_lora), added=_is_lora, peft=LORA_PEFT))
 register(Method("mix", "mix", "as full, with self-supervised batches of the target languages mixed in",
                 options=(Option("mix_prob", "--mix-prob", 0.01, "probability of a self-supervised batch (paper: 0.01)",
                                 common.probability, _number_check("--mix-prob", (int, float), lambda v: 0 < v < 1, "in (0, 1)")),
@@ -613,7 +759,7 @@ def main(args):
         model = load_added(args.model, args.data_dir)  # already adapted: describe what it trains
         adaptation = adaptation_of(model)
         trainable, total = count_parameters(model)
-        print(f"{args.model}: {adaptation['method']} checkpoint of {models.read_added_config(args.model)['base_model']}, "
+        print(f"{args.model}: {adaptation['method']} checkpoint of {read_adaptation(args.model)['base_model']}, "
               f"options {adaptation['options']}: trainable parameters {trainable:,} of {total:,}")
     else:
         mix_langs = args.mix_langs or ",".join(data.target_langs()[1:])  # defaults as finetune.py would give

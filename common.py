@@ -245,6 +245,15 @@ def dir_mode():
     return 0o777 & ~_current_umask()
 
 
+def follow_umask(directory):
+    """Give every file in `directory` the umask's mode: safetensors writes its files 0600 whatever
+    the umask, which a lab's group could not read (README: files follow the umask)."""
+    mode = file_mode()
+    for entry in os.scandir(directory):
+        if entry.is_file(follow_symlinks=False):
+            os.chmod(entry.path, mode)
+
+
 def write_bytes(path, content):
     """Write `content` to `path` through a temporary file beside it and a rename. A reader never
     sees half a file, and an interrupted write leaves the previous file in place."""

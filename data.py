@@ -146,6 +146,12 @@ class Kind:
     extension: str      # of its files ("json": SQuAD format; "jsonl": XL-Sum format)
     guard_examples: object  # guard_examples(task, data_dir, task_dir, path, num): write the learning guard's
                             # `num` English examples to `path` in this format
+    # Inputs without references (predict.py's jsonl): the fields of the source (and of its tail, the
+    # QA question), the field a reference would be in; and how a model card describes the input.
+    input_fields: tuple = ()
+    reference_field: str = ""
+    input_format: str = ""      # prose
+    input_expression: str = ""  # the Python expression a model card passes to the tokenizer
 
 
 def _xquad_files(split, lang, data_dir, task_dir):
@@ -498,9 +504,15 @@ def first_records(task, data_dir, task_dir, path, num):
 
 
 KINDS = {"qa": Kind(read=_read_squad_limit, iterate=lambda path: iter(read_squad(path)), examples=qa_examples,
-                    extension="json", guard_examples=first_questions),
+                    extension="json", guard_examples=first_questions, input_fields=("context", "question"),
+                    reference_field="answers",
+                    input_format="the paragraph, then the question (tokenized apart and joined: the same ids as "
+                                 "`tokenizer(paragraph + \" \" + question)` for a source that is not cut); a source longer "
+                                 "than the model's maximum is cut in the paragraph, never in the question",
+                    input_expression="paragraph + \" \" + question"),
          "summarization": Kind(read=read_xlsum, iterate=iter_xlsum, examples=summarization_examples, extension="jsonl",
-                               guard_examples=first_records)}
+                               guard_examples=first_records, input_fields=("text",), reference_field="summary",
+                               input_format="the article; a longer one is cut at its end", input_expression="article")}
 
 
 # -----------------------------------------------------------------------------

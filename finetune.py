@@ -16,8 +16,11 @@ XL-Sum, filtered F1 for XQuAD), then the test languages scored with it.
 Training and evaluation files are read through the token cache (token_cache.py): tokenized once per
 tokenizer and encoding, by the first run that needs them; a run holds lengths, not tokens.
 
-The run directory holds args.json (the resolved settings), log.jsonl, eval/step_N.json,
-predictions/, best/, last/ (with train_state.pt for --resume) and, at the end, results.json.
+The run directory holds args.json (the resolved settings), log.jsonl and log.csv (and, with
+--tensorboard, TensorBoard events), eval/step_N.json, predictions/, best/, last/ (with
+train_state.pt for --resume; each with a README.md model card) and, at the end, results.json.
+Full checkpoints load with plain transformers and generate as the run did (generation_config.json);
+prompt and LoRA checkpoints with PEFT; `predict.py RUN --input FILE --lang xx` runs any of them.
 A finished run asked again with the same settings is skipped; `--resume --max-steps N` extends a
 finished run to N steps; any other change of settings in an existing run directory is refused.
 """
@@ -63,7 +66,8 @@ def parse_args(argv=None):
                    help="also score the last checkpoint on the test languages (results.json test_last; the paper's "
                         "Table 3 is 'after 20k steps')")
     p.add_argument("--init", default=None, help="start from this checkpoint (e.g. a pretrain_it.py run directory)")
-    p.add_argument("--num-beams", type=common.positive_int, default=1, help="beams for evaluation generation (1 = greedy)")
+    p.add_argument("--num-beams", "--beam", type=common.positive_int, default=1,
+                   help="beams for evaluation generation (1 = greedy)")
     p.add_argument("--max-new-tokens", type=common.positive_int, default=None,
                    help="generation length limit (task default: 84 XL-Sum, 32 XQuAD)")
     p.add_argument("--rouge-mode", default="multilingual", choices=evaluate.ROUGE_MODES, help="ROUGE tokenisation")
@@ -255,6 +259,72 @@ def build_model(args, checkpoint=None):
     return adapt.apply(model, args.method, **adapt.options_from_args(args))
 
 
+def set_generation_defaults(model, encoder, args):
+    """The run's generation settings in the model's generation_config (saved with every full
+    checkpoint), so that a plain `model.generate(**inputs)` decodes as xlgen does: the run's
+    max_new_tokens and beams, no sampling, the family's decoder start and, for mBART/NLLB, the
+    training language's code forced first (another language: pass forced_bos_token_id, see the
+    model card). The hub's mBART-50 and NLLB configs would otherwise decode 5 and 4 beams up to
+    200 tokens, and a config without max_new_tokens stops at 20 tokens."""
+    config = model.generation_config
+    config.max_new_tokens, config.num_beams, config.do_sample = args.max_new_tokens, args.num_beams, False
+    for key, value in encoder.generation_kwargs(args.src_langs[0]).items():
+        setattr(config, key, value)
+
+
+LOAD_FULL = """from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+tokenizer = AutoTokenizer.from_pretrained("{path}")
+model = AutoModelForSeq2SeqLM.from_pretrained("{path}")"""
+LOAD_PEFT = """from peft import PeftModel
+from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+tokenizer = AutoTokenizer.from_pretrained("{path}")
+model = PeftModel.from_pretrained(AutoModelForSeq2SeqLM.from_pretrained("{base}"), "{path}")"""
+
+
+def model_card(args, family, base_model, name, step, metric, test=None):
+    """README.md of a checkpoint: what it is, its input format, how to load it and generate, its scores."""
+    task, method = data.get_task(args.task), adapt.get_method(args.method)
+    lang = args.src_langs[0]
+    code = None if family == "mt5" else models.language_code(family, lang)
+    source = task.format.input_format
+    codes = ("mT5 has no language codes: the model starts from `<pad>` and chooses the language itself" if code is None
+             else f"the source is `[{code}] text </s>` (the tokenizer's `src_lang`); generation starts from `</s>` and "
+                  f"forces the target language's code first: `forced_bos_token_id` is `{code}` in generation_config.json. "
+                  f"For another language L set `tokenizer.src_lang` to L's code and pass "
+                  f"`forced_bos_token_id=tokenizer.convert_tokens_to_ids(CODE)` to generate")
+    path = f"RUN/{name}"
+    if method.peft is not None:
+        load = LOAD_PEFT.format(path=path, base=base_model)
+    elif method.added is not None:
+        load = (f"# adapters: no PEFT format exists; xlgen loads it (base model and adapters)\nimport adapt, models\n"
+                f"tokenizer = models.load_tokenizer(\"{path}\")\nmodel = adapt.load(\"{path}\")")
+    else:
+        load = LOAD_FULL.format(path=path)
+    example = task.format.input_expression
+    lines = [f"# {task.name}, {method.label}, from {base_model}", "",
+             f"Finetuned by xlgen (`finetune.py`) on {task.name} in {', '.join(args.src_langs)} "
+             f"({method.summary}); zero-shot in other languages. This is `{name}/`, step {step}.", "",
+             f"- Base model: `{base_model}`", f"- Task: {task.name} ({task.kind}); input: {source}.",
+             f"- Output: up to {args.max_new_tokens} new tokens, "
+             + ("greedy" if args.num_beams == 1 else f"{args.num_beams} beams") + "; the settings are in generation_config.json"
+             + (" of the base model plus this run's `max_new_tokens`" if method.added is not None else "") + ".",
+             f"- Language codes: {codes}.",
+             f"- Validation ({task.metric_label}, average over {', '.join(args.val_langs)}) at step {step}: "
+             + ("n/a" if metric is None else f"{metric:.2f}"), ""]
+    if test:
+        lines += [f"Test scores of the best checkpoint ({task.metric_label}, {task.main_lcr}):", "",
+                  "| language | " + task.main_metric + " | " + task.main_lcr + " |", "|---|---|---|"]
+        lines += [f"| {lang} | {m[task.main_metric]:.2f} | {m[task.main_lcr]:.1f} |" for lang, m in test.items()] + [""]
+    lines += ["Load and generate:", "", "```python", load,
+              f"inputs = tokenizer({example}, return_tensors=\"pt\")",
+              "print(tokenizer.decode(model.generate(**inputs"
+              + (f", max_new_tokens={args.max_new_tokens}" if method.added is not None else "")
+              + ")[0], skip_special_tokens=True))", "```", "",
+              f"Or with xlgen, on a file in the task's format: `python predict.py RUN --input FILE --lang {lang}` "
+              f"(RUN: this run's directory).", ""]
+    return "\n".join(lines).replace("RUN/", os.path.basename(os.path.normpath(args.out_dir)) + "/")
+
+
 # -----------------------------------------------------------------------------
 # Evaluation
 
@@ -274,7 +344,8 @@ def evaluate_split(args, model, tokenizer, encoder, eval_sets, device, tag, out_
     for lang, (examples, references, encoded) in eval_sets.items():
         generation = encoder.generation_kwargs(lang)
         texts = loop.generate(model, tokenizer, encoded, generation, device, args.max_new_tokens, args.num_beams,
-                              args.eval_max_tokens, args.max_gen_batch_size, desc=f"{tag} {lang}")
+                              args.eval_max_tokens, args.max_gen_batch_size, desc=f"{tag} {lang}",
+                              precision=args.precision)
         predictions = {ex.id: text for ex, text in zip(examples, texts)}
         metrics, details = evaluate.score(args.task, lang, predictions, references, args.rouge_mode, args.lid_model)
         common.write_json(os.path.join(out_dir, f"{tag}.{lang}.json"), predictions)
@@ -321,8 +392,11 @@ def run(args, files):
     model = build_model(args, checkpoint=last if args.resume else None)
     if models.family_of(model.config) != models.family_of_name(args.model, args.data_dir):
         raise UsageError(f"--model {args.model}: the checkpoint in {run_dir} is a {models.family_of(model.config)} model")
-    encoder = models.Seq2SeqEncoder(tokenizer, models.family_of(model.config), adapt.max_source_length(model),
-                                    models.max_length(model.config))
+    family = models.family_of(model.config)
+    encoder = models.Seq2SeqEncoder(tokenizer, family, adapt.max_source_length(model), models.max_length(model.config))
+    set_generation_defaults(model, encoder, args)
+    if family != "mt5":
+        tokenizer.src_lang = models.language_code(family, args.src_langs[0])  # what a plain tokenizer(text) writes
     base_model = args.init or args.model
 
     # ---- data, encoded for this model (token cache) ----
@@ -349,7 +423,9 @@ def run(args, files):
         validation_seconds.append(time.perf_counter() - start)
         return average[task.main_metric]
 
-    settings = loop.TrainSettings.from_args(args, base_model=base_model, device=device, metric_mode="max")
+    def card(step, metric, name, test=None):
+        return model_card(args, family, base_model, name, step, metric, test)
+    settings = loop.TrainSettings.from_args(args, base_model=base_model, device=device, metric_mode="max", card=card)
     best_step, best_metric, stopped = loop.train(model, tokenizer, stream, evaluate_fn, settings)
     if stopped is not None:
         print(f"stopped after the checkpoint of step {stopped}; continue with --resume")
@@ -371,6 +447,7 @@ def run(args, files):
         results |= {"last_step": args.max_steps, "test_last": last_lang, "test_last_average": averages(last_lang, args.task)}
     results["seconds"] = {"total": time.perf_counter() - started, "validation": sum(validation_seconds),
                           "test": time.perf_counter() - test_start}
+    common.write_text(os.path.join(run_dir, "best", "README.md"), card(best_step, best_metric, "best", per_lang))
     results = loop.finish_run(args, results, args.model, device)  # results.json; checkpoints pruned
     print(summary_line("test (best checkpoint)", per_lang, args.task)
           + f" | avg {results['test_average'][task.main_metric]:.2f}")

@@ -78,7 +78,7 @@ def make_optimizer(model, lr, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8, fo
     return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, foreach=foreach)
 
 
-def train_step(model, optimizer, batches, lr, grad_clip, device):
+def train_step(model, optimizer, batches, lr, grad_clip, device, precision=None):
     """One update from `batches` (a list of update_freq collated batches on `device`), fairseq's
     --update-freq semantics: the loss is the sum of all their target tokens' cross-entropies
     divided by the total number of target tokens, so every token weighs the same as in one big
@@ -88,14 +88,15 @@ def train_step(model, optimizer, batches, lr, grad_clip, device):
 
     A non-finite loss raises FloatingPointError before any weight changes. A step in which no
     trainable weight is on the loss's path (LayerDrop skipped every decoder layer while only a
-    prompt is trained) changes nothing and reports a gradient norm of 0.
+    prompt is trained) changes nothing and reports a gradient norm of 0. `precision`: "bf16" or
+    "fp32" (None: the device's default, resolve_precision).
     """
     for group in optimizer.param_groups:
         group["lr"] = lr
     total_tokens = sum(int((b["labels"] != -100).sum()) for b in batches)
     loss_total, has_grad = 0.0, False
     for batch in batches:
-        with autocast(device):
+        with autocast(device, precision):
             loss_sum, _ = token_loss_sum(model, batch)
         loss = loss_sum / total_tokens
         if not torch.isfinite(loss):
@@ -118,15 +119,18 @@ def add_training_args(parser, max_steps, max_tokens, eval_every):
     """The flags of the training loop, declared once for finetune.py and pretrain_it.py (the stage
     gives its own defaults for the three that differ)."""
     p = parser
-    p.add_argument("--lr", type=common.positive_float, default=1e-4, help="peak learning rate (after warm-up)")
-    p.add_argument("--max-steps", type=common.positive_int, default=max_steps, help="optimisation steps")
+    # Second names: HF Trainer's and fairseq's flags of the same meaning (a step is an update in all three).
+    p.add_argument("--lr", "--learning-rate", type=common.positive_float, default=1e-4,
+                   help="peak learning rate (after warm-up)")
+    p.add_argument("--max-steps", "--max-update", type=common.positive_int, default=max_steps, help="optimisation steps")
     p.add_argument("--max-tokens", type=common.positive_int, default=max_tokens, help="token budget of a training batch")
-    p.add_argument("--update-freq", type=common.positive_int, default=1,
+    p.add_argument("--update-freq", "--gradient-accumulation-steps", type=common.positive_int, default=1,
                    help="batches per update (gradient accumulation, fairseq semantics): K x --max-tokens per update")
-    p.add_argument("--warmup-steps", type=common.non_negative_int, default=4000,
+    p.add_argument("--warmup-steps", "--warmup-updates", type=common.non_negative_int, default=4000,
                    help="linear warm-up steps of the inverse-sqrt schedule (0: constant LR)")
-    p.add_argument("--eval-every", type=common.positive_int, default=eval_every, help="evaluate every N steps")
-    p.add_argument("--out-dir", default=None, help="run directory")
+    p.add_argument("--eval-every", "--eval-steps", type=common.positive_int, default=eval_every,
+                   help="evaluate every N steps")
+    p.add_argument("--out-dir", "--output-dir", default=None, help="run directory")
     p.add_argument("--resume", action="store_true", help="continue the run in --out-dir from its last/ checkpoint")
     p.add_argument("--stop-at-step", type=common.positive_int, default=None,
                    help="exit after the checkpoint of this evaluation step (for job time limits); continue with --resume")
@@ -139,14 +143,25 @@ def add_training_args(parser, max_steps, max_tokens, eval_every):
     p.add_argument("--seed", type=common.seed, default=0, help="random seed (data order, dropout, initialisation of added weights)")
     p.add_argument("--eval-max-tokens", type=common.positive_int, default=8000, help="source-token budget of a generation batch")
     p.add_argument("--max-gen-batch-size", type=common.positive_int, default=256, help="most sources in a generation batch")
-    p.add_argument("--grad-clip", type=common.non_negative_float, default=1.0, help="clip the gradient norm to this (0 = off)")
+    p.add_argument("--grad-clip", "--max-grad-norm", "--clip-norm", type=common.non_negative_float, default=1.0,
+                   help="clip the gradient norm to this (0 = off)")
     p.add_argument("--weight-decay", type=common.non_negative_float, default=0.0, help="AdamW weight decay")
     p.add_argument("--adam-beta1", type=common.open_unit_float, default=0.9, help="AdamW beta1")
     p.add_argument("--adam-beta2", type=common.open_unit_float, default=0.999, help="AdamW beta2")
     p.add_argument("--adam-eps", type=common.positive_float, default=1e-8, help="AdamW epsilon")
-    p.add_argument("--log-every", type=common.positive_int, default=10, help="log every N steps")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--log-every", "--logging-steps", type=common.positive_int, default=10, help="log every N steps")
+    p.add_argument("--tensorboard", action="store_true",
+                   help="also write the log's scalars as TensorBoard events into RUN/tensorboard (needs the "
+                        "tensorboard package: pip install -r requirements-extra.txt)")
+    add_device_args(p)
     common.add_config_flag(p)
+
+
+def add_device_args(p):
+    """--device and --precision, for every stage that runs a model (training, evaluation, translation)."""
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS,
+                   help="bf16 autocast or fp32 (auto: bf16 on a GPU that has it, fp32 otherwise; no fp16: mT5 overflows in it)")
 
 
 def check_stop_at_step(args):
@@ -174,9 +189,26 @@ def pick_device(name="auto"):
     return device
 
 
-def autocast(device):
-    """bf16 autocast on CUDA (mT5 overflows in fp16), plain fp32 on CPU."""
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+def resolve_precision(name, device):
+    """--precision for `device`: auto is bf16 on a GPU that has it (A100, H100; not V100 or T4), fp32
+    otherwise (CPU included). fp16 is not offered: mT5 overflows in it."""
+    bf16_gpu = device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
+    if name in (None, "auto"):
+        return "bf16" if bf16_gpu else "fp32"
+    if name not in PRECISIONS:
+        raise UsageError(f"--precision: unknown precision '{name}'; use {', '.join(PRECISIONS)}")
+    if name == "bf16" and device.type == "cuda" and not bf16_gpu:
+        raise UsageError(f"--precision bf16: {torch.cuda.get_device_name(device)} has no bf16; use --precision fp32")
+    return name
+
+
+def autocast(device, precision=None):
+    """bf16 autocast (the weights stay fp32) or plain fp32; precision None: resolve_precision's auto."""
+    dtype = resolve_precision(precision, device)
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
 
 
 def seed_everything(seed):
@@ -204,14 +236,16 @@ def set_rng_state(state):
 # The run directory: its settings, its log, its checkpoints
 #
 #   RUN/args.json            the resolved settings (feed back with --config RUN/args.json)
-#   RUN/log.jsonl            one line per log step
-#   RUN/last/, RUN/best/     checkpoints; last/ has train_state.pt for --resume
+#   RUN/log.jsonl            one line per log step (and RUN/log.csv, RUN/tensorboard/: the same scalars)
+#   RUN/last/, RUN/best/     checkpoints (each with a README.md model card when the stage writes one);
+#                            last/ has train_state.pt for --resume
 #
 # A run directory belongs to one set of settings. --resume, or a rerun into an existing directory,
 # must give the same settings, except those listed here, which only say how far to go or where to
 # run (fairseq and HF would silently mix two runs in one directory).
-RUNTIME_SETTINGS = ("max_steps", "stop_at_step", "stop_after_steps", "resume", "device", "log_every",
-                    "eval_max_tokens", "max_gen_batch_size", "config", "token_cache", "keep_train_state")
+RUNTIME_SETTINGS = ("max_steps", "stop_at_step", "stop_after_steps", "resume", "device", "precision", "log_every",
+                    "eval_max_tokens", "max_gen_batch_size", "config", "token_cache", "keep_train_state",
+                    "tensorboard")
 
 
 def settings_of(args):
@@ -265,6 +299,9 @@ def start_run(args):
     if args.resume and not last:
         raise UsageError(f"--resume: no last/ checkpoint in {run_dir}")
     device = pick_device(args.device)
+    args.precision = resolve_precision(args.precision, device)  # printed and recorded as resolved
+    if getattr(args, "tensorboard", False):
+        _check_tensorboard()  # before the model loads
     if last:
         check_same_settings(run_dir, args, "its checkpoint")
         step = load_train_state(last)["step"]
@@ -280,9 +317,10 @@ def begin_run(args, resume):
     earlier attempt that never reached a checkpoint left. Until here a failure changes nothing."""
     os.makedirs(args.out_dir, exist_ok=True)
     if not resume:
-        for stale in ("log.jsonl", "results.json"):
+        for stale in ("log.jsonl", "log.csv", "results.json"):
             if os.path.exists(os.path.join(args.out_dir, stale)):
                 os.remove(os.path.join(args.out_dir, stale))
+        common.remove_tree(os.path.join(args.out_dir, "tensorboard"))
     common.write_json(os.path.join(args.out_dir, "args.json"), settings_of(args))
 
 
@@ -314,7 +352,7 @@ def finished_run(args):
 def finish_run(args, results, model_name, device):
     """The end of a finished run: results.json (with how it was made: provenance), then the
     checkpoints pruned to what a finished run needs (finish_checkpoints)."""
-    results = {**results, "provenance": provenance(model_name, device)}
+    results = {**results, "provenance": {**provenance(model_name, device), "precision": args.precision}}
     common.write_json(os.path.join(args.out_dir, "results.json"), results)
     finish_checkpoints(args.out_dir, results, args.keep_train_state)
     return results
@@ -378,11 +416,42 @@ def provenance(model_name, device):
             "model": model_name, "model_revision": models.model_revision(model_name)}
 
 
-class RunLog:
-    """log.jsonl plus one aligned console line per log step, with the same keys."""
+def scalars(row, prefix=""):
+    """The numbers of a log row, nested dicts flattened with "/" ({"streams": {"task": 5}} ->
+    {"streams/task": 5}): what log.csv and TensorBoard get."""
+    out = {}
+    for key, value in row.items():
+        if isinstance(value, dict):
+            out |= scalars(value, f"{prefix}{key}/")
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[prefix + key] = value
+    return out
 
-    def __init__(self, run_dir, resume_step=None):
+
+def _check_tensorboard():
+    try:
+        import tensorboard  # noqa: F401  (torch.utils.tensorboard needs it)
+        del tensorboard
+    except ImportError:
+        raise UsageError("--tensorboard: needs the tensorboard package (pip install -r requirements-extra.txt)") from None
+
+
+def tensorboard_writer(log_dir, purge_step=None):
+    """A SummaryWriter (torch.utils.tensorboard), or a one-line error when tensorboard is not installed."""
+    _check_tensorboard()
+    from torch.utils.tensorboard import SummaryWriter
+    return SummaryWriter(log_dir=log_dir, purge_step=purge_step)
+
+
+class RunLog:
+    """log.jsonl, its step rows as log.csv (one column per scalar, "streams/task/en" for nested
+    counts), optionally TensorBoard events (RUN/tensorboard), and one aligned console line per
+    log step, with the same keys. On resume, what was logged after the checkpoint is dropped from
+    all three (TensorBoard: purge_step), because it will be logged again."""
+
+    def __init__(self, run_dir, resume_step=None, tensorboard=False):
         self.path = os.path.join(run_dir, "log.jsonl")
+        self.csv_path = os.path.join(run_dir, "log.csv")
         if resume_step is not None and os.path.exists(self.path):
             # drop lines written after the checkpoint we resume from (they will be written again)
             rows = []
@@ -395,6 +464,39 @@ class RunLog:
                     if row.get("step", 0) <= resume_step:
                         rows.append(line if line.endswith("\n") else line + "\n")
             common.write_text(self.path, "".join(rows))
+        self.columns = []
+        self._rewrite_csv()
+        self.writer = None
+        if tensorboard:
+            self.writer = tensorboard_writer(os.path.join(run_dir, "tensorboard"),
+                                             purge_step=None if resume_step is None else resume_step + 1)
+
+    def _step_rows(self):
+        if not os.path.exists(self.path):
+            return []
+        rows = []
+        with open(self.path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if isinstance(row, dict) and "step" in row and "event" not in row:
+                    rows.append(scalars(row))
+        return rows
+
+    def _rewrite_csv(self):
+        """log.csv from log.jsonl (at the start, and when a row brings a new column)."""
+        rows = self._step_rows()
+        self.columns = list(dict.fromkeys(key for row in rows for key in row))
+        if not rows and not os.path.exists(self.csv_path):
+            return
+        common.write_text(self.csv_path, "".join(self._csv_line(row) for row in [None] + rows))
+
+    def _csv_line(self, row):
+        if row is None:
+            return ",".join(self.columns) + "\n"
+        return ",".join("" if row.get(c) is None else repr(row[c]) for c in self.columns) + "\n"
 
     def event(self, row):
         """A line that is not a step (e.g. what the data streams read and cut), without a console line."""
@@ -404,6 +506,17 @@ class RunLog:
     def write(self, row, bar=None):
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
+        numbers = scalars(row)
+        if set(numbers) - set(self.columns):
+            self._rewrite_csv()
+        else:
+            with open(self.csv_path, "a", encoding="utf-8") as f:
+                f.write(self._csv_line(numbers))
+        if self.writer is not None:
+            for key, value in numbers.items():
+                if key != "step":
+                    self.writer.add_scalar(key, value, row["step"])
+            self.writer.flush()
         parts = [f"step {row['step']:>6}"]
         for key, value in row.items():
             if key == "step":
@@ -415,15 +528,20 @@ class RunLog:
             parts.append(f"{key} {value}")
         (bar.write if bar is not None else print)(" | ".join(parts))
 
+    def close(self):
+        if self.writer is not None:
+            self.writer.close()
 
-def save_checkpoint(run_dir, name, model, tokenizer, base_model, train_state=None):
+
+def save_checkpoint(run_dir, name, model, tokenizer, base_model, train_state=None, card=None):
     """Write run_dir/name (last/ or best/) so that a kill at any moment leaves a loadable one:
 
         write everything into run_dir/.tmp-name-XXXX   (old name/ untouched)
         rename name/ -> .old-name                      (one rename)
         rename .tmp-name-XXXX -> name/                 (one rename)
         delete .old-name
-    `recover_checkpoint` puts .old-name back if a kill fell between the two renames.
+    `recover_checkpoint` puts .old-name back if a kill fell between the two renames. `card`: the
+    text of the checkpoint's README.md (a model card), if any.
     A failure while writing (a full disk, Ctrl-C) removes the temporary directory, so it does not
     keep the space, and leaves name/ as it was; a full disk is a one-line DataError.
     """
@@ -433,6 +551,8 @@ def save_checkpoint(run_dir, name, model, tokenizer, base_model, train_state=Non
         tmp = common.make_temp_dir(run_dir, prefix=f".tmp-{name}-")
         adapt.save(model, tmp, base_model)
         tokenizer.save_pretrained(tmp)
+        if card is not None:
+            common.write_text(os.path.join(tmp, "README.md"), card)
         if train_state is not None:
             torch.save(train_state, os.path.join(tmp, "train_state.pt"))
     except BaseException as e:
@@ -577,12 +697,13 @@ def greedy_batch(model, input_ids, attention_mask, generation_kwargs, max_new_to
     return out[:, :length]
 
 
-def generate_batch(model, tokenizer, sources, generation_kwargs, device, max_new_tokens, num_beams=1, logits_fn=None):
+def generate_batch(model, tokenizer, sources, generation_kwargs, device, max_new_tokens, num_beams=1, logits_fn=None,
+                   precision=None):
     """Generated ids (batch, length) for a list of source id lists, padded on the right: greedy_batch,
     or model.generate for beam search and generation configs greedy_batch does not follow."""
     tensors = data.collate([{"input_ids": ids, "labels": [0]} for ids in sources], tokenizer.pad_token_id)
     input_ids, attention_mask = tensors["input_ids"].to(device), tensors["attention_mask"].to(device)
-    with autocast(device):
+    with autocast(device, precision):
         if num_beams == 1 and greedy_supported(model):
             return greedy_batch(model, input_ids, attention_mask, generation_kwargs, max_new_tokens, logits_fn).cpu()
         if logits_fn is not None:
@@ -592,7 +713,7 @@ def generate_batch(model, tokenizer, sources, generation_kwargs, device, max_new
 
 
 def generate(model, tokenizer, encoded, generation_kwargs, device, max_new_tokens, num_beams=1,
-             max_tokens=8000, max_batch_size=256, desc="generate", logits_fn=None):
+             max_tokens=8000, max_batch_size=256, desc="generate", logits_fn=None, precision=None):
     """Predictions for encoded sources (list of {"input_ids"}), in input order, generated in
     length-sorted batches of at most `max_tokens` source tokens and `max_batch_size` sources.
     logits_fn(indices, step, scores): as greedy_batch's, with `indices` into `encoded` (a benchmark
@@ -608,7 +729,7 @@ def generate(model, tokenizer, encoded, generation_kwargs, device, max_new_token
             def batch_fn(rows, step, scores, index=index):
                 logits_fn(index[rows.cpu()], step, scores)
         out = generate_batch(model, tokenizer, [encoded[i]["input_ids"] for i in batch], generation_kwargs,
-                             device, max_new_tokens, num_beams, batch_fn)
+                             device, max_new_tokens, num_beams, batch_fn, precision)
         for i, text in zip(batch, decode_generated(tokenizer, out, generation_kwargs)):
             predictions[i] = text
     return predictions
@@ -639,15 +760,19 @@ class TrainSettings:
     metric_mode: str = "max"  # "max": a higher metric is better (task metrics); "min": a loss (IT)
     stop_at_step: int | None = None
     stop_after_steps: int | None = None
+    precision: str = "fp32"  # resolve_precision's
+    tensorboard: bool = False
+    card: object = None      # card(step, metric, name) -> README.md of checkpoint `name` (best/last); None: no card
 
     @classmethod
-    def from_args(cls, args, base_model, device, metric_mode="max"):
+    def from_args(cls, args, base_model, device, metric_mode="max", card=None):
         return cls(run_dir=args.out_dir, base_model=base_model, device=device, lr=args.lr,
                    warmup_steps=args.warmup_steps, max_steps=args.max_steps, eval_every=args.eval_every,
                    grad_clip=args.grad_clip, weight_decay=args.weight_decay, betas=(args.adam_beta1, args.adam_beta2),
                    eps=args.adam_eps, update_freq=args.update_freq, log_every=args.log_every, resume=args.resume,
                    eval_at_start=getattr(args, "eval_at_start", False), metric_mode=metric_mode,
-                   stop_at_step=args.stop_at_step, stop_after_steps=args.stop_after_steps)
+                   stop_at_step=args.stop_at_step, stop_after_steps=args.stop_after_steps,
+                   precision=resolve_precision(args.precision, device), tensorboard=args.tensorboard, card=card)
 
 
 def train(model, tokenizer, stream, evaluate_fn, settings):
@@ -676,7 +801,8 @@ def train(model, tokenizer, stream, evaluate_fn, settings):
         set_rng_state(state["rng"])
         start_step, best_step, best_metric = state["step"], state["best_step"], state["best_metric"]
         print(f"resuming from step {start_step} (best step {best_step}, metric {best_metric})")
-    log = RunLog(run_dir, resume_step=start_step if resume else None)
+    log = RunLog(run_dir, resume_step=start_step if resume else None, tensorboard=settings.tensorboard)
+    card = settings.card or (lambda step, metric, name: None)
     better = (lambda a, b: a > b) if settings.metric_mode == "max" else (lambda a, b: a < b)
 
     def new_window():
@@ -693,14 +819,15 @@ def train(model, tokenizer, stream, evaluate_fn, settings):
             metric = evaluate_fn(step)
             if metric is not None and (best_metric is None or better(metric, best_metric)):
                 best_step, best_metric = step, metric
-                save_checkpoint(run_dir, "best", model, tokenizer, base_model)
+                save_checkpoint(run_dir, "best", model, tokenizer, base_model, card=card(step, metric, "best"))
             train_state = {"step": step, "optimizer": optimizer.state_dict(), "stream": stream.state_dict(),
                            "rng": rng_state(), "best_step": best_step, "best_metric": best_metric}
-            save_checkpoint(run_dir, "last", model, tokenizer, base_model, train_state)
+            save_checkpoint(run_dir, "last", model, tokenizer, base_model, train_state, card=card(step, metric, "last"))
             model.train()
             session_done = stop_after_steps is not None and step >= start_step + stop_after_steps
             if (step == stop_at_step or session_done) and step < max_steps:
                 bar.close()
+                log.close()
                 return best_step, best_metric, step
         if step == max_steps:
             break
@@ -711,9 +838,11 @@ def train(model, tokenizer, stream, evaluate_fn, settings):
                    for path, indices in drawn]
         step_lr = get_lr(step + 1, lr, warmup_steps)
         try:
-            loss, num_tokens, grad_norm = train_step(model, optimizer, batches, step_lr, settings.grad_clip, device)
+            loss, num_tokens, grad_norm = train_step(model, optimizer, batches, step_lr, settings.grad_clip, device,
+                                                     settings.precision)
         except FloatingPointError as e:
             bar.close()
+            log.close()
             last = os.path.join(run_dir, "last")
             where = f"the last good checkpoint is {last}" if os.path.isdir(last) else "no checkpoint was written yet"
             raise common.TrainingError(f"{e} at step {step + 1} (lr {step_lr:.3e}); stopped; {where}") from None
@@ -736,4 +865,5 @@ def train(model, tokenizer, stream, evaluate_fn, settings):
             bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{step_lr:.2e}", tok_s=f"{row['tokens_per_s']:,.0f}")
             window = new_window()
     bar.close()
+    log.close()
     return best_step, best_metric, None

@@ -283,6 +283,24 @@ def _tiny_tokenizer(name, spm_dir):
     return tokenizer
 
 
+def save_pretrained(model, directory):
+    """model.save_pretrained, with a config that every transformers version reads the same way.
+
+    transformers 5 forces MT5Config.tie_word_embeddings to True (and loads an untied lm_head when
+    the checkpoint has one), so it writes `true` even for mT5's untied head; transformers 4.x would
+    then tie lm_head to the embeddings on load (and rescale the decoder output by d_model**-0.5):
+    other logits, no error. google/mt5-* checkpoints say `false`, and so do ours when the head is
+    untied. The weight files get the umask's mode (common.follow_umask)."""
+    model.save_pretrained(directory)
+    head, inputs = model.get_output_embeddings(), model.get_input_embeddings()
+    if family_of(model.config) == "mt5" and head.weight.data_ptr() != inputs.weight.data_ptr():
+        path = os.path.join(directory, "config.json")
+        config = common.read_json(path, "model config")
+        config["tie_word_embeddings"] = False
+        common.write_json(path, config)
+    common.follow_umask(directory)
+
+
 def untie_lm_head(model):
     """Give an mT5 model built from a config its own lm_head, as google/mt5-* checkpoints have.
 
@@ -336,7 +354,7 @@ def build_tiny(name, out_dir, data_dir=None, seed=0):
     with torch.random.fork_rng(devices=[]):  # _tiny_model seeds torch's global generator
         model = _tiny_model(name, tokenizer, seed)
     tmp = common.make_temp_dir(os.path.dirname(os.path.abspath(out_dir)), prefix=f".{name}-")
-    model.save_pretrained(tmp)
+    save_pretrained(model, tmp)
     tokenizer.save_pretrained(tmp)
     _rename_into_place(tmp, out_dir)
 
@@ -357,31 +375,41 @@ def _rename_into_place(tmp, final):
 # are known by name; any other hub name of a supported class (e.g. bigscience/mt0-base, an mT5)
 # is recognised by its config's model_type (from the hub, or from the local hub cache offline).
 # A checkpoint directory is either a full save_pretrained checkpoint (config.json) or an
-# added-weights checkpoint of adapters / prompt tuning (adapter_config.json, see adapt.py).
+# added-weights checkpoint of adapters / prompt / LoRA (xlgen_adaptation.json or PEFT's adapter_config.json, see adapt.py).
 
 PAPER_HUB_PREFIXES = {"google/mt5-": "mt5", "facebook/mbart-large-50": "mbart", "facebook/nllb-200-": "nllb"}
-ADDED_WEIGHTS_FILE = "adapter_model.safetensors"
-ADDED_CONFIG_FILE = "adapter_config.json"
+# An added-weights checkpoint (adapt.py) holds xlgen's record of it, ADAPTATION_FILE (base model,
+# method, options), and the method's weights: in PEFT's format where PEFT has the method (prompt
+# tuning, LoRA: PEFT_CONFIG_FILE + PEFT_WEIGHTS_FILE, so `PeftModel.from_pretrained` loads them), in
+# xlgen's own files otherwise (adapters). A directory PEFT wrote (no ADAPTATION_FILE) is one too.
+ADAPTATION_FILE = "xlgen_adaptation.json"
+PEFT_CONFIG_FILE = "adapter_config.json"
+PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
 
 
 def is_added_checkpoint(path):
-    """An adapters / prompt checkpoint: only the added weights and the name of their base model."""
-    return os.path.isfile(os.path.join(path, ADDED_CONFIG_FILE))
+    """An adapters / prompt / LoRA checkpoint: only the added weights and the name of their base model."""
+    return any(os.path.isfile(os.path.join(path, name)) for name in (ADAPTATION_FILE, PEFT_CONFIG_FILE))
 
 
-def read_added_config(path):
-    config = common.read_json(os.path.join(path, ADDED_CONFIG_FILE), "adapter config")
-    if not isinstance(config, dict) or not {"base_model", "method", "options"} <= set(config):
-        raise DataError(f"{os.path.join(path, ADDED_CONFIG_FILE)}: expected base_model, method and options")
-    return config
+def describe_added(path):
+    """'METHOD: only the added weights, for base model BASE', from whichever record the directory has."""
+    for name, method_key, base_key in ((ADAPTATION_FILE, "method", "base_model"),
+                                       (PEFT_CONFIG_FILE, "peft_type", "base_model_name_or_path")):
+        file = os.path.join(path, name)
+        if os.path.isfile(file):
+            record = common.read_json(file, "adapter config")
+            if isinstance(record, dict):
+                method = record.get("method", record.get(method_key, "?"))  # (old xlgen adapter_config.json: "method")
+                base = record.get("base_model", record.get(base_key, "?"))
+                return f"{str(method).lower()}: only the added weights, for base model {base}"
+    return "only the added weights"
 
 
 def refuse_added_checkpoint(name, flag, wanted):
     """A one-line error when an added-weights checkpoint is given where `wanted` is needed."""
     if os.path.isdir(name) and is_added_checkpoint(name):
-        config = read_added_config(name)
-        raise UsageError(f"{flag}: {name} is an added-weights checkpoint ({config['method']}: only the added "
-                         f"weights, for base model {config['base_model']}); {flag} takes {wanted}")
+        raise UsageError(f"{flag}: {name} is an added-weights checkpoint ({describe_added(name)}); {flag} takes {wanted}")
 
 
 def resolve(name, data_dir=None):
@@ -447,7 +475,8 @@ def _quiet_transformers():
 
 
 def _load(loader, name, data_dir, what):
-    path = resolve(name, data_dir)
+    tokenizer_only = what == "tokenizer" and os.path.isfile(os.path.join(name, "tokenizer_config.json"))
+    path = name if tokenizer_only else resolve(name, data_dir)  # (an added-weights checkpoint has its tokenizer)
     try:
         return loader.from_pretrained(path)
     except Exception as e:  # noqa: BLE001 -- any failure to read a checkpoint on disk gets its path

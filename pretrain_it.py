@@ -77,13 +77,13 @@ def check_args(args):
 
 
 @torch.no_grad()
-def held_out_loss(model, stream, pad_token_id, device):
+def held_out_loss(model, stream, pad_token_id, device, precision=None):
     """Token-averaged loss over one pass of a TokenBatches (every held-out example once)."""
     model.eval()
     loss_sum, num_tokens = 0.0, 0
     for indices in stream.epoch_batches(0):
         batch = {k: v.to(device) for k, v in stream.collate(indices, pad_token_id).items()}
-        with loop.autocast(device):
+        with loop.autocast(device, precision):
             loss, n = loop.token_loss(model, batch)
         loss_sum, num_tokens = loss_sum + loss.item() * n, num_tokens + n
     return loss_sum / max(num_tokens, 1)
@@ -137,12 +137,14 @@ def run(args, files, family):
 
     # ---- training ----
     def evaluate_fn(step):
-        losses = {lang: held_out_loss(model, s, tokenizer.pad_token_id, device) for lang, s in val_streams.items()}
+        losses = {lang: held_out_loss(model, s, tokenizer.pad_token_id, device, args.precision)
+                  for lang, s in val_streams.items()}
         samples = {}
         for lang, shown in val_examples.items():
             texts = loop.generate(model, tokenizer, shown, encoder.generation_kwargs(lang), device,
                                   args.max_new_tokens, max_tokens=args.eval_max_tokens,
-                                  max_batch_size=args.max_gen_batch_size, desc=f"samples {lang}") if shown else []
+                                  max_batch_size=args.max_gen_batch_size, desc=f"samples {lang}",
+                                  precision=args.precision) if shown else []
             samples[lang] = [{"input": tokenizer.decode(ex["input_ids"], skip_special_tokens=True), "generated": text,
                               "reference": tokenizer.decode(ex["labels"], skip_special_tokens=True)}
                              for ex, text in zip(shown, texts)]

@@ -68,7 +68,7 @@ def parse_args(argv=None):
     p.add_argument("--out-file", required=True, help="output file, same format as the input")
     p.add_argument("--limit", type=common.positive_int, default=None,
                    help="translate only the first N questions (QA) or records (default: all)")
-    p.add_argument("--num-beams", type=common.positive_int, default=4, help="beam size")
+    p.add_argument("--num-beams", "--beam", type=common.positive_int, default=4, help="beam size")
     p.add_argument("--max-tokens", type=common.positive_int, default=4000, help="source-token budget of a generation batch")
     p.add_argument("--chunk-size", type=common.positive_int, default=64, help="examples per chunk (progress is saved per example)")
     p.add_argument("--max-length-ratio", type=common.positive_float, default=2.0,
@@ -81,7 +81,7 @@ def parse_args(argv=None):
                    help="join the N shard files of --out-file into --out-file (exactly the file an unsharded run "
                         "writes) and remove them; translates nothing")
     p.add_argument("--data-dir", default=data.DEFAULT_DATA_DIR, help="data directory (for tiny models)")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    loop.add_device_args(p)
     return p.parse_args(argv)
 
 
@@ -359,7 +359,7 @@ def translate_sentences(model, tokenizer, encoder, sentences, args, device, bar,
         longest = max(lengths[i] for i in batch)
         limit = min(encoder.max_target_length, int(args.max_length_ratio * longest) + args.max_length_offset)
         out = loop.generate_batch(model, tokenizer, [encoded[i]["input_ids"] for i in batch], generation, device,
-                                  limit, args.num_beams)
+                                  limit, args.num_beams, precision=args.precision)
         texts = loop.decode_generated(tokenizer, out, generation)
         bar.update(len(batch))
         yield {sentences[i]: " ".join(evaluate.clean_prediction(t)[0].split()) for i, t in zip(batch, texts)}
@@ -377,6 +377,8 @@ def settings_of(args):
 def main(args):
     # ---- setup ----
     family = check_args(args)
+    device = loop.pick_device(args.device)
+    args.precision = loop.resolve_precision(args.precision, device)  # printed as resolved
     common.print_settings(vars(args))
     units, segments_of, rebuild, write = load_units(args)
     settings = settings_of(args)
@@ -391,7 +393,6 @@ def main(args):
     if args.shard and os.path.isfile(target):
         print(f"{target} exists: shard {args.shard[0]} of {args.shard[1]} already done, skipped")
         return
-    device = loop.pick_device(args.device)
     tokenizer = models.load_tokenizer(args.model, args.data_dir)
     model = models.load_model(args.model, args.data_dir).to(device).eval()
     progress = Progress(target, settings)  # (once the model is there: a failure before leaves no file)

@@ -262,14 +262,16 @@ def test_save_load_added_weights_round_trip(name, method, tokenizers, tmp_path):
             if param.requires_grad:
                 param.add_(0.05 * torch.randn_like(param))
     adapt.save(model, str(tmp_path), base_model=name)
-    assert sorted(os.listdir(tmp_path)) == [models.ADDED_CONFIG_FILE, models.ADDED_WEIGHTS_FILE]
+    weights = "adapters.safetensors" if method == "adapters" else models.PEFT_WEIGHTS_FILE
+    expected = [weights, models.ADAPTATION_FILE] + ([models.PEFT_CONFIG_FILE] if method != "adapters" else [])
+    assert sorted(os.listdir(tmp_path)) == sorted(expected)
     loaded = adapt.load(str(tmp_path), data_dir=DATA_DIR)
     assert adapt.adaptation_of(loaded) == adapt.adaptation_of(model)
     batch, _ = _batch(name, tokenizers)
     model.eval(), loaded.eval()
     with torch.no_grad():
         assert torch.equal(model(**batch).logits, loaded(**batch).logits)
-    added = os.path.getsize(tmp_path / models.ADDED_WEIGHTS_FILE)
+    added = os.path.getsize(tmp_path / weights)
     full = os.path.getsize(os.path.join(models.resolve(name), "model.safetensors"))
     assert added < 0.05 * full, (added, full)
 

@@ -105,17 +105,17 @@ case("finetune --stop-at-step not an evaluation step", finetune, "--stop-at-step
     lambda w, t: QUICK + ["--max-steps", "20", "--stop-at-step", "3", "--eval-every", "2", "--out-dir", os.path.join(t, "r")])
 case("finetune --max-eval-examples 0", finetune, "argument --max-eval-examples: must be an integer >= 1, got 0")(
     lambda w, t: QUICK + ["--max-eval-examples", "0", "--out-dir", os.path.join(t, "r")])
-case("finetune --grad-clip -1", finetune, "argument --grad-clip: must be a finite number >= 0")(
+case("finetune --grad-clip -1", finetune, "argument --grad-clip/--max-grad-norm/--clip-norm: must be a finite number >= 0")(
     lambda w, t: QUICK + ["--grad-clip=-1", "--out-dir", os.path.join(t, "r")])
 case("finetune --weight-decay nan", finetune, "argument --weight-decay: must be a finite number >= 0, got nan")(
     lambda w, t: QUICK + ["--weight-decay", "nan", "--out-dir", os.path.join(t, "r")])
-case("finetune --lr inf", finetune, "argument --lr: must be a finite number > 0, got inf")(
+case("finetune --lr inf", finetune, "argument --lr/--learning-rate: must be a finite number > 0, got inf")(
     lambda w, t: QUICK + ["--lr", "inf", "--out-dir", os.path.join(t, "r")])
-case("finetune --lr abc", finetune, "argument --lr: expected a finite number > 0, got 'abc'")(
+case("finetune --lr abc", finetune, "argument --lr/--learning-rate: expected a finite number > 0, got 'abc'")(
     lambda w, t: QUICK + ["--lr", "abc", "--out-dir", os.path.join(t, "r")])
 case("finetune --adam-beta2 1", finetune, "argument --adam-beta2: must be a number in [0, 1)")(
     lambda w, t: QUICK + ["--adam-beta2", "1", "--out-dir", os.path.join(t, "r")])
-case("finetune --update-freq 0", finetune, "argument --update-freq: must be an integer >= 1")(
+case("finetune --update-freq 0", finetune, "argument --update-freq/--gradient-accumulation-steps: must be an integer >= 1")(
     lambda w, t: QUICK + ["--update-freq", "0", "--out-dir", os.path.join(t, "r")])
 case("finetune --mix-prob 1", finetune, "argument --mix-prob: must be a number in (0, 1)")(
     lambda w, t: QUICK + ["--method", "mix", "--mix-prob", "1", "--out-dir", os.path.join(t, "r")])

@@ -55,7 +55,8 @@ def test_every_method_produces_the_run_directory(name, method, task, tmp_path):
                  "last/tokenizer.json", "best/tokenizer.json"):
         assert (tmp_path / path).exists(), path
     assert not (tmp_path / "last" / "train_state.pt").exists()  # a finished run keeps weights only
-    weights = "adapter_model.safetensors" if adapt.saves_added_weights(method) else "model.safetensors"
+    weights = {"adapters": "adapters.safetensors", "prompt": "adapter_model.safetensors",
+               "lora": "adapter_model.safetensors"}.get(method, "model.safetensors")
     assert (tmp_path / "last" / weights).exists() and (tmp_path / "best" / weights).exists()
     log = steps(tmp_path)
     assert [row["step"] for row in log] == [5, 10, 15, 20]
@@ -81,11 +82,13 @@ def test_lora_finetunes_on_every_family(name, tmp_path):
                            method="lora", model=name)
     files = os.listdir(tmp_path / "best")
     assert "adapter_model.safetensors" in files and "model.safetensors" not in files
-    config = json.loads((tmp_path / "best" / "adapter_config.json").read_text())
+    config = json.loads((tmp_path / "best" / models.ADAPTATION_FILE).read_text())
     assert config["method"] == "lora" and config["options"] == {"rank": 4, "alpha": 16.0, "dropout": 0.1,
                                                                   "targets": ["q", "v"]}
+    peft_config = json.loads((tmp_path / "best" / "adapter_config.json").read_text())  # PEFT's own format
+    assert peft_config["peft_type"] == "LORA" and peft_config["r"] == 4 and peft_config["lora_alpha"] == 16.0
     saved = load_file(tmp_path / "best" / "adapter_model.safetensors")
-    assert saved and all(".lora_A." in k or ".lora_B." in k for k in saved)
+    assert saved and all(k.startswith("base_model.model.") and (".lora_A." in k or ".lora_B." in k) for k in saved)
     assert any(float(v.abs().sum()) > 0 for k, v in saved.items() if ".lora_B." in k)
     assert sorted(results["test"]) == ["de", "zh"] and "f1_filtered" in results["test"]["zh"]
 
@@ -191,8 +194,8 @@ def test_resume_with_adapters_is_bitwise_equal(tmp_path):
     run_finetune(tmp_path / "a", method="adapters")
     run_finetune(tmp_path / "r", "--stop-at-step", "10", method="adapters")
     run_finetune(tmp_path / "r", "--resume", method="adapters")
-    a = load_file(str(tmp_path / "a" / "last" / models.ADDED_WEIGHTS_FILE))
-    r = load_file(str(tmp_path / "r" / "last" / models.ADDED_WEIGHTS_FILE))
+    a = load_file(str(tmp_path / "a" / "last" / adapt.ADAPTERS_WEIGHTS_FILE))
+    r = load_file(str(tmp_path / "r" / "last" / adapt.ADAPTERS_WEIGHTS_FILE))
     assert _equal(a, r) and len(a) > 0
 
 
@@ -303,8 +306,8 @@ BAD = [
     (["--method", "no-such-method"], "argument --method: invalid choice: 'no-such-method'"),
     (["--val-langs", "th,xx"], "--val-langs: unknown language 'xx'"),
     (["--task", "glue"], "argument --task: invalid choice: 'glue'"),
-    (["--lr", "0"], "argument --lr: must be a finite number > 0, got 0"),
-    (["--lr=-1e-3"], "argument --lr: must be a finite number > 0"),
+    (["--lr", "0"], "argument --lr/--learning-rate: must be a finite number > 0, got 0"),
+    (["--lr=-1e-3"], "argument --lr/--learning-rate: must be a finite number > 0"),
     (["--train-file", "/nonexistent/train.json"], "/nonexistent/train.json: file not found"),
     (["--method", "multisrc"], "--method multisrc: xquad has training data only in English"),
     (["--model", "tiny-mbart", "--test-langs", "el"], "mbart has no language code for 'el'"),
