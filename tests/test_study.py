@@ -544,6 +544,8 @@ def test_lid_model_and_it_lr_reach_every_run(tmp_path, capsys):
     commands = [line for line in out.splitlines() if line.startswith("RUN ")]
     finetunes = [c for c in commands if "finetune.py" in c]
     assert len(finetunes) > 700 and all(f"--lid-model {lid}" in c for c in finetunes)
+    # the paper's ROUGE by default (--rouge); the learning guard keeps finetune.py's (it checks learning, in English)
+    assert all("--rouge-mode gem" in c for c in finetunes if "/runs/guard/" not in c)
     it = {shlex.split(c)[shlex.split(c).index("--model") + 1]: c for c in commands if "pretrain_it.py" in c}
     # (the dry run's jobs of a long run also carry --stop-after-steps, the launcher's chunk: after --lr)
     assert it["google/mt5-base"].split(" --stop-after-steps ")[0].endswith("--lr 3e-05")
@@ -656,7 +658,8 @@ def test_dry_run_lists_the_commands_recorded_before_the_refactor(name, flags, tm
     by the registry), and the guard's example files, which the dry run now names as the study writes
     them (OUT/guard/TASK.en.EXT; before, a placeholder without the extension); and what the launcher
     adds per job since: a long run's chunk (--stop-after-steps N) and a translation's shards
-    (--shard I/N, in run directories NAME.shard-I-of-N), here folded back into the one command."""
+    (--shard I/N, in run directories NAME.shard-I-of-N), here folded back into the one command; and
+    the ROUGE every finetuning run is now told (--rouge-mode gem: the study's --rouge), taken out."""
     import gzip
     with gzip.open(os.path.join(REPO, "tests", "fixtures", "dry_run", f"{name}.txt.gz"), "rt") as f:
         recorded = f.read().splitlines()
@@ -664,9 +667,22 @@ def test_dry_run_lists_the_commands_recorded_before_the_refactor(name, flags, tm
                 "OUT/guard/xlsum.en ", "OUT/guard/xlsum.en.jsonl ") for line in recorded]
     old_methods = ("full", "freeze", "adapters", "prompt", "mix", "multisrc")
     out_dir, text = full_dry_run if name == "full" else (tmp_path, run_dry_run(tmp_path, *flags))
-    now = list(dict.fromkeys(re.sub(r" --(stop-after-steps \d+|shard \d+/\d+)", "", re.sub(r"\.shard-\d+-of-\d+\t", "\t", line))
+    now = list(dict.fromkeys(re.sub(r" --(stop-after-steps \d+|shard \d+/\d+|rouge-mode gem)", "",
+                                    re.sub(r"\.shard-\d+-of-\d+\t", "\t", line))
                              for line in dry_run_commands(out_dir, text)))
     new_methods = [m for m in adapt.REGISTRY if m not in old_methods]
     kept = [line for line in now if not any(f"--method {m} " in line for m in new_methods)]
     assert len(recorded) == (836 if name == "full" else 117)
     assert kept == recorded
+
+
+def test_rouge_reaches_every_finetuning_run_and_its_packages_are_checked_first(tmp_path, monkeypatch, capsys):
+    from conftest import run_cli
+    code, out, _ = run_cli(study, ["lr-search", "--dry-run", "--out-dir", str(tmp_path), "--rouge", "xlsum"], capsys)
+    finetunes = [line for line in out.splitlines() if line.startswith("RUN ") and "finetune.py" in line]
+    assert code == 0 and len(finetunes) > 50 and all("--rouge-mode xlsum" in c for c in finetunes if "/runs/guard/" not in c)
+    monkeypatch.setitem(sys.modules, "jieba", None)  # as if requirements-xlsum.txt were not installed
+    code, _, err = run_cli(study, ["lr-search", "--out-dir", str(tmp_path / "s"), "--tiny", "--rouge", "xlsum"], capsys)
+    assert code != 0 and err.strip().splitlines()[-1] == (
+        "error: --rouge xlsum: Chinese needs the jieba package (pip install -r requirements-xlsum.txt)")
+    assert not (tmp_path / "s").exists()
