@@ -599,8 +599,10 @@ def read_adaptation(path):
         except (KeyError, TypeError, ValueError) as e:
             raise DataError(f"{peft_path}: not a complete PEFT {record['peft_type']} config ({type(e).__name__}: {e})") from None
         record = {"base_model": base, "method": method.name, "options": options}
-    if not isinstance(record, dict) or not {"base_model", "method", "options"} <= set(record):
-        raise DataError(f"{source}: expected base_model, method and options")
+    else:
+        if not isinstance(record, dict) or not {"base_model", "method", "options"} <= set(record):
+            raise DataError(f"{source}: expected base_model, method and options")
+        base = _resolve_base(path, record)  # (resolved once: a resolved path is not relative to the checkpoint)
     method = get_method(record["method"], flag=f"{source}: method")
     if source == peft_path and not written_by_peft:
         weights, keys = models.PEFT_WEIGHTS_FILE, (lambda key: key)  # xlgen's names in PEFT's file name
@@ -608,7 +610,7 @@ def read_adaptation(path):
         weights, keys = models.PEFT_WEIGHTS_FILE, method.peft.from_peft
     else:
         weights, keys = ADAPTERS_WEIGHTS_FILE, (lambda key: key)
-    return {"base_model": _resolve_base(path, record), "method": record["method"], "options": record["options"],
+    return {"base_model": base, "method": record["method"], "options": record["options"],
             "weights": os.path.join(path, weights), "keys": keys}
 
 

@@ -22,6 +22,7 @@ All scores are on a 0-100 scale.
 """
 
 import collections
+import dataclasses
 import functools
 import json
 import os
@@ -142,12 +143,20 @@ XLSUM_EXTRAS = "pip install -r requirements-xlsum.txt"
 XLSUM_OWN_STEMMERS = {"hindi": "a suffix stripper", "turkish": "TurkishStemmer", "bengali": "RafiStemmer"}
 
 
-def _require(module, what):
+# the packages of XL-Sum's scorer (requirements-xlsum.txt), and what each is for
+XLSUM_PACKAGES = {"jieba": "Chinese", "fugashi": "Japanese", "pythainlp": "Thai", "pyonmttok": "every language",
+                  "nltk": "stemming"}
+
+
+def _require(module):
+    """Import a module of an XL-Sum package, or a one-line error naming the package and the extras file."""
     import importlib
     try:
         return importlib.import_module(module)
     except ImportError:
-        raise UsageError(f"--rouge-mode xlsum: {what} needs the {module} package ({XLSUM_EXTRAS})") from None
+        package = module.split(".")[0]
+        raise UsageError(f"--rouge-mode xlsum: {XLSUM_PACKAGES[package]} needs the {package} package "
+                         f"({XLSUM_EXTRAS})") from None
 
 
 class XLSumTokenizer:
@@ -178,19 +187,19 @@ class XLSumTokenizer:
         segmenter = XLSUM_SEGMENTERS.get(self.name)
         self.segment = None
         if segmenter == "jieba":
-            jieba = _require("jieba", "Chinese")
+            jieba = _require("jieba")
             jieba.setLogLevel(60)
             jieba.initialize()
             self.segment = lambda text: list(jieba.cut(text))
         elif segmenter == "fugashi":
-            tagger = _require("fugashi", "Japanese").Tagger("-O wakati -b 50000")
+            tagger = _require("fugashi").Tagger("-O wakati -b 50000")
             self.segment = lambda text: tagger.parse(text).split()
         elif segmenter == "pythainlp":
-            tokenize = _require("pythainlp.tokenize", "Thai").word_tokenize
+            tokenize = _require("pythainlp.tokenize").word_tokenize
             self.segment = lambda text: tokenize(text, engine="newmm")
-        self.pretokenizer = _require("pyonmttok", "every language").Tokenizer("aggressive")
+        self.pretokenizer = _require("pyonmttok").Tokenizer("aggressive")
         self.stem, self.stopwords = None, None
-        SnowballStemmer = _require("nltk.stem", "stemming").SnowballStemmer
+        SnowballStemmer = _require("nltk.stem").SnowballStemmer
         if self.name in SnowballStemmer.languages:
             try:
                 stemmer, self.stopwords = SnowballStemmer(self.name, ignore_stopwords=True), True
@@ -224,22 +233,31 @@ def _xlsum_tokenizer(language):
     return _XLSUM_TOKENIZERS[language.code]
 
 
-# mode -> (keyword arguments of rouge-score's RougeScorer for a data.Language, the packages it needs)
+@dataclasses.dataclass(frozen=True)
+class RougeMode:
+    """One ROUGE mode: scorer(language) -> rouge-score RougeScorer keyword arguments; the packages it
+    needs beyond the project's own; notes(language) -> what a result scored in it records besides."""
+    scorer: object
+    packages: tuple = ()
+    notes: object = lambda language: {}
+
+
 ROUGE_SCORERS = {
-    "multilingual": (lambda language: {"use_stemmer": False, "tokenizer": MultilingualTokenizer()}, ()),
-    "gem": (lambda language: {"use_stemmer": True}, ()),  # what GEM-metrics, and so the paper, computed
-    "xlsum": (lambda language: {"use_stemmer": False, "tokenizer": _xlsum_tokenizer(language)},
-              (("jieba", "Chinese"), ("fugashi", "Japanese"), ("pythainlp", "Thai"), ("pyonmttok", "every language"),
-               ("nltk", "stemming"))),
+    "multilingual": RougeMode(lambda language: {"use_stemmer": False, "tokenizer": MultilingualTokenizer()}),
+    "gem": RougeMode(lambda language: {"use_stemmer": True}),  # what GEM-metrics, and so the paper, computed
+    "xlsum": RougeMode(lambda language: {"use_stemmer": False, "tokenizer": _xlsum_tokenizer(language)},
+                       packages=tuple(XLSUM_PACKAGES),
+                       # whether NLTK's stopwords were left unstemmed (None: no stemmer for the language)
+                       notes=lambda language: {"xlsum_stopwords": _xlsum_tokenizer(language).stopwords}),
 }
 ROUGE_MODES = tuple(ROUGE_SCORERS)
 
 
 def check_rouge_mode(mode, flag="--rouge-mode"):
     """A one-line error now, not at the first evaluation, when a mode's packages are missing."""
-    for module, what in ROUGE_SCORERS[mode][1] if mode in ROUGE_SCORERS else ():
+    for module in ROUGE_SCORERS[mode].packages if mode in ROUGE_SCORERS else ():
         try:
-            _require(module, what)
+            _require(module)
         except UsageError as e:
             raise UsageError(str(e).replace("--rouge-mode", flag, 1)) from None
 
@@ -249,7 +267,7 @@ def rouge_scorer(mode, language=None):
     from rouge_score import rouge_scorer as rs
     if mode not in ROUGE_SCORERS:
         raise UsageError(f"--rouge-mode: unknown mode '{mode}'; choose from {', '.join(ROUGE_MODES)}")
-    return rs.RougeScorer(list(ROUGE_TYPES), **ROUGE_SCORERS[mode][0](language))
+    return rs.RougeScorer(list(ROUGE_TYPES), **ROUGE_SCORERS[mode].scorer(language))
 
 
 # -----------------------------------------------------------------------------
@@ -352,6 +370,7 @@ def score_summaries(metrics, details, references, cleaned, correct, language, li
     for name in ROUGE_TYPES:
         metrics[name] = _mean(r[name] for r in details)
     metrics["rouge_mode"] = rouge_mode
+    metrics |= ROUGE_SCORERS[rouge_mode].notes(language)
     # the other modes too, so every result compares with the paper (gem), with XL-Sum's published
     # numbers (xlsum) and is right for every script (multilingual)
     for other in ROUGE_MODES:
@@ -364,8 +383,7 @@ def score_summaries(metrics, details, references, cleaned, correct, language, li
             continue
         other_scores = [other_scorer.score(ref["summary"], row["prediction"]) for row, ref in zip(details, references)]
         metrics[other] = {name: _mean(s[name].fmeasure for s in other_scores) for name in ROUGE_TYPES}
-    if "xlsum" in (rouge_mode, *metrics) and language.code in _XLSUM_TOKENIZERS:
-        metrics["xlsum_stopwords"] = _XLSUM_TOKENIZERS[language.code].stopwords  # None: no stemmer for it
+        metrics |= ROUGE_SCORERS[other].notes(language)
     if rouge_mode == "gem" and language.script != "Latn":
         metrics["rouge_warning"] = (f"gem mode: rouge-score's default tokenizer keeps only a-z0-9, so it "
                                     f"deletes every {language.name} word; only Latin-letter words and digits "

@@ -212,9 +212,11 @@ def resolve_precision(name, device):
 
 
 def autocast(device, precision=None):
-    """bf16 autocast (the weights stay fp32) or plain fp32; precision None: resolve_precision's auto."""
-    dtype = resolve_precision(precision, device)
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
+    """bf16 autocast (the weights stay fp32) or plain fp32. `precision` as resolve_precision returned it
+    (the stages resolve --precision once, at the start), or None / "auto": resolved here."""
+    if precision in (None, "auto"):
+        precision = resolve_precision(precision, device)
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
 def seed_everything(seed):
@@ -435,9 +437,9 @@ def scalars(row, prefix=""):
 
 
 def _check_tensorboard():
+    import importlib
     try:
-        import tensorboard  # noqa: F401  (torch.utils.tensorboard needs it)
-        del tensorboard
+        importlib.import_module("tensorboard")  # torch.utils.tensorboard needs it
     except ImportError:
         raise UsageError("--tensorboard: needs the tensorboard package (pip install -r requirements-extra.txt)") from None
 
@@ -460,16 +462,8 @@ class RunLog:
         self.csv_path = os.path.join(run_dir, "log.csv")
         if resume_step is not None and os.path.exists(self.path):
             # drop lines written after the checkpoint we resume from (they will be written again)
-            rows = []
-            with open(self.path, encoding="utf-8") as f:
-                for line in f:
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError:  # a line cut by a kill
-                        continue
-                    if row.get("step", 0) <= resume_step:
-                        rows.append(line if line.endswith("\n") else line + "\n")
-            common.write_text(self.path, "".join(rows))
+            kept = [line for line, row in self._lines() if row.get("step", 0) <= resume_step]
+            common.write_text(self.path, "".join(line if line.endswith("\n") else line + "\n" for line in kept))
         self.columns = []
         self._rewrite_csv()
         self.writer = None
@@ -477,31 +471,28 @@ class RunLog:
             self.writer = tensorboard_writer(os.path.join(run_dir, "tensorboard"),
                                              purge_step=None if resume_step is None else resume_step + 1)
 
-    def _step_rows(self):
+    def _lines(self):
+        """(line, object) of each readable line of log.jsonl (a line cut by a kill is skipped)."""
         if not os.path.exists(self.path):
-            return []
-        rows = []
+            return
         with open(self.path, encoding="utf-8") as f:
             for line in f:
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError:
                     continue
-                if isinstance(row, dict) and "step" in row and "event" not in row:
-                    rows.append(scalars(row))
-        return rows
+                if isinstance(row, dict):
+                    yield line, row
 
     def _rewrite_csv(self):
-        """log.csv from log.jsonl (at the start, and when a row brings a new column)."""
-        rows = self._step_rows()
+        """log.csv from log.jsonl's step rows (at the start, and when a row brings a new column)."""
+        rows = [scalars(row) for _, row in self._lines() if "step" in row and "event" not in row]
         self.columns = list(dict.fromkeys(key for row in rows for key in row))
         if not rows and not os.path.exists(self.csv_path):
             return
-        common.write_text(self.csv_path, "".join(self._csv_line(row) for row in [None] + rows))
+        common.write_text(self.csv_path, ",".join(self.columns) + "\n" + "".join(map(self._csv_line, rows)))
 
     def _csv_line(self, row):
-        if row is None:
-            return ",".join(self.columns) + "\n"
         return ",".join("" if row.get(c) is None else repr(row[c]) for c in self.columns) + "\n"
 
     def event(self, row):
@@ -766,7 +757,7 @@ class TrainSettings:
     metric_mode: str = "max"  # "max": a higher metric is better (task metrics); "min": a loss (IT)
     stop_at_step: int | None = None
     stop_after_steps: int | None = None
-    precision: str = "fp32"  # resolve_precision's
+    precision: str = "fp32"  # as start_run resolved --precision (resolve_precision)
     tensorboard: bool = False
     card: object = None      # card(step, metric, name) -> README.md of checkpoint `name` (best/last); None: no card
 
@@ -778,7 +769,7 @@ class TrainSettings:
                    eps=args.adam_eps, update_freq=args.update_freq, log_every=args.log_every, resume=args.resume,
                    eval_at_start=getattr(args, "eval_at_start", False), metric_mode=metric_mode,
                    stop_at_step=args.stop_at_step, stop_after_steps=args.stop_after_steps,
-                   precision=resolve_precision(args.precision, device), tensorboard=args.tensorboard, card=card)
+                   precision=args.precision, tensorboard=args.tensorboard, card=card)
 
 
 def train(model, tokenizer, stream, evaluate_fn, settings):

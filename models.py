@@ -394,14 +394,13 @@ def is_added_checkpoint(path):
 
 def describe_added(path):
     """'METHOD: only the added weights, for base model BASE', from whichever record the directory has."""
-    for name, method_key, base_key in ((ADAPTATION_FILE, "method", "base_model"),
-                                       (PEFT_CONFIG_FILE, "peft_type", "base_model_name_or_path")):
+    for name in (ADAPTATION_FILE, PEFT_CONFIG_FILE):  # xlgen's record; PEFT's config (or xlgen's older one)
         file = os.path.join(path, name)
         if os.path.isfile(file):
             record = common.read_json(file, "adapter config")
             if isinstance(record, dict):
-                method = record.get("method", record.get(method_key, "?"))  # (old xlgen adapter_config.json: "method")
-                base = record.get("base_model", record.get(base_key, "?"))
+                method = record.get("method", record.get("peft_type", "?"))
+                base = record.get("base_model", record.get("base_model_name_or_path", "?"))
                 return f"{str(method).lower()}: only the added weights, for base model {base}"
     return "only the added weights"
 
@@ -474,9 +473,8 @@ def _quiet_transformers():
     hf_logging.disable_progress_bar()
 
 
-def _load(loader, name, data_dir, what):
-    tokenizer_only = what == "tokenizer" and os.path.isfile(os.path.join(name, "tokenizer_config.json"))
-    path = name if tokenizer_only else resolve(name, data_dir)  # (an added-weights checkpoint has its tokenizer)
+def _load(loader, name, data_dir, what, path=None):
+    path = path or resolve(name, data_dir)
     try:
         return loader.from_pretrained(path)
     except Exception as e:  # noqa: BLE001 -- any failure to read a checkpoint on disk gets its path
@@ -492,7 +490,9 @@ def _load(loader, name, data_dir, what):
 def load_tokenizer(name, data_dir=None):
     from transformers import AutoTokenizer
     _quiet_transformers()
-    return _load(AutoTokenizer, name, data_dir, "tokenizer")
+    # a directory with a tokenizer is read as it is (an added-weights checkpoint has one, and no config.json)
+    path = name if os.path.isfile(os.path.join(name, "tokenizer_config.json")) else None
+    return _load(AutoTokenizer, name, data_dir, "tokenizer", path)
 
 
 def model_revision(name):

@@ -60,7 +60,7 @@ def find_checkpoint(run, which):
     if is_checkpoint(run):
         parent = os.path.dirname(os.path.abspath(run))
         return run, parent if os.path.isfile(os.path.join(parent, "args.json")) else None
-    candidates = [which] if which not in ("best",) else ["best", "last"]
+    candidates = ["best", "last"] if which == "best" else [which]
     for name in candidates:
         path = name if os.path.isabs(name) else os.path.join(run, name)
         if os.path.isdir(path) and is_checkpoint(path):
@@ -93,8 +93,7 @@ def read_inputs(task, path, lang, limit):
 def main(args):
     # ---- the checkpoint and the run's settings ----
     checkpoint, run_dir = find_checkpoint(args.run, args.checkpoint)
-    saved = loop.read_args(run_dir) if run_dir else None
-    saved = saved or {}
+    saved = (loop.read_args(run_dir) if run_dir else None) or {}
     task = args.task or saved.get("task")
     if task is None:
         raise UsageError(f"--task: {checkpoint} has no run settings (args.json beside it); name the task of the inputs")

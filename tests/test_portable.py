@@ -319,3 +319,21 @@ def test_predict_takes_inputs_without_references(study, tmp_path, capsys):
                                      "--out", str(tmp_path / "q.json")], capsys)
     assert error_lines(err) == [f"error: {inputs}:1: missing or non-string field(s) question (inputs without "
                                 f"references: {{\"id\", 'context', 'question'}})"]
+
+
+def test_a_peft_written_checkpoint_with_a_relative_base_loads_from_a_relative_path(tmp_path, monkeypatch):
+    """PEFT's base_model_name_or_path relative to the checkpoint, the checkpoint named by a relative
+    path from another directory: the base is resolved once (regression: it was joined to the
+    checkpoint's path twice, and refused)."""
+    shutil.copytree(models.resolve("tiny-mt5", DATA_DIR), tmp_path / "study" / "it" / "last")
+    model = adapt.apply(models.load_model(str(tmp_path / "study" / "it" / "last")), "lora", verbose=False, rank=4)
+    checkpoint = tmp_path / "study" / "run" / "best"
+    adapt.save(model, str(checkpoint), str(tmp_path / "study" / "it" / "last"))
+    os.remove(checkpoint / models.ADAPTATION_FILE)  # as PEFT writes it: its own config only
+    config = json.loads((checkpoint / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == os.path.join("..", "..", "it", "last")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    relative = os.path.join("..", "study", "run", "best")
+    assert adapt.read_adaptation(relative)["base_model"] == os.path.join("..", "study", "it", "last")
+    assert adapt.adaptation_of(adapt.load(relative))["options"]["rank"] == 4
