@@ -106,6 +106,7 @@ class Method:
     lr_search: str = "own"       # "own": the study searches its LR; else the method whose PLR it uses
     mixes_text: bool = False     # finetune.py mixes self-supervised batches of raw text in (mix)
     several_sources: bool = False  # finetune.py trains on several source languages (multisrc)
+    in_paper: bool = True        # the paper ran it (study.py --scope paper runs only these)
 
     def defaults(self):
         return {option.name: option.default for option in self.options}
@@ -697,6 +698,19 @@ def _is_adapter(name):
     return ".adapter" in name
 
 
+def _objective_check(flag):
+    def check(value):
+        if value not in data.SELF_SUPERVISED_OBJECTIVES:
+            raise UsageError(f"{flag}: unknown objective '{value}'; choose from {', '.join(data.SELF_SUPERVISED_OBJECTIVES)}")
+        return value
+    return check
+
+
+def paper_methods(task):
+    """The methods of methods_for(task) that the paper ran (LoRA is ours)."""
+    return [name for name in methods_for(task) if REGISTRY[name].in_paper]
+
+
 def _is_prompt(name):
     return name.startswith("prompt.")
 
@@ -726,13 +740,17 @@ register(Method("lora", "LoRA", "a low-rank update of the query and value projec
                                 _number_check("--lora-dropout", (int, float), lambda v: 0 <= v < 1, "in [0, 1)")),
                          Option("targets", "--lora-targets", "q,v", "projections of every attention that get an "
                                 "update, among q,k,v,o", None, _lora_targets)),
-                add=add_lora, trainable=_added_only(_is_lora), added=_is_lora, peft=LORA_PEFT))
+                add=add_lora, trainable=_added_only(_is_lora), added=_is_lora, peft=LORA_PEFT, in_paper=False))
 register(Method("mix", "mix", "as full, with self-supervised batches of the target languages mixed in",
                 options=(Option("mix_prob", "--mix-prob", 0.01, "probability of a self-supervised batch (paper: 0.01)",
                                 common.probability, _number_check("--mix-prob", (int, float), lambda v: 0 < v < 1, "in (0, 1)")),
                          Option("mix_langs", "--mix-langs", None, "languages of raw text mixed in (default: the "
                                 "validation and test languages)", None,
-                                _langs("--mix-langs", 1, "method mix needs at least one target language to mix in"))),
+                                _langs("--mix-langs", 1, "method mix needs at least one target language to mix in")),
+                         Option("mix_objective", "--mix-objective", "prefix_lm", "the self-supervised task mixed in: "
+                                "prefix_lm (the paper's, as in IT), or a base model's own pretraining task, "
+                                "span_corruption (mT5) or mbart_denoising (mBART; paper Appendix C)", None,
+                                _objective_check("--mix-objective"))),
                 lr_search="full", mixes_text=True))
 register(Method("multisrc", "multisrc", "as full, trained on several source languages (XL-Sum)",
                 options=(Option("src_langs", "--src-langs", None, "source languages, sampled uniformly (default: the "

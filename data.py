@@ -12,7 +12,8 @@ Sections:
                               predictions; where each file lives below a data directory
   3. Task formatting          (paper Section 3) summarisation: article -> summary;
                               QA: paragraph + question appended at its end -> answer
-  4. Self-supervised examples Prefix-LM (Vu et al. 2022) and the ZmBART-like objective (Appendix B)
+  4. Self-supervised examples Prefix-LM (Vu et al. 2022), the ZmBART-like objective (Appendix B),
+                              mT5's span corruption and mBART's denoising (Appendix C)
   5. Token-budget batching    fairseq `batch_by_size` semantics, resumable, a stream mixer, and the
                               length-sorted batches of generation
 """
@@ -601,7 +602,132 @@ def zmbart_example(text, lang, rng, id_="", ratio=0.2):
                    src_lang=lang, tgt_lang=lang)
 
 
-SELF_SUPERVISED_OBJECTIVES = {"prefix_lm": prefix_lm_example, "zmbart": zmbart_example}
+# The base models' own pretraining tasks (paper Appendix C mixes them in), on words -- characters in
+# languages written without spaces, as prefix_lm_example cuts -- and made as text: the sentinel and
+# mask strings below are special tokens of the real tokenizers (mT5's 100 <extra_id_N>; mBART-50's
+# and NLLB's <mask>), so the tokenizer turns each into its one id.
+SPAN_SENTINEL = "<extra_id_{}>"
+MASK_TOKEN = "<mask>"
+
+
+def _units(text, lang):
+    """(units, joiner): the words of a text, or its characters where the language has no spaces."""
+    if get_language(lang).spaces:
+        return text.split(), " "
+    return list(text.strip()), ""
+
+
+def random_spans_noise_mask(length, rng, noise_density=0.15, mean_noise_span_length=3.0):
+    """T5's span-corruption mask (Raffel et al. 2020, t5.data.preprocessors.random_spans_noise_mask):
+    round(length * noise_density) noise units (at least 1, at most length - 1) in
+    round(noise / mean_noise_span_length) spans (at least 1); the noise and the non-noise units are
+    each cut into that many non-empty spans at random, interleaved starting with non-noise, so the
+    sequence never starts with noise and always ends with it. Returns a boolean array, True = noise."""
+    num_noise = min(max(int(round(length * noise_density)), 1), length - 1)
+    num_spans = max(int(round(num_noise / mean_noise_span_length)), 1)
+
+    def segment_lengths(num_items, num_segments):  # a random partition into non-empty segments
+        starts = np.zeros(num_items, dtype=bool)
+        starts[1 + rng.permutation(num_items - 1)[:num_segments - 1]] = True
+        return np.bincount(np.cumsum(starts), minlength=num_segments)
+
+    noise = segment_lengths(num_noise, num_spans)
+    keep = segment_lengths(length - num_noise, num_spans)
+    mask = np.zeros(length, dtype=bool)
+    position = 0
+    for kept, noisy in zip(keep, noise):
+        position += kept
+        mask[position:position + noisy] = True
+        position += noisy
+    return mask
+
+
+def span_corruption(units, mask, joiner=" "):
+    """(source, target) of T5's span corruption for a noise mask: each noise span is replaced by the
+    next sentinel in the source; the target lists each sentinel followed by the span it replaced
+    (T5 replaces the non-noise spans of the target with the same sentinels, in the same order).
+
+    units "a b c d e f g", noise at c d and g -> source "a b <extra_id_0> e f <extra_id_1>",
+    target "<extra_id_0> c d <extra_id_1> g"."""
+    source, target, sentinel = [], [], 0
+    for i, unit in enumerate(units):
+        if not mask[i]:
+            source.append(unit)
+            continue
+        if i == 0 or not mask[i - 1]:  # a span starts
+            source.append(SPAN_SENTINEL.format(sentinel))
+            target.append(SPAN_SENTINEL.format(sentinel))
+            sentinel += 1
+        target.append(unit)
+    return joiner.join(source), joiner.join(target)
+
+
+def span_corruption_example(text, lang, rng, id_=""):
+    """mT5's pretraining task (span corruption, 15% noise in spans of mean length 3): the source
+    keeps the text with each noised span replaced by a sentinel, the target gives the spans back.
+    None for a text of fewer than two units."""
+    units, joiner = _units(text, lang)
+    if len(units) < 2:
+        return None
+    source, target = span_corruption(units, random_spans_noise_mask(len(units), rng), joiner)
+    return Example(id=id_, source=source, target=target, src_lang=lang, tgt_lang=lang)
+
+
+def permute_sentences(sentences, order):
+    """Sentence permutation (mBART): the sentences in the given order."""
+    return [sentences[i] for i in order]
+
+
+def text_infilling(units, spans):
+    """Text infilling (BART, as mBART's pretraining runs it: one <mask> per span): each (start,
+    length) span of units is replaced by a single <mask>; a span of length 0 inserts a <mask> before
+    `start`; spans that overlap or touch become one <mask>.
+
+    units "a b c d e f", spans (1, 2) and (5, 0) -> "a <mask> d e <mask> f"."""
+    masked = np.zeros(len(units), dtype=bool)
+    inserts = set()
+    for start, length in spans:
+        if length == 0:
+            inserts.add(start)
+        masked[start:start + length] = True
+    out = []
+    for i, unit in enumerate(units):
+        if i in inserts and not (out and out[-1] == MASK_TOKEN):
+            out.append(MASK_TOKEN)
+        if masked[i]:
+            if not (out and out[-1] == MASK_TOKEN):
+                out.append(MASK_TOKEN)
+            continue
+        out.append(unit)
+    return out
+
+
+def mbart_denoising_example(text, lang, rng, id_="", mask_ratio=0.35, poisson_lambda=3.5):
+    """mBART's pretraining task (Liu et al. 2020): the sentences of the text permuted, then 35% of
+    its units masked in spans of Poisson(3.5) length, each span one <mask> (text infilling); the
+    target is the original text. Span lengths are drawn until they cover ceil(35%) of the units (the
+    last one cut to fit), each span starting at a unit drawn without replacement. None for an empty text."""
+    sentences = [s.strip() for s in split_sentences(text) if s.strip()]
+    if not sentences:
+        return None
+    joiner = " " if get_language(lang).spaces else ""
+    permuted = joiner.join(permute_sentences(sentences, rng.permutation(len(sentences))))
+    units, joiner = _units(permuted, lang)
+    to_mask = int(np.ceil(mask_ratio * len(units)))
+    lengths = []
+    while sum(lengths) < to_mask:
+        lengths.append(int(rng.poisson(poisson_lambda)))
+    if lengths:
+        lengths[-1] -= sum(lengths) - to_mask
+    starts = rng.choice(len(units), size=min(len(lengths), len(units)), replace=False)
+    source = joiner.join(text_infilling(units, list(zip(starts.tolist(), lengths))))
+    return Example(id=id_, source=source, target=joiner.join(sentences), src_lang=lang, tgt_lang=lang)
+
+
+SELF_SUPERVISED_OBJECTIVES = {"prefix_lm": prefix_lm_example, "zmbart": zmbart_example,
+                              "span_corruption": span_corruption_example, "mbart_denoising": mbart_denoising_example}
+# The special token an objective's examples need in the tokenizer (checked before training)
+OBJECTIVE_TOKEN = {"span_corruption": SPAN_SENTINEL.format(0), "mbart_denoising": MASK_TOKEN}
 
 
 def iter_self_supervised(paragraphs, lang, objective="prefix_lm", seed=0):

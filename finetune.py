@@ -236,17 +236,19 @@ def build_stream(args, files, encoder):
     task = data.Mixture.uniform(task_streams, seed=args.seed)
     if not adapt.get_method(args.method).mixes_text:
         return data.Mixture({"task": (1.0, task)}, seed=args.seed), summary
+    objective = args.mix_objective
     ss_streams = {}
     for i, (lang, path) in enumerate(files["text"].items()):
-        examples = token_cache.self_supervised(path, lang, "prefix_lm", encoder, root, seed=args.seed)
+        examples = token_cache.self_supervised(path, lang, objective, encoder, root, seed=args.seed)
         if not len(examples):
             raise common.DataError(f"{path}: no paragraphs in it (--mix-langs {lang})")
-        ss_streams[lang], stats = make_stream(examples, args.max_tokens, args.seed + 100 + i, f"prefix_lm/{lang} ({path})")
-        summary[f"prefix_lm/{lang}"] = {"file": path, **stats}
-    print(f"mix: Prefix-LM batches of {', '.join(ss_streams)} with probability {args.mix_prob}")
+        ss_streams[lang], stats = make_stream(examples, args.max_tokens, args.seed + 100 + i, f"{objective}/{lang} ({path})")
+        summary[f"{objective}/{lang}"] = {"file": path, **stats}
+    print(f"mix: {objective} batches of {', '.join(ss_streams)} with probability {args.mix_prob}")
     self_supervised = data.Mixture.uniform(ss_streams, seed=args.seed + 1)
-    return data.Mixture({"task": (1.0 - args.mix_prob, task), "prefix_lm": (args.mix_prob, self_supervised)},
+    return data.Mixture({"task": (1.0 - args.mix_prob, task), objective: (args.mix_prob, self_supervised)},
                         seed=args.seed), summary
+
 
 
 # -----------------------------------------------------------------------------
@@ -393,6 +395,8 @@ def run(args, files):
 
     # ---- model ----
     tokenizer = models.load_tokenizer(args.init or args.model, args.data_dir)
+    if adapt.get_method(args.method).mixes_text:  # before the model loads: an objective its tokenizer cannot write
+        models.check_objective_token(args.mix_objective, tokenizer, args.model)
     model = build_model(args, checkpoint=last if args.resume else None)
     if models.family_of(model.config) != models.family_of_name(args.model, args.data_dir):
         raise UsageError(f"--model {args.model}: the checkpoint in {run_dir} is a {models.family_of(model.config)} model")

@@ -97,6 +97,18 @@ def family_language_codes(family):
     return [code for code in codes if code is not None]
 
 
+def check_objective_token(objective, tokenizer, model_name, flag="--mix-objective"):
+    """An objective made of sentinels or masks (data.OBJECTIVE_TOKEN) needs them as tokens of the
+    model's tokenizer: mT5's <extra_id_N>, mBART-50's and NLLB's <mask>; else its examples would
+    encode them as text."""
+    token = data.OBJECTIVE_TOKEN.get(objective)
+    if token is None:
+        return
+    ids = tokenizer(token, add_special_tokens=False)["input_ids"]
+    if len(ids) != 1 or ids[0] == tokenizer.unk_token_id:
+        raise UsageError(f"{flag} {objective}: the tokenizer of {model_name} has no {token} token (span_corruption "
+                         f"is mT5's task, mbart_denoising mBART's)")
+
 class Seq2SeqEncoder:
     """Turns data.Examples into token ids for one model family, and knows how that family generates.
 

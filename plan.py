@@ -6,10 +6,12 @@ read by report.py, through this module only.
 plan.json   {run directory: entry}, one entry per run of the study; every entry has "stage", and
             per stage:
               guard            task, model
-              it               model
-              lr-search, methods, translate-search, large
+              it               model, objective (prefix_lm; appendix-b's: zmbart)
+              lr-search, methods, figures, translate-search, large, appendix-b, appendix-c
                                task, model, method, lr, it, seed (+ train_lang for translated data;
-                               methods: plr; large: row, the Table 2 row it fills)
+                               lr-search: grid, k_range; methods, appendix-b/c: plr; large: row, the
+                               Table 2 row it fills; figures: figure1_lr or figure3; appendix-b:
+                               it_objective; appendix-c: mix_objective, mix_prob)
               translate-data   task, lang, translator
               appendix-d       task, model, lang, best_en_lr, best_non_en_lr, source_run,
                                non_en_runs, translated
@@ -25,7 +27,8 @@ import os
 import common
 
 PLAN_FILE, CHOSEN_FILE = "plan.json", "chosen.json"
-STAGES = ("guard", "it", "lr-search", "methods", "translate-data", "translate-search", "large", "appendix-d")
+STAGES = ("guard", "it", "lr-search", "methods", "figures", "translate-data", "translate-search", "large",
+          "appendix-b", "appendix-c", "appendix-d")
 FINETUNE_KEYS = ("task", "model", "method", "lr", "it", "seed")  # every entry of a finetuning stage has them
 REQUIRED = {"guard": ("task", "model"), "it": ("model",), "translate-data": ("task", "lang"),
             "appendix-d": ("task", "model", "lang", "source_run", "non_en_runs", "translated")}
@@ -108,9 +111,10 @@ class Plan:
 
     # ---- plan.json ----
     def record(self, run_dir, **entry):
-        """Record (or update) a run's entry; a run keeps the stage that first recorded it."""
-        stage = self.runs.get(run_dir, {}).get("stage", entry["stage"])
-        self.runs[run_dir] = {**entry, "stage": stage}
+        """Record (or update) a run's entry: a later stage that needs the same run adds its fields (e.g.
+        figure1_lr) to it; a run keeps the stage that first recorded it."""
+        old = self.runs.get(run_dir, {})
+        self.runs[run_dir] = {**old, **entry, "stage": old.get("stage", entry["stage"])}
         self.save()
         return self.runs[run_dir]
 
@@ -149,3 +153,61 @@ def check_entry(path, run_dir, entry):
         raise common.DataError(f"{path}: entry '{run_dir}' (stage {entry['stage']}) lacks {', '.join(missing)}")
     if "lr" in entry and (isinstance(entry["lr"], bool) or not isinstance(entry["lr"], (int, float))):
         raise common.DataError(f"{path}: entry '{run_dir}': lr {entry['lr']!r} is not a number")
+
+
+# -----------------------------------------------------------------------------
+# The LR-selection rule (Appendix A, "Hyperparameter search")
+
+def select_lr(scores, method, grid=(3, 4, 5), k_range=(1, 7)):
+    """Next LRs to try, or the chosen preliminary LR (PLR).
+
+    scores: {lr: average non-English validation metric, or None for a failed/missing run}.
+    Returns ("run", [lrs]), ("done", plr), or ("failed", None) when every run of the search failed
+    (there is nothing to choose from: walking on to smaller LRs would report noise as the PLR). The rule:
+      1. try 10^-k for k in `grid`;
+      2. k* = the best power of ten tried (ties: the smaller LR); if k* is the largest LR tried
+         and k* > k_range[0], try 10^-(k*-1); if it is the smallest and k* < k_range[1], try
+         10^-(k*+1) -- i.e. extend while the metric improves;
+      3. full finetuning only: then try 3 * 10^-k*; PLR = the better of 10^-k* and 3 * 10^-k*.
+    """
+    pending = [_lr(1, k) for k in grid if not _tried(scores, _lr(1, k))]
+    if pending:
+        return "run", pending
+    if all(score is None for score in scores.values()):
+        return "failed", None
+    powers = {lr: s for lr, s in scores.items() if _is_power_of_ten(lr)}
+    best_lr = _best(powers)
+    k_best = round(-math.log10(best_lr))
+    tried_k = sorted(round(-math.log10(lr)) for lr in powers)
+    if k_best == tried_k[0] and k_best > k_range[0]:
+        return "run", [_lr(1, k_best - 1)]
+    if k_best == tried_k[-1] and k_best < k_range[1]:
+        return "run", [_lr(1, k_best + 1)]
+    if method != "full":
+        return "done", best_lr
+    three = _lr(3, k_best)
+    if not _tried(scores, three):
+        return "run", [three]
+    return "done", _best({best_lr: scores[best_lr], three: scores[_key(scores, three)]})
+
+
+def _lr(mantissa, k):
+    """mantissa * 10^-k as the float its decimal spelling gives (3e-4, not 3.0000000000000003e-4)."""
+    return float(f"{mantissa}e-{k}")
+
+
+def _key(scores, lr):
+    return next(x for x in scores if math.isclose(x, lr, rel_tol=1e-9))
+
+
+def _tried(scores, lr):
+    return any(math.isclose(x, lr, rel_tol=1e-9) for x in scores)
+
+
+def _is_power_of_ten(lr):
+    return math.isclose(10.0 ** round(math.log10(lr)), lr, rel_tol=1e-9)
+
+
+def _best(scores):
+    """The LR with the highest score; a missing score never wins; ties go to the smaller LR."""
+    return max(sorted(scores), key=lambda lr: rank(scores[lr]))

@@ -109,6 +109,7 @@ def run(args, files, family):
     model = adapt.apply(models.load_model(last or args.model, args.data_dir), "full")
     if models.family_of(model.config) != family:
         raise UsageError(f"--model {args.model}: the checkpoint in {run_dir} is a {models.family_of(model.config)} model")
+    models.check_objective_token(args.objective, tokenizer, args.model, "--objective")
     length = models.max_length(model.config)
     encoder = models.Seq2SeqEncoder(tokenizer, family, length, length)
 

@@ -13,7 +13,13 @@ named after what it reproduces in the paper (../shared/paper.md):
   fig1_lr_TASK.png           full finetuning: task metric and LCR against LR, per model (Figure 1)
   fig2_methods_TASK.png      methods side by side per model, with data translation (Figure 2)
   fig3_models_TASK.png       the four models, full finetuning without IT, per language (Figure 3)
-  fig4_examples.md           one input per task: reference, each method's output, its language (Figure 4)
+  fig4_examples.md           one input per task (French on XL-Sum): reference, each method's output, its
+                             language and average length (Figure 4)
+  fig5_it_objectives_TASK    freeze after Prefix-LM or ZmBART-like IT (Figure 5, Appendix B)
+  fig6_mixing_TASK           mix: Prefix-LM or the model's pretraining task, per probability (Figure 6, Appendix C)
+  fig1_lr_TASK, fig3_models_TASK   the numbers of Figures 1 and 3 (3 runs) as tables too
+  rouge_modes_TASK, plr_modes_TASK (summarisation) every ROUGE mode's test score and PLR
+  filtered_TASK (QA)         the filtered question set per language and LID model vs the paper's ~50%
   fig7_per_language_TASK     every chosen setting per test language, table and figure (Figure 7)
   fig8_11_lr_TASK_MODEL_METHOD.png   metric and LCR against LR per language (Figures 8-11)
   curves_TASK_MODEL.png      full finetuning: validation metric and LCR against step, one line per LR
@@ -324,6 +330,302 @@ def table_per_language(plan, chosen, task):
 
 
 # -----------------------------------------------------------------------------
+# The ROUGE modes side by side (evaluate.ROUGE_MODES; every summary result stores all of them)
+
+def mode_value(metrics, mode, key):
+    """A metric under a ROUGE mode: the run's own (metrics[key]) when it was scored in that mode,
+    else the other modes' scores stored beside it (metrics[mode][key]); None where the mode was
+    unavailable (xlsum without its packages, or for a language it cannot score)."""
+    if metrics.get("rouge_mode") == mode:
+        return metrics[key]
+    return (metrics.get(mode) or {}).get(key)
+
+
+def has_rouge_modes(plan, task):
+    """Whether the task's results carry ROUGE modes (summarisation) -- read from a finished run."""
+    for run, meta in plan.items():
+        if meta.get("task") == task and meta.get("stage") in FINETUNE_STAGES:
+            results = load_results(run)
+            if results and results.get("test"):
+                return "rouge_mode" in next(iter(results["test"].values()))
+    return False
+
+
+FINETUNE_STAGES = ("lr-search", "methods", "figures", "translate-search", "large", "appendix-b", "appendix-c")
+
+
+def test_mode_mean(runs, task, mode):
+    """The mean over a setting's runs and test languages (non-English) of the main metric in `mode`."""
+    main = data.TASKS[task].main_metric
+    values = []
+    for results in map(load_results, runs):
+        if results is None:
+            continue
+        langs = results["test_average"]["langs"]
+        per_lang = [mode_value(results["test"][lang], mode, main) for lang in langs]
+        if None not in per_lang:
+            values.append(statistics.mean(per_lang))
+    return statistics.mean(values) if values else None
+
+
+def val_mode_best(run, task, mode):
+    """A run's best validation score in `mode` over its evaluations (eval/step_N.json; the average
+    over the non-English validation languages, as selection uses): the checkpoint that mode would
+    have chosen."""
+    main = data.TASKS[task].main_metric
+    best = None
+    for path in glob.glob(os.path.join(run, "eval", "step_*.json")):
+        evaluation = common.read_json(path)
+        langs = [l for l in evaluation["langs"] if l != "en"] or list(evaluation["langs"])
+        values = [mode_value(evaluation["langs"][l], mode, main) for l in langs]
+        if None not in values:
+            best = max(best if best is not None else -float("inf"), statistics.mean(values))
+    return best
+
+
+def selecting_mode(runs):
+    """The ROUGE mode that selected a setting (its runs' --rouge-mode)."""
+    for results in map(load_results, runs):
+        if results:
+            return results["config"].get("rouge_mode", "multilingual")
+    return None
+
+
+def table_rouge_modes(plan, chosen, task):
+    """Every chosen setting's test score under each ROUGE mode, the one that selected it first."""
+    label = data.TASKS[task].metric_label
+    table = Table(f"rouge_modes_{task}", f"{task}: test {label} of each chosen setting under every ROUGE mode",
+                  ["model", "method", "selected by"] + [f"{label} {mode}" for mode in evaluate.ROUGE_MODES] + ["avg length"],
+                  "gem: the paper's GEM-metrics (rouge-score's tokenizer: Latin letters and digits only, so Chinese, "
+                  "Korean and Russian words count for nothing); multilingual: every script, no segmenter or stemmer; "
+                  "xlsum: XL-Sum's official scorer (segmenters and stemmers; — where its packages are missing). "
+                  "Average over the target languages; avg length: output characters.")
+    for key, entry in sorted(chosen.items()):
+        if study_plan.split_key(key)[0] != task:
+            continue
+        _, model, method = study_plan.split_key(key)
+        cells = [fmt(test_mode_mean(entry["runs"], task, mode)) for mode in evaluate.ROUGE_MODES]
+        lengths = [r["test_average"]["avg_len"] for r in map(load_results, entry["runs"]) if r]
+        table.add([model, method, selecting_mode(entry["runs"]) or MISSING] + cells +
+                  [fmt(statistics.mean(lengths), 0) if lengths else MISSING], entry["runs"])
+    return table
+
+
+def plr_under_modes(plan, task):
+    """{(model, method): {mode: PLR, or "next: LRs" where that mode's search would try an LR the study
+    did not run, or None}} of the task's LR searches, by the study's rule (study.select_lr) on each
+    run's best validation score in each mode."""
+    found = {}
+    combos = sorted({(m["model"], m["method"]) for m in plan.values() if m.get("stage") == "lr-search" and m["task"] == task})
+    for model, method in combos:
+        points = search_points(plan, task, model, method)
+        entries = [plan[runs[0]] for _, runs in points]
+        grid = tuple(entries[0].get("grid", (3, 4, 5)))
+        k_range = tuple(entries[0].get("k_range", (1, 7)))
+        found[(model, method)] = {}
+        for mode in evaluate.ROUGE_MODES:
+            scores = {lr: mean(val_mode_best(run, task, mode) for run in runs) for (lr, _), runs in points}
+            decision, value = study_plan.select_lr(scores, method, grid, k_range)
+            found[(model, method)][mode] = (value if decision == "done" else
+                                            "next: " + ", ".join(f"{lr:g}" for lr in value) if decision == "run" else None)
+    return found
+
+
+def table_plr_modes(plan, task):
+    """The PLR of each LR search of the task under every ROUGE mode, and whether another mode differs."""
+    table = Table(f"plr_modes_{task}", f"{task}: the preliminary LR each ROUGE mode would choose",
+                  ["model", "method"] + [f"PLR {mode}" for mode in evaluate.ROUGE_MODES] + ["differs"],
+                  "The study's selection rule applied to each run's best validation score in each mode (the mode that "
+                  "selected the study's checkpoints is the one in its runs' config). `next: LR`: that mode's search "
+                  "would go on to an LR the study did not run.")
+    differing = []
+    for (model, method), plrs in sorted(plr_under_modes(plan, task).items()):
+        shown = [MISSING if v is None else (v if isinstance(v, str) else f"{v:g}") for v in plrs.values()]
+        known = {v for v in shown if v != MISSING}
+        differs = len(known) > 1
+        if differs:
+            differing.append(f"{task} {model} {method}: " + ", ".join(f"{mode} {v}" for mode, v in zip(plrs, shown)))
+        runs = [r for _, rs in search_points(plan, task, model, method) for r in rs]
+        table.add([model, method] + shown + ["yes" if differs else "no"], runs)
+    table.note += (" PLRs that differ between modes: " + "; ".join(differing) + "." if differing
+                   else " No PLR differs between the modes scored.")
+    return table
+
+
+def table_filtered_questions(plan, task):
+    """QA: the paper's filtered question set per test language (answers without digits, identified
+    as the language by the LID model), beside the paper's "~50% of 1190"; per LID model found."""
+    table = Table(f"filtered_{task}", f"{task}: the filtered question set per language (Appendix A)",
+                  ["LID model", "language", "questions", "filtered", "share", "paper"],
+                  "Filtered: gold answers with no digit, identified by fastText as the target language; the paper: "
+                  "\"~50% of 1190 questions satisfy this criteria\" with lid.176.bin. The compressed lid.176.ftz "
+                  "keeps more (download.py --tasks lid fetches the .bin; the study uses it when present).")
+    seen = {}
+    for run, meta in sorted(plan.items()):
+        if meta.get("task") != task or meta.get("stage") not in FINETUNE_STAGES:
+            continue
+        results = load_results(run)
+        for lang, metrics in (results or {}).get("test", {}).items():
+            if "num_filtered" in metrics and lang != "en":
+                seen.setdefault((metrics.get("lid_model", MISSING), lang), (metrics["num_references"], metrics["num_filtered"], run))
+    for (lid, lang), (total, kept, run) in sorted(seen.items()):
+        table.add([lid, lang, f"{total:,}", f"{kept:,}", f"{100 * kept / total:.0f}%" if total else MISSING,
+                   "~50% of 1,190"], [run])
+    return table
+
+
+# -----------------------------------------------------------------------------
+# Appendices B and C, and the runs the figures add (study.py stages figures, appendix-b, appendix-c)
+
+def appendix_b_rows(plan, task):
+    """[(model, PLR, Prefix-LM IT runs, ZmBART IT runs)]: freeze at the PLR after each IT objective."""
+    rows = []
+    for model in sorted({m["model"] for m in plan.values() if m.get("stage") == "appendix-b" and m.get("task") == task}):
+        zmbart = [r for r, m in plan.items() if m.get("stage") == "appendix-b" and m.get("task") == task
+                  and m.get("model") == model]
+        plr = plan[zmbart[0]]["plr"]
+        prefix = zero_shot_settings(plan, task, model, "freeze", True).get((plr, True), [])
+        rows.append((model, plr, prefix, zmbart))
+    return rows
+
+
+def table_fig5(plan, task):
+    table = Table(f"fig5_it_objectives_{task}", f"Figure 5 ({task}): intermediate-tuning objectives, freeze as the "
+                  f"method, test {data.TASKS[task].metric_label} (LCR %)", ["model", "PLR", "Prefix-LM IT", "ZmBART-like IT"],
+                  "Freeze (decoder and embeddings frozen) at the PLR after intermediate tuning with each objective "
+                  "(paper Appendix B); averaged over the target languages, mean over seeds.")
+    for model, plr, prefix, zmbart in appendix_b_rows(plan, task):
+        table.add([model, f"{plr:g}", setting_cell(prefix, plan, task), setting_cell(zmbart, plan, task)], prefix + zmbart)
+    return table
+
+
+def fig5_it_objectives(plan, task, path):
+    groups = []
+    for model, _, prefix, zmbart in appendix_b_rows(plan, task):
+        groups += [(f"{model} Prefix-LM", per_language(prefix, plan, task)), (f"{model} ZmBART", per_language(zmbart, plan, task))]
+    langs = sorted({lang for _, found in groups for lang in found})
+    if not langs:
+        return False
+    per_language_bars(groups, langs, f"Figure 5 ({task}): IT objective, freeze at the PLR, per language", task, path)
+    return True
+
+
+def appendix_c_points(plan, task):
+    """{(model, objective): [(mix probability, runs)]} of mix at the PLR without IT, and {model:
+    runs of full finetuning at that PLR without IT} (no mixing: the reference)."""
+    points, reference = {}, {}
+    for run, meta in plan.items():
+        if meta.get("task") == task and "mix_objective" in meta:
+            key = (meta["model"], meta["mix_objective"])
+            points.setdefault(key, {}).setdefault(meta["mix_prob"], []).append(run)
+            reference.setdefault(meta["model"], meta["plr"])
+    reference = {model: zero_shot_settings(plan, task, model, "full", False).get((plr, False), [])
+                 for model, plr in reference.items()}
+    return {key: sorted(by_prob.items()) for key, by_prob in sorted(points.items())}, reference
+
+
+def table_fig6(plan, task):
+    label = data.TASKS[task].metric_label
+    table = Table(f"fig6_mixing_{task}", f"Figure 6 ({task}): mixing in a self-supervised task, test {label} (LCR %)",
+                  ["model", "mixed-in task", "probability", f"{label} (LCR %)", "avg length"],
+                  "Mix at the PLR without IT (paper Appendix C): Prefix-LM, or the model's own pretraining task "
+                  "(span corruption for mT5; text infilling and sentence permutation for mBART), sampled with the "
+                  "probability given; none: full finetuning at that PLR. avg length: output characters (the paper: "
+                  "mixing in lengthens the outputs).")
+    points, reference = appendix_c_points(plan, task)
+
+    def length(runs):
+        values = [r["test_average"]["avg_len"] for r in map(load_results, runs) if r]
+        return fmt(statistics.mean(values), 0) if values else MISSING
+    for model, runs in sorted(reference.items()):
+        table.add([model, "none", "0", setting_cell(runs, plan, task), length(runs)], runs)
+    for (model, objective), by_prob in points.items():
+        for prob, runs in by_prob:
+            table.add([model, objective, f"{prob:g}", setting_cell(runs, plan, task), length(runs)], runs)
+    return table
+
+
+def fig6_mixing(plan, task, path):
+    """Task metric and output length against the mixing probability, one line per model and task
+    mixed in; full finetuning (no mixing) dashed."""
+    points, reference = appendix_c_points(plan, task)
+    if not points:
+        return False
+    fig, ax_metric, ax_len = two_panels(task)
+    ax_len.set_ylabel("average output length (characters)")
+    for (model, objective), by_prob in points.items():
+        xs, metric, lengths = [], [], []
+        for prob, runs in by_prob:
+            m, _ = setting_mean(runs, plan, task)
+            found = [r["test_average"]["avg_len"] for r in map(load_results, runs) if r]
+            if m is not None and found:
+                xs.append(prob), metric.append(m), lengths.append(statistics.mean(found))
+        ax_metric.plot(xs, metric, marker="o", label=f"{model} {objective}")
+        ax_len.plot(xs, lengths, marker="o", label=f"{model} {objective}")
+    for model, runs in reference.items():
+        m, _ = setting_mean(runs, plan, task)
+        found = [r["test_average"]["avg_len"] for r in map(load_results, runs) if r]
+        if m is not None:
+            ax_metric.axhline(m, linestyle="--", color="grey", label=f"{model} no mixing")
+            ax_len.axhline(statistics.mean(found), linestyle="--", color="grey", label=f"{model} no mixing")
+    for ax in (ax_metric, ax_len):
+        ax.set_xscale("log")
+        ax.set_xlabel("probability of a self-supervised batch")
+    ax_len.legend(fontsize=7)
+    fig.suptitle(f"Figure 6 ({task}): mixing in a self-supervised task at the PLR, without IT")
+    save_figure(fig, path)
+    return True
+
+
+def figure1_fixed(plan, task, model):
+    """{method: (lr, runs)} of Figure 1's freeze and mix at the fixed LR (study.py stage figures)."""
+    found = {}
+    for run, meta in plan.items():
+        if meta.get("task") == task and meta.get("model") == model and "figure1_lr" in meta:
+            found.setdefault(meta["method"], (meta["figure1_lr"], []))[1].append(run)
+    return found
+
+
+def table_fig1(plan, task):
+    table = Table(f"fig1_lr_{task}", f"Figure 1 ({task}): full finetuning against LR, and freeze and mix at a fixed LR, "
+                  f"test {data.TASKS[task].metric_label} (LCR %)", ["model", "method", "LR", "test"],
+                  "Without IT, averaged over the target languages; freeze and mix at the fixed LR (the initial grid's "
+                  "largest) show what the enhancements give where full finetuning answers in the wrong language.")
+    models = sorted({m["model"] for m in plan.values() if m.get("stage") == "lr-search" and m.get("task") == task})
+    for model in models:
+        for (lr, _), runs in search_points(plan, task, model, "full"):
+            table.add([model, "full", f"{lr:g}", setting_cell(runs, plan, task)], runs)
+        for method, (lr, runs) in sorted(figure1_fixed(plan, task, model).items()):
+            table.add([model, method, f"{lr:g}", setting_cell(runs, plan, task)], runs)
+    return table
+
+
+def figure3_settings(plan, task):
+    """[(model, PLR, runs)]: full finetuning without IT at each model's PLR (the best search setting),
+    with the runs the figures stage added to reach the paper's 3."""
+    rows = []
+    for model in sorted({m["model"] for m in plan.values() if m.get("stage") == "lr-search" and m.get("task") == task}):
+        settings = study_plan.settings(plan, task=task, model=model, method="full", it=False,
+                                       keep=lambda meta: meta.get("stage") == "lr-search" and "train_lang" not in meta)
+        best = best_setting(settings, plan)
+        if best:
+            extra = [r for r, m in plan.items() if m.get("figure3") and m.get("task") == task and m.get("model") == model
+                     and m.get("lr") == best[0]]
+            rows.append((model, best[0], settings[best] + extra))
+    return rows
+
+
+def table_fig3(plan, task):
+    table = Table(f"fig3_models_{task}", f"Figure 3 ({task}): the models, full finetuning without IT at each one's "
+                  f"PLR, test {data.TASKS[task].metric_label} (LCR %)", ["model", "PLR", "runs", "test"],
+                  "Mean ± sd over the runs (the paper: 3 runs); per language in fig3_models_TASK.png.")
+    for model, lr, runs in figure3_settings(plan, task):
+        done = len(per_seed(runs, plan, task))
+        table.add([model, f"{lr:g}", str(done), setting_cell(runs, plan, task)], runs)
+    return table
+
+
+# -----------------------------------------------------------------------------
 # Figures
 
 def plt():
@@ -374,9 +676,16 @@ def fig1_lr(plan, task, path):
         points = [(lr, m, l) for lr, (m, l) in points if m is not None]
         if points:
             drawn = True
-            ax_metric.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=model)
-            ax_lcr.plot([p[0] for p in points], [p[2] for p in points], marker="o", label=model)
-    finish_lr_figure(fig, ax_metric, ax_lcr, f"Figure 1 ({task}): full finetuning, test metric and LCR against LR", path)
+            line, = ax_metric.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=model)
+            ax_lcr.plot([p[0] for p in points], [p[2] for p in points], marker="o", label=model, color=line.get_color())
+            for method, (lr, runs) in sorted(figure1_fixed(plan, task, model).items()):
+                m, l = setting_mean(runs, plan, task)
+                if m is not None:  # the enhancements at the fixed LR, in the model's colour
+                    marker = {"freeze": "s", "mix": "^"}.get(method, "x")
+                    ax_metric.scatter([lr], [m], marker=marker, s=60, color=line.get_color(), label=f"{model} {method}")
+                    ax_lcr.scatter([lr], [l], marker=marker, s=60, color=line.get_color(), label=f"{model} {method}")
+    finish_lr_figure(fig, ax_metric, ax_lcr, f"Figure 1 ({task}): full finetuning against LR; freeze and mix at a "
+                     "fixed LR", path)
     return drawn
 
 
@@ -410,19 +719,12 @@ def fig2_methods(plan, chosen, task, path):
 
 def fig3_models(plan, task, path):
     """The models with full finetuning and no IT (each at its PLR), per language (Figure 3)."""
-    models = sorted({m["model"] for m in plan.values() if m.get("stage") == "lr-search" and m.get("task") == task})
-    rows = []
-    for model in models:
-        settings = study_plan.settings(plan, task=task, model=model, method="full", it=False,
-                               keep=lambda meta: meta.get("stage") == "lr-search" and "train_lang" not in meta)
-        best = best_setting(settings, plan)
-        if best:
-            rows.append((model, per_language(settings[best], plan, task)))
+    rows = [(model, per_language(runs, plan, task)) for model, _, runs in figure3_settings(plan, task)]
     langs = sorted({lang for _, found in rows for lang in found})
     if not rows or not langs:
         return False
     per_language_bars(rows, langs, f"Figure 3 ({task}): models, full finetuning without IT (at each model's PLR), "
-                      "per language", task, path)
+                      "per language, mean over its runs", task, path)
     return True
 
 
@@ -501,18 +803,29 @@ def curves(plan, task, model, path):
     return drawn
 
 
+FIGURE4_LANGS = ("fr", "es")  # Figure 4 is in French; XQuAD has no French test set: Spanish there
+
+
+def fig4_lang(task):
+    return next(lang for lang in FIGURE4_LANGS + tuple(data.TASKS[task].test_langs) if lang in data.TASKS[task].test_langs)
+
+
 def fig4_examples(plan, chosen, report_dir):
     """One test input per task, its reference, and each chosen method's output with its detected
-    language (first seed), as Markdown (Figure 4)."""
+    language and the setting's average output length over that language's test set (first seed),
+    as Markdown (Figure 4: French, "Avg. len. over evaluation corpora in French, in characters")."""
     lines = ["# Figure 4: example predictions", "",
-             "One test input per task (Spanish, a target language of both tasks), each model and method at its "
-             "chosen setting, first seed. `lang`: what fastText detects; `(empty)`: nothing generated.", ""]
+             "One test input per task, in French where the task tests French (XL-Sum; the paper's Figure 4), else "
+             "Spanish (XQuAD has no French); each model and method at its chosen setting, first seed. `lang`: what "
+             "fastText detects; `(empty)`: nothing generated; avg len: the setting's mean output length over that "
+             "test set, in characters (mean over seeds).", ""]
     for task in data.finetune_tasks():
+        lang = fig4_lang(task)
         entries = [(key, entry) for key, entry in sorted(chosen.items()) if study_plan.split_key(key)[0] == task]
         example = None
         for key, entry in entries:
             run = sorted(entry["runs"], key=lambda r: plan.get(r, {}).get("seed", 0))[0]
-            details = os.path.join(run, "predictions", "test.es.details.jsonl")
+            details = os.path.join(run, "predictions", f"test.{lang}.details.jsonl")
             if not os.path.isfile(details):
                 continue
             rows = {row["id"]: row for row in map(json.loads, open(details, encoding="utf-8"))}
@@ -520,17 +833,20 @@ def fig4_examples(plan, chosen, report_dir):
             if example is None and rows:
                 example = next(iter(rows))
                 config = results["config"]
-                path = test_file_of(config, task, "es")
+                path = test_file_of(config, task, lang)
                 reference = next(r for r in data.read_references(task, path) if r["id"] == example)
-                formatted = data.task_examples(task, [reference], "es")[0]  # the model's input, as finetune.py made it
+                formatted = data.task_examples(task, [reference], lang)[0]  # the model's input, as finetune.py made it
                 source = f"{formatted.source} {formatted.source_tail}".strip()
                 gold = " | ".join(formatted.references)
-                lines += [f"## {task}, id {example}", "", f"**Input** ({len(source)} characters): {source[:300]}...", "",
-                          f"**Reference:** {gold}", "", "| model | method | output | lang |", "|---|---|---|---|"]
+                lines += [f"## {task} ({lang}), id {example}", "", f"**Input** ({len(source)} characters): {source[:300]}...",
+                          "", f"**Reference:** {gold}", "", "| model | method | output | lang | avg len |",
+                          "|---|---|---|---|---|"]
             if example is not None and example in rows:
                 _, model, method = study_plan.split_key(key)
-                text = rows[example]["prediction"].replace("|", "\\\\|") or "(empty)"
-                lines.append(f"| {model} | {method} | {text} | {rows[example]['lang'] or '(empty)'} |")
+                text = rows[example]["prediction"].replace("|", "\\|") or "(empty)"
+                lengths = [r["test"][lang]["avg_len"] for r in map(load_results, entry["runs"]) if r and lang in r["test"]]
+                lines.append(f"| {model} | {method} | {text} | {rows[example]['lang'] or '(empty)'} | "
+                             f"{fmt(statistics.mean(lengths), 0) if lengths else MISSING} |")
         lines.append("")
     common.write_text(os.path.join(report_dir, "fig4_examples.md"), "\n".join(lines))
     return "\n".join(lines)
@@ -646,7 +962,16 @@ def write_report(root, prediction_dirs=None, data_dir=None, lid_model=None):
     tables = [table_guard(plan), table1_it_gain(plan), table2_mt5_large(plan, chosen, base_model),
               table3_appendix_d(plan, lid_model), table4_lrs(chosen)]
     for task in tasks:
-        tables += [table_methods(plan, chosen, task), table_per_language(plan, chosen, task)]
+        tables += [table_methods(plan, chosen, task), table_per_language(plan, chosen, task), table_fig1(plan, task),
+                   table_fig3(plan, task)]
+        if has_rouge_modes(plan, task):  # summarisation: every ROUGE mode beside the one that selected
+            tables += [table_rouge_modes(plan, chosen, task), table_plr_modes(plan, task)]
+        else:  # QA: the filtered question set the tables are scored on
+            tables.append(table_filtered_questions(plan, task))
+        if appendix_b_rows(plan, task):
+            tables.append(table_fig5(plan, task))
+        if appendix_c_points(plan, task)[0]:
+            tables.append(table_fig6(plan, task))
     sections = [t.write(report_dir, root) for t in tables]
     sections.append(fig4_examples(plan, chosen, report_dir))
 
@@ -654,7 +979,9 @@ def write_report(root, prediction_dirs=None, data_dir=None, lid_model=None):
     for task in tasks:
         for name, draw in ((f"fig1_lr_{task}.png", lambda p: fig1_lr(plan, task, p)),
                            (f"fig2_methods_{task}.png", lambda p: fig2_methods(plan, chosen, task, p)),
-                           (f"fig3_models_{task}.png", lambda p: fig3_models(plan, task, p))):
+                           (f"fig3_models_{task}.png", lambda p: fig3_models(plan, task, p)),
+                           (f"fig5_it_objectives_{task}.png", lambda p: fig5_it_objectives(plan, task, p)),
+                           (f"fig6_mixing_{task}.png", lambda p: fig6_mixing(plan, task, p))):
             if draw(os.path.join(report_dir, name)):
                 figures.append(name)
         for model in models_of(chosen, task):

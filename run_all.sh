@@ -7,6 +7,7 @@
 #   bash run_all.sh --tiny --data-dir ../shared/data --xlsum-dir tests/fixtures/xlsum --out-dir study-tiny
 #   bash run_all.sh --dry-run                                             # print every command of the study
 #   bash run_all.sh --rouge xlsum ...    # the ROUGE that selects and fills XL-Sum's tables (default gem, the paper's)
+#   bash run_all.sh --scope full ...     # beyond the paper: every method and translate-train for every model (default paper)
 #
 # Each stage decides its runs from the results of the stages before it (plan.json, chosen.json in
 # the study directory); a run whose results exist is skipped, so the script can be rerun after an
@@ -21,8 +22,11 @@ stages=(
     lr-search   # per task x model, the LR search of each method that has its own (full, adapters, prompt, ...):
                 #   {1e-3, 1e-4, 1e-5}, extended while the non-English validation metric improves -> the PLR
     methods     # per task x model x method: the best of {PLR, 10 PLR} x {without IT, with IT}
+    figures     # what only the figures need: freeze and mix at a fixed LR (Figure 1), full finetuning's 3rd run (Figure 3)
     translate   # translate-train: the English data translated (NLLB-3.3B), full finetuning on it, its own LR search
     large       # mT5-large at LR 1e-5 (Table 2)
+    appendix-b  # IT with the ZmBART-like objective, then freeze at the PLR (Figure 5)
+    appendix-c  # mixing in Prefix-LM or the model's own pretraining task at several probabilities, XL-Sum (Figure 6)
     appendix-d  # the best LR for English: its outputs translated into the target language (Table 3)
     report      # the tables and figures (report.py)
 )

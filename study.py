@@ -24,7 +24,16 @@ Stages (run_all.sh lists them; `python study.py all` runs them in this order, ST
   large      mT5-large at LR 1e-5 (Table 2): IT + full, IT + several source languages, data
              translation; and the LR search of full finetuning as an extra
   appendix-d the best LR for English, its predictions translated into the target languages (Table 3)
+  figures    Figure 1's freeze and mix at a fixed LR (the initial grid's largest); Figure 3's third run
+             of full finetuning at the PLR (seeds beyond --seeds, recorded apart from the search)
+  appendix-b IT with the ZmBART-like objective, then freeze at the PLR (Figure 5)
+  appendix-c XL-Sum: mix at the PLR without IT, Prefix-LM or the model's own pretraining task (span
+             corruption for mT5, denoising for mBART) at several probabilities (Figure 6)
   report     report.py: the tables and figures
+(The stages run in the order of STAGES: ... methods, figures, translate, large, appendix-b, appendix-c,
+appendix-d, report.) --scope paper (default) runs what the paper ran: the methods, IT and
+translate-train for mT5-base and mBART pretrained, full finetuning's search for all four models;
+--scope full: every method and model.
 Every finetuning setting runs once per --seed (default 0,1); selection uses the mean over seeds.
 Full finetuning's LR-search runs also validate in English and score their last step (Appendix D).
 
@@ -52,68 +61,20 @@ import launch
 import plan
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+SCOPES = ("paper", "full")
 MODELS = {"mt5-base": "google/mt5-base", "mbart-pt": "facebook/mbart-large-50",
           "mbart-tr": "facebook/mbart-large-50-many-to-many-mmt", "nllb-600m": "facebook/nllb-200-distilled-600M"}
 LARGE_MODELS = {"mt5-large": "google/mt5-large"}
+IT_OBJECTIVE = "prefix_lm"  # the paper's intermediate tuning (Section 3); Appendix B compares "zmbart"
 TRANSLATOR = "facebook/nllb-200-3.3B"
+PAPER_METHOD_MODELS = ("mt5-base", "mbart-pt")  # Section 4: methods and IT "for mT5 and mBART"
+APPENDIX_C_TASKS = ("xlsum",)  # Appendix C: "conducted for the XL-Sum task"
+MIX_PROBS = (0.01, 0.1, 0.5)  # Appendix C's mixing probabilities (the paper's "several options"; 0.01 its choice)
+FIGURE3_RUNS = 3  # Figure 3: "Each plot averaged over 3 runs"
 
 
-# -----------------------------------------------------------------------------
-# The LR-selection rule (Appendix A, "Hyperparameter search")
-
-def select_lr(scores, method, grid=(3, 4, 5), k_range=(1, 7)):
-    """Next LRs to try, or the chosen preliminary LR (PLR).
-
-    scores: {lr: average non-English validation metric, or None for a failed/missing run}.
-    Returns ("run", [lrs]), ("done", plr), or ("failed", None) when every run of the search failed
-    (there is nothing to choose from: walking on to smaller LRs would report noise as the PLR). The rule:
-      1. try 10^-k for k in `grid`;
-      2. k* = the best power of ten tried (ties: the smaller LR); if k* is the largest LR tried
-         and k* > k_range[0], try 10^-(k*-1); if it is the smallest and k* < k_range[1], try
-         10^-(k*+1) -- i.e. extend while the metric improves;
-      3. full finetuning only: then try 3 * 10^-k*; PLR = the better of 10^-k* and 3 * 10^-k*.
-    """
-    pending = [_lr(1, k) for k in grid if not _tried(scores, _lr(1, k))]
-    if pending:
-        return "run", pending
-    if all(score is None for score in scores.values()):
-        return "failed", None
-    powers = {lr: s for lr, s in scores.items() if _is_power_of_ten(lr)}
-    best_lr = _best(powers)
-    k_best = round(-math.log10(best_lr))
-    tried_k = sorted(round(-math.log10(lr)) for lr in powers)
-    if k_best == tried_k[0] and k_best > k_range[0]:
-        return "run", [_lr(1, k_best - 1)]
-    if k_best == tried_k[-1] and k_best < k_range[1]:
-        return "run", [_lr(1, k_best + 1)]
-    if method != "full":
-        return "done", best_lr
-    three = _lr(3, k_best)
-    if not _tried(scores, three):
-        return "run", [three]
-    return "done", _best({best_lr: scores[best_lr], three: scores[_key(scores, three)]})
-
-
-def _lr(mantissa, k):
-    """mantissa * 10^-k as the float its decimal spelling gives (3e-4, not 3.0000000000000003e-4)."""
-    return float(f"{mantissa}e-{k}")
-
-
-def _key(scores, lr):
-    return next(x for x in scores if math.isclose(x, lr, rel_tol=1e-9))
-
-
-def _tried(scores, lr):
-    return any(math.isclose(x, lr, rel_tol=1e-9) for x in scores)
-
-
-def _is_power_of_ten(lr):
-    return math.isclose(10.0 ** round(math.log10(lr)), lr, rel_tol=1e-9)
-
-
-def _best(scores):
-    """The LR with the highest score; a missing score never wins; ties go to the smaller LR."""
-    return max(sorted(scores), key=lambda lr: plan.rank(scores[lr]))
+# The LR-selection rule (Appendix A) is plan.select_lr: report.py applies it too (plan_modes).
+select_lr, _lr, _best = plan.select_lr, plan._lr, plan._best
 
 
 # -----------------------------------------------------------------------------
@@ -132,35 +93,62 @@ class Study:
             self.large, self.base_of_large = {"tiny-mt5-large": "tiny-mt5-large"}, "tiny-mt5"
             self.grid, self.k_range = (2, 3), (2, 3)
             self.translator, self.appendix_d_models = "tiny-nllb", ["tiny-mt5", "tiny-nllb"]
+            self.method_models = list(self.models)
+            # Appendix C: each model's own pretraining task (tiny-nllb stands in for mBART: it has <mask>)
+            self.appendix_c_models = {"tiny-mt5": "span_corruption", "tiny-nllb": "mbart_denoising"}
+            self.mix_probs, self.figure3_runs = (0.01, 0.5), 2
         else:
             self.models, self.large, self.base_of_large = dict(MODELS), dict(LARGE_MODELS), "mt5-base"
             self.grid, self.k_range = (3, 4, 5), (1, 7)
             self.translator, self.appendix_d_models = TRANSLATOR, ["mt5-base", "mbart-pt", "nllb-600m"]
+            # --scope paper: the methods, IT and translate-train for mT5-base and mBART (pretrained) only,
+            # as the paper's Table 1, Figure 2 and Table 4; the other two models get full finetuning's
+            # LR search (Figure 3, Table 4's "Ft w/o IT"). --scope full: every model everything.
+            self.method_models = list(PAPER_METHOD_MODELS) if args.scope == "paper" else list(self.models)
+            self.appendix_c_models = {"mt5-base": "span_corruption", "mbart-pt": "mbart_denoising"}
+            self.mix_probs, self.figure3_runs = MIX_PROBS, FIGURE3_RUNS
+        self.scope = args.scope
         try:
             self.seeds = [common.seed(s) for s in (args.seeds or ("0" if tiny else "0,1")).split(",")]
         except argparse.ArgumentTypeError as e:
             raise common.UsageError(f"--seeds {args.seeds}: {e}") from None
         self.it_lrs = parse_it_lrs(args.it_lr, self.all_models())
+        self.figure3_seeds = [max(self.seeds) + i for i in range(1, self.figure3_runs - len(self.seeds) + 1)]
+        self.fixed_lr = _lr(1, self.grid[0])  # Figure 1's fixed LR of freeze and mix: the initial grid's largest
         self.tasks = data.finetune_tasks()
         # how runs are run (here, a scheduler, or only printed: --dry-run), and what the study recorded
         self.launcher = (launch.DryRun if args.dry_run else launch.Launcher)(args, self.out)
         self.plan = plan.Plan.load(self.out, write=not args.dry_run)
 
     def translate_models(self):
-        """Models with a translate-train search (tiny: tiny-mt5 only, to keep the tiny study short)."""
-        return [self.base_of_large] if self.args.tiny else list(self.models)
+        """Models with a translate-train search: the method models (--scope paper: mT5-base and mBART, as
+        the paper's Figure 2; tiny: tiny-mt5 only, to keep the tiny study short)."""
+        return [self.base_of_large] if self.args.tiny else list(self.method_models)
+
+    def methods_for(self, task):
+        """The methods of the methods stage: the paper's (--scope paper), or every registered one."""
+        return adapt.paper_methods(task) if self.scope == "paper" else adapt.methods_for(task)
+
+    def search_combos(self):
+        """(task, model, method) of the lr-search stage: full finetuning for every model (Figure 3,
+        Table 4); the other searched methods for the method models."""
+        searched = [m for m in adapt.searched_methods() if self.scope == "full" or adapt.get_method(m).in_paper]
+        return [(task, model, method) for task in self.tasks for model in self.models for method in searched
+                if method == "full" or model in self.method_models]
 
     def translation_langs(self, task):
         """Target languages of translate-train and of Appendix D (tiny: Spanish only)."""
         return ["es"] if self.args.tiny else list(data.get_task(task).test_langs)
 
     # ---- commands ----
-    def finetune_argv(self, task, model, method, lr, it, seed, train_file=None, train_lang=None, extra=()):
+    def finetune_argv(self, task, model, method, lr, it, seed, train_file=None, train_lang=None, extra=(),
+                      it_objective=IT_OBJECTIVE, variant=""):
         argv = [self.python, os.path.join(HERE, "finetune.py"), "--model", self.all_models()[model],
                 "--task", task, "--method", method, "--lr", f"{lr:g}", "--seed", str(seed), "--data-dir", self.data_dir,
-                "--xlsum-dir", self.xlsum_dir, "--out-dir", self.run_dir(task, model, method, lr, it, seed, train_lang)]
+                "--xlsum-dir", self.xlsum_dir,
+                "--out-dir", self.run_dir(task, model, method, lr, it, seed, train_lang, it_objective, variant)]
         if it:
-            argv += ["--init", self.it_dir(model)]
+            argv += ["--init", self.it_dir(model, it_objective)]
         if train_file:
             argv += ["--train-file", train_file, "--train-lang", train_lang]
         if adapt.get_method(method).several_sources:
@@ -194,18 +182,21 @@ class Study:
             flags += ["--val-file", f"en={heldout_file(self, task)}"]
         return flags + ["--test-last"]
 
-    def it_runs(self, models):
-        """The intermediate-tuning Run of each model, recorded in the plan."""
+    def it_runs(self, models, objective=IT_OBJECTIVE, stage="it"):
+        """The intermediate-tuning Run of each model, recorded in the plan (stage it; `stage`: the
+        stage that runs it, e.g. appendix-b's IT with the ZmBART-like objective)."""
         runs = []
         for model in models:
-            d = self.it_dir(model)
-            entry = self.plan.record(d, stage="it", model=model)
-            runs.append(launch.Run(d, self.it_argv(model), os.path.join(d, "results.json"), stage=entry["stage"], kind="it"))
+            d = self.it_dir(model, objective)
+            self.plan.record(d, stage="it", model=model, objective=objective)
+            runs.append(launch.Run(d, self.it_argv(model, objective), os.path.join(d, "results.json"), stage=stage, kind="it"))
         return runs
 
-    def it_argv(self, model):
+    def it_argv(self, model, objective=IT_OBJECTIVE):
         argv = [self.python, os.path.join(HERE, "pretrain_it.py"), "--model", self.all_models()[model],
-                "--data-dir", self.data_dir, "--out-dir", self.it_dir(model)]
+                "--data-dir", self.data_dir, "--out-dir", self.it_dir(model, objective)]
+        if objective != IT_OBJECTIVE:
+            argv += ["--objective", objective]
         if self.args.tiny:
             argv += ["--max-steps", "40", "--eval-every", "20", "--warmup-steps", "5", "--max-tokens", "1500",
                      "--lr", "3e-3", "--num-samples", "1", "--max-new-tokens", "8", "--log-every", "10"]
@@ -268,23 +259,29 @@ class Study:
             self.launcher.run_here(argv + ["--merge", str(count)],
                                    f"translate_train.py --merge {count} --out-file {out} (its {count} shards)")
 
-    def run_dir(self, task, model, method, lr, it, seed, train_lang=None):
-        name = f"{method}-lr{lr:g}" + ("-it" if it else "") + (f"-train_{train_lang}" if train_lang else "") + f"-seed{seed}"
+    def run_dir(self, task, model, method, lr, it, seed, train_lang=None, it_objective=IT_OBJECTIVE, variant=""):
+        """runs/TASK/MODEL/METHOD-lrLR[-it[_OBJECTIVE]][-VARIANT][-train_LANG]-seedS (variant: e.g.
+        Appendix C's mixed-in task and probability)."""
+        it_part = ("-it" + ("" if it_objective == IT_OBJECTIVE else f"_{it_objective}")) if it else ""
+        name = (f"{method}-lr{lr:g}" + it_part + (f"-{variant}" if variant else "")
+                + (f"-train_{train_lang}" if train_lang else "") + f"-seed{seed}")
         return os.path.join(self.out, "runs", task, model, name)
 
-    def it_dir(self, model):
-        return os.path.join(self.out, "runs", "it", model)
+    def it_dir(self, model, objective=IT_OBJECTIVE):
+        return os.path.join(self.out, "runs", "it", model + ("" if objective == IT_OBJECTIVE else f"-{objective}"))
 
     # ---- bookkeeping ----
-    def finetune_run(self, stage, task, model, method, lr, it, train_file=None, train_lang=None, extra=(), **meta):
-        """The Runs of one setting, one per seed, recorded in the plan."""
+    def finetune_run(self, stage, task, model, method, lr, it, train_file=None, train_lang=None, extra=(), seeds=None,
+                     it_objective=IT_OBJECTIVE, variant="", **meta):
+        """The Runs of one setting, one per seed (default: the study's), recorded in the plan."""
         runs = []
-        for seed in self.seeds:
-            d = self.run_dir(task, model, method, lr, it, seed, train_lang)
+        for seed in self.seeds if seeds is None else seeds:
+            d = self.run_dir(task, model, method, lr, it, seed, train_lang, it_objective, variant)
             # (a run is owned by the first stage that made it: plan.record keeps that stage)
             entry = self.plan.record(d, **{**meta, "stage": stage, "task": task, "model": model, "method": method,
-                                           "lr": lr, "it": it, "seed": seed, **({"train_lang": train_lang} if train_lang else {})})
-            argv = self.finetune_argv(task, model, method, lr, it, seed, train_file, train_lang, extra)
+                                           "lr": lr, "it": it, "seed": seed, **({"train_lang": train_lang} if train_lang else {}),
+                                           **({"it_objective": it_objective} if it and it_objective != IT_OBJECTIVE else {})})
+            argv = self.finetune_argv(task, model, method, lr, it, seed, train_file, train_lang, extra, it_objective, variant)
             runs.append(launch.Run(d, argv, os.path.join(d, "results.json"), stage=entry["stage"],
                                    kind="large" if model in self.large else "finetune"))
         return runs
@@ -392,7 +389,7 @@ def translate_train_flags(study, task, lang):
 
 
 def stage_it(study):
-    study.execute(study.it_runs(study.models))
+    study.execute(study.it_runs(study.method_models))
 
 
 def search_combos(tasks, models, methods):
@@ -404,7 +401,7 @@ def stage_lr_search(study, models=None, methods=None, execute=True):
     seeds; launch all next LRs, wait, repeat. Full finetuning also validates in English and scores
     its last step (Appendix D). Returns {(task, model, method): PLR} for the searches that found one.
     With execute=False (later stages re-deriving the PLRs) nothing is launched."""
-    combos = search_combos(study.tasks, models or study.models, methods or adapt.searched_methods())
+    combos = search_combos(study.tasks, models, methods) if models else study.search_combos()
     plr, failed = {}, {}
     while True:
         runs = []
@@ -422,7 +419,8 @@ def stage_lr_search(study, models=None, methods=None, execute=True):
                 continue
             for lr in value:
                 extra = study.english_validation(task) if method == "full" else ()
-                runs += study.finetune_run("lr-search", task, model, method, lr, False, extra=extra)
+                runs += study.finetune_run("lr-search", task, model, method, lr, False, extra=extra,
+                                           grid=list(study.grid), k_range=list(study.k_range))
         if not runs:
             break
         if execute:
@@ -449,8 +447,8 @@ def stage_methods(study):
     plr = stage_lr_search(study, execute=False)  # the PLRs found by the lr-search stage
     runs, configs = [], {}
     for task in study.tasks:
-        for model in study.models:
-            for method in adapt.methods_for(task):
+        for model in study.method_models:
+            for method in study.methods_for(task):
                 base = chosen_plr(task, model, method, plr)
                 if base is None:
                     print(f"skip {task} {model} {method}: no PLR (every run of the {adapt.lr_source(method)} search failed)")
@@ -548,8 +546,70 @@ def stage_large(study):
                                            train_file=translated_file(study, task, lang), train_lang=lang,
                                            extra=translate_train_flags(study, task, lang), row="Data translation")
     study.execute(runs)
-    if not study.args.tiny:
+    if not study.args.tiny and study.scope == "full":
         stage_lr_search(study, models=study.large, methods=("full",))
+
+
+FIGURE1_METHODS = ("freeze", "mix")  # Figure 1's enhancements of full finetuning, at a fixed LR
+
+
+def stage_figures(study):
+    """The runs that only the paper's figures need:
+      Figure 1  freeze and mix at a fixed LR (the initial grid's largest, 1e-3: where full finetuning
+                answers in English; the paper does not give its value), without IT, per task x method model
+      Figure 3  full finetuning without IT at its PLR, for every model, over 3 runs: the seeds the
+                study lacks (--seeds 0,1: seed 2), recorded apart so that LR selection keeps its seeds"""
+    plr = stage_lr_search(study, execute=False)
+    runs = []
+    for task in study.tasks:
+        for model in study.method_models:
+            for method in FIGURE1_METHODS:
+                if method in study.methods_for(task):
+                    runs += study.finetune_run("figures", task, model, method, study.fixed_lr, False,
+                                               figure1_lr=study.fixed_lr)
+        for model in study.models:
+            lr = plr.get((task, model, "full"))
+            if lr is not None and study.figure3_seeds:
+                runs += study.finetune_run("figures", task, model, "full", lr, False, extra=study.english_validation(task),
+                                           seeds=study.figure3_seeds, figure3=True)
+    study.execute(runs)
+
+
+def stage_appendix_b(study):
+    """Appendix B (Figure 5): intermediate tuning with the ZmBART-like objective (pretrain_it.py
+    --objective zmbart) of each method model, then freeze at the PLR from it, per task; report.py
+    sets it beside freeze at the PLR after Prefix-LM IT (a run of the methods stage)."""
+    study.execute(study.it_runs(study.method_models, objective="zmbart", stage="appendix-b"))
+    plr = stage_lr_search(study, execute=False)
+    runs = []
+    for task in study.tasks:
+        for model in study.method_models:
+            base = chosen_plr(task, model, "freeze", plr)
+            if base is not None:
+                runs += study.finetune_run("appendix-b", task, model, "freeze", base, True, it_objective="zmbart", plr=base)
+    study.execute(runs)
+
+
+def stage_appendix_c(study):
+    """Appendix C (Figure 6): mix at the PLR without IT on XL-Sum, mixing in Prefix-LM or the model's
+    own pretraining task (mT5: span corruption; mBART: text infilling and sentence permutation), at
+    each probability of study.mix_probs. Prefix-LM at 0.01 is the methods stage's mix run."""
+    plr = stage_lr_search(study, execute=False)
+    default_prob = adapt.get_method("mix").defaults()["mix_prob"]
+    runs = []
+    for task in [t for t in study.tasks if t in APPENDIX_C_TASKS]:
+        for model, own in study.appendix_c_models.items():
+            base = chosen_plr(task, model, "mix", plr)
+            if base is None or model not in study.method_models:
+                continue
+            for objective in (IT_OBJECTIVE, own):
+                for prob in study.mix_probs:
+                    same = (objective, prob) == (IT_OBJECTIVE, default_prob)  # the methods stage's run
+                    runs += study.finetune_run(
+                        "appendix-c", task, model, "mix", base, False, plr=base, mix_objective=objective, mix_prob=prob,
+                        variant="" if same else f"{objective}-p{prob:g}",
+                        extra=() if same else ("--mix-objective", objective, "--mix-prob", f"{prob:g}"))
+    study.execute(runs)
 
 
 def stage_appendix_d(study):
@@ -597,7 +657,8 @@ def stage_report(study):
 
 # The order of the study: each stage decides its runs from the results of the ones before it.
 STAGES = {"guard": stage_guard, "it": stage_it, "lr-search": stage_lr_search, "methods": stage_methods,
-          "translate": stage_translate, "large": stage_large, "appendix-d": stage_appendix_d, "report": stage_report}
+          "figures": stage_figures, "translate": stage_translate, "large": stage_large, "appendix-b": stage_appendix_b,
+          "appendix-c": stage_appendix_c, "appendix-d": stage_appendix_d, "report": stage_report}
 
 
 # -----------------------------------------------------------------------------
@@ -629,6 +690,11 @@ def parse_args(argv=None):
     p.add_argument("--xlsum-dir", default=None, help="XL-Sum jsonl files (default DATA_DIR/xlsum)")
     p.add_argument("--tiny", action="store_true", help="tiny models, offline data, CPU-sized runs")
     p.add_argument("--dry-run", action="store_true", help="print the commands instead of running them")
+    p.add_argument("--scope", default="paper", choices=SCOPES,
+                   help="paper (default): exactly the runs the paper describes -- the methods, IT and translate-train "
+                        "for mT5-base and mBART (pretrained), full finetuning's LR search for all four models, "
+                        "mT5-large at 1e-5; full: every method (LoRA too) and translate-train for every model, and "
+                        "mT5-large's LR search")
     p.add_argument("--seeds", default=None,
                    help="seeds of every finetuning setting, e.g. 0,1 (default 0,1, the paper's two runs; --tiny: 0); "
                         "LR selection and the report use their mean")

@@ -7,6 +7,7 @@ import json
 import os
 import re
 
+import numpy as np
 import pytest
 import torch
 
@@ -231,7 +232,79 @@ def test_zmbart_targets_are_sentences_of_the_input():
                 remaining, chosen = remaining[len(sentence):].lstrip(), chosen + 1
         assert remaining == "" and chosen == max(1, round(0.2 * len(sentences)))
     with pytest.raises(common.UsageError, match="--objective"):
-        data.self_supervised_examples(paragraphs, "en", "span_corruption")
+        data.self_supervised_examples(paragraphs, "en", "denoise")
+
+
+# Appendix C's pretraining tasks. The worked examples follow the papers' definitions by hand:
+# T5 (Raffel et al. 2020, Sec. 3.1.4 and t5.data.preprocessors): noise spans -> one sentinel each in the
+# input, the target "<X> span <Y> span"; BART/mBART (Lewis et al. 2020; Liu et al. 2020): sentences
+# permuted, spans of Poisson(3.5) length each replaced by one <mask>, the target the original text.
+
+def test_span_corruption_worked_example():
+    units = "Thank you for inviting me to your party last week .".split()
+    # T5's own example (its paper's Figure 2): "for inviting" and "last" are noise
+    mask = [u in ("for", "inviting", "last") for u in units]
+    source, target = data.span_corruption(units, mask)
+    assert source == "Thank you <extra_id_0> me to your party <extra_id_1> week ."
+    assert target == "<extra_id_0> for inviting <extra_id_1> last"
+    # languages without spaces: characters
+    assert data.span_corruption(list("我们去公园"), [False, True, False, False, True], "") == \
+        ("我<extra_id_0>去公<extra_id_1>", "<extra_id_0>们<extra_id_1>园")
+
+
+@pytest.mark.parametrize("length,noise,spans", [(100, 15, 5), (20, 3, 1), (2, 1, 1), (512, 77, 26)])
+def test_t5_noise_mask_has_t5s_counts(length, noise, spans):
+    """round(15% of the length) noise units (at least 1, at most all but one) in round(noise / 3)
+    spans; non-noise first and noise last, as T5 interleaves them."""
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        mask = data.random_spans_noise_mask(length, rng)
+        starts = int(mask[0]) + int(np.sum(mask[1:] & ~mask[:-1]))
+        assert (mask.sum(), starts, bool(mask[0]), bool(mask[-1])) == (noise, spans, False, True)
+
+
+def test_text_infilling_and_sentence_permutation_worked_examples():
+    units = "a b c d e f".split()
+    assert data.text_infilling(units, [(1, 2), (5, 0)]) == ["a", "<mask>", "d", "e", "<mask>", "f"]
+    assert data.text_infilling(units, [(1, 2), (2, 2)]) == ["a", "<mask>", "e", "f"]  # overlapping: one mask
+    assert data.text_infilling(units, [(0, 6)]) == ["<mask>"]
+    assert data.permute_sentences(["A.", "B.", "C."], [2, 0, 1]) == ["C.", "A.", "B."]
+
+
+def test_mbart_denoising_masks_35_percent_and_restores_the_original():
+    paragraphs = data.read_text(data.text_path(DATA_DIR, "fr"))[:200]
+    examples = data.self_supervised_examples(paragraphs, "fr", "mbart_denoising", seed=0)
+    masked = kept = 0
+    for ex in examples:
+        original = paragraphs[int(ex.id[3:])]
+        sentences = [x.strip() for x in data.split_sentences(original) if x.strip()]
+        assert ex.target == " ".join(sentences)
+        words = ex.source.split()
+        left = [w for w in words if w != data.MASK_TOKEN]
+        # every word left is one of the original's; at most ceil(35%) went under masks (spans that
+        # overlap or have length 0 cover fewer)
+        assert collections.Counter(left) <= collections.Counter(ex.target.split())
+        assert len(ex.target.split()) - len(left) <= np.ceil(0.35 * len(ex.target.split()))
+        masked, kept = masked + len(ex.target.split()) - len(left), kept + len(left)
+    assert 0.30 < masked / (masked + kept) < 0.40
+    assert data.self_supervised_examples(paragraphs[:20], "fr", "mbart_denoising", seed=0) != \
+        data.self_supervised_examples(paragraphs[:20], "fr", "mbart_denoising", seed=1)
+
+
+@pytest.mark.parametrize("objective,family,token", [("span_corruption", "tiny-mt5", "<extra_id_0>"),
+                                                    ("mbart_denoising", "tiny-mbart", "<mask>"),
+                                                    ("mbart_denoising", "tiny-nllb", "<mask>")])
+def test_sentinels_and_masks_are_one_token_each(objective, family, token, tokenizers):
+    tokenizer = tokenizers[family]
+    text = data.read_text(data.text_path(DATA_DIR, "es"))[:5]
+    for ex in data.self_supervised_examples(text, "es", objective, seed=0):
+        ids = tokenizer(ex.source, add_special_tokens=False)["input_ids"]
+        special = [i for i in ids if i in tokenizer.all_special_ids or tokenizer.convert_ids_to_tokens(i).startswith("<extra_id_")]
+        assert len(special) == ex.source.count(token[:9]) and tokenizer.unk_token_id not in ids
+    models.check_objective_token(objective, tokenizer, family)  # no error
+    other = "mbart_denoising" if objective == "span_corruption" else "span_corruption"
+    with pytest.raises(common.UsageError, match=f"--mix-objective {other}: the tokenizer of {family} has no"):
+        models.check_objective_token(other, tokenizer, family)
 
 
 def test_sentence_splitter_worked_examples():

@@ -101,6 +101,23 @@ def test_mix_draws_prefix_lm_batches(tmp_path):
     assert {s.split("/")[0] for s in streams} == {"prefix_lm", "task"} and set(streams) - {"task/en"} <= {"prefix_lm/fr", "prefix_lm/zh"}
 
 
+@pytest.mark.parametrize("model,objective", [("tiny-mt5", "span_corruption"), ("tiny-nllb", "mbart_denoising")])
+def test_mix_draws_the_models_own_pretraining_task(model, objective, tmp_path):
+    """Appendix C: --mix-objective mixes the base model's pretraining task in instead of Prefix-LM;
+    the batches drawn are of that stream, and the wrong model's objective is refused before training."""
+    run_finetune(tmp_path / "ok", "--mix-prob", "0.5", "--log-every", "20", "--mix-objective", objective,
+                 method="mix", model=model)
+    (row,) = steps(tmp_path / "ok")
+    assert {s.split("/")[0] for s in row["streams"]} == {objective, "task"}
+    first = json.loads(open(tmp_path / "ok" / "log.jsonl").readline())
+    assert {name.split("/")[0] for name in first["streams"]} == {objective, "task"}
+    other = "mbart_denoising" if objective == "span_corruption" else "span_corruption"
+    with pytest.raises(SystemExit) as exit_:
+        run_finetune(tmp_path / "bad", "--mix-objective", other, method="mix", model=model)
+    assert exit_.value.code == (f"error: --mix-objective {other}: the tokenizer of {model} has no "
+                                f"{data.OBJECTIVE_TOKEN[other]} token (span_corruption is mT5's task, mbart_denoising mBART's)")
+
+
 # ----------------------------------------------------------------------------- schedule and loss
 
 class FairseqInverseSqrt:

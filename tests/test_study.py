@@ -1,6 +1,8 @@
 """study.py and report.py: the LR-selection rule, the protocol's run count, the launcher, the report."""
 
+import csv
 import json
+import statistics
 import os
 import re
 import shlex
@@ -87,6 +89,11 @@ def expected_study_size():
       mT5-large                its IT; per task IT + ft, XL-Sum IT + multisrc, data translation in L
                                languages, at 1e-5, x S; and the LR search of full, 4 LRs x S      1 + 14 + 12 + 16 = 43
       Appendix D               the best-for-English run's outputs translated, per task x 3 models x L = 30
+      figures                  Figure 1's freeze and mix at 1e-3 are the methods stage's 10 x PLR runs; Figure 3's
+                               third run of full finetuning at the PLR per task x model     2 x M = 8
+      Appendix B               ZmBART-like IT per model, then freeze at the PLR per task x S  M + 2 x M x S = 20
+      Appendix C               XL-Sum, mT5-base and mBART: mix at the PLR, {Prefix-LM, own task} x {0.01, 0.1,
+                               0.5}, Prefix-LM at 0.01 being the methods stage's run; x S     2 x 5 x S = 20
     """
     S, M, L = 2, 4, 5
     guard, it = 2 * M, M
@@ -96,7 +103,9 @@ def expected_study_size():
     translate_search = 2 * M * 4 * L * S
     large = 1 + (S + S + L * S) + (S + L * S) + 2 * 4 * S
     appendix_d = 2 * 3 * L
-    return guard + it + search + methods + translations + translate_search + large + appendix_d
+    figures, appendix_b, appendix_c = 2 * M, M + 2 * M * S, 2 * 5 * S
+    return guard + it + search + methods + translations + translate_search + large + appendix_d + figures + \
+        appendix_b + appendix_c
 
 
 def run_dry_run(out_dir, *flags):
@@ -109,14 +118,14 @@ def run_dry_run(out_dir, *flags):
 def full_dry_run(tmp_path_factory):
     """(study directory, stdout) of the full study's dry run, shared by the tests that read it."""
     out_dir = tmp_path_factory.mktemp("dry-run")
-    return out_dir, run_dry_run(out_dir)
+    return out_dir, run_dry_run(out_dir, "--scope", "full")
 
 
 def test_dry_run_lists_every_run_of_the_protocol(full_dry_run):
     tmp_path, out = full_dry_run
     commands = [line for line in out.splitlines() if line.startswith("RUN ")]
     assert len(set(commands)) == len(commands)
-    assert sum("pretrain_it.py" in c for c in commands) == 5  # 4 models and mT5-large
+    assert sum("pretrain_it.py" in c for c in commands) == 5 + 4  # 4 models and mT5-large; Appendix B's 4
     # each translation is one job or several shards (--shard I/N), each of them within --shard-hours
     translations = {}
     for c in commands:
@@ -125,13 +134,13 @@ def test_dry_run_lists_every_run_of_the_protocol(full_dry_run):
             translations.setdefault(argv[argv.index("--out-file") + 1], []).append(argv)
     assert len(translations) == 15 + 30 and all("facebook/nllb-200-3.3B" in argv for jobs in translations.values() for argv in jobs)
     shards = sum(len(jobs) for jobs in translations.values())
-    assert len(commands) - shards + len(translations) == expected_study_size() == 916
+    assert len(commands) - shards + len(translations) == expected_study_size() == 964
     assert_shards_fit(translations, 12 / 1.5 - 1 / 6)
     assert sum("--model google/mt5-large" in c for c in commands) == 43
     assert sum("--method multisrc" in c and "--task xquad" in c for c in commands) == 0
     assert not os.listdir(tmp_path)  # a dry run writes nothing
     finetunes = [finetune.parse_args(shlex.split(c.split(" -- ", 1)[1])[2:]) for c in commands if "finetune.py" in c]
-    assert {a.seed for a in finetunes} == {0, 1} and all(a.lr > 0 for a in finetunes)
+    assert {a.seed for a in finetunes} == {0, 1, 2} and all(a.lr > 0 for a in finetunes)  # 2: Figure 3's third run
     # translate-train: trained on its language's translation, validated and tested in that language
     translate_train = [a for a in finetunes if a.train_lang != "en"]
     assert len(translate_train) == 320 + 2 * 5 * 2
@@ -150,7 +159,7 @@ def test_dry_run_lists_every_run_of_the_protocol(full_dry_run):
     # the cost table: every run counted once, in the stage that printed it, every one of them estimated
     table = out[out.index("estimated GPU-hours"):].split("\n\n")[0].splitlines()[1:]
     counts = {line.split()[0]: int(line.split()[1]) for line in table if line.strip()}
-    assert counts.pop("total") == sum(counts.values()) == 916 and "not estimated" not in out
+    assert counts.pop("total") == sum(counts.values()) == 964 and "not estimated" not in out
     # LoRA is searched like adapters: its own grid in the lr-search stage, then its four settings
     lora = [a for a in finetunes if a.method == "lora"]
     assert sorted({(a.lr, a.init is not None) for a in lora}) == [(1e-5, False), (1e-4, False), (1e-4, True),
@@ -197,7 +206,7 @@ def test_dry_run_fits_every_job_in_its_kinds_time_limit_and_prints_the_disk_need
         assert longest * 1.5 + 1 / 6 <= limit + 0.05, line
     assert int(rows["translate"].split()[1]) == 45  # translations (XL-Sum's in many shards: jobs)
     runs, jobs = int(rows["it"].split()[1]), int(rows["it"].split()[3])
-    assert runs == 5 and jobs >= 4 * runs  # ~37-60 h of IT each: at least 4 jobs of under 8 h
+    assert runs == 5 + 4 and jobs >= 4 * runs  # (with Appendix B's) ~37-60 h of IT each: at least 4 jobs of under 8 h
     its = [line for line in out.splitlines() if line.startswith("RUN ") and "pretrain_it.py" in line]
     assert all("--stop-after-steps" in line for line in its)
     # the disk need: a finished mT5-base full run keeps best/ and last/ of 582,401,280 fp32 weights (mT5-base's
@@ -261,7 +270,7 @@ def test_launch_prefix_in_dry_run(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("LAUNCH", "sbatch --gres=gpu:1 --wrap")
     out = run_cli(study, ["it", "--dry-run", "--out-dir", str(tmp_path)], capsys)[1]
     lines = [line for line in out.splitlines() if line.startswith("RUN ")]
-    assert len(lines) == 4
+    assert len(lines) == 2  # --scope paper: IT of mT5-base and mBART
     for line in lines:
         wrapped = shlex.split(shlex.split(line)[-1])  # the command sbatch --wrap runs
         run_dir = wrapped[wrapped.index("--run-dir") + 1]
@@ -483,7 +492,7 @@ def test_an_all_failed_search_stops_names_its_logs_and_launches_nothing_that_dep
 
     def one_model(self, args):  # one task and one model keep the test short; the rule is per combination
         init(self, args)
-        self.models = {"tiny-mt5": "tiny-mt5"}
+        self.models, self.method_models = {"tiny-mt5": "tiny-mt5"}, ["tiny-mt5"]
     monkeypatch.setattr(study.Study, "__init__", one_model)
     # the runs are to fail (no training data); the study's own up-front check of its data would stop it first
     monkeypatch.setattr(study, "missing_inputs", lambda study_, stages: [])
@@ -504,7 +513,8 @@ def test_an_all_failed_search_stops_names_its_logs_and_launches_nothing_that_dep
     code, out, err = run_cli(study, ["methods"] + argv, capsys)  # nothing to launch: every combination lacks its PLR
     assert code == 0 and not [line for line in out.splitlines() if line.startswith("run  ")]
     # every method of XQuAD is skipped (multisrc does not apply: English training data only), each naming its search
-    assert out.count("skip xquad") == len(adapt.methods_for("xquad")) == len(adapt.REGISTRY) - 1
+    # (--scope paper: the paper's methods, LoRA left out)
+    assert out.count("skip xquad") == len(adapt.paper_methods("xquad")) == len(adapt.REGISTRY) - 2
     assert "no PLR (every run of the full search failed)" in out
     assert sorted(str(p.parent) for p in (tmp_path / "s" / "runs" / "xquad").glob("*/*/run.log")) == runs
 
@@ -539,14 +549,15 @@ def test_lid_model_and_it_lr_reach_every_run(tmp_path, capsys):
     from conftest import run_cli
     lid = tmp_path / "lid.176.bin"
     code, out, _ = run_cli(study, ["all", "--dry-run", "--out-dir", str(tmp_path), "--lid-model", str(lid),
-                                   "--it-lr", "mt5-base=3e-5,nllb-600m=1e-4"], capsys)
+                                   "--it-lr", "mt5-base=3e-5,nllb-600m=1e-4", "--scope", "full"], capsys)
     assert code == 0
     commands = [line for line in out.splitlines() if line.startswith("RUN ")]
     finetunes = [c for c in commands if "finetune.py" in c]
     assert len(finetunes) > 700 and all(f"--lid-model {lid}" in c for c in finetunes)
     # the paper's ROUGE by default (--rouge); the learning guard keeps finetune.py's (it checks learning, in English)
     assert all("--rouge-mode gem" in c for c in finetunes if "/runs/guard/" not in c)
-    it = {shlex.split(c)[shlex.split(c).index("--model") + 1]: c for c in commands if "pretrain_it.py" in c}
+    it = {shlex.split(c)[shlex.split(c).index("--model") + 1]: c for c in commands if "pretrain_it.py" in c
+          and "--objective zmbart" not in c}
     # (the dry run's jobs of a long run also carry --stop-after-steps, the launcher's chunk: after --lr)
     assert it["google/mt5-base"].split(" --stop-after-steps ")[0].endswith("--lr 3e-05")
     assert it["facebook/nllb-200-distilled-600M"].split(" --stop-after-steps ")[0].endswith("--lr 0.0001")
@@ -666,12 +677,17 @@ def test_dry_run_lists_the_commands_recorded_before_the_refactor(name, flags, tm
     recorded = [line.replace("OUT/guard/xquad.en ", "OUT/guard/xquad.en.json ").replace(
                 "OUT/guard/xlsum.en ", "OUT/guard/xlsum.en.jsonl ") for line in recorded]
     old_methods = ("full", "freeze", "adapters", "prompt", "mix", "multisrc")
-    out_dir, text = full_dry_run if name == "full" else (tmp_path, run_dry_run(tmp_path, *flags))
+    out_dir, text = full_dry_run if name == "full" else (tmp_path, run_dry_run(tmp_path, *flags, "--scope", "full"))
     now = list(dict.fromkeys(re.sub(r" --(stop-after-steps \d+|shard \d+/\d+|rouge-mode gem)", "",
                                     re.sub(r"\.shard-\d+-of-\d+\t", "\t", line))
                              for line in dry_run_commands(out_dir, text)))
     new_methods = [m for m in adapt.REGISTRY if m not in old_methods]
     kept = [line for line in now if not any(f"--method {m} " in line for m in new_methods)]
+    # and the runs of the stages added since (figures, appendix-b, appendix-c: Figure 3's extra seed,
+    # the ZmBART-like IT and what starts from it, Appendix C's mixed-in tasks and probabilities)
+    extra_seed = "-seed2\t" if name == "full" else "-seed1\t"
+    kept = [line for line in kept if extra_seed not in line and "zmbart" not in line
+            and not re.search(r"-(prefix_lm|span_corruption|mbart_denoising)-p[\d.]+-seed", line)]
     assert len(recorded) == (836 if name == "full" else 117)
     assert kept == recorded
 
@@ -686,3 +702,127 @@ def test_rouge_reaches_every_finetuning_run_and_its_packages_are_checked_first(t
     assert code != 0 and err.strip().splitlines()[-1] == (
         "error: --rouge xlsum: Chinese needs the jieba package (pip install -r requirements-xlsum.txt)")
     assert not (tmp_path / "s").exists()
+
+
+# ----------------------------------------------------------------------------- --scope paper
+
+def expected_paper_stages():
+    """The paper's runs, stage by stage (S = 2 seeds, L = 5 target languages, 2 tasks), written out
+    from its text: the methods (Table 1, Figure 2, Table 4), IT and translate-train (Figure 2) for
+    mT5-base and mBART pretrained (P = 2); full finetuning's LR search for all four models (M = 4:
+    Figure 3, Table 4's "Ft w/o IT" rows); mT5-large at 1e-5 (Table 2); Appendices B, C and D.
+      guard             ours: 1 per model and task                                       2 M = 8
+      it                P, and mT5-large's (Table 2)                                     P + 1 = 3
+      lr-search         full: {1e-3, 1e-4, 1e-5} + 3e-4 for M models; adapters and prompt tuning
+                        ("we initially grid searched LR for full finetuning, adapters and prompt
+                        tuning"): {1e-3, 1e-4, 1e-5} for P models; x 2 tasks x S  (4 M + 3 x 2 P) x 2 S = 112
+      methods           {PLR, 10 PLR} x {no IT, IT}: full, adapters, prompt have their no-IT pair in the
+                        search (2 new each); freeze, mix, and on XL-Sum >1 src lgs, 4 each;
+                        XL-Sum 3 x 2 + 3 x 4, XQuAD 3 x 2 + 2 x 4; x P x S                (18 + 14) x P x S = 128
+      figures           Figure 3's third run (3 runs) per task x model                   2 M = 8
+      translate-data    the training data into L languages per task, XQuAD's validation slice too  3 L = 15
+      translate-search  "grid search the LR": 4 LRs x L x S per task x P                 4 L S x 2 P = 160
+      large             IT + ft, XL-Sum IT + >1 src lg, data translation in L, at 1e-5, x S   2 S + S + 2 L S = 26
+      appendix-b        ZmBART-like IT per P model, then freeze at the PLR per task x S  P + 2 P S = 10
+      appendix-c        XL-Sum, mT5 and mBART: {Prefix-LM, own pretraining task} x {0.01, 0.1, 0.5}, the
+                        Prefix-LM 0.01 run being the methods stage's; x S               P x 5 x S = 20
+      appendix-d        Table 3: 3 models (mT5, mBART, NLLB) x L per task                2 x 3 L = 30
+    """
+    S, L, M, P = 2, 5, 4, 2
+    return {"guard": 2 * M, "it": P + 1, "lr-search": (4 * M + 3 * 2 * P) * 2 * S, "methods": (18 + 14) * P * S,
+            "figures": 2 * M, "translate-data": 3 * L, "translate-search": 4 * L * S * 2 * P, "large": 2 * S + S + 2 * L * S,
+            "appendix-b": P + 2 * P * S, "appendix-c": P * 5 * S, "appendix-d": 2 * 3 * L}
+
+
+@pytest.mark.parametrize("rouge", ["gem", "multilingual", "xlsum"])
+def test_paper_scope_lists_the_runs_the_paper_describes(rouge, tmp_path):
+    out = run_dry_run(tmp_path, "--rouge", rouge)  # --scope paper is the default
+    table = out[out.index("estimated GPU-hours"):].split("\n\n")[0].splitlines()[1:]
+    counts = {line.split()[0]: int(line.split()[1]) for line in table if line.strip()}
+    assert counts.pop("total") == sum(counts.values()) == 520
+    assert counts == expected_paper_stages()
+    commands = [shlex.split(line.split(" -- ", 1)[1]) for line in out.splitlines() if line.startswith("RUN ")]
+    finetunes = [finetune.parse_args(argv[2:]) for argv in commands if argv[1].endswith("finetune.py")]
+    assert not [a for a in finetunes if a.method == "lora"]  # not in the paper
+    method_models = {"google/mt5-base", "facebook/mbart-large-50"}
+    assert {a.model for a in finetunes if a.method != "full"} == method_models | {"google/mt5-large"}  # large: multisrc
+    assert {a.model for a in finetunes if a.train_lang != "en"} == method_models | {"google/mt5-large"}
+    assert {a.model for a in finetunes if a.init is not None} == method_models | {"google/mt5-large"}
+    assert {a.model for a in finetunes if a.method == "full" and a.init is None} == set(study.MODELS.values())
+    assert all(a.rouge_mode == rouge for a in finetunes if "/runs/guard/" not in a.out_dir)
+    mixes = {(a.model, a.mix_objective, a.mix_prob) for a in finetunes if a.method == "mix" and a.task == "xlsum"
+             and a.init is None and a.lr != 1e-3}
+    assert mixes == {(model, objective, prob) for model, own in (("google/mt5-base", "span_corruption"),
+                                                                ("facebook/mbart-large-50", "mbart_denoising"))
+                     for objective in ("prefix_lm", own) for prob in (0.01, 0.1, 0.5)}
+    its = [argv for argv in commands if argv[1].endswith("pretrain_it.py")]
+    assert sorted(argv[argv.index("--objective") + 1] if "--objective" in argv else "prefix_lm" for argv in its) == \
+        ["prefix_lm"] * 3 + ["zmbart"] * 2
+
+
+@pytest.mark.slow
+def test_report_renders_appendix_b_c_and_every_rouge_mode(tmp_path):
+    """Two real tiny XL-Sum runs (full finetuning at 1e-3 and 3e-3, scored in the multilingual mode)
+    stand behind the entries the study's stages record: lr-search, methods (freeze after Prefix-LM
+    IT, mix at 0.01), appendix-b (freeze after ZmBART-like IT), appendix-c (span corruption at 0.5),
+    each a copy of one of them. The report renders Figures 5 and 6 and the per-mode tables, each
+    cell the numbers of the run behind it."""
+    import shutil
+    root = tmp_path / "study"
+    made = {}
+    for lr in (1e-3, 3e-3):
+        d = root / "runs" / "xlsum" / "tiny-mt5" / f"full-lr{lr:g}-seed0"
+        finetune.main(finetune.parse_args([
+            "--model", "tiny-mt5", "--task", "xlsum", "--lr", str(lr), "--data-dir", DATA_DIR, "--xlsum-dir", FIXTURES,
+            "--out-dir", str(d), "--max-steps", "4", "--eval-every", "2", "--warmup-steps", "1", "--max-train-examples",
+            "50", "--max-eval-examples", "3", "--max-new-tokens", "6", "--val-langs", "fr", "--test-langs", "fr,zh"]))
+        made[lr] = str(d)
+    results = {lr: json.load(open(os.path.join(d, "results.json"))) for lr, d in made.items()}
+    meta = {"task": "xlsum", "model": "tiny-mt5", "seed": 0}
+    plan = {made[1e-3]: dict(meta, stage="lr-search", method="full", lr=1e-3, it=False, grid=[3], k_range=[3, 3]),
+            made[3e-3]: dict(meta, stage="lr-search", method="full", lr=3e-3, it=False, grid=[3], k_range=[3, 3])}
+    copies = {"freeze-lr0.001-it-seed0": (1e-3, dict(meta, stage="methods", method="freeze", lr=1e-3, it=True, plr=1e-3)),
+              "freeze-lr0.001-it_zmbart-seed0": (1e-3, dict(meta, stage="appendix-b", method="freeze", lr=1e-3, it=True,
+                                                                 plr=1e-3, it_objective="zmbart")),
+              "mix-lr0.001-seed0": (1e-3, dict(meta, stage="methods", method="mix", lr=1e-3, it=False, plr=1e-3,
+                                                mix_objective="prefix_lm", mix_prob=0.01)),
+              "mix-lr0.001-span_corruption-p0.5-seed0": (3e-3, dict(meta, stage="appendix-c", method="mix", lr=1e-3,
+                                                                    it=False, plr=1e-3, mix_objective="span_corruption",
+                                                                    mix_prob=0.5))}
+    for name, (source, entry) in copies.items():
+        d = str(root / "runs" / "xlsum" / "tiny-mt5" / name)
+        shutil.copytree(made[source], d)
+        plan[d] = entry
+    chosen = {"xlsum/tiny-mt5/full": {"runs": [made[1e-3]], "lr": 1e-3, "it": False, "plr": 1e-3, "val_metric": 0.0}}
+    (root / "plan.json").write_text(json.dumps(plan))
+    (root / "chosen.json").write_text(json.dumps(chosen))
+    report.write_report(str(root))
+    out = root / "report"
+    for name in ("fig5_it_objectives_xlsum.png", "fig6_mixing_xlsum.png", "rouge_modes_xlsum.md", "plr_modes_xlsum.md"):
+        assert (out / name).stat().st_size > 0, name
+
+    def rows(name):
+        return list(csv.reader(open(out / f"{name}.csv")))
+
+    def cell(r):  # "metric (LCR)" of one run, as the tables print a single seed
+        return f"{r['test_average']['rouge2']:.2f} ({r['test_average']['lcr']:.0f})"
+    a, b = results[1e-3], results[3e-3]
+    # every ROUGE mode: the run's own in its column, the others from the scores stored beside it
+    header, row = rows("rouge_modes_xlsum")[:2]
+    expected = {mode: statistics.mean(a["test"][lang]["rouge2"] if mode == "multilingual" else a["test"][lang][mode]["rouge2"]
+                                      for lang in ("fr", "zh")) for mode in ("multilingual", "gem", "xlsum")}
+    assert row[:3] == ["tiny-mt5", "full", "multilingual"]
+    assert {h.split()[-1]: float(v) for h, v in zip(header[3:6], row[3:6])} == pytest.approx(expected, abs=0.006)
+    # the PLR in the run's own mode: the better best_val_metric (finetune.py's), ties to the smaller LR
+    header, row = rows("plr_modes_xlsum")[:2]
+    own = 1e-3 if a["best_val_metric"] >= b["best_val_metric"] else 3e-3
+    assert row[header.index("PLR multilingual")] == f"{own:g}"
+    assert report.val_mode_best(made[1e-3], "xlsum", "multilingual") == pytest.approx(a["best_val_metric"])
+    # Figure 5: freeze after each IT objective; Figure 6: each mixed-in task and probability, with lengths
+    assert rows("fig5_it_objectives_xlsum")[1][:4] == ["tiny-mt5", "0.001", cell(a), cell(a)]
+    fig6 = {(r[1], r[2]): r[3:5] for r in rows("fig6_mixing_xlsum")[1:]}
+    assert fig6 == {("none", "0"): [cell(a), f"{a['test_average']['avg_len']:.0f}"],
+                    ("prefix_lm", "0.01"): [cell(a), f"{a['test_average']['avg_len']:.0f}"],
+                    ("span_corruption", "0.5"): [cell(b), f"{b['test_average']['avg_len']:.0f}"]}
+    text = (out / "report.md").read_text()
+    assert "Figure 5 (xlsum)" in text and "Figure 6 (xlsum)" in text and "![fig6_mixing_xlsum.png]" in text
