@@ -726,6 +726,8 @@ def mbart_denoising_example(text, lang, rng, id_="", mask_ratio=0.35, poisson_la
 
 SELF_SUPERVISED_OBJECTIVES = {"prefix_lm": prefix_lm_example, "zmbart": zmbart_example,
                               "span_corruption": span_corruption_example, "mbart_denoising": mbart_denoising_example}
+OBJECTIVE_LABEL = {"prefix_lm": "Prefix-LM", "zmbart": "ZmBART-like", "span_corruption": "span-corruption",
+                   "mbart_denoising": "mBART-denoising"}  # how messages name them
 # The special token an objective's examples need in the tokenizer (checked before training)
 OBJECTIVE_TOKEN = {"span_corruption": SPAN_SENTINEL.format(0), "mbart_denoising": MASK_TOKEN}
 

@@ -244,7 +244,7 @@ def build_stream(args, files, encoder):
             raise common.DataError(f"{path}: no paragraphs in it (--mix-langs {lang})")
         ss_streams[lang], stats = make_stream(examples, args.max_tokens, args.seed + 100 + i, f"{objective}/{lang} ({path})")
         summary[f"{objective}/{lang}"] = {"file": path, **stats}
-    print(f"mix: {objective} batches of {', '.join(ss_streams)} with probability {args.mix_prob}")
+    print(f"mix: {data.OBJECTIVE_LABEL[objective]} batches of {', '.join(ss_streams)} with probability {args.mix_prob}")
     self_supervised = data.Mixture.uniform(ss_streams, seed=args.seed + 1)
     return data.Mixture({"task": (1.0 - args.mix_prob, task), objective: (args.mix_prob, self_supervised)},
                         seed=args.seed), summary

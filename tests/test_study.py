@@ -826,3 +826,13 @@ def test_report_renders_appendix_b_c_and_every_rouge_mode(tmp_path):
                     ("span_corruption", "0.5"): [cell(b), f"{b['test_average']['avg_len']:.0f}"]}
     text = (out / "report.md").read_text()
     assert "Figure 5 (xlsum)" in text and "Figure 6 (xlsum)" in text and "![fig6_mixing_xlsum.png]" in text
+
+
+@pytest.mark.parametrize("rouge", ["multilingual", "xlsum"])
+def test_full_scope_lists_the_same_runs_under_every_rouge_mode(rouge, full_dry_run, tmp_path):
+    """--scope full under the other ROUGE modes: the runs of the gem dry run (checked against the
+    protocol above), each finetuning run told the mode instead of gem."""
+    out_dir, gem = full_dry_run
+    other = run_dry_run(tmp_path, "--scope", "full", "--rouge", rouge)
+    assert dry_run_commands(tmp_path, other) == [line.replace("--rouge-mode gem", f"--rouge-mode {rouge}")
+                                                 for line in dry_run_commands(out_dir, gem)]
