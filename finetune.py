@@ -232,7 +232,9 @@ def build_stream(args, files, encoder):
         task_streams[lang], stats = make_stream(examples, args.max_tokens, args.seed + i, f"task/{lang} ({path})")
         summary[f"task/{lang}"] = {"file": path, **stats}
         print(f"train {lang}: {len(examples):,} examples from {path}; {describe_cuts(stats, encoder, args.max_tokens)}; "
-              f"padding efficiency {task_streams[lang].padding_efficiency():.3f}")
+              f"padding efficiency {task_streams[lang].padding_efficiency():.3f}"
+              + (f" ({task_streams[lang].padding_efficiency(bucketed=True):.3f} "
+                 f"in bucketed shapes, --compile)" if args.compile else ""))
     task = data.Mixture.uniform(task_streams, seed=args.seed)
     if not adapt.get_method(args.method).mixes_text:
         return data.Mixture({"task": (1.0, task)}, seed=args.seed), summary
@@ -351,7 +353,7 @@ def evaluate_split(args, model, tokenizer, encoder, eval_sets, device, tag, out_
         generation = encoder.generation_kwargs(lang)
         texts = loop.generate(model, tokenizer, encoded, generation, device, args.max_new_tokens, args.num_beams,
                               args.eval_max_tokens, args.max_gen_batch_size, desc=f"{tag} {lang}",
-                              precision=args.precision)
+                              precision=args.precision, decoder=args.decoder)
         predictions = {ex.id: text for ex, text in zip(examples, texts)}
         metrics, details = evaluate.score(args.task, lang, predictions, references, args.rouge_mode, args.lid_model)
         common.write_json(os.path.join(out_dir, f"{tag}.{lang}.json"), predictions)

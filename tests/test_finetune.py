@@ -282,9 +282,9 @@ def test_recover_checkpoint_between_the_two_renames(tmp_path):
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     token_loss_sum, calls = loop.token_loss_sum, []
 
-    def poisoned(model, batch):
+    def poisoned(model, batch, loss_fn=loop.loss_sum):
         calls.append(1)
-        loss, n = token_loss_sum(model, batch)
+        loss, n = token_loss_sum(model, batch, loss_fn)
         return (loss * float("nan") if len(calls) > 13 else loss), n
     monkeypatch.setattr(loop, "token_loss_sum", poisoned)
     with pytest.raises(SystemExit) as e:

@@ -9,6 +9,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 import adapt
 import data
+import decode
 import loop
 import models
 from conftest import DATA_DIR, FAMILIES
@@ -64,6 +65,47 @@ def test_update_freq_2_at_2000_tokens_is_the_update_of_one_4000_token_batch(squa
     assert max(relative_error(g, r) for g, r in zip(naive, reference)) > 1e-3
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("name,method", [("tiny-mt5", "full"), ("tiny-mbart", "adapters"), ("tiny-nllb", "prompt")])
+def test_compiled_step_on_bucketed_batches_is_the_eager_step(name, method, squad_train):
+    """--compile's training step (batches padded to data.train_shape, loss_sum compiled) against the
+    eager step on the batches as collated: the same loss and gradients within float tolerance over
+    four batches of different shapes, dropout off (bucketing changes which numbers dropout draws, not
+    the loss). The compiled function is reused: torch compiles at most 3 graphs for the 4 shapes.
+    Backend aot_eager (dynamo's and AOT autograd's forward and backward graphs, without inductor's
+    C++ code generation, minutes on 2 cores for a backward; the decoder test runs inductor)."""
+    torch.manual_seed(0)
+    model = models.load_model(name, DATA_DIR)
+    if method != "full":
+        adapt.apply(model, method, verbose=False, **({"prompt_length": 8} if method == "prompt" else {}))
+    model.eval()
+    tokenizer = models.load_tokenizer(name, DATA_DIR)
+    encoded = models.Seq2SeqEncoder(tokenizer, FAMILIES[name]).encode(data.qa_examples(squad_train[:400], "en"))
+    stream = data.TokenBatches(encoded, max_tokens=800, seed=1)
+    params = [p for p in model.parameters() if p.requires_grad]
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled = loop.compiled_loss("aot_eager")
+    shapes = set()
+    for _ in range(4):
+        batch = stream.collate(next(stream), tokenizer.pad_token_id)
+        padded = data.pad_to_buckets(batch, tokenizer.pad_token_id)
+        shapes.add(tuple(padded["input_ids"].shape) + (padded["labels"].shape[1],))
+        results = []
+        for batches, loss_fn in (([batch], loop.loss_sum), ([padded], compiled)):
+            optimizer = RecordingSGD(params, lr=0.0)
+            loss, num_tokens, _ = loop.train_step(model, optimizer, batches, 0.0, 0.0, CPU, loss_fn=loss_fn)
+            results.append((loss, num_tokens, optimizer.grads))
+        (eager_loss, eager_tokens, eager_grads), (ours_loss, ours_tokens, ours_grads) = results
+        assert ours_tokens == eager_tokens and ours_loss == pytest.approx(eager_loss, rel=1e-5)
+        # against the whole gradient's norm: a key projection's bias has a true gradient of 0 (softmax
+        # ignores a shift shared by all keys), its computed one is float noise on both sides
+        scale = torch.cat([g.flatten() for g in eager_grads]).norm()
+        assert max(float((g - r).norm() / scale) for g, r in zip(ours_grads, eager_grads)) < 1e-5
+    assert len(shapes) >= 3
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 3
+
+
 # ----------------------------------------------------------------------------- the evaluation decoder
 
 class Lengths:
@@ -100,10 +142,12 @@ def one_by_one(model, tokenizer, encoded, generation, max_new_tokens, rule=None)
     return texts
 
 
+@pytest.mark.parametrize("decoder", ["dynamic", "static"])
 @pytest.mark.parametrize("name", list(FAMILIES))
 @pytest.mark.parametrize("method", ["full"] + [name for name, m in adapt.REGISTRY.items() if m.add is not None])
-def test_greedy_batch_decodes_exactly_as_hf_generate(name, method):
-    """loop.generate (sorted batches, greedy_batch, finished rows dropped from the batch) against HF
+def test_greedy_batch_decodes_exactly_as_hf_generate(name, method, decoder):
+    """loop.generate (sorted batches; greedy_batch with finished rows dropped from the batch, or
+    decode.StaticDecoder with bucketed shapes, a preallocated cache and re-packing) against HF
     generate on each source alone, each family (mBART's forced BOS and forced EOS, NLLB's BOS) and
     each kind of module surgery that changes the forward (prompt's mask, adapters' hooks)."""
     torch.manual_seed(0)
@@ -116,17 +160,22 @@ def test_greedy_batch_decodes_exactly_as_hf_generate(name, method):
     encoded = encoder.encode(data.qa_examples(data.read_squad(data.xquad_path(DATA_DIR, "es"))[:12], "es"))
     generation = encoder.generation_kwargs("es")
     assert loop.greedy_supported(model)
-    ours = loop.generate(model, tokenizer, encoded, generation, CPU, 12, max_tokens=2000)
+    ours = loop.generate(model, tokenizer, encoded, generation, CPU, 12, max_tokens=2000, max_batch_size=256,
+                         decoder=decoder)
     assert ours == one_by_one(model, tokenizer, encoded, generation, 12)
 
     rule = Lengths([2 + (5 * i) % 9 for i in range(len(encoded))], tokenizer.eos_token_id)  # ends at steps 2..10
     sizes = []
     hook = model.get_decoder().register_forward_pre_hook(
         lambda module, args, kwargs: sizes.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
-    ours = loop.generate(model, tokenizer, encoded, generation, CPU, 12, max_tokens=100_000, logits_fn=rule)
+    ours = loop.generate(model, tokenizer, encoded, generation, CPU, 12, max_tokens=100_000, max_batch_size=256,
+                         logits_fn=rule, decoder=decoder)
     hook.remove()
     assert ours == one_by_one(model, tokenizer, encoded, generation, 12, rule)
+    # the batch shrinks as rows end: at once (dynamic), or at the buckets 12, 10, 8, 7, ... (static)
     assert sizes[0] == len(encoded) and sizes == sorted(sizes, reverse=True) and sizes[-1] < len(encoded)
+    if decoder == "static":
+        assert set(sizes) <= {decode.bucket(n) for n in range(1, 13)} and len(set(sizes)) > 2
 
 
 def test_generation_configs_greedy_batch_does_not_follow_go_to_hf_generate():
@@ -134,3 +183,31 @@ def test_generation_configs_greedy_batch_does_not_follow_go_to_hf_generate():
     assert loop.greedy_supported(model)
     model.generation_config.no_repeat_ngram_size = 3
     assert not loop.greedy_supported(model)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,method,backend", [("tiny-mt5", "full", "aot_eager"), ("tiny-mt5", "prompt", "aot_eager"),
+                                                 ("tiny-mbart", "adapters", "aot_eager"), ("tiny-mbart", "prompt", "aot_eager"),
+                                                 ("tiny-nllb", "lora", "aot_eager"), ("tiny-nllb", "full", "inductor")])
+def test_compiled_static_decoder_decodes_exactly_as_hf_generate(name, method, backend):
+    """The static decoder with its step compiled by torch.compile against HF generate on each source
+    alone, the rows ending at chosen steps so the batch re-packs through several buckets (each a new
+    shape). aot_eager: dynamo's graphs of the real modules, hooks and static cache, run as traced;
+    inductor (once, its C++ code generation is slow on 2 cores): the code a GPU run compiles too,
+    there captured as CUDA graphs (mode "reduce-overhead")."""
+    torch.manual_seed(0)
+    model = models.load_model(name, DATA_DIR)
+    if method != "full":
+        adapt.apply(model, method, verbose=False, **({"prompt_length": 8} if method == "prompt" else {}))
+    model.eval()
+    tokenizer = models.load_tokenizer(name, DATA_DIR)
+    encoder = models.Seq2SeqEncoder(tokenizer, FAMILIES[name])
+    encoded = encoder.encode(data.qa_examples(data.read_squad(data.xquad_path(DATA_DIR, "de"))[:9], "de"))
+    generation = encoder.generation_kwargs("de")
+    rule = Lengths([3 + 3 * (i % 3) for i in range(len(encoded))], tokenizer.eos_token_id)  # 9 -> 6 -> 3 rows
+    torch._dynamo.reset()
+    static = decode.StaticDecoder(model, compile=True, backend=backend)
+    ours = loop.generate(model, tokenizer, encoded, generation, CPU, 12, max_tokens=100_000, max_batch_size=256,
+                         logits_fn=rule, decoder=static)
+    assert ours == one_by_one(model, tokenizer, encoded, generation, 12, rule)
+    assert static.step is not decode._step
