@@ -33,6 +33,7 @@ import torch
 
 import adapt
 import data
+import loop
 
 # Rows of a batch and tokens of a source are rounded up to data.bucket's ladder, 4 sizes an octave
 # (1, 2, ..., 8, 10, 12, 14, 16, 20, ...: under 25% padding, a few shapes in a batch's life).
@@ -182,11 +183,8 @@ class StaticDecoder:
     def __call__(self, input_ids, attention_mask, generation_kwargs, max_new_tokens, logits_fn=None):
         """Greedy ids of one right-padded batch, generate's layout (batch, 1 + length) with the decoder
         start token first and padding after </s>: the tokens of loop.greedy_batch and HF generate."""
-        model, config = self.model, self.model.generation_config
-        start = generation_kwargs.get("decoder_start_token_id", config.decoder_start_token_id)
-        forced_bos = generation_kwargs.get("forced_bos_token_id", config.forced_bos_token_id)
-        forced_eos = generation_kwargs.get("forced_eos_token_id", config.forced_eos_token_id)
-        eos, pad = config.eos_token_id, config.pad_token_id
+        model = self.model
+        start, forced_bos, forced_eos, eos, pad = loop.greedy_tokens(model, generation_kwargs)
         batch_size, source_len = input_ids.shape
         device = input_ids.device
 
@@ -217,11 +215,7 @@ class StaticDecoder:
             logits = step_fn(model, encoder_states, mask, last, cache)
             if step > 0 and self.step is not _step:
                 logits = logits.clone()                                # a CUDA graph's output is reused
-            forced = forced_eos if forced_eos is not None and step == max_new_tokens - 1 else (
-                forced_bos if forced_bos is not None and step == 0 else None)
-            if forced is not None:
-                logits.fill_(-math.inf)
-                logits[:, forced] = 0.0
+            loop.force_token(logits, step, max_new_tokens, forced_bos, forced_eos)
             if logits_fn is not None:
                 logits_fn(slot_row, step, logits)
             tokens = torch.where(going, logits.argmax(dim=-1), pad)

@@ -667,6 +667,26 @@ def greedy_supported(model):
     return not any(changed.get(name) not in (None, 0, 1.0, [], False) for name in GREEDY_UNSUPPORTED)
 
 
+def greedy_tokens(model, generation_kwargs):
+    """(decoder start, forced BOS, forced EOS, </s>, padding) ids of greedy decoding: the call's
+    generation kwargs over the model's generation config (greedy_batch and decode.StaticDecoder)."""
+    config = model.generation_config
+    return (generation_kwargs.get("decoder_start_token_id", config.decoder_start_token_id),
+            generation_kwargs.get("forced_bos_token_id", config.forced_bos_token_id),
+            generation_kwargs.get("forced_eos_token_id", config.forced_eos_token_id),
+            config.eos_token_id, config.pad_token_id)
+
+
+def force_token(logits, step, max_new_tokens, forced_bos, forced_eos):
+    """Make the forced token the only choice, in place: the target language code at the first step
+    (forced BOS), </s> at the last allowed one (forced EOS), as generate's logits processors do."""
+    forced = forced_eos if forced_eos is not None and step == max_new_tokens - 1 else (
+        forced_bos if forced_bos is not None and step == 0 else None)
+    if forced is not None:
+        logits.fill_(-math.inf)
+        logits[:, forced] = 0.0
+
+
 @torch.no_grad()
 def greedy_batch(model, input_ids, attention_mask, generation_kwargs, max_new_tokens, logits_fn=None):
     """Greedy decoding of one right-padded batch: the encoder once, then one decoder position per
@@ -681,11 +701,7 @@ def greedy_batch(model, input_ids, attention_mask, generation_kwargs, max_new_to
     as a LogitsProcessor given to generate would. Returns generate's layout: (batch, 1 + length)
     ids, the decoder start token first, padding after </s>.
     """
-    config = model.generation_config
-    start = generation_kwargs.get("decoder_start_token_id", config.decoder_start_token_id)
-    forced_bos = generation_kwargs.get("forced_bos_token_id", config.forced_bos_token_id)
-    forced_eos = generation_kwargs.get("forced_eos_token_id", config.forced_eos_token_id)
-    eos, pad = config.eos_token_id, config.pad_token_id
+    start, forced_bos, forced_eos, eos, pad = greedy_tokens(model, generation_kwargs)
     batch_size, device = input_ids.shape[0], input_ids.device
     encoder_states = model.get_encoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
     from transformers import DynamicCache, EncoderDecoderCache
@@ -700,11 +716,7 @@ def greedy_batch(model, input_ids, attention_mask, generation_kwargs, max_new_to
     for step in range(max_new_tokens):
         logits = model(encoder_outputs=(encoder_states,), attention_mask=attention_mask, decoder_input_ids=last,
                        use_cache=True, **{cache_arg: cache}).logits[:, -1, :].float()
-        forced = forced_eos if forced_eos is not None and step == max_new_tokens - 1 else (
-            forced_bos if forced_bos is not None and step == 0 else None)
-        if forced is not None:
-            logits.fill_(-math.inf)
-            logits[:, forced] = 0.0
+        force_token(logits, step, max_new_tokens, forced_bos, forced_eos)
         if logits_fn is not None:
             logits_fn(rows, step, logits)
         tokens = logits.argmax(dim=-1)
