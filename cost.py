@@ -20,7 +20,9 @@ token lengths are estimates for the real SentencePiece vocabularies (data.TASKS'
 IT_LENGTHS here), stated so a reader can change them.
 """
 
+import dataclasses
 import functools
+import json
 import math
 import os
 
@@ -28,12 +30,105 @@ import common
 import data
 import models
 
-# One GPU: dense bf16 peak of an H100/H200 SXM, and the rates measured on an H200 on 2026-11-26 at
-# mT5-base dimensions, bf16 (bench/gpu.sh; figures in the README): training 6.01e14 FLOPs in 40.5 s
-# (1.5% MFU: eager HF modules launch ~4,000 small kernels a step, the GPU is busy a fraction of it),
-# generation of 141 XL-Sum-length outputs 2.06e13 FLOPs in 11.5 s.
-PEAK_FLOPS = 989e12
-MEASURED = {"gpu": "NVIDIA H200", "train_mfu": 6.01e14 / 40.5 / 989e12, "generate_flops_per_s": 2.06e13 / 11.5}
+# One GPU's rates, measured: bench/gpu.sh writes bench/rates.json (training FLOPs and seconds at
+# mT5-base dimensions per training path, eager and --compile; decoding FLOPs and seconds of the 141
+# XL-Sum-length documents per family and decoder), and cost.py prices every run from the fastest path
+# measured there. The file ships with the H200 figures of 2026-11-26 (eager training 6.01e14 FLOPs in
+# 40.5 s, 1.5% MFU: eager HF modules launch ~4,000 small kernels a step; dynamic decoding 2.06e13
+# FLOPs in 11.5 s): the paper-scope study at 5,388 GPU-hours (README, "The rates it is priced at").
+RATES_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench", "rates.json")
+
+
+@dataclasses.dataclass(frozen=True)
+class Rates:
+    gpu: str
+    date: str
+    peak_flops: float          # dense bf16 FLOP/s of the GPU
+    train_mfu: float           # model FLOPs utilisation of the fastest training path measured
+    train_path: str            # "eager" or "compiled"
+    generate: dict             # family: (FLOP/s, decoder) of greedy decoding's fastest decoder measured
+    beam: dict                 # family: FLOP/s of beam search (translations): HF generate, the "dynamic" rate
+
+    def decoding(self, name, beams=1):
+        """FLOP/s of decoding with model `name`: its family's rate, or mT5's when the family was not
+        measured (the decoder step is the same kind of memory-bound work)."""
+        table = self.generate if beams == 1 else {f: (rate, "dynamic") for f, rate in self.beam.items()}
+        family = models.REAL_CONFIGS[name][0] if name in models.REAL_CONFIGS else "mt5"
+        return (table.get(family) or table.get("mt5") or next(iter(table.values())))[0]
+
+    def describe(self):
+        greedy = ", ".join(f"{family} {rate / 1e12:.1f} ({path})" for family, (rate, path) in self.generate.items())
+        beam = ", ".join(f"{family} {rate / 1e12:.1f}" for family, rate in self.beam.items())
+        return (f"GPU: {self.gpu}, training at {self.train_mfu:.1%} MFU of {self.peak_flops / 1e12:.0f} TFLOP/s "
+                f"({self.train_path}); greedy decoding TFLOP/s {greedy}; beam search {beam} (measured {self.date}, "
+                f"bench/gpu.sh -> {os.path.relpath(RATES_FILE)})")
+
+
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 FLOP/s, by GPU name
+
+
+def peak_flops(gpu):
+    """The dense bf16 peak of a GPU named like torch.cuda.get_device_name()."""
+    for key, peak in PEAK_BF16.items():
+        if key in gpu:
+            return peak
+    raise common.UsageError(f"cost: no bf16 peak known for '{gpu}'; add it to cost.PEAK_BF16")
+
+
+def _fastest(measured, where):
+    """(rate in FLOP/s, path) of the fastest {path: {"flops", "seconds"}} entry measured."""
+    rates = {path: m["flops"] / m["seconds"] for path, m in measured.items() if m}
+    if not rates:
+        raise common.UsageError(f"cost: {where} has no measured rate; run bash bench/gpu.sh on a GPU")
+    path = max(rates, key=rates.get)
+    return rates[path], path
+
+
+@functools.lru_cache(maxsize=None)
+def read_rates(path=None):
+    """The rates of bench/rates.json (or `path`); a missing or malformed file is a one-line error."""
+    path = path or RATES_FILE
+    try:
+        with open(path) as f:
+            raw = json.load(f)
+        train, train_path = _fastest(raw["train"], f"{path} 'train'")
+        generate = {family: _fastest(paths, f"{path} 'generate' '{family}'")
+                    for family, paths in raw["generate"].items()}
+        beam = {family: paths["dynamic"]["flops"] / paths["dynamic"]["seconds"]
+                for family, paths in raw["generate"].items() if paths.get("dynamic")}
+        if not beam:
+            raise KeyError("no family has a 'dynamic' decoding rate (beam search is priced at it)")
+        return Rates(raw["gpu"], raw["date"], raw["peak_flops"], train / raw["peak_flops"], train_path, generate, beam)
+    except FileNotFoundError:
+        raise common.UsageError(f"cost: no rates file {path}; bash bench/gpu.sh writes it on a GPU") from None
+    except (ValueError, KeyError, TypeError, AttributeError, ZeroDivisionError) as e:
+        raise common.UsageError(f"cost: {path} is not a rates file bench/gpu.sh writes ({type(e).__name__}: {e})") from None
+
+
+def rates():
+    """The rates cost.py prices with: bench/rates.json, or the file $XLGEN_RATES names (another GPU's)."""
+    return read_rates(os.environ.get("XLGEN_RATES") or RATES_FILE)
+
+
+def record_rates(path, section, entries, gpu, date, peak_flops):
+    """Merges {path: measurement} into `section` ("train", or "generate" and a family) of the rates
+    file and rewrites it whole (temp file, then rename): a bench run adds or replaces its own paths
+    and keeps the others'. A file measured on another GPU is replaced, not mixed."""
+    try:
+        with open(path) as f:
+            raw = json.load(f)
+    except FileNotFoundError:
+        raw = {}
+    if raw.get("gpu") != gpu:
+        raw = {"about": "Rates measured by bash bench/gpu.sh; cost.py prices every run from the fastest path here."}
+    raw.update(gpu=gpu, date=date, peak_flops=peak_flops)
+    node = raw
+    for key in section:
+        node = node.setdefault(key, {})
+    node.update(entries)
+    common.write_text(path, json.dumps(raw, indent=2) + "\n")
+    read_rates.cache_clear()
+
 
 # Examples per split and language, and mean tokens per example: the task table's sizes and lengths
 # (data.TASKS); intermediate tuning's lengths here.
@@ -90,11 +185,17 @@ def train_step_flops(name, task, max_tokens):
 def generation_flops(name, task, examples, generated=None, beams=1):
     """FLOPs of generating for `examples` sources of `task` (cache, finished rows dropped): the
     encoder once per source, the decoder once per beam (greedy: 1)."""
-    (enc, dec, head), (enc_layers, dec_layers, width) = weights(name)
     src, out = source_length(name, task), generated or lengths(task)["generated"]
-    encoder = 2 * enc * src + 4 * width * enc_layers * src * src
-    decoder = out * (2 * (dec + head) + 4 * width * dec_layers * (src + out / 2))
-    return examples * (encoder + beams * decoder)
+    return examples * decode_flops(name, src, out, beams)
+
+
+def decode_flops(name, source, generated, beams=1):
+    """FLOPs of generating `generated` tokens for one `source`-token source: the encoder once, each
+    new token through the decoder and output layer, attending to the source and the tokens before."""
+    (enc, dec, head), (enc_layers, dec_layers, width) = weights(name)
+    encoder = 2 * enc * source + 4 * width * enc_layers * source * source
+    decoder = generated * (2 * (dec + head) + 4 * width * dec_layers * (source + generated / 2))
+    return encoder + beams * decoder
 
 
 @functools.lru_cache(maxsize=None)
@@ -105,11 +206,14 @@ def stage_defaults(stage):
 
 
 def train_hours(flops):
-    return flops / (PEAK_FLOPS * MEASURED["train_mfu"]) / 3600 if MEASURED["train_mfu"] else math.nan
+    r = rates()
+    return flops / (r.peak_flops * r.train_mfu) / 3600
 
 
-def generate_hours(flops):
-    return flops / MEASURED["generate_flops_per_s"] / 3600 if MEASURED["generate_flops_per_s"] else math.nan
+def generate_hours(flops, name, beams=1):
+    """Hours of generating `flops` with model `name`: greedy at its family's fastest decoder measured;
+    beam search (decode.py's static decoders are greedy only) through HF generate, the dynamic rate."""
+    return flops / rates().decoding(name, beams) / 3600
 
 
 def split_size(task, split, lang):
@@ -133,7 +237,7 @@ def test_examples(task, langs):
 
 
 def finetune_hours(name, task, max_steps=None, max_tokens=None, eval_every=None, val_langs=None, test_langs=None,
-                   test_last=False, max_eval_examples=None):
+                   test_last=False, max_eval_examples=None, max_val_examples=None):
     """(training hours, evaluation hours) of one finetune.py run (steps, budget and evaluation interval
     default to finetune.py's own defaults, the paper's)."""
     defaults = stage_defaults("finetune")
@@ -142,14 +246,14 @@ def finetune_hours(name, task, max_steps=None, max_tokens=None, eval_every=None,
     spec = data.TASKS[task]
     val_langs, test_langs = val_langs or spec.val_langs, test_langs or spec.test_langs
     evaluations = max_steps // eval_every
-    val = validation_examples(task, val_langs)
-    test = test_examples(task, test_langs)
-    if max_eval_examples:  # finetune.py's cap applies to each language's validation and test sets
-        val = min(val, max_eval_examples * len(val_langs))
-        test = min(test, max_eval_examples * len(test_langs))
+    # finetune.py's caps apply to each language: --max-eval-examples to validation and test sets,
+    # --max-val-examples (study.py --val-cap) to validation sets only
+    val_cap = min(max_eval_examples or math.inf, max_val_examples or math.inf)
+    val = sum(min(val_cap, validation_examples(task, [lang])) for lang in val_langs)
+    test = sum(min(max_eval_examples or math.inf, test_examples(task, [lang])) for lang in test_langs)
     test *= 2 if test_last else 1
     return (train_hours(max_steps * train_step_flops(name, task, max_tokens)),
-            generate_hours(generation_flops(name, task, evaluations * val + test)))
+            generate_hours(generation_flops(name, task, evaluations * val + test), name))
 
 
 def it_hours(name, max_steps=None, max_tokens=None, eval_every=None):
@@ -166,7 +270,8 @@ def translate_hours(translator, task, examples, beams=4):
     """Translating `examples` training examples (every source and target sentence) with `translator`,
     beam search with `beams` beams (translate_train.py's default: 4)."""
     tokens = lengths(task)["source"] + lengths(task)["target"]
-    return 0.0, generate_hours(generation_flops(translator, "it", examples, generated=tokens, beams=beams))
+    return 0.0, generate_hours(generation_flops(translator, "it", examples, generated=tokens, beams=beams), translator,
+                               beams)
 
 
 @functools.lru_cache(maxsize=None)
@@ -235,7 +340,8 @@ def run_hours(argv):
             return None
         langs = [data.parse_langs(flag) if flag else None for flag in (args.val_langs, args.test_langs)]
         return finetune_hours(args.model, args.task, args.max_steps, args.max_tokens * args.update_freq,
-                              args.eval_every, *langs, args.test_last, args.max_eval_examples)
+                              args.eval_every, *langs, args.test_last, args.max_eval_examples,
+                              args.max_val_examples)
     if script == "pretrain_it.py":
         import pretrain_it
         args = pretrain_it.parse_args(flags)
@@ -251,7 +357,7 @@ def run_hours(argv):
             task = next(t for t in data.finetune_tasks() if f"{os.sep}{t}{os.sep}" in args.predictions)
             examples = test_examples(task, [args.tgt_lang])
             return 0.0, generate_hours(generation_flops(args.model, "it", examples, lengths(task)["generated"],
-                                                        beams=args.num_beams))
+                                                        beams=args.num_beams), args.model, args.num_beams)
         if args.merge:
             return 0.0, 0.0
         # the English training set, or a held-out English validation set (study.py writes it into heldout/)
@@ -267,7 +373,7 @@ def validation_hours(name, task, evaluations=10, cap=None):
     langs = data.get_task(task).val_langs
     examples = validation_examples(task, langs) if cap is None else sum(
         min(cap, validation_examples(task, [lang])) for lang in langs)
-    return generate_hours(generation_flops(name, task, evaluations * examples))
+    return generate_hours(generation_flops(name, task, evaluations * examples), name)
 
 
 def parse_args(argv=None):
@@ -280,15 +386,14 @@ def parse_args(argv=None):
 
 @common.exits_on_error
 def main(args):
-    print(f"GPU: {MEASURED['gpu']}, training at {MEASURED['train_mfu']:.1%} MFU of {PEAK_FLOPS / 1e12:.0f} TFLOP/s, "
-          f"generation at {MEASURED['generate_flops_per_s'] / 1e12:.1f} TFLOP/s (measured, bench/gpu.sh)")
+    print(rates().describe())
     name = args.model
     for task in [args.task] if args.task else data.finetune_tasks():
         train, evaluation = finetune_hours(name, task, test_last=True)
         print(f"one {name} run, {task}: 20k steps of 4000 tokens {train:.2f} h + 10 validations and the test "
               f"{evaluation:.2f} h = {train + evaluation:.2f} h (evaluation {evaluation / (train + evaluation):.0%}); "
-              f"the validations alone {validation_hours(name, task):.2f} h, capped at 500 examples "
-              f"per language {validation_hours(name, task, cap=500):.2f} h")
+              f"the validations alone {validation_hours(name, task):.2f} h; with study.py --val-cap 1000 "
+              f"{validation_hours(name, task, cap=1000):.2f} h, --val-cap 500 {validation_hours(name, task, cap=500):.2f} h")
 
 
 if __name__ == "__main__":

@@ -33,7 +33,6 @@ import torch
 
 import adapt
 import data
-import loop
 
 # Rows of a batch and tokens of a source are rounded up to data.bucket's ladder, 4 sizes an octave
 # (1, 2, ..., 8, 10, 12, 14, 16, 20, ...: under 25% padding, a few shapes in a batch's life).
@@ -79,7 +78,8 @@ def cache_bytes(config, source_len, max_new_tokens, dtype_bytes=2):
 
 def batch_limits(model, device, lengths, max_new_tokens, precision=None):
     """(max source tokens, max rows) of a generation batch for sources of `lengths` on `device`: on a
-    GPU what MEMORY_SHARE of its free memory holds (limits_for_memory), on CPU CPU_LIMITS."""
+    GPU what MEMORY_SHARE of its free memory holds (limits_for_memory; `precision` "bf16" halves the
+    bytes of "fp32", loop.resolve_precision's names, None: fp32's, an upper bound), on CPU CPU_LIMITS."""
     if device.type != "cuda":
         return CPU_LIMITS
     free, _ = torch.cuda.mem_get_info(device)
@@ -103,6 +103,26 @@ def limits_for_memory(config, memory, lengths, max_new_tokens, dtype_bytes=2):
 
 # -----------------------------------------------------------------------------
 # The static-shape decoder
+
+def greedy_tokens(model, generation_kwargs):
+    """(decoder start, forced BOS, forced EOS, </s>, padding) ids of greedy decoding: the call's
+    generation kwargs over the model's generation config (loop.greedy_batch and StaticDecoder)."""
+    config = model.generation_config
+    return (generation_kwargs.get("decoder_start_token_id", config.decoder_start_token_id),
+            generation_kwargs.get("forced_bos_token_id", config.forced_bos_token_id),
+            generation_kwargs.get("forced_eos_token_id", config.forced_eos_token_id),
+            config.eos_token_id, config.pad_token_id)
+
+
+def force_token(logits, step, max_new_tokens, forced_bos, forced_eos):
+    """Make the forced token the only choice, in place: the target language code at the first step
+    (forced BOS), </s> at the last allowed one (forced EOS), as generate's logits processors do."""
+    forced = forced_eos if forced_eos is not None and step == max_new_tokens - 1 else (
+        forced_bos if forced_bos is not None and step == 0 else None)
+    if forced is not None:
+        logits.fill_(-math.inf)
+        logits[:, forced] = 0.0
+
 
 def _step(model, encoder_states, attention_mask, decoder_input_ids, cache):
     """One decoder position for every row: next-token scores (rows, vocab), fp32."""
@@ -184,7 +204,7 @@ class StaticDecoder:
         """Greedy ids of one right-padded batch, generate's layout (batch, 1 + length) with the decoder
         start token first and padding after </s>: the tokens of loop.greedy_batch and HF generate."""
         model = self.model
-        start, forced_bos, forced_eos, eos, pad = loop.greedy_tokens(model, generation_kwargs)
+        start, forced_bos, forced_eos, eos, pad = greedy_tokens(model, generation_kwargs)
         batch_size, source_len = input_ids.shape
         device = input_ids.device
 
@@ -215,7 +235,7 @@ class StaticDecoder:
             logits = step_fn(model, encoder_states, mask, last, cache)
             if step > 0 and self.step is not _step:
                 logits = logits.clone()                                # a CUDA graph's output is reused
-            loop.force_token(logits, step, max_new_tokens, forced_bos, forced_eos)
+            force_token(logits, step, max_new_tokens, forced_bos, forced_eos)
             if logits_fn is not None:
                 logits_fn(slot_row, step, logits)
             tokens = torch.where(going, logits.argmax(dim=-1), pad)

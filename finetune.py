@@ -28,6 +28,7 @@ A finished run asked again with the same settings is skipped; `--resume --max-st
 finished run to N steps; any other change of settings in an existing run directory is refused.
 """
 
+import math
 import os
 import time
 
@@ -51,6 +52,9 @@ def parse_args(argv=None):
     p.add_argument("--eval-at-start", action="store_true", help="also evaluate the model before training (step 0)")
     p.add_argument("--max-eval-examples", type=common.positive_int, default=None,
                    help="cap each language's validation and test set (default: all; XL-Sum test: first 2000)")
+    p.add_argument("--max-val-examples", type=common.positive_int, default=None,
+                   help="cap each language's validation set only, the first N examples (default: all, the paper's "
+                        "protocol; README 'Validation cap' says what size keeps LR selection sound)")
     p.add_argument("--data-dir", default=data.DEFAULT_DATA_DIR, help="data directory, as download.py lays it out")
     p.add_argument("--xlsum-dir", default=None, help="XL-Sum jsonl files (default: DATA_DIR/xlsum)")
     p.add_argument("--train-file", default=None, help="training file in the task's official format (e.g. translate-train output)")
@@ -210,7 +214,9 @@ def read_corpus(args, files):
     files are read by the token cache (build_stream): only lengths are kept, never the texts."""
     task = data.get_task(args.task)
     corpus = {"val": {}, "test": {}}
-    for split, limit in (("val", args.max_eval_examples), ("test", args.max_eval_examples or task.test_limit)):
+    val_limit = min(args.max_eval_examples or math.inf, args.max_val_examples or math.inf)
+    for split, limit in (("val", None if val_limit == math.inf else val_limit),
+                         ("test", args.max_eval_examples or task.test_limit)):
         for lang, path in files[split].items():
             corpus[split][lang] = read_task(args.task, path, lang, limit)
             if not corpus[split][lang][1]:

@@ -39,6 +39,7 @@ from tqdm import tqdm
 
 import adapt
 import common
+import decode
 import data
 import models
 from common import DataError, UsageError
@@ -667,26 +668,6 @@ def greedy_supported(model):
     return not any(changed.get(name) not in (None, 0, 1.0, [], False) for name in GREEDY_UNSUPPORTED)
 
 
-def greedy_tokens(model, generation_kwargs):
-    """(decoder start, forced BOS, forced EOS, </s>, padding) ids of greedy decoding: the call's
-    generation kwargs over the model's generation config (greedy_batch and decode.StaticDecoder)."""
-    config = model.generation_config
-    return (generation_kwargs.get("decoder_start_token_id", config.decoder_start_token_id),
-            generation_kwargs.get("forced_bos_token_id", config.forced_bos_token_id),
-            generation_kwargs.get("forced_eos_token_id", config.forced_eos_token_id),
-            config.eos_token_id, config.pad_token_id)
-
-
-def force_token(logits, step, max_new_tokens, forced_bos, forced_eos):
-    """Make the forced token the only choice, in place: the target language code at the first step
-    (forced BOS), </s> at the last allowed one (forced EOS), as generate's logits processors do."""
-    forced = forced_eos if forced_eos is not None and step == max_new_tokens - 1 else (
-        forced_bos if forced_bos is not None and step == 0 else None)
-    if forced is not None:
-        logits.fill_(-math.inf)
-        logits[:, forced] = 0.0
-
-
 @torch.no_grad()
 def greedy_batch(model, input_ids, attention_mask, generation_kwargs, max_new_tokens, logits_fn=None):
     """Greedy decoding of one right-padded batch: the encoder once, then one decoder position per
@@ -701,7 +682,7 @@ def greedy_batch(model, input_ids, attention_mask, generation_kwargs, max_new_to
     as a LogitsProcessor given to generate would. Returns generate's layout: (batch, 1 + length)
     ids, the decoder start token first, padding after </s>.
     """
-    start, forced_bos, forced_eos, eos, pad = greedy_tokens(model, generation_kwargs)
+    start, forced_bos, forced_eos, eos, pad = decode.greedy_tokens(model, generation_kwargs)
     batch_size, device = input_ids.shape[0], input_ids.device
     encoder_states = model.get_encoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
     from transformers import DynamicCache, EncoderDecoderCache
@@ -716,7 +697,7 @@ def greedy_batch(model, input_ids, attention_mask, generation_kwargs, max_new_to
     for step in range(max_new_tokens):
         logits = model(encoder_outputs=(encoder_states,), attention_mask=attention_mask, decoder_input_ids=last,
                        use_cache=True, **{cache_arg: cache}).logits[:, -1, :].float()
-        force_token(logits, step, max_new_tokens, forced_bos, forced_eos)
+        decode.force_token(logits, step, max_new_tokens, forced_bos, forced_eos)
         if logits_fn is not None:
             logits_fn(rows, step, logits)
         tokens = logits.argmax(dim=-1)
@@ -774,13 +755,13 @@ def generate(model, tokenizer, encoded, generation_kwargs, device, max_new_token
     decode.StaticDecoder.
     logits_fn(indices, step, scores): as greedy_batch's, with `indices` into `encoded` (a benchmark
     uses it to make each output as long as its reference)."""
-    import decode
     model.eval()
     lengths = [len(e["input_ids"]) for e in encoded]
     if not lengths:
         return []
     if max_tokens is None or max_batch_size is None:
-        auto_tokens, auto_rows = decode.batch_limits(model, device, lengths, max_new_tokens, precision)
+        auto_tokens, auto_rows = decode.batch_limits(model, device, lengths, max_new_tokens,
+                                                     resolve_precision(precision, device))
         max_tokens, max_batch_size = max_tokens or auto_tokens, max_batch_size or auto_rows
     if isinstance(decoder, decode.StaticDecoder):   # one the caller built (a compile backend of its own)
         static = decoder

@@ -12,13 +12,21 @@ long as its real reference: </s> is suppressed until the reference's token lengt
           GUM: XL-Sum itself is not available offline), sources cut at the model's limit, outputs
           as long as the summaries (capped at XL-Sum's 84 new tokens)
   xquad   XQuAD validation questions (th, ro, vi), outputs as long as the answers (capped at 32)
-Three configurations, the same number of batches each:
-  hf-unsorted  model.generate on the sources in file order, fixed-size batches (a plain DataLoader)
-  hf-sorted    model.generate on loop.generate's length-sorted token-budget batches
-  ours         loop.generate: the sorted batches, decoded by loop.greedy_batch (a finished row
-               leaves its batch)
-All three must decode exactly the same predictions (checked and printed). Reported: seconds and
-generated tokens/s (tokens written, </s> included).
+Configurations (the first four on the same batches):
+  hf-unsorted    model.generate on the sources in file order, fixed-size batches (a plain DataLoader)
+  hf-sorted      model.generate on loop.generate's length-sorted token-budget batches (--max-tokens)
+  ours           loop.generate --decoder dynamic: the sorted batches, decoded by loop.greedy_batch
+                 (a finished row leaves its batch)
+  static         --decoder static: decode.StaticDecoder (preallocated cache, bucketed shapes)
+  compiled       --decoder compiled: its step compiled (CUDA graphs on a GPU)          [GPU default]
+  compiled-auto  the same on batches sized by the device's memory (decode.batch_limits: the
+                 study's default on a GPU, --eval-max-tokens unset)                     [GPU default]
+Each configuration runs twice, the second timed (the first chooses CUDA kernels and compiles
+graphs; a run decodes 10 validations, so it pays that once). All must decode exactly the same
+predictions as hf-unsorted (checked and printed). Reported: seconds, generated tokens/s (tokens
+written, </s> included) and, at real dimensions, FLOP/s (cost.decode_flops of each example's real
+source and output lengths). With --rates FILE (a GPU, real dimensions) the xlsum rates of ours and
+the static decoders are written there for cost.py (bench/gpu.sh).
 """
 
 import argparse
@@ -36,10 +44,18 @@ sys.path.insert(0, os.path.dirname(HERE))
 import torch  # noqa: E402
 from transformers import LogitsProcessor, LogitsProcessorList  # noqa: E402
 
+import cost  # noqa: E402
 import data  # noqa: E402
+import decode  # noqa: E402
 import loop  # noqa: E402
 import models  # noqa: E402
-from train_throughput import build_model  # noqa: E402
+import train_throughput  # noqa: E402
+
+DIMS = {"mt5-base": "google/mt5-base", "mbart-large-50": "facebook/mbart-large-50",
+        "nllb-600M": "facebook/nllb-200-distilled-600M"}  # --dims: real dimensions, random weights
+CONFIGURATIONS = ("hf-unsorted", "hf-sorted", "ours", "static", "compiled", "compiled-auto")
+CPU_CONFIGURATIONS = ("hf-unsorted", "hf-sorted", "ours", "static")  # compiling on 2 cores takes minutes a shape
+RATE_PATHS = {"ours": "dynamic", "static": "static", "compiled": "compiled", "compiled-auto": "compiled-auto"}
 
 
 def parse_args(argv=None):
@@ -48,7 +64,11 @@ def parse_args(argv=None):
     p.add_argument("--workloads", default="xlsum,xquad", help="xlsum, xquad or both")
     p.add_argument("--per-lang", type=int, default=100, help="XQuAD questions per language")
     p.add_argument("--max-tokens", type=int, default=8000, help="source-token budget of a sorted batch")
-    p.add_argument("--dims", default="bench", choices=["bench", "mt5-base"], help="model size")
+    p.add_argument("--dims", default="bench", choices=["bench", *DIMS], help="model size (real ones: random weights)")
+    p.add_argument("--configurations", default=None,
+                   help=f"comma-separated (default: all on CUDA; {','.join(CPU_CONFIGURATIONS)} on CPU)")
+    p.add_argument("--rates", default=None, metavar="FILE",
+                   help="write the measured xlsum decoding rates into FILE for cost.py (bench/rates.json; GPU)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--profile", action="store_true",
                    help="instead: profile ours and hf-sorted on the first workload's two longest batches")
@@ -141,32 +161,45 @@ def run_workload(name, args, model, tokenizer, encoder, device):
     rule = ReferenceLengths(lengths, tokenizer.eos_token_id)
     generation = encoder.generation_kwargs("en")
     sorted_batches = data.generation_batches([len(e["input_ids"]) for e in encoded], args.max_tokens)
+    decoders = {"static": decode.StaticDecoder(model), "compiled": decode.StaticDecoder(model, compile=True)}
+    auto_batches = data.generation_batches([len(e["input_ids"]) for e in encoded], *decode.batch_limits(
+        model, device, [len(e["input_ids"]) for e in encoded], max_new_tokens, loop.resolve_precision(None, device)))
     batch_size = math.ceil(len(encoded) / len(sorted_batches))
     file_order = [list(range(i, min(i + batch_size, len(encoded)))) for i in range(0, len(encoded), batch_size)]
+    ours = lambda decoder, max_tokens=args.max_tokens: lambda: loop.generate(  # noqa: E731
+        model, tokenizer, encoded, generation, device, max_new_tokens, max_tokens=max_tokens, desc=name,
+        logits_fn=rule, decoder=decoder)
     configurations = {
         "hf-unsorted": lambda: hf_generate(model, tokenizer, encoded, file_order, generation, device, max_new_tokens, rule),
         "hf-sorted": lambda: hf_generate(model, tokenizer, encoded, sorted_batches, generation, device, max_new_tokens,
                                          rule),
-        "ours": lambda: loop.generate(model, tokenizer, encoded, generation, device, max_new_tokens,
-                                      max_tokens=args.max_tokens, desc=name, logits_fn=rule),
+        "ours": ours("dynamic"), "static": ours(decoders["static"]), "compiled": ours(decoders["compiled"]),
+        "compiled-auto": ours(decoders["compiled"], None),
     }
-    warm = encoded[:4]  # first calls allocate and (on CUDA) pick kernels
-    loop.generate(model, tokenizer, warm, generation, device, 4)
-    hf_generate(model, tokenizer, warm, [[0, 1, 2, 3]], generation, device, 4, ReferenceLengths([3] * 4, tokenizer.eos_token_id))
-    results = {key: timed(fn, device) for key, fn in configurations.items()}
-    reference = results["hf-unsorted"][0]
+    chosen = args.configurations.split(",") if args.configurations else (
+        CONFIGURATIONS if device.type == "cuda" else CPU_CONFIGURATIONS)
     tokens = sum(length + 1 for length in lengths)
     source_tokens = sum(len(e["input_ids"]) for e in encoded)
+    flops = sum(cost.decode_flops(DIMS[args.dims], len(e["input_ids"]), length + 1)
+                for e, length in zip(encoded, lengths)) if args.dims in DIMS else None
     print(f"\n{name}: {len(encoded)} examples, {source_tokens / len(encoded):.0f} source tokens on average "
           f"(max {max(len(e['input_ids']) for e in encoded)}), outputs {min(lengths) + 1}-{max(lengths) + 1} tokens "
-          f"({tokens / len(encoded):.1f} on average), {len(sorted_batches)} batches each")
-    print(f"{'configuration':<14}{'seconds':>9}{'gen. tok/s':>12}{'speed-up':>10}{'same predictions':>18}")
-    rows = {}
-    for key, (predictions, seconds) in results.items():
+          f"({tokens / len(encoded):.1f} on average), {len(sorted_batches)} sorted batches"
+          + (f"; device-sized: {len(auto_batches)} batches of up to {max(map(len, auto_batches))} rows"
+             if "compiled-auto" in chosen else ""))
+    print(f"{'configuration':<15}{'cold s':>8}{'seconds':>9}{'gen. tok/s':>12}{'TFLOP/s':>9}{'speed-up':>10}"
+          f"{f'same as {chosen[0]}':>24}", flush=True)
+    rows, reference = {}, None
+    for key in chosen:   # each row printed when measured: a configuration that hangs leaves the others'
+        _, cold = timed(configurations[key], device)   # kernels chosen, graphs compiled
+        predictions, seconds = timed(configurations[key], device)
+        reference = reference or predictions
         same = sum(a == b for a, b in zip(predictions, reference))
-        rows[key] = {"seconds": seconds, "tokens_per_s": tokens / seconds, "same": same, "n": len(encoded)}
-        print(f"{key:<14}{seconds:>9.2f}{tokens / seconds:>12,.0f}{results['hf-unsorted'][1] / seconds:>9.2f}x"
-              f"{f'{same}/{len(encoded)}':>18}")
+        rows[key] = {"seconds": seconds, "cold_seconds": cold, "tokens_per_s": tokens / seconds, "same": same,
+                     "examples": len(encoded), "flops": flops}
+        rate = f"{flops / seconds / 1e12:>9.2f}" if flops else f"{'-':>9}"
+        print(f"{key:<15}{cold:>8.2f}{seconds:>9.2f}{tokens / seconds:>12,.0f}{rate}"
+              f"{rows[chosen[0]]['seconds'] / seconds:>9.2f}x{f'{same}/{len(encoded)}':>24}", flush=True)
     return rows
 
 
@@ -201,11 +234,21 @@ def evaluation_share(run_dir):
     return seconds["validation"] + seconds["test"], seconds["total"]
 
 
+def build_model(dims, tokenizer, device, seed=0):
+    """(model, family): the benchmark model, or a real architecture with random weights."""
+    if dims not in DIMS:
+        return train_throughput.build_model(dims, len(tokenizer), device, seed), "mt5"
+    torch.manual_seed(seed)
+    return models.real_architecture(DIMS[dims], device=device), models.REAL_CONFIGS[DIMS[dims]][0]
+
+
 def main(args):
     device = loop.pick_device(args.device)
-    tokenizer = models.load_tokenizer("tiny-mt5", args.data_dir)
-    model = build_model(args.dims, len(tokenizer), device).eval()
-    encoder = models.Seq2SeqEncoder(tokenizer, "mt5", models.max_length(model.config))
+    family = models.REAL_CONFIGS[DIMS[args.dims]][0] if args.dims in DIMS else "mt5"
+    tokenizer = models.load_tokenizer(f"tiny-{family}", args.data_dir)  # its ids are within any real vocabulary
+    model, family = build_model(args.dims, tokenizer, device)
+    model.eval()
+    encoder = models.Seq2SeqEncoder(tokenizer, family, models.max_length(model.config))
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"{platform.machine()} CPU, {os.cpu_count()} cores"
     params = sum(p.numel() for p in model.parameters())
     print(f"machine: {name}; model: {args.dims} ({params / 1e6:.1f}M parameters), random weights, greedy, "
@@ -213,6 +256,16 @@ def main(args):
     if args.profile:
         return profile(args.workloads.split(",")[0], args, model, tokenizer, encoder, device)
     summary = {key: run_workload(key, args, model, tokenizer, encoder, device) for key in args.workloads.split(",")}
+    if args.rates and device.type == "cuda" and args.dims in DIMS and "xlsum" in summary:
+        entries = {RATE_PATHS[key]: {"flops": row["flops"], "seconds": row["seconds"], "tokens_per_s": row["tokens_per_s"],
+                                     "examples": row["examples"], "same_as_first": row["same"], "model": DIMS[args.dims]}
+                   for key, row in summary["xlsum"].items() if key in RATE_PATHS and row["same"] == row["examples"]}
+        cost.record_rates(args.rates, ["generate", family], entries, name, time.strftime("%Y-%m-%d"),
+                          cost.peak_flops(name))
+        print(f"decoding rates of {family} ({', '.join(entries)}; those identical to the first configuration) "
+              f"written to {args.rates}")
+    elif args.rates:
+        print("--rates: not written (rates for cost.py: a GPU, real --dims, the xlsum workload)")
     if args.run_dir:
         eval_s, total_s = evaluation_share(args.run_dir)
         print(f"evaluation share of {args.run_dir}: {eval_s:.1f} s of {total_s:.1f} s ({eval_s / total_s:.0%}), "

@@ -8,12 +8,21 @@ Same model (the tiny-mt5 architecture scaled to d_model 256, 4+4 layers, with th
 or `--dims mt5-base`: the real mT5-base dimensions, random weights), same SQuAD stand-in examples
 (each seen exactly once, so both process the same real tokens), same AdamW, same fairseq
 inverse-sqrt schedule (handed to the Trainer as a LambdaLR), same gradient clipping, fp32 on CPU /
-bf16 on CUDA. Three configurations, each in its own process (clean peak-memory figures):
+bf16 on CUDA. Four configurations, each in its own process (clean peak-memory figures):
   ours              data.TokenBatches, --max-tokens per batch, loop.train_step (the loop's own step)
+  ours-compiled     the same with finetune.py --compile: batches padded to data.train_shape, the loss
+                    compiled (loop.compiled_loss), fused AdamW on CUDA
   trainer           Seq2SeqTrainer, random sampler, batch size = our average examples per batch
   trainer-grouped   the same with train_sampling_strategy="group_by_length"
 Reported: real (non-pad) tokens/s, padding efficiency (real / padded, sources + targets), peak
-memory (CUDA: max allocated; CPU: peak RSS of the process), and our speed-up over each.
+memory (CUDA: max allocated; CPU: peak RSS of the process), and our speed-up over each. Ours and
+ours-compiled go over the batches twice: the first pass (cold: CUDA kernels chosen, graphs compiled)
+is printed beside, the second is the steady rate a 20k-step run sees; the Trainer runs once. With
+--curve, ours and ours-compiled first make one pass with dropout off from the same initial weights
+(dropout draws differ between padded and unpadded shapes by construction), and their loss curves
+are compared step by step. With
+--rates FILE (a GPU, --dims mt5-base), ours' and ours-compiled's FLOPs and seconds are written there
+for cost.py (bench/gpu.sh).
 """
 
 import argparse
@@ -34,7 +43,8 @@ import data  # noqa: E402
 import loop  # noqa: E402
 import models  # noqa: E402
 
-MODES = ("ours", "trainer", "trainer-grouped")
+MODES = ("ours", "ours-compiled", "trainer", "trainer-grouped")
+PASSES = {"ours": 2, "ours-compiled": 2}  # the others: one
 
 
 def parse_args(argv=None):
@@ -50,6 +60,12 @@ def parse_args(argv=None):
     p.add_argument("--compile", action="store_true",
                    help="attempt: torch.compile(dynamic=True) for ours, torch_compile=True for the Trainer")
     p.add_argument("--modes", default=",".join(MODES), help="configurations to run, comma-separated")
+    p.add_argument("--curve", action="store_true",
+                   help="first a pass with dropout off, whose loss curves (ours, ours-compiled) are compared")
+    p.add_argument("--mode-timeout", type=float, default=None, help="seconds a configuration may take (then left out)")
+    p.add_argument("--backend", default="inductor", help="torch.compile backend of ours-compiled")
+    p.add_argument("--rates", default=None, metavar="FILE",
+                   help="write the measured training rates into FILE for cost.py (bench/rates.json; GPU, mt5-base)")
     p.add_argument("--profile", type=int, default=0, metavar="STEPS",
                    help="instead: profile STEPS steps of ours (after 3 warm-up steps) and print where the time goes")
     p.add_argument("--mode", default=None, choices=MODES, help="(internal) run one configuration and print JSON")
@@ -88,20 +104,39 @@ def peak_memory_mb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
 
 
-def run_ours(args, model, tokenizer, encoded, device):
+def run_ours(args, model, tokenizer, encoded, device, compiled=False):
+    """Ours (compiled: --compile's path) over the batches: with --curve first a pass with dropout off
+    (its loss per step: deterministic, comparable between eager and compiled), then PASSES passes
+    with dropout on, the last timed. (seconds of each timed pass, steps, padding (real, padded) of
+    the batches trained on, the curve pass's losses or None)."""
     stream = data.TokenBatches(encoded, args.max_tokens, seed=0)
     batches = [stream.collate(b, tokenizer.pad_token_id) for b in stream.epoch_batches(0)]
-    optimizer = loop.make_optimizer(model, args.lr, foreach=args.foreach or None)
+    if compiled:
+        batches = [data.pad_to_buckets(batch, tokenizer.pad_token_id) for batch in batches]
+    fused = True if compiled and device.type == "cuda" else None
+    optimizer = loop.make_optimizer(model, args.lr, foreach=args.foreach or None, fused=fused)
+    loss_fn = loop.compiled_loss(args.backend) if compiled else loop.loss_sum
     if args.compile:
         model = torch.compile(model, dynamic=True)
     model.train()
-    sync(device)
-    start = time.perf_counter()
-    for step, batch in enumerate(batches):
-        batch = {k: v.to(device) for k, v in batch.items()}
-        loop.train_step(model, optimizer, [batch], loop.get_lr(step + 1, args.lr, args.warmup_steps), 1.0, device)
-    sync(device)
-    return time.perf_counter() - start, len(batches), padding_of(batches)
+
+    def one_pass():
+        sync(device)
+        start, losses = time.perf_counter(), []
+        for step, batch in enumerate(batches):
+            batch = {k: v.to(device) for k, v in batch.items()}
+            loss, _, _ = loop.train_step(model, optimizer, [batch], loop.get_lr(step + 1, args.lr, args.warmup_steps),
+                                         1.0, device, loss_fn=loss_fn)
+            losses.append(loss)
+        sync(device)
+        return time.perf_counter() - start, losses
+    curve = None
+    if args.curve:   # eval mode: every dropout off (HF attention calls functional dropout on self.training)
+        model.eval()
+        curve = one_pass()[1]
+        model.train()
+    seconds = [one_pass()[0] for _ in range(PASSES["ours-compiled" if compiled else "ours"])]
+    return seconds, len(batches), padding_of(batches), curve
 
 
 def run_trainer(args, model, tokenizer, encoded, device, grouped):
@@ -125,7 +160,7 @@ def run_trainer(args, model, tokenizer, encoded, device, grouped):
     start = time.perf_counter()
     trainer.train()
     sync(device)
-    return time.perf_counter() - start, len(batches), padding_of(batches)
+    return [time.perf_counter() - start], len(batches), padding_of(batches), None
 
 
 def sync(device):
@@ -137,19 +172,22 @@ def run_mode(args):
     device = loop.pick_device(args.device)
     tokenizer, encoded = encoded_examples(args)
     model = build_model(args.dims, len(tokenizer), device)
-    if args.mode == "ours":
-        seconds, steps, (real, padded) = run_ours(args, model, tokenizer, encoded, device)
+    if args.mode in PASSES:
+        passes, steps, (real, padded), losses = run_ours(args, model, tokenizer, encoded, device,
+                                                         args.mode == "ours-compiled")
     else:
-        seconds, steps, (real, padded) = run_trainer(args, model, tokenizer, encoded, device, args.mode == "trainer-grouped")
+        passes, steps, (real, padded), losses = run_trainer(args, model, tokenizer, encoded, device,
+                                                            args.mode == "trainer-grouped")
+    seconds = passes[-1]
     params = sum(p.numel() for p in model.parameters())
     flops = None
     if args.dims == "mt5-base":
         import cost
         stream = data.TokenBatches(encoded, args.max_tokens, seed=0)
         flops = sum(cost.batch_flops("google/mt5-base", stream.collate(b, tokenizer.pad_token_id))
-                    for b in stream.epoch_batches(0))
+                    for b in stream.epoch_batches(0))   # real tokens only: bucket padding is not work done
     print(json.dumps({"mode": args.mode, "flops": flops, "steps": steps, "real_tokens": real, "padded_tokens": padded,
-                      "seconds": seconds, "tokens_per_s": real / seconds, "padding_efficiency": real / padded,
+                      "seconds": seconds, "first_pass_seconds": passes[0], "losses": losses, "tokens_per_s": real / seconds, "padding_efficiency": real / padded,
                       "peak_memory_mb": peak_memory_mb(device), "params": params, "device": str(device)}))
 
 
@@ -196,8 +234,12 @@ def main(args):
         argv = [sys.executable, os.path.abspath(__file__), "--mode", mode, "--data-dir", args.data_dir,
                 "--num-examples", str(args.num_examples), "--max-tokens", str(args.max_tokens), "--dims", args.dims,
                 "--device", args.device, "--lr", str(args.lr), "--warmup-steps", str(args.warmup_steps)]
-        argv += ["--foreach"] * args.foreach + ["--compile"] * args.compile
-        out = subprocess.run(argv, capture_output=True, text=True)
+        argv += ["--foreach"] * args.foreach + ["--compile"] * args.compile + ["--backend", args.backend] + ["--curve"] * args.curve
+        try:
+            out = subprocess.run(argv, capture_output=True, text=True, timeout=args.mode_timeout)
+        except subprocess.TimeoutExpired:
+            print(f"{mode}: did not finish in {args.mode_timeout} s (--mode-timeout); left out", flush=True)
+            continue
         if out.returncode != 0:
             sys.exit(f"error: {mode} failed:\n{out.stderr[-3000:]}")
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
@@ -206,20 +248,41 @@ def main(args):
     name = torch.cuda.get_device_name() if device.startswith("cuda") else f"{platform.machine()} CPU, {os.cpu_count()} cores"
     print(f"machine: {name}; model: {args.dims} ({ours['params'] / 1e6:.1f}M parameters); "
           f"{args.num_examples} SQuAD stand-in examples once each; {ours['real_tokens']:,} real tokens")
-    print(f"{'configuration':<17}{'steps':>7}{'seconds':>9}{'real tok/s':>12}{'pad. eff.':>11}{'peak MB':>10}{'ours / this':>13}")
+    print(f"{'configuration':<17}{'steps':>7}{'1st pass s':>12}{'seconds':>9}{'real tok/s':>12}{'pad. eff.':>11}"
+          f"{'peak MB':>10}{'ours / this':>13}")
     for row in rows:
         ratio = row["seconds"] / ours["seconds"]
-        print(f"{row['mode']:<17}{row['steps']:>7}{row['seconds']:>9.1f}{row['tokens_per_s']:>12,.0f}"
-              f"{row['padding_efficiency']:>11.3f}{row['peak_memory_mb']:>10,.0f}{ratio:>12.2f}x")
+        print(f"{row['mode']:<17}{row['steps']:>7}{row['first_pass_seconds']:>12.1f}{row['seconds']:>9.1f}"
+              f"{row['tokens_per_s']:>12,.0f}{row['padding_efficiency']:>11.3f}{row['peak_memory_mb']:>10,.0f}"
+              f"{ratio:>12.2f}x")
+    curves = {r["mode"]: r["losses"] for r in rows if r["losses"]}
+    if "ours" in curves and "ours-compiled" in curves:
+        eager, compiled = curves["ours"], curves["ours-compiled"]
+        gaps = [abs(a - b) / abs(a) for a, b in zip(eager, compiled)]
+        worst = max(range(len(gaps)), key=gaps.__getitem__)
+        print(f"loss curves, ours-compiled against ours over {len(gaps)} steps: largest relative difference "
+              f"{gaps[worst]:.2e} (step {worst + 1}: {compiled[worst]:.4f} against {eager[worst]:.4f}); mean "
+              f"{sum(gaps) / len(gaps):.2e}; first {eager[0]:.4f}, last {eager[-1]:.4f} (eager)")
     if args.dims == "mt5-base" and device.startswith("cuda"):
-        peak = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16
-        key = next((k for k in peak if k in name), None)
-        mfu = ours["flops"] / ours["seconds"] / peak[key] if key else float("nan")
-        step_tokens = ours["real_tokens"] / ours["steps"]
-        hours = 20000 * step_tokens / ours["tokens_per_s"] / 3600
-        print(f"model FLOPs utilisation of ours (cost.batch_flops: 6 FLOPs per weight and real token, embeddings "
-              f"left out, + attention; dense bf16 peak): {mfu:.1%} ({ours['flops'] / ours['seconds'] / 1e12:.0f} TFLOP/s); "
-              f"projected 20k-step run at {step_tokens:,.0f} real tokens/step: {hours:.1f} h")
+        import cost
+        peak = cost.peak_flops(name)
+        for row in (r for r in rows if r["mode"] in PASSES):
+            mfu = row["flops"] / row["seconds"] / peak
+            hours = 20000 * row["real_tokens"] / row["steps"] / row["tokens_per_s"] / 3600
+            print(f"model FLOPs utilisation of {row['mode']} (cost.batch_flops: 6 FLOPs per weight and real token, "
+                  f"embeddings left out, + attention; dense bf16 peak): {mfu:.1%} "
+                  f"({row['flops'] / row['seconds'] / 1e12:.0f} TFLOP/s); projected 20k-step run at "
+                  f"{row['real_tokens'] / row['steps']:,.0f} real tokens/step: {hours:.2f} h")
+        if args.rates:
+            paths = {"ours": "eager", "ours-compiled": "compiled"}
+            entries = {paths[r["mode"]]: {k: r[k] for k in ("flops", "seconds", "real_tokens", "steps")}
+                       | {"model": "google/mt5-base", "max_tokens": args.max_tokens}
+                       for r in rows if r["mode"] in paths}
+            cost.record_rates(args.rates, ["train"], entries, name, time.strftime("%Y-%m-%d"), peak)
+            print(f"training rates ({', '.join(entries)}) written to {args.rates}")
+    elif args.rates:
+        print("--rates: not written (rates for cost.py are measured on a GPU at --dims mt5-base)")
+
 
 if __name__ == "__main__":
     main(parse_args())

@@ -2,7 +2,8 @@
 
 The tiny models are built into a fresh temporary cache (not ~/.cache/xlgen), so every test run
 exercises the build from scratch, exactly as a user's first `--model tiny-mt5` would. The hub is
-offline (HF_HUB_OFFLINE=1): tests never reach the network.
+offline (HF_HUB_OFFLINE=1): tests never reach the network. cost.py prices with the fixed rates of
+tests/fixtures/rates (XLGEN_RATES).
 """
 
 import os
@@ -14,6 +15,10 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 os.environ["HF_HUB_OFFLINE"] = "1"
+# cost.py's rates: the H200 figures of 2026-11-26, fixed, so the dry run's estimates (and the shards
+# they size) do not move when bench/gpu.sh rewrites bench/rates.json
+RATES_2026_11_26 = os.path.join(REPO, "tests", "fixtures", "rates", "h200-2026-11-26.json")
+os.environ["XLGEN_RATES"] = RATES_2026_11_26
 DATA_DIR = os.path.normpath(os.path.join(REPO, "..", "shared", "data"))
 FIXTURES = os.path.join(REPO, "tests", "fixtures", "xlsum")
 TEXT_LANGS = ["en", "fr", "es", "ru", "zh", "ko", "ja", "ar", "de", "th", "ro", "vi"]

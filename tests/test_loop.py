@@ -66,7 +66,7 @@ def test_update_freq_2_at_2000_tokens_is_the_update_of_one_4000_token_batch(squa
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name,method", [("tiny-mt5", "full"), ("tiny-mbart", "adapters"), ("tiny-nllb", "prompt")])
+@pytest.mark.parametrize("name,method", [("tiny-mt5", "full"), ("tiny-mbart", "adapters")])  # ~70 s each
 def test_compiled_step_on_bucketed_batches_is_the_eager_step(name, method, squad_train):
     """--compile's training step (batches padded to data.train_shape, loss_sum compiled) against the
     eager step on the batches as collated: the same loss and gradients within float tolerance over
@@ -74,12 +74,7 @@ def test_compiled_step_on_bucketed_batches_is_the_eager_step(name, method, squad
     the loss). The compiled function is reused: torch compiles at most 3 graphs for the 4 shapes.
     Backend aot_eager (dynamo's and AOT autograd's forward and backward graphs, without inductor's
     C++ code generation, minutes on 2 cores for a backward; the decoder test runs inductor)."""
-    torch.manual_seed(0)
-    model = models.load_model(name, DATA_DIR)
-    if method != "full":
-        adapt.apply(model, method, verbose=False, **({"prompt_length": 8} if method == "prompt" else {}))
-    model.eval()
-    tokenizer = models.load_tokenizer(name, DATA_DIR)
+    model, tokenizer = adapted(name, method)
     encoded = models.Seq2SeqEncoder(tokenizer, FAMILIES[name]).encode(data.qa_examples(squad_train[:400], "en"))
     stream = data.TokenBatches(encoded, max_tokens=800, seed=1)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -142,6 +137,26 @@ def one_by_one(model, tokenizer, encoded, generation, max_new_tokens, rule=None)
     return texts
 
 
+def adapted(name, method):
+    """A tiny model of `name` with `method`'s module surgery (random weights, seed 0; eval mode) and
+    its tokenizer."""
+    torch.manual_seed(0)
+    model = models.load_model(name, DATA_DIR)
+    if method != "full":
+        adapt.apply(model, method, verbose=False, **({"prompt_length": 8} if method == "prompt" else {}))
+    model.eval()
+    return model, models.load_tokenizer(name, DATA_DIR)
+
+
+def adapted_and_encoded(name, method, lang, n):
+    """adapted(), the first `n` XQuAD questions of `lang` encoded for it, and its generation settings
+    for `lang`."""
+    model, tokenizer = adapted(name, method)
+    encoder = models.Seq2SeqEncoder(tokenizer, FAMILIES[name])
+    encoded = encoder.encode(data.qa_examples(data.read_squad(data.xquad_path(DATA_DIR, lang))[:n], lang))
+    return model, tokenizer, encoded, encoder.generation_kwargs(lang)
+
+
 @pytest.mark.parametrize("decoder", ["dynamic", "static"])
 @pytest.mark.parametrize("name", list(FAMILIES))
 @pytest.mark.parametrize("method", ["full"] + [name for name, m in adapt.REGISTRY.items() if m.add is not None])
@@ -150,15 +165,7 @@ def test_greedy_batch_decodes_exactly_as_hf_generate(name, method, decoder):
     decode.StaticDecoder with bucketed shapes, a preallocated cache and re-packing) against HF
     generate on each source alone, each family (mBART's forced BOS and forced EOS, NLLB's BOS) and
     each kind of module surgery that changes the forward (prompt's mask, adapters' hooks)."""
-    torch.manual_seed(0)
-    model = models.load_model(name, DATA_DIR)
-    if method != "full":
-        adapt.apply(model, method, verbose=False, **({"prompt_length": 8} if method == "prompt" else {}))
-    model.eval()
-    tokenizer = models.load_tokenizer(name, DATA_DIR)
-    encoder = models.Seq2SeqEncoder(tokenizer, FAMILIES[name])
-    encoded = encoder.encode(data.qa_examples(data.read_squad(data.xquad_path(DATA_DIR, "es"))[:12], "es"))
-    generation = encoder.generation_kwargs("es")
+    model, tokenizer, encoded, generation = adapted_and_encoded(name, method, "es", 12)
     assert loop.greedy_supported(model)
     ours = loop.generate(model, tokenizer, encoded, generation, CPU, 12, max_tokens=2000, max_batch_size=256,
                          decoder=decoder)
@@ -186,8 +193,7 @@ def test_generation_configs_greedy_batch_does_not_follow_go_to_hf_generate():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name,method,backend", [("tiny-mt5", "full", "aot_eager"), ("tiny-mt5", "prompt", "aot_eager"),
-                                                 ("tiny-mbart", "adapters", "aot_eager"), ("tiny-mbart", "prompt", "aot_eager"),
+@pytest.mark.parametrize("name,method,backend", [("tiny-mt5", "prompt", "aot_eager"), ("tiny-mbart", "adapters", "aot_eager"),
                                                  ("tiny-nllb", "lora", "aot_eager"), ("tiny-nllb", "full", "inductor")])
 def test_compiled_static_decoder_decodes_exactly_as_hf_generate(name, method, backend):
     """The static decoder with its step compiled by torch.compile against HF generate on each source
@@ -195,15 +201,7 @@ def test_compiled_static_decoder_decodes_exactly_as_hf_generate(name, method, ba
     shape). aot_eager: dynamo's graphs of the real modules, hooks and static cache, run as traced;
     inductor (once, its C++ code generation is slow on 2 cores): the code a GPU run compiles too,
     there captured as CUDA graphs (mode "reduce-overhead")."""
-    torch.manual_seed(0)
-    model = models.load_model(name, DATA_DIR)
-    if method != "full":
-        adapt.apply(model, method, verbose=False, **({"prompt_length": 8} if method == "prompt" else {}))
-    model.eval()
-    tokenizer = models.load_tokenizer(name, DATA_DIR)
-    encoder = models.Seq2SeqEncoder(tokenizer, FAMILIES[name])
-    encoded = encoder.encode(data.qa_examples(data.read_squad(data.xquad_path(DATA_DIR, "de"))[:9], "de"))
-    generation = encoder.generation_kwargs("de")
+    model, tokenizer, encoded, generation = adapted_and_encoded(name, method, "de", 9)
     rule = Lengths([3 + 3 * (i % 3) for i in range(len(encoded))], tokenizer.eos_token_id)  # 9 -> 6 -> 3 rows
     torch._dynamo.reset()
     static = decode.StaticDecoder(model, compile=True, backend=backend)

@@ -265,6 +265,90 @@ def test_cost_model_counts_the_real_weights():
     assert head == 250_112 * 768 and (enc_layers, dec_layers, width) == (12, 12, 768)
 
 
+def _rates_file(tmp_path, monkeypatch, train, generate, gpu="NVIDIA H200"):
+    """A rates file as bench/gpu.sh writes it, made the one cost.py prices with."""
+    import cost
+    path = tmp_path / "rates.json"
+    path.write_text(json.dumps({"gpu": gpu, "date": "2026-12-03", "peak_flops": 989e12, "train": train,
+                                "generate": generate}))
+    monkeypatch.setenv("XLGEN_RATES", str(path))
+    cost.read_rates.cache_clear()
+    return path
+
+
+EAGER = {"flops": 6.01e14, "seconds": 40.5}        # the H200's eager mT5-base training, 2026-11-26
+DYNAMIC = {"flops": 2.06e13, "seconds": 11.5}      # its dynamic decoding of the 141 XL-Sum-length documents
+
+
+def test_cost_prices_from_the_rates_file_bench_writes(tmp_path, monkeypatch):
+    """The shipped rates are the 2026-11-26 measurement (1.5% MFU, the README's figure); a file with
+    a compiled training path 4x as fast quarters a run's training hours and leaves its decoding; a
+    compiled decoder 20x as fast cuts greedy decoding 20x for its family only, and beam search
+    (translations: HF generate) stays at the dynamic rate."""
+    import cost
+    monkeypatch.delenv("XLGEN_RATES")
+    cost.read_rates.cache_clear()
+    shipped = cost.rates()
+    assert round(shipped.train_mfu, 4) == 0.0150 and shipped.train_path == "eager"
+    base = cost.finetune_hours("google/mt5-base", "xlsum")
+    translation = cost.translate_hours("facebook/nllb-200-3.3B", "xlsum", 1000)[1]
+    _rates_file(tmp_path, monkeypatch, {"eager": EAGER, "compiled": {"flops": 6.01e14, "seconds": 40.5 / 4}},
+                {"mt5": {"dynamic": DYNAMIC, "compiled": {"flops": 2.06e13, "seconds": 11.5 / 20}},
+                 "nllb": {"dynamic": DYNAMIC}})
+    assert cost.rates().train_path == "compiled"
+    fast = cost.finetune_hours("google/mt5-base", "xlsum")
+    assert fast[0] == pytest.approx(base[0] / 4, rel=1e-12) and fast[1] == pytest.approx(base[1] / 20, rel=1e-12)
+    assert cost.finetune_hours("facebook/nllb-200-distilled-600M", "xlsum")[1] == pytest.approx(
+        20 * cost.finetune_hours("google/mt5-base", "xlsum")[1] * cost.generation_flops(
+            "facebook/nllb-200-distilled-600M", "xlsum", 1) / cost.generation_flops("google/mt5-base", "xlsum", 1))
+    assert cost.translate_hours("facebook/nllb-200-3.3B", "xlsum", 1000)[1] == pytest.approx(translation, rel=1e-12)
+    # mBART was not measured: priced at mT5's rate
+    assert cost.rates().decoding("facebook/mbart-large-50") == cost.rates().decoding("google/mt5-base")
+
+
+def test_rates_file_errors_and_merges(tmp_path, monkeypatch):
+    """A missing or malformed rates file is a one-line error naming it; record_rates adds a bench's
+    paths beside the others' (temp file, then rename), and starts over for another GPU."""
+    import common
+    import cost
+    path = _rates_file(tmp_path, monkeypatch, {"eager": EAGER}, {"mt5": {"dynamic": DYNAMIC}})
+    cost.record_rates(str(path), ["generate", "mbart"], {"compiled": DYNAMIC}, "NVIDIA H200", "2026-12-04", 989e12)
+    raw = json.loads(path.read_text())
+    assert raw["train"] == {"eager": EAGER} and set(raw["generate"]) == {"mt5", "mbart"} and raw["date"] == "2026-12-04"
+    cost.record_rates(str(path), ["train"], {"eager": EAGER}, "NVIDIA A100-SXM4-80GB", "2026-12-05", 312e12)
+    raw = json.loads(path.read_text())
+    assert raw["gpu"].startswith("NVIDIA A100") and "generate" not in raw and raw["peak_flops"] == 312e12
+    with pytest.raises(common.UsageError, match=r"rates.json is not a rates file bench/gpu.sh writes \(KeyError"):
+        cost.read_rates(str(path))   # no decoding rate measured on the A100 yet
+    with pytest.raises(common.UsageError, match="no rates file .*nowhere.json; bash bench/gpu.sh writes it"):
+        cost.read_rates(str(tmp_path / "nowhere.json"))
+    assert cost.peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+    with pytest.raises(common.UsageError, match="no bf16 peak known for 'Tesla T4'"):
+        cost.peak_flops("Tesla T4")
+
+
+def test_val_cap_reaches_every_finetuning_run_and_its_price(tmp_path, capsys):
+    """study.py --val-cap N: every finetuning command validates on N examples per language
+    (finetune.py --max-val-examples), its test sets untouched; cost.py prices the capped run: XL-Sum's
+    five validation languages hold zh 4,670, fr 1,086, ko 550, ru 7,780 and es 4,763 examples, so a
+    cap of 1,000 validates 4 x 1,000 + 550 = 4,550 of 18,849."""
+    import cost
+    out = run_cli(study, ["methods", "--dry-run", "--val-cap", "1000", "--out-dir", str(tmp_path)], capsys)[1]
+    runs = [shlex.split(line[4:]) for line in out.splitlines() if line.startswith("RUN ") and "finetune.py" in line]
+    assert runs and all(argv[argv.index("--max-val-examples") + 1] == "1000" for argv in runs)
+    argv = [None, "finetune.py", "--model", "google/mt5-base", "--task", "xlsum"]
+    (train, full), (train_capped, capped) = cost.run_hours(argv), cost.run_hours(argv + ["--max-val-examples", "1000"])
+    test = cost.generate_hours(cost.generation_flops("google/mt5-base", "xlsum", cost.test_examples(
+        "xlsum", data.TASKS["xlsum"].test_langs)), "google/mt5-base")
+    per_example = cost.generate_hours(cost.generation_flops("google/mt5-base", "xlsum", 1), "google/mt5-base")
+    assert train_capped == train and full - test == pytest.approx(10 * 18_849 * per_example)
+    assert capped - test == pytest.approx(10 * 4_550 * per_example)
+    args = finetune.parse_args(["--model", "tiny-mt5", "--task", "xquad", "--max-val-examples", "7", "--data-dir", DATA_DIR])
+    corpus = finetune.read_corpus(args, finetune.check_args(args))
+    assert {lang: len(refs) for lang, (_, refs) in corpus["val"].items()} == {"th": 7, "ro": 7, "vi": 7}
+    assert all(len(refs) == 1190 for _, refs in corpus["test"].values())
+
+
 def test_launch_prefix_in_dry_run(tmp_path, monkeypatch, capsys):
     from conftest import run_cli
     monkeypatch.setenv("LAUNCH", "sbatch --gres=gpu:1 --wrap")
