@@ -243,6 +243,8 @@ def main(args):
         if out.returncode != 0:
             sys.exit(f"error: {mode} failed:\n{out.stderr[-3000:]}")
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    if not rows:
+        sys.exit("error: no configuration finished (--mode-timeout)")
     ours = next((r for r in rows if r["mode"] == "ours"), rows[0])  # the ratios are against ours when it ran
     device = ours["device"]
     name = torch.cuda.get_device_name() if device.startswith("cuda") else f"{platform.machine()} CPU, {os.cpu_count()} cores"
