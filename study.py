@@ -758,8 +758,8 @@ def print_cost(study):
             jobs = 1 if chunk is None else math.ceil(estimate[1] / chunk)
             kind = kinds.setdefault(run.kind, [0, 0, 0.0])
             kind[0], kind[1], kind[2] = kind[0] + counted, kind[1] + jobs, max(kind[2], job)
-    print(f"\nestimated GPU-hours ({cost.rates().gpu}, cost.py; training + evaluation/translation):")
-    print(f"  {cost.rates().describe()}")
+    print(f"\nrates: {cost.rates().describe()}")
+    print(f"estimated GPU-hours ({cost.rates().gpu}, cost.py; training + evaluation/translation):")
     total = [0, 0.0, 0.0]
     for stage, (count, train, generate, known) in rows.items():
         if not known:
