@@ -28,7 +28,6 @@ A finished run asked again with the same settings is skipped; `--resume --max-st
 finished run to N steps; any other change of settings in an existing run directory is refused.
 """
 
-import math
 import os
 import time
 
@@ -214,9 +213,8 @@ def read_corpus(args, files):
     files are read by the token cache (build_stream): only lengths are kept, never the texts."""
     task = data.get_task(args.task)
     corpus = {"val": {}, "test": {}}
-    val_limit = min(args.max_eval_examples or math.inf, args.max_val_examples or math.inf)
-    for split, limit in (("val", None if val_limit == math.inf else val_limit),
-                         ("test", args.max_eval_examples or task.test_limit)):
+    val_limit = min((n for n in (args.max_eval_examples, args.max_val_examples) if n), default=None)
+    for split, limit in (("val", val_limit), ("test", args.max_eval_examples or task.test_limit)):
         for lang, path in files[split].items():
             corpus[split][lang] = read_task(args.task, path, lang, limit)
             if not corpus[split][lang][1]:

@@ -765,10 +765,9 @@ def generate(model, tokenizer, encoded, generation_kwargs, device, max_new_token
         max_tokens, max_batch_size = max_tokens or auto_tokens, max_batch_size or auto_rows
     if isinstance(decoder, decode.StaticDecoder):   # one the caller built (a compile backend of its own)
         static = decoder
-    else:
-        static = {"dynamic": None, "static": lambda: decode.StaticDecoder(model),
-                  "compiled": lambda: decode.StaticDecoder(model, compile=True)}[resolve_decoder(decoder, device)]
-        static = static() if static else None
+    else:                                           # compiled or not; None: greedy_batch
+        compiled = {"dynamic": None, "static": False, "compiled": True}[resolve_decoder(decoder, device)]
+        static = None if compiled is None else decode.StaticDecoder(model, compile=compiled)
     batches = data.generation_batches(lengths, max_tokens, max_batch_size)
     predictions = [None] * len(encoded)
     for batch in tqdm(batches, desc=desc, leave=False, disable=len(batches) < 2, file=sys.stderr):

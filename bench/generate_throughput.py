@@ -160,10 +160,11 @@ def run_workload(name, args, model, tokenizer, encoder, device):
     encoded, lengths, max_new_tokens = workload(name, args, tokenizer, encoder)
     rule = ReferenceLengths(lengths, tokenizer.eos_token_id)
     generation = encoder.generation_kwargs("en")
-    sorted_batches = data.generation_batches([len(e["input_ids"]) for e in encoded], args.max_tokens)
+    source_lengths = [len(e["input_ids"]) for e in encoded]
+    sorted_batches = data.generation_batches(source_lengths, args.max_tokens)
     decoders = {"static": decode.StaticDecoder(model), "compiled": decode.StaticDecoder(model, compile=True)}
-    auto_batches = data.generation_batches([len(e["input_ids"]) for e in encoded], *decode.batch_limits(
-        model, device, [len(e["input_ids"]) for e in encoded], max_new_tokens, loop.resolve_precision(None, device)))
+    auto_batches = data.generation_batches(source_lengths, *decode.batch_limits(
+        model, device, source_lengths, max_new_tokens, loop.resolve_precision(None, device)))
     batch_size = math.ceil(len(encoded) / len(sorted_batches))
     file_order = [list(range(i, min(i + batch_size, len(encoded)))) for i in range(0, len(encoded), batch_size)]
     ours = lambda decoder, max_tokens=args.max_tokens: lambda: loop.generate(  # noqa: E731
