@@ -771,16 +771,17 @@ def generate(model, tokenizer, encoded, generation_kwargs, device, max_new_token
     batches = data.generation_batches(lengths, max_tokens, max_batch_size)
     predictions = [None] * len(encoded)
     for batch in tqdm(batches, desc=desc, leave=False, disable=len(batches) < 2, file=sys.stderr):
-        batch_fn = None
-        if logits_fn is not None:
-            index = torch.tensor(batch)
-            def batch_fn(rows, step, scores, index=index):
-                logits_fn(index[rows.cpu()], step, scores)
+        batch_fn = None if logits_fn is None else _rows_to_examples(logits_fn, torch.tensor(batch))
         out = generate_batch(model, tokenizer, [encoded[i]["input_ids"] for i in batch], generation_kwargs,
                              device, max_new_tokens, num_beams, batch_fn, precision, static)
         for i, text in zip(batch, decode_generated(tokenizer, out, generation_kwargs)):
             predictions[i] = text
     return predictions
+
+
+def _rows_to_examples(logits_fn, index):
+    """logits_fn sees example numbers in the whole input, not row numbers in this batch."""
+    return lambda rows, step, scores: logits_fn(index[rows.cpu()], step, scores)
 
 
 # -----------------------------------------------------------------------------
