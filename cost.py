@@ -199,10 +199,18 @@ def decode_flops(name, source, generated, beams=1):
 
 
 @functools.lru_cache(maxsize=None)
+def parsed(script, flags=()):
+    """The settings of `python SCRIPT FLAGS` (finetune.py, pretrain_it.py, translate_train.py), as
+    its own parser reads them. Cached: the study prices each command several times (its hours, its
+    job's time and chunks, its disk), and building a parser of 70 flags costs more than the pricing.
+    The caller must not change what it gets."""
+    import importlib
+    return importlib.import_module(os.path.basename(script)[:-3]).parse_args(list(flags))
+
+
 def stage_defaults(stage):
     """The default settings of a stage script (finetune, pretrain_it): its parser with no flags."""
-    import importlib
-    return importlib.import_module(stage).parse_args([])
+    return parsed(f"{stage}.py")
 
 
 def train_hours(flops):
@@ -304,8 +312,7 @@ def run_disk(argv):
     script = os.path.basename(argv[1])
     if script not in ("finetune.py", "pretrain_it.py"):
         return None
-    import importlib
-    args = importlib.import_module(script[:-3]).parse_args(argv[2:])
+    args = parsed(script, tuple(argv[2:]))
     if args.model not in models.REAL_CONFIGS:
         return None
     saved, trainable = saved_weights(args.model, getattr(args, "method", None))
@@ -322,8 +329,7 @@ def run_estimate(argv):
         return None
     script = os.path.basename(argv[1])
     if script in ("finetune.py", "pretrain_it.py"):
-        import importlib
-        args = importlib.import_module(script[:-3]).parse_args(argv[2:])
+        args = parsed(script, tuple(argv[2:]))
         return sum(hours), args.max_steps, args.eval_every
     return sum(hours), 1, 1
 
@@ -334,8 +340,7 @@ def run_hours(argv):
     (--shard I/N) costs 1/N of the whole."""
     script, flags = os.path.basename(argv[1]), argv[2:]
     if script == "finetune.py":
-        import finetune
-        args = finetune.parse_args(flags)
+        args = parsed(script, tuple(flags))
         if args.model not in models.REAL_CONFIGS:
             return None
         langs = [data.parse_langs(flag) if flag else None for flag in (args.val_langs, args.test_langs)]
@@ -343,14 +348,12 @@ def run_hours(argv):
                               args.eval_every, *langs, args.test_last, args.max_eval_examples,
                               args.max_val_examples)
     if script == "pretrain_it.py":
-        import pretrain_it
-        args = pretrain_it.parse_args(flags)
+        args = parsed(script, tuple(flags))
         if args.model not in models.REAL_CONFIGS:
             return None
         return it_hours(args.model, args.max_steps, args.max_tokens * args.update_freq, args.eval_every)
     if script == "translate_train.py":
-        import translate_train
-        args = translate_train.parse_args(flags)
+        args = parsed(script, tuple(flags))
         if args.model not in models.REAL_CONFIGS:
             return None
         if args.predictions:  # a run's test predictions (Appendix D): short outputs, not examples
