@@ -15,6 +15,7 @@ protocol's questions about results with made-up scores, so the plan shows the se
 Each command runs inside `launch.py exec`, which leaves in the run directory:
 
     run.log          the command's output (appended, one `$ command` line per attempt)
+    command.json     the command of its first attempt (before --resume and --stop-after-steps)
     submission.json  attempt number, the scheduler's job id (sbatch's "Submitted batch job N")
     started.json     host, pid, job id: the job has started
     heartbeat        touched every few seconds while the command runs
@@ -34,6 +35,7 @@ waiting for (running, queued, done, failed) at most once a minute.
 
 import collections
 import dataclasses
+import difflib
 import json
 import math
 import os
@@ -133,6 +135,7 @@ class Launcher:
         todo = [run for run in runs if not os.path.exists(run.done_file)]
         for run in runs:
             if run not in todo:
+                check_same_command(run, self.out)
                 print(f"skip (done)  {os.path.relpath(run.dir, self.out)}")
         pending, waiting = [], []
         for run in todo:
@@ -192,6 +195,8 @@ class Launcher:
         for name in ("status.json", "started.json", "heartbeat"):
             _remove(os.path.join(run.dir, name))
         os.makedirs(run.dir, exist_ok=True)
+        if not os.path.isfile(os.path.join(run.dir, COMMAND_FILE)):
+            common.write_json(os.path.join(run.dir, COMMAND_FILE), {"argv": portable(run.argv, self.out)})
         run.attempts += 1
         run.job_id, run.ended_seen = None, None
         command = self.command(run)
@@ -319,6 +324,55 @@ class Launcher:
     def fail(self, run_dir, message):
         print(message, flush=True)
         self.failures.append((run_dir, message))
+
+
+# A finished run is skipped only if the study asks for it with the command that made it: a study
+# run again with other flags (--val-cap, --rouge, --lid-model, another --data-dir) names the same run
+# directories, and silently keeping their results would mix two protocols in one report.
+COMMAND_FILE = "command.json"
+
+
+def check_same_command(run, out):
+    """UsageError if `run` finished with another command than its argv, compared as portable()
+    writes them; runs launched before command.json existed pass."""
+    path = os.path.join(run.dir, COMMAND_FILE)
+    if not os.path.isfile(path):
+        return
+    recorded = common.read_json(path, "command.json")
+    recorded = recorded.get("argv") if isinstance(recorded, dict) else None
+    if recorded == portable(run.argv, out):
+        return
+    if not isinstance(recorded, list):
+        raise common.DataError(f"{path}: expected {{\"argv\": [...]}}, the command the run was launched with")
+    raise common.UsageError(f"--out-dir {out}: {os.path.relpath(run.dir, out)} finished with another command "
+                            f"({command_difference(recorded, portable(run.argv, out))}; {path}); run the study with the "
+                            f"flags it was run with, or in another --out-dir")
+
+
+def portable(argv, out):
+    """argv as command.json records it: without the interpreter (the same study from another
+    environment), paths inside the study directory and inside xlgen's as $STUDY/... and $XLGEN/...
+    (either moved elsewhere)."""
+    def place(word):
+        for root, name in ((os.path.abspath(out), "$STUDY"), (HERE, "$XLGEN")):
+            if word == root or word.startswith(root + os.sep):
+                return name + word[len(root):]
+        return word
+    return [place(word) for word in argv[1:]]
+
+
+def command_difference(then, now):
+    """What changed between two commands, each change with the flag it belongs to:
+    '--rouge-mode gem -> --rouge-mode xlsum', '(none) -> --max-val-examples 1000'."""
+    changes = []
+    for op, i1, i2, j1, j2 in difflib.SequenceMatcher(a=then, b=now, autojunk=False).get_opcodes():
+        if op == "equal":
+            continue
+        before = then[i1 - 1] if i1 else ""
+        values_only = not any(word.startswith("--") for word in then[i1:i2][:1] + now[j1:j2][:1])
+        flag = [before] if before.startswith("--") and values_only else []  # a value changed: name its flag
+        changes.append(f"{shlex.join(flag + then[i1:i2]) or '(none)'} -> {shlex.join(flag + now[j1:j2]) or '(none)'}")
+    return ", ".join(changes)
 
 
 # -----------------------------------------------------------------------------

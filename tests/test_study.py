@@ -12,7 +12,9 @@ import time
 
 import pytest
 
+import common
 import finetune
+import launch
 import report
 import adapt
 import data
@@ -403,6 +405,51 @@ def test_runs_are_skipped_when_done_and_failures_retried_then_reported(tmp_path,
     assert "skip (done)  ok" in out
     assert "run  bad" in out and "run  ok" not in out
     assert f"FAILED (exit 3): bad -- failed (exit 3) after 3 attempts -- log: {log}" in out
+
+
+def _writer(run_dir, *flags):
+    """A run that writes its results.json, the file named by a word of its own (as a study's paths are)."""
+    write = "import json, sys; json.dump({'best_val_metric': 1.0}, open(sys.argv[1], 'w'))"
+    return launch.Run(str(run_dir), [sys.executable, "-c", write, str(run_dir / "results.json"), *flags],
+                      str(run_dir / "results.json"))
+
+
+def test_a_finished_run_asked_with_another_command_is_refused_not_skipped(tmp_path, capsys):
+    """A study run again with other flags (here --max-val-examples, as --val-cap adds) names the same
+    run directories: their results were made otherwise, so the stage stops with one line naming the
+    run, the change and the file that recorded it, and leaves the run as it was. The same command
+    is skipped, also from another interpreter and with the study directory moved (command.json keeps
+    paths relative to it)."""
+    study_dir = tmp_path / "study"
+    s = _study(study_dir)
+    run = _writer(study_dir / "runs" / "a", "--rouge-mode", "gem")
+    s.execute([run])
+    assert json.loads((study_dir / "runs" / "a" / "command.json").read_text()) == \
+        {"argv": ["-c", run.argv[2], "$STUDY/runs/a/results.json", "--rouge-mode", "gem"]}
+    results = (study_dir / "runs" / "a" / "results.json").read_text()
+    capsys.readouterr()
+    for flags, change in ((["--rouge-mode", "gem", "--max-val-examples", "1000"], "(none) -> --max-val-examples 1000"),
+                          (["--rouge-mode", "xlsum"], "--rouge-mode gem -> --rouge-mode xlsum")):
+        with pytest.raises(common.UsageError) as e:
+            s.execute([_writer(study_dir / "runs" / "a", *flags)])
+        assert str(e.value) == (f"--out-dir {study_dir}: runs/a finished with another command ({change}; "
+                                f"{study_dir / 'runs' / 'a' / 'command.json'}); run the study with the flags it was "
+                                f"run with, or in another --out-dir")
+    assert "run  " not in capsys.readouterr().out
+    command = study_dir / "runs" / "a" / "command.json"
+    recorded = command.read_text()
+    command.write_text('{"argv": "-c"}')  # hand-edited: not a list of words
+    with pytest.raises(common.DataError, match=re.escape(f'{command}: expected {{"argv": [...]}}, the command')):
+        s.execute([run])
+    command.write_text(recorded)
+    assert (study_dir / "runs" / "a" / "results.json").read_text() == results
+    assert open(study_dir / "runs" / "a" / "run.log").read().count("$ ") == 1
+    moved = tmp_path / "moved"
+    os.rename(study_dir, moved)
+    again = _writer(moved / "runs" / "a", "--rouge-mode", "gem")
+    again.argv[0] = "/elsewhere/bin/python3"
+    _study(moved).execute([again])
+    assert capsys.readouterr().out.splitlines() == ["skip (done)  runs/a"]
 
 
 def test_a_usage_or_data_error_is_not_retried(tmp_path, capsys, monkeypatch):
