@@ -234,9 +234,10 @@ def split_size(task, split, lang):
     return sizes[lang]
 
 
-def validation_examples(task, langs):
-    """Examples in the validation sets of `langs` (XQuAD's English: the held-out SQuAD dev slice)."""
-    return sum(split_size(task, "val", lang) for lang in langs)
+def validation_examples(task, langs, cap=None):
+    """Examples in the validation sets of `langs` (XQuAD's English: the held-out SQuAD dev slice),
+    each language cut to its first `cap` as finetune.py cuts them (--max-val-examples)."""
+    return sum(min(split_size(task, "val", lang), cap or math.inf) for lang in langs)
 
 
 def test_examples(task, langs):
@@ -256,8 +257,7 @@ def finetune_hours(name, task, max_steps=None, max_tokens=None, eval_every=None,
     evaluations = max_steps // eval_every
     # finetune.py's caps apply to each language: --max-eval-examples to validation and test sets,
     # --max-val-examples (study.py --val-cap) to validation sets only
-    val_cap = min(max_eval_examples or math.inf, max_val_examples or math.inf)
-    val = sum(min(val_cap, validation_examples(task, [lang])) for lang in val_langs)
+    val = validation_examples(task, val_langs, min(max_eval_examples or math.inf, max_val_examples or math.inf))
     test = sum(min(max_eval_examples or math.inf, test_examples(task, [lang])) for lang in test_langs)
     test *= 2 if test_last else 1
     return (train_hours(max_steps * train_step_flops(name, task, max_tokens)),
@@ -374,9 +374,7 @@ def run_hours(argv):
 def validation_hours(name, task, evaluations=10, cap=None):
     """Generation hours of a run's validations, each language capped at `cap` examples."""
     langs = data.get_task(task).val_langs
-    examples = validation_examples(task, langs) if cap is None else sum(
-        min(cap, validation_examples(task, [lang])) for lang in langs)
-    return generate_hours(generation_flops(name, task, evaluations * examples), name)
+    return generate_hours(generation_flops(name, task, evaluations * validation_examples(task, langs, cap)), name)
 
 
 def parse_args(argv=None):
