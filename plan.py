@@ -170,28 +170,28 @@ def select_lr(scores, method, grid=(3, 4, 5), k_range=(1, 7)):
          10^-(k*+1) -- i.e. extend while the metric improves;
       3. full finetuning only: then try 3 * 10^-k*; PLR = the better of 10^-k* and 3 * 10^-k*.
     """
-    pending = [_lr(1, k) for k in grid if not _tried(scores, _lr(1, k))]
+    pending = [lr_value(1, k) for k in grid if not _tried(scores, lr_value(1, k))]
     if pending:
         return "run", pending
     if all(score is None for score in scores.values()):
         return "failed", None
     powers = {lr: s for lr, s in scores.items() if _is_power_of_ten(lr)}
-    best_lr = _best(powers)
-    k_best = round(-math.log10(best_lr))
+    best = best_lr(powers)
+    k_best = round(-math.log10(best))
     tried_k = sorted(round(-math.log10(lr)) for lr in powers)
     if k_best == tried_k[0] and k_best > k_range[0]:
-        return "run", [_lr(1, k_best - 1)]
+        return "run", [lr_value(1, k_best - 1)]
     if k_best == tried_k[-1] and k_best < k_range[1]:
-        return "run", [_lr(1, k_best + 1)]
+        return "run", [lr_value(1, k_best + 1)]
     if method != "full":
-        return "done", best_lr
-    three = _lr(3, k_best)
+        return "done", best
+    three = lr_value(3, k_best)
     if not _tried(scores, three):
         return "run", [three]
-    return "done", _best({best_lr: scores[best_lr], three: scores[_key(scores, three)]})
+    return "done", best_lr({best: scores[best], three: scores[_key(scores, three)]})
 
 
-def _lr(mantissa, k):
+def lr_value(mantissa, k):
     """mantissa * 10^-k as the float its decimal spelling gives (3e-4, not 3.0000000000000003e-4)."""
     return float(f"{mantissa}e-{k}")
 
@@ -208,6 +208,6 @@ def _is_power_of_ten(lr):
     return math.isclose(10.0 ** round(math.log10(lr)), lr, rel_tol=1e-9)
 
 
-def _best(scores):
+def best_lr(scores):
     """The LR with the highest score; a missing score never wins; ties go to the smaller LR."""
     return max(sorted(scores), key=lambda lr: rank(scores[lr]))

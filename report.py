@@ -413,7 +413,7 @@ def table_rouge_modes(plan, chosen, task):
 
 def plr_under_modes(plan, task):
     """{(model, method): {mode: PLR, or "next: LRs" where that mode's search would try an LR the study
-    did not run, or None}} of the task's LR searches, by the study's rule (study.select_lr) on each
+    did not run, or None}} of the task's LR searches, by the study's rule (plan.select_lr) on each
     run's best validation score in each mode."""
     found = {}
     combos = sorted({(m["model"], m["method"]) for m in plan.values() if m.get("stage") == "lr-search" and m["task"] == task})

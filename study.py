@@ -74,7 +74,6 @@ FIGURE3_RUNS = 3  # Figure 3: "Each plot averaged over 3 runs"
 
 
 # The LR-selection rule (Appendix A) is plan.select_lr: report.py applies it too (plan_modes).
-select_lr, _lr, _best = plan.select_lr, plan._lr, plan._best
 
 
 # -----------------------------------------------------------------------------
@@ -114,7 +113,7 @@ class Study:
             raise common.UsageError(f"--seeds {args.seeds}: {e}") from None
         self.it_lrs = parse_it_lrs(args.it_lr, self.all_models())
         self.figure3_seeds = [max(self.seeds) + i for i in range(1, self.figure3_runs - len(self.seeds) + 1)]
-        self.fixed_lr = _lr(1, self.grid[0])  # Figure 1's fixed LR of freeze and mix: the initial grid's largest
+        self.fixed_lr = plan.lr_value(1, self.grid[0])  # Figure 1's fixed LR of freeze and mix: the initial grid's largest
         self.tasks = data.finetune_tasks()
         # how runs are run (here, a scheduler, or only printed: --dry-run), and what the study recorded
         self.launcher = (launch.DryRun if args.dry_run else launch.Launcher)(args, self.out)
@@ -412,7 +411,7 @@ def stage_lr_search(study, models=None, methods=None, execute=True):
                 continue
             settings = study.plan.by_lr(stage="lr-search", task=task, model=model, method=method)
             scores = {lr: study.mean_val(dirs) for lr, dirs in settings.items()}
-            decision, value = select_lr(scores, method, study.grid, study.k_range)
+            decision, value = plan.select_lr(scores, method, study.grid, study.k_range)
             if decision == "done":
                 plr[(task, model, method)] = value
                 continue
@@ -506,7 +505,7 @@ def stage_translate(study):
                 continue
             settings = study.plan.by_lr(stage="translate-search", task=task, model=model)
             scores = {lr: study.mean_val(dirs) for lr, dirs in settings.items()}
-            decision, value = select_lr(scores, "full", study.grid, study.k_range)
+            decision, value = plan.select_lr(scores, "full", study.grid, study.k_range)
             if decision == "done":
                 found[(task, model)] = value
                 study.plan.choose(task, model, "translate", sorted(settings[value]), value, zero_shot["it"], value,
@@ -632,7 +631,7 @@ def stage_appendix_d(study):
             if all(v is None for v in en.values()) or all(v is None for v in non_en.values()):
                 study.fail(None, f"appendix-d {task} {model}: no English or non-English validation to compare")
                 continue
-            best_en, best_non_en = _best(en), _best(non_en)
+            best_en, best_non_en = plan.best_lr(en), plan.best_lr(non_en)
             source = sorted(settings[best_en])[0]  # the first seed's run
             for lang in study.translation_langs(task):
                 out = os.path.join(study.out, "appendix_d", task, model, f"best-en-lr{best_en:g}.{lang}.json")

@@ -15,6 +15,7 @@ import pytest
 import common
 import finetune
 import launch
+import plan
 import report
 import adapt
 import data
@@ -28,7 +29,7 @@ def run_search(curve, method, grid=(3, 4, 5), k_range=(1, 7)):
     """Drive select_lr with a metric curve {lr: metric}; returns (LRs in the order tried, PLR)."""
     scores, order = {}, []
     while True:
-        decision, value = study.select_lr(scores, method, grid, k_range)
+        decision, value = plan.select_lr(scores, method, grid, k_range)
         if decision == "done":
             return order, value
         for lr in value:
@@ -64,9 +65,9 @@ def test_extension_to_smaller_lrs_stops_at_1e_7():
 def test_extension_upwards_stops_at_1e_1_and_failed_runs_never_win():
     curve = {1e-3: 3.0, 1e-4: 2.0, 1e-5: 1.0, 1e-2: 4.0, 1e-1: 5.0}
     assert run_search(curve, "adapters") == ([1e-3, 1e-4, 1e-5, 1e-2, 1e-1], 1e-1)
-    assert study.select_lr({1e-3: None, 1e-4: 10.0, 1e-5: 5.0}, "adapters") == ("done", 1e-4)
-    assert study.select_lr({}, "full") == ("run", [1e-3, 1e-4, 1e-5])
-    assert study.select_lr({1e-4: 1.0}, "full") == ("run", [1e-3, 1e-5])
+    assert plan.select_lr({1e-3: None, 1e-4: 10.0, 1e-5: 5.0}, "adapters") == ("done", 1e-4)
+    assert plan.select_lr({}, "full") == ("run", [1e-3, 1e-4, 1e-5])
+    assert plan.select_lr({1e-4: 1.0}, "full") == ("run", [1e-3, 1e-5])
 
 
 def test_tiny_grid_searches_two_lrs():
@@ -599,7 +600,7 @@ def test_seeds_are_averaged_for_selection_and_in_the_report(tmp_path):
     assert s.seeds == [0, 1]
     assert s.mean_val(runs[1e-3]) == 20.0 and s.mean_val(runs[1e-4]) == 15.0
     scores = {lr: s.mean_val(dirs) for lr, dirs in s.plan.by_lr(stage="lr-search").items()}
-    assert study._best(scores) == 1e-3
+    assert plan.best_lr(scores) == 1e-3
     assert report.setting_cell(runs[1e-3], s.plan.runs, "xquad") == "15.00 ± 7.07 (85 ± 7)"
     assert report.spread([3.0]) == "3.00" and report.spread([None, None]) == "—"
 
@@ -608,10 +609,10 @@ def test_seeds_are_averaged_for_selection_and_in_the_report(tmp_path):
 
 def test_select_lr_gives_no_plr_when_every_run_failed():
     # before: the rule walked down to 1e-7 and reported it as the PLR
-    assert study.select_lr({1e-3: None, 1e-4: None, 1e-5: None}, "full") == ("failed", None)
-    assert study.select_lr({1e-3: None, 1e-4: None, 1e-5: None, 1e-6: None}, "adapters") == ("failed", None)
+    assert plan.select_lr({1e-3: None, 1e-4: None, 1e-5: None}, "full") == ("failed", None)
+    assert plan.select_lr({1e-3: None, 1e-4: None, 1e-5: None, 1e-6: None}, "adapters") == ("failed", None)
     # a partial failure keeps the rule: the failed LR never wins
-    assert study.select_lr({1e-3: None, 1e-4: 2.0, 1e-5: 1.0}, "adapters") == ("done", 1e-4)
+    assert plan.select_lr({1e-3: None, 1e-4: 2.0, 1e-5: 1.0}, "adapters") == ("done", 1e-4)
 
 
 @pytest.mark.slow
