@@ -65,6 +65,13 @@ def fmt(value, digits=2):
     return MISSING if value is None else f"{value:.{digits}f}"
 
 
+def mean_output_length(runs):
+    """The mean over the runs that finished of their average test output length (characters, over
+    the target languages); None if none finished."""
+    lengths = [r["test_average"]["avg_len"] for r in map(load_results, runs) if r]
+    return statistics.mean(lengths) if lengths else None
+
+
 def spread(values, digits=2):
     """'mean' or 'mean ± sd' over seeds; None values (failed seeds) left out; all missing: —."""
     values = [v for v in values if v is not None]
@@ -405,9 +412,8 @@ def table_rouge_modes(plan, chosen, task):
             continue
         _, model, method = study_plan.split_key(key)
         cells = [fmt(test_mode_mean(entry["runs"], task, mode)) for mode in evaluate.ROUGE_MODES]
-        lengths = [r["test_average"]["avg_len"] for r in map(load_results, entry["runs"]) if r]
         table.add([model, method, selecting_mode(entry["runs"]) or MISSING] + cells +
-                  [fmt(statistics.mean(lengths), 0) if lengths else MISSING], entry["runs"])
+                  [fmt(mean_output_length(entry["runs"]), 0)], entry["runs"])
     return table
 
 
@@ -533,15 +539,12 @@ def table_fig6(plan, task):
                   "probability given; none: full finetuning at that PLR. avg length: output characters (the paper: "
                   "mixing in lengthens the outputs).")
     points, reference = appendix_c_points(plan, task)
-
-    def length(runs):
-        values = [r["test_average"]["avg_len"] for r in map(load_results, runs) if r]
-        return fmt(statistics.mean(values), 0) if values else MISSING
     for model, runs in sorted(reference.items()):
-        table.add([model, "none", "0", setting_cell(runs, plan, task), length(runs)], runs)
+        table.add([model, "none", "0", setting_cell(runs, plan, task), fmt(mean_output_length(runs), 0)], runs)
     for (model, objective), by_prob in points.items():
         for prob, runs in by_prob:
-            table.add([model, objective, f"{prob:g}", setting_cell(runs, plan, task), length(runs)], runs)
+            table.add([model, objective, f"{prob:g}", setting_cell(runs, plan, task), fmt(mean_output_length(runs), 0)],
+                      runs)
     return table
 
 
@@ -557,17 +560,16 @@ def fig6_mixing(plan, task, path):
         xs, metric, lengths = [], [], []
         for prob, runs in by_prob:
             m, _ = setting_mean(runs, plan, task)
-            found = [r["test_average"]["avg_len"] for r in map(load_results, runs) if r]
-            if m is not None and found:
-                xs.append(prob), metric.append(m), lengths.append(statistics.mean(found))
+            length = mean_output_length(runs)
+            if m is not None and length is not None:
+                xs.append(prob), metric.append(m), lengths.append(length)
         ax_metric.plot(xs, metric, marker="o", label=f"{model} {objective}")
         ax_len.plot(xs, lengths, marker="o", label=f"{model} {objective}")
     for model, runs in reference.items():
         m, _ = setting_mean(runs, plan, task)
-        found = [r["test_average"]["avg_len"] for r in map(load_results, runs) if r]
         if m is not None:
             ax_metric.axhline(m, linestyle="--", color="grey", label=f"{model} no mixing")
-            ax_len.axhline(statistics.mean(found), linestyle="--", color="grey", label=f"{model} no mixing")
+            ax_len.axhline(mean_output_length(runs), linestyle="--", color="grey", label=f"{model} no mixing")
     for ax in (ax_metric, ax_len):
         ax.set_xscale("log")
         ax.set_xlabel("probability of a self-supervised batch")
