@@ -47,18 +47,19 @@ class Rates:
     train_mfu: float           # model FLOPs utilisation of the fastest training path measured
     train_path: str            # "eager" or "compiled"
     generate: dict             # family: (FLOP/s, decoder) of greedy decoding's fastest decoder measured
-    beam: dict                 # family: FLOP/s of beam search (translations): HF generate, the "dynamic" rate
+    beam: dict                 # family: (FLOP/s, decoder) of beam search (translations): its fastest decoder
+                               # measured, or where none was, greedy's "dynamic" rate (HF-generate-like)
 
     def decoding(self, name, beams=1):
         """FLOP/s of decoding with model `name`: its family's rate, or mT5's when the family was not
         measured (the decoder step is the same kind of memory-bound work)."""
-        table = self.generate if beams == 1 else {f: (rate, "dynamic") for f, rate in self.beam.items()}
+        table = self.generate if beams == 1 else self.beam
         family = models.REAL_CONFIGS[name][0] if name in models.REAL_CONFIGS else "mt5"
         return (table.get(family) or table.get("mt5") or next(iter(table.values())))[0]
 
     def describe(self):
         greedy = ", ".join(f"{family} {rate / 1e12:.1f} ({path})" for family, (rate, path) in self.generate.items())
-        beam = ", ".join(f"{family} {rate / 1e12:.1f}" for family, rate in self.beam.items())
+        beam = ", ".join(f"{family} {rate / 1e12:.1f} ({path})" for family, (rate, path) in self.beam.items())
         return (f"GPU: {self.gpu}, training at {self.train_mfu:.1%} MFU of {self.peak_flops / 1e12:.0f} TFLOP/s "
                 f"({self.train_path}); greedy decoding TFLOP/s {greedy}; beam search {beam} (measured {self.date}, "
                 f"bench/gpu.sh -> {os.path.relpath(RATES_FILE)})")
@@ -94,10 +95,14 @@ def read_rates(path=None):
         train, train_path = _fastest(raw["train"], f"{path} 'train'")
         generate = {family: _fastest(paths, f"{path} 'generate' '{family}'")
                     for family, paths in raw["generate"].items()}
-        beam = {family: paths["dynamic"]["flops"] / paths["dynamic"]["seconds"]
+        # beam search: measured (bench/generate_throughput.py --num-beams 4, the "beam" section), or
+        # greedy's dynamic rate, which is what HF generate's beam search was priced at before
+        beam = {family: (paths["dynamic"]["flops"] / paths["dynamic"]["seconds"], "greedy dynamic")
                 for family, paths in raw["generate"].items() if paths.get("dynamic")}
+        beam.update({family: _fastest(paths, f"{path} 'beam' '{family}'")
+                     for family, paths in raw.get("beam", {}).items()})
         if not beam:
-            raise KeyError("no family has a 'dynamic' decoding rate (beam search is priced at it)")
+            raise KeyError("no 'beam' rate and no family with a 'dynamic' decoding rate (beam search is priced at one)")
         return Rates(raw["gpu"], raw["date"], raw["peak_flops"], train / raw["peak_flops"], train_path, generate, beam)
     except FileNotFoundError:
         raise common.UsageError(f"cost: no rates file {path}; bash bench/gpu.sh writes it on a GPU") from None
@@ -219,8 +224,8 @@ def train_hours(flops):
 
 
 def generate_hours(flops, name, beams=1):
-    """Hours of generating `flops` with model `name`: greedy at its family's fastest decoder measured;
-    beam search (decode.py's static decoders are greedy only) through HF generate, the dynamic rate."""
+    """Hours of generating `flops` with model `name`: greedy at its family's fastest decoder measured,
+    beam search at its own (bench/gpu.sh measures translate-train's), else at greedy's dynamic rate."""
     return flops / rates().decoding(name, beams) / 3600
 
 

@@ -1,5 +1,6 @@
-"""Greedy decoding at the speed of the device: batches sized by its free memory, and a decoder step
-of fixed shapes that torch.compile captures once and replays (CUDA graphs on a GPU).
+"""Decoding at the speed of the device: batches sized by its free memory, and a decoder step of
+fixed shapes that torch.compile captures once and replays (CUDA graphs on a GPU), for greedy
+decoding and beam search.
 
     python -c "import decode; print([decode.bucket(n) for n in (1, 5, 100, 300, 512)])"
 
@@ -22,6 +23,9 @@ loop.generate is the entry point; this module holds what it needs to go fast:
   So the decoder step sees a few shapes only; torch.compile(mode="reduce-overhead") records one
   CUDA graph per shape and replays it, instead of launching a few hundred small kernels per token.
   Tokens are those of HF generate (tests/test_loop.py, every family and method, compiled or not).
+- **StaticDecoder.beam_search**: the same for beam search (translate_train.py's beam of 4): HF
+  generate's vectorised algorithm, step for step, on rows = sources x beams; a source leaves once
+  its best hypothesis can no longer change, and the batch re-packs at the buckets of sources.
 
 The first step (decoder start token) runs eagerly: it fills the cross-attention cache from the
 encoder states, a different code path from every later step.
@@ -41,6 +45,7 @@ MAX_ROWS = 512           # rows of one generation batch, whatever the memory (be
 MEMORY_SHARE = 0.8       # of the device's free memory, for generation (the rest: allocator slack)
 # CPU: a source-token budget and a row cap (bench/generate_throughput.py on 2 cores).
 CPU_LIMITS = (8000, 256)
+SELF_CACHE_START = 16    # positions of beam search's self-attention cache before it first doubles
 
 
 def bucket(n):
@@ -55,18 +60,20 @@ def _decoder_dims(config):
     return layers, heads, d_kv
 
 
-def row_bytes(config, source_len, max_new_tokens, dtype_bytes=2):
+def row_bytes(config, source_len, max_new_tokens, dtype_bytes=2, beams=1):
     """Bytes one row of a generation batch needs on the device (a model config of any family):
 
         cache     decoder layers x 2 (keys, values) x heads x d_kv x (new tokens + source tokens)
         encoder   its output (source x d_model) and, while it runs, one layer's attention scores
                   (heads x source^2, fp32) and feed-forward activations (source x d_ff)
-        logits    one row of the vocabulary, fp32, twice (the step's output and its argmax copy)
+        logits    one row of the vocabulary, fp32, twice (the step's output and its argmax copy);
+                  beam search: five times (also the log-probabilities, their sum with the beam's
+                  score, and top-k's work on it)
     """
     d_model, heads = config.d_model, _decoder_dims(config)[1]
     d_ff = getattr(config, "d_ff", None) or config.encoder_ffn_dim
     encoder = source_len * d_model * dtype_bytes + heads * source_len ** 2 * 4 + source_len * d_ff * dtype_bytes
-    logits = 2 * config.vocab_size * 4
+    logits = (2 if beams == 1 else 5) * config.vocab_size * 4
     return cache_bytes(config, source_len, max_new_tokens, dtype_bytes) + encoder + logits
 
 
@@ -76,28 +83,30 @@ def cache_bytes(config, source_len, max_new_tokens, dtype_bytes=2):
     return layers * 2 * heads * d_kv * (max_new_tokens + source_len) * dtype_bytes
 
 
-def batch_limits(model, device, lengths, max_new_tokens, precision=None):
-    """(max source tokens, max rows) of a generation batch for sources of `lengths` on `device`: on a
-    GPU what MEMORY_SHARE of its free memory holds (limits_for_memory; `precision` "bf16" halves the
-    bytes of "fp32", loop.resolve_precision's names, None: fp32's, an upper bound), on CPU CPU_LIMITS."""
+def batch_limits(model, device, lengths, max_new_tokens, precision=None, beams=1):
+    """(max source tokens, max sources) of a generation batch for sources of `lengths` on `device`: on
+    a GPU what MEMORY_SHARE of its free memory holds (limits_for_memory; `precision` "bf16" halves
+    the bytes of "fp32", loop.resolve_precision's names, None: fp32's, an upper bound), on CPU
+    CPU_LIMITS (greedy's, whatever the beams: what the CPU decoded before); with `beams` beams a
+    source takes that many rows."""
     if device.type != "cuda":
         return CPU_LIMITS
     free, _ = torch.cuda.mem_get_info(device)
     return limits_for_memory(model.config, MEMORY_SHARE * free, lengths, max_new_tokens,
-                             2 if precision == "bf16" else 4)
+                             2 if precision == "bf16" else 4, beams)
 
 
-def limits_for_memory(config, memory, lengths, max_new_tokens, dtype_bytes=2):
-    """(max source tokens, max rows) such that rows x row_bytes(bucket(longest source)) <= `memory`
-    for every batch the length-sorted batcher (data.generation_batches) cuts under them.
+def limits_for_memory(config, memory, lengths, max_new_tokens, dtype_bytes=2, beams=1):
+    """(max source tokens, max sources) such that sources x beams x row_bytes(bucket(longest source))
+    <= `memory` for every batch the length-sorted batcher (data.generation_batches) cuts under them.
 
     row_bytes(s) / s is convex in s, so its largest value over [shortest, longest] is at one end: a
     token budget of memory / that value holds for every batch, and the row cap memory /
-    row_bytes(shortest) for the batches of short sources (clipped to MAX_ROWS)."""
+    row_bytes(shortest) for the batches of short sources (clipped to MAX_ROWS rows)."""
     shortest, longest = bucket(max(1, min(lengths))), bucket(max(lengths))
-    per_row = [row_bytes(config, s, max_new_tokens, dtype_bytes) for s in (shortest, longest)]
+    per_row = [beams * row_bytes(config, s, max_new_tokens, dtype_bytes, beams) for s in (shortest, longest)]
     per_token = max(per_row[0] / shortest, per_row[1] / longest)
-    max_rows = max(1, min(MAX_ROWS, int(memory // per_row[0])))
+    max_rows = max(1, min(MAX_ROWS // beams, int(memory // per_row[0])))
     return max(longest, int(memory // per_token)), max_rows
 
 
@@ -149,26 +158,29 @@ class StaticDecoder:
             mode = "reduce-overhead" if cuda and backend == "inductor" else None
             self.step = torch.compile(_step, mode=mode, backend=backend)
 
-    def _view(self, name, shape, dtype, device):
-        """A tensor of `shape` at the start of the flat buffer `name` (grown when too small)."""
+    def _view(self, name, shape, dtype, device, capacity=0):
+        """A tensor of `shape` at the start of the flat buffer `name` (grown when too small, to at least
+        `capacity` elements: what the tensor may grow to in this batch)."""
         numel = math.prod(shape)
         flat = self.buffers.get(name)
-        if flat is None or flat.numel() < numel or flat.dtype != dtype:
-            flat = self.buffers[name] = torch.zeros(numel, dtype=dtype, device=device)
+        if flat is None or flat.numel() < max(numel, capacity) or flat.dtype != dtype:
+            flat = self.buffers[name] = torch.zeros(max(numel, capacity), dtype=dtype, device=device)
         view = flat[:numel].view(shape)
         torch._dynamo.mark_static_address(view)
         return view
 
-    def _cache(self, rows, self_len, cross_len, dtype, device):
-        """An EncoderDecoderCache of StaticCache layers whose keys and values are buffer views."""
+    def _cache(self, rows, self_len, cross_len, dtype, device, self_capacity=0):
+        """An EncoderDecoderCache of StaticCache layers whose keys and values are buffer views (the
+        self-attention buffers room for `self_capacity` positions, _grow_self_cache's)."""
         from transformers import EncoderDecoderCache, StaticCache
         layers, heads, d_kv = _decoder_dims(self.model.config)
         caches = []
-        for kind, length in (("self", self_len), ("cross", cross_len)):
+        for kind, length, capacity in (("self", self_len, self_capacity), ("cross", cross_len, 0)):
             cache = StaticCache(config=self.model.config, max_cache_len=length)
             for i, layer in enumerate(cache.layers):
-                layer.keys = self._view(f"{kind}{i}k", (rows, heads, length, d_kv), dtype, device)
-                layer.values = self._view(f"{kind}{i}v", (rows, heads, length, d_kv), dtype, device)
+                for attr in ("keys", "values"):
+                    setattr(layer, attr, self._view(f"{kind}{i}{attr[0]}", (rows, heads, length, d_kv), dtype, device,
+                                                    rows * heads * capacity * d_kv))
                 layer.keys.zero_()
                 layer.values.zero_()
                 layer.device, layer.batch_size, layer.num_heads = device, rows, heads
@@ -199,16 +211,26 @@ class StaticDecoder:
         mask.copy_(attention_mask.index_select(0, index))
         return cache, states, mask
 
-    @torch.no_grad()
-    def __call__(self, input_ids, attention_mask, generation_kwargs, max_new_tokens, logits_fn=None):
-        """Greedy ids of one right-padded batch, generate's layout (batch, 1 + length) with the decoder
-        start token first and padding after </s>: the tokens of loop.greedy_batch and HF generate."""
-        model = self.model
-        start, forced_bos, forced_eos, eos, pad = greedy_tokens(model, generation_kwargs)
+    def _grow_self_cache(self, cache, length):
+        """Lengthen every self-attention cache to `length` positions in place in its buffer: the ones
+        written keep their values, the new ones are zero (masked until written)."""
+        for i, layer in enumerate(cache.self_attention_cache.layers):
+            for attr in ("keys", "values"):
+                old = getattr(layer, attr)
+                written = old.clone()                            # old and new share storage
+                rows, heads, _, d_kv = old.shape
+                new = self._view(f"self{i}{attr[0]}", (rows, heads, length, d_kv), old.dtype, old.device)
+                new.zero_()
+                new[:, :, :written.shape[2]].copy_(written)
+                setattr(layer, attr, new)
+            layer.max_cache_len = length
+
+    def _encode(self, input_ids, attention_mask, pad, beams=1):
+        """Encoder states and mask of a batch padded to the buckets -- rows (copies of row 0) and source
+        positions (padding, masked) -- each row repeated `beams` times, in the buffers. Returns the
+        states, the mask and, per slot before the repeat, the row of the batch it holds."""
         batch_size, source_len = input_ids.shape
         device = input_ids.device
-
-        # ---- pad to the buckets: rows (copies of row 0) and source positions (padding, masked) ----
         rows, length = bucket(batch_size), max(source_len, min(bucket(source_len), self.max_source))
         index = torch.cat([torch.arange(batch_size, device=device),
                            torch.zeros(rows - batch_size, dtype=torch.long, device=device)])
@@ -216,12 +238,27 @@ class StaticDecoder:
         padded_ids[:, :source_len] = input_ids[index]
         padded_mask = torch.zeros((rows, length), dtype=attention_mask.dtype, device=device)
         padded_mask[:, :source_len] = attention_mask[index]
-        encoded = model.get_encoder()(input_ids=padded_ids, attention_mask=padded_mask).last_hidden_state
-        encoder_states = self._view("encoder", encoded.shape, encoded.dtype, device)
-        encoder_states.copy_(encoded)
-        mask = self._view("mask", padded_mask.shape, padded_mask.dtype, device)
-        mask.copy_(padded_mask)
-        del encoded
+        encoded = self.model.get_encoder()(input_ids=padded_ids, attention_mask=padded_mask).last_hidden_state
+        # generate runs the encoder once per source and repeats its output for the beams, as here
+        encoder_states = self._view("encoder", (rows * beams,) + encoded.shape[1:], encoded.dtype, device)
+        encoder_states.copy_(encoded if beams == 1 else encoded.repeat_interleave(beams, dim=0))
+        mask = self._view("mask", (rows * beams, length), padded_mask.dtype, device)
+        mask.copy_(padded_mask if beams == 1 else padded_mask.repeat_interleave(beams, dim=0))
+        return encoder_states, mask, index
+
+    @torch.no_grad()
+    def __call__(self, input_ids, attention_mask, generation_kwargs, max_new_tokens, logits_fn=None, num_beams=1):
+        """Greedy ids (num_beams > 1: beam_search's) of one right-padded batch, generate's layout
+        (batch, 1 + length) with the decoder start token first and padding after </s>: the tokens of
+        loop.greedy_batch and HF generate."""
+        if num_beams > 1:
+            return self.beam_search(input_ids, attention_mask, generation_kwargs, max_new_tokens, num_beams, logits_fn)
+        model = self.model
+        start, forced_bos, forced_eos, eos, pad = greedy_tokens(model, generation_kwargs)
+        batch_size = input_ids.shape[0]
+        device = input_ids.device
+        encoder_states, mask, index = self._encode(input_ids, attention_mask, pad)
+        rows = len(index)
 
         cache = self._cache(rows, max_new_tokens, encoder_states.shape[1], encoder_states.dtype, device)
         out = torch.full((batch_size, 1 + max_new_tokens), pad, dtype=torch.long, device=device)
@@ -254,3 +291,135 @@ class StaticDecoder:
                 going = torch.arange(rows, device=device) < num_going
             last = tokens[:, None]
         return out[:, :written]
+
+    @torch.no_grad()
+    def beam_search(self, input_ids, attention_mask, generation_kwargs, max_new_tokens, beams, logits_fn=None):
+        """Beam search of one right-padded batch with fixed shapes: the tokens of HF generate(num_beams=
+        beams), whose algorithm this is, step for step (transformers' vectorised _beam_search: the
+        same candidates, scores, length penalty and early-stopping heuristic). What differs is what a
+        step costs:
+
+        - a source leaves the batch as soon as its best hypothesis can no longer change (the
+          heuristic says no running beam can beat its finished ones, or early_stopping=True and it
+          has `beams` of them): generate computes it until the last source ends. The batch is
+          re-packed at bucket boundaries, as greedy rows are (sources, each with its `beams` rows);
+        - the self-attention cache is reordered in place and only over the positions written; the
+          cross-attention cache not at all (a source's beams share its encoder states, so their
+          rows are equal);
+        - the step is the compiled one when the decoder is (fixed shapes between re-packs).
+
+        logits_fn(rows, step, scores): as in __call__, on the log-probabilities (rows x beams), as a
+        LogitsProcessor given to generate is. Returns generate's layout: (batch, 1 + length) ids."""
+        model = self.model
+        start, forced_bos, forced_eos, eos, pad = greedy_tokens(model, generation_kwargs)
+        length_penalty, early_stopping = beam_settings(model, generation_kwargs)
+        batch_size, device = input_ids.shape[0], input_ids.device
+        encoder_states, mask, item = self._encode(input_ids, attention_mask, pad, beams)
+        items, width = len(item), 1 + max_new_tokens
+        # the self-attention cache starts short and doubles when a step needs it, up to a bucket over
+        # max_new_tokens: every step attends to all of it (masked where not written), and
+        # translate_train.py's limit (2 x the longest source + 10) is about twice what is written
+        capacity = bucket(max_new_tokens)
+        length = min(capacity, SELF_CACHE_START)
+        cache = self._cache(items * beams, length, encoder_states.shape[1], encoder_states.dtype, device, capacity)
+        keep = 2 * beams                      # candidates per source: `beams` of them do not end in </s>
+        top = torch.arange(keep, device=device) < beams          # only these may become hypotheses
+        # per source: running beams (ids, log-probability) and finished hypotheses (ids, score, set)
+        running = torch.full((items, beams, width), pad, dtype=torch.long, device=device)
+        running[:, :, 0] = start
+        running_scores = torch.zeros((items, beams), device=device)
+        running_scores[:, 1:] = -1.0e9                           # step 0 extends beam 0 only
+        hyps, hyp_scores = running.clone(), torch.full((items, beams), -1.0e9, device=device)
+        finished = torch.zeros((items, beams), dtype=torch.bool, device=device)
+        improvable = torch.ones((items, 1), dtype=torch.bool, device=device)   # HF: heuristic unsatisfied
+        live = torch.arange(items, device=device) < batch_size   # real sources still searching
+        num_live = batch_size
+        out = torch.full((batch_size, width), pad, dtype=torch.long, device=device)
+        written = 1
+        for step in range(max_new_tokens):
+            if step == length:                                   # position `step` is written now
+                length = min(capacity, 2 * length)
+                self._grow_self_cache(cache, length)
+            step_fn = _step if step == 0 else self.step          # step 0 fills the cross cache
+            log_probs = torch.log_softmax(step_fn(model, encoder_states, mask, running[:, :, step].reshape(-1, 1),
+                                                  cache), dim=-1)   # a new tensor: a CUDA graph's output is reused
+            force_token(log_probs, step, max_new_tokens, forced_bos, forced_eos)
+            if logits_fn is not None:
+                logits_fn(item.repeat_interleave(beams), step, log_probs)
+            vocab = log_probs.shape[-1]
+
+            # the `keep` best continuations of all beams of a source
+            scores = (log_probs.view(items, beams, vocab) + running_scores[:, :, None]).view(items, -1)
+            cand_scores, cand = torch.topk(scores, keep)
+            parent, token = cand // vocab, cand % vocab
+            cand_ids = torch.take_along_dim(running, parent[:, :, None], dim=1)
+            cand_ids[:, :, step + 1] = token
+            ends = (token == eos) | (step == max_new_tokens - 1)
+
+            # the `beams` best that do not end go on
+            go_scores = cand_scores + ends.to(torch.float32) * -1.0e9
+            chosen = torch.topk(go_scores, beams)[1]
+            running = torch.take_along_dim(cand_ids, chosen[:, :, None], dim=1)
+            running_scores = torch.take_along_dim(go_scores, chosen, dim=1)
+            parent = torch.take_along_dim(parent, chosen, dim=1)
+
+            # the `beams` best finished hypotheses: those kept, and the top candidates that end now
+            # (length-penalised; none once the source is full or cannot improve)
+            now = ends & top[None, :]
+            new_scores = cand_scores / ((step + 1) ** length_penalty)
+            new_scores += (finished.all(-1, keepdim=True) & (early_stopping is True)).to(torch.float32) * -1.0e9
+            new_scores += (~improvable).to(torch.float32) * -1.0e9
+            new_scores += (~now) * -1.0e9
+            merged = torch.topk(torch.cat((hyp_scores, new_scores), dim=1), beams)[1]
+            hyps = torch.take_along_dim(torch.cat((hyps, cand_ids), dim=1), merged[:, :, None], dim=1)
+            hyp_scores = torch.take_along_dim(torch.cat((hyp_scores, new_scores), dim=1), merged, dim=1)
+            finished = torch.take_along_dim(torch.cat((finished, now), dim=1), merged, dim=1)
+
+            # can a running beam still beat the worst finished one? (HF's heuristic, its lengths)
+            best_length = max_new_tokens if early_stopping == "never" and length_penalty > 0.0 else step + 1
+            best_running = running_scores[:, :1] / (best_length ** length_penalty)
+            worst = torch.where(finished, hyp_scores.min(dim=1, keepdim=True)[0], -1.0e9)
+            improvable = improvable & (best_running > worst).any(dim=-1, keepdim=True)
+
+            # a source whose best hypothesis is final leaves the batch (one device sync a step)
+            going = improvable.squeeze(1) & ~(finished.all(-1) & (early_stopping is True)) & (
+                step < max_new_tokens - 1)
+            was_live, live = live, live & going
+            previous, num_live = num_live, int(live.sum())
+            if num_live < previous:
+                done = was_live & ~live
+                out[item[done]] = hyps[done, 0]
+                written = step + 2
+            if num_live == 0:
+                break
+            rows = (parent + torch.arange(items, device=device)[:, None] * beams).view(-1)
+            _reorder_self_cache(cache, rows, step + 1)
+            if bucket(num_live) < items:                         # re-pack the sources still searching
+                kept = live.nonzero().squeeze(1)
+                items = bucket(num_live)
+                kept = torch.cat([kept, kept[:1].expand(items - num_live)])
+                slots = (kept[:, None] * beams + torch.arange(beams, device=device)).view(-1)
+                cache, encoder_states, mask = self._repack(cache, slots, len(slots), encoder_states, mask)
+                running, running_scores, hyps, hyp_scores, finished, improvable, item = (
+                    t.index_select(0, kept) for t in (running, running_scores, hyps, hyp_scores, finished,
+                                                      improvable, item))
+                live = torch.arange(items, device=device) < num_live
+        return out[:, :written]
+
+
+def _reorder_self_cache(cache, rows, length):
+    """Row i of the self-attention cache becomes row rows[i] (the beam it extends), in place and over
+    the `length` positions written only."""
+    for layer in cache.self_attention_cache.layers:
+        for tensor in (layer.keys, layer.values):
+            written = tensor[:, :, :length]
+            written.copy_(written.index_select(0, rows))
+
+
+def beam_settings(model, generation_kwargs):
+    """(length_penalty, early_stopping) of beam search: the call's, the model's generation config's,
+    or generate's defaults (1.0, False)."""
+    config = model.generation_config
+    penalty = generation_kwargs.get("length_penalty", config.length_penalty)
+    early = generation_kwargs.get("early_stopping", config.early_stopping)
+    return (1.0 if penalty is None else penalty), (False if early is None else early)

@@ -188,8 +188,9 @@ def add_generation_args(p):
     p.add_argument("--max-gen-batch-size", type=common.positive_int, default=None,
                    help="most sources in a generation batch (default: as --eval-max-tokens; at most 512, on CPU 256)")
     p.add_argument("--decoder", default="auto", choices=DECODERS,
-                   help="greedy decoding: dynamic (finished rows dropped at once), static (fixed shapes), compiled "
-                        "(static, its step compiled: CUDA graphs on a GPU); auto: compiled on CUDA, dynamic on CPU")
+                   help="dynamic (greedy: finished rows dropped at once; beam search: HF generate), static (fixed "
+                        "shapes, greedy or beam search), compiled (static, its step compiled: CUDA graphs on a GPU); "
+                        "auto: compiled on CUDA, dynamic on CPU")
 
 
 def add_device_args(p):
@@ -668,6 +669,19 @@ def greedy_supported(model):
     return not any(changed.get(name) not in (None, 0, 1.0, [], False) for name in GREEDY_UNSUPPORTED)
 
 
+# ... and beam search beyond what decode.StaticDecoder.beam_search does (length penalty, early stopping)
+BEAM_UNSUPPORTED = ("renormalize_logits", "remove_invalid_values", "diversity_penalty", "constraints",
+                    "force_words_ids", "watermarking_config", "low_memory", "guidance_scale")
+
+
+def beam_supported(model):
+    """Whether decode.StaticDecoder.beam_search decodes exactly as model.generate(num_beams>1)."""
+    changed = model.generation_config.to_diff_dict()
+    return (greedy_supported(model) and isinstance(model.generation_config.eos_token_id, int)
+            and changed.get("num_return_sequences") in (None, 1) and changed.get("num_beam_groups") in (None, 1)
+            and not any(changed.get(name) not in (None, 0, 0.0, [], False) for name in BEAM_UNSUPPORTED))
+
+
 @torch.no_grad()
 def greedy_batch(model, input_ids, attention_mask, generation_kwargs, max_new_tokens, logits_fn=None):
     """Greedy decoding of one right-padded batch: the encoder once, then one decoder position per
@@ -718,8 +732,8 @@ def greedy_batch(model, input_ids, attention_mask, generation_kwargs, max_new_to
 def generate_batch(model, tokenizer, sources, generation_kwargs, device, max_new_tokens, num_beams=1, logits_fn=None,
                    precision=None, decoder=None):
     """Generated ids (batch, length) for a list of source id lists, padded on the right: greedy_batch
-    (or `decoder`, a decode.StaticDecoder), or model.generate for beam search and generation configs
-    greedy_batch does not follow."""
+    (or `decoder`, a decode.StaticDecoder, which does beam search too), or model.generate for beam
+    search without one and for generation configs these do not follow."""
     tensors = data.collate([{"input_ids": ids, "labels": [0]} for ids in sources], tokenizer.pad_token_id)
     input_ids, attention_mask = tensors["input_ids"].to(device), tensors["attention_mask"].to(device)
     with autocast(device, precision):
@@ -727,16 +741,19 @@ def generate_batch(model, tokenizer, sources, generation_kwargs, device, max_new
             if decoder is not None:
                 return decoder(input_ids, attention_mask, generation_kwargs, max_new_tokens, logits_fn).cpu()
             return greedy_batch(model, input_ids, attention_mask, generation_kwargs, max_new_tokens, logits_fn).cpu()
+        if num_beams > 1 and decoder is not None and beam_supported(model):
+            return decoder(input_ids, attention_mask, generation_kwargs, max_new_tokens, logits_fn, num_beams).cpu()
         if logits_fn is not None:
-            raise ValueError("logits_fn needs greedy decoding that greedy_batch supports")
+            raise ValueError("logits_fn needs greedy decoding that greedy_batch supports, or a StaticDecoder")
         return model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
                               num_beams=num_beams, do_sample=False, **generation_kwargs).cpu()
 
 
-# How loop.generate decodes greedily (--decoder): "dynamic": greedy_batch, finished rows dropped at
-# once (shapes change every step); "static": decode.StaticDecoder, fixed shapes; "compiled": the
-# same with its decoder step compiled (CUDA graphs on a GPU); "auto": compiled on CUDA, dynamic on
-# CPU (where bench/generate_throughput.py finds the dynamic decoder fastest).
+# How loop.generate decodes (--decoder): "dynamic": greedy_batch, finished rows dropped at once
+# (shapes change every step), and HF generate for beam search; "static": decode.StaticDecoder, fixed
+# shapes, greedy or beam search; "compiled": the same with its decoder step compiled (CUDA graphs on
+# a GPU); "auto": compiled on CUDA, dynamic on CPU (where bench/generate_throughput.py finds the
+# dynamic decoder fastest).
 DECODERS = ("auto", "dynamic", "static", "compiled")
 
 
@@ -744,6 +761,12 @@ def resolve_decoder(name, device):
     if name == "auto":
         return "compiled" if device.type == "cuda" else "dynamic"
     return name
+
+
+def static_decoder(model, name, device):
+    """The decode.StaticDecoder that --decoder `name` asks for on `device` (None: "dynamic")."""
+    compiled = {"dynamic": None, "static": False, "compiled": True}[resolve_decoder(name, device)]
+    return None if compiled is None else decode.StaticDecoder(model, compile=compiled)
 
 
 def generate(model, tokenizer, encoded, generation_kwargs, device, max_new_tokens, num_beams=1,
@@ -761,13 +784,10 @@ def generate(model, tokenizer, encoded, generation_kwargs, device, max_new_token
         return []
     if max_tokens is None or max_batch_size is None:
         auto_tokens, auto_rows = decode.batch_limits(model, device, lengths, max_new_tokens,
-                                                     resolve_precision(precision, device))
+                                                     resolve_precision(precision, device), num_beams)
         max_tokens, max_batch_size = max_tokens or auto_tokens, max_batch_size or auto_rows
-    if isinstance(decoder, decode.StaticDecoder):   # one the caller built (a compile backend of its own)
-        static = decoder
-    else:                                           # compiled or not; None: greedy_batch
-        compiled = {"dynamic": None, "static": False, "compiled": True}[resolve_decoder(decoder, device)]
-        static = None if compiled is None else decode.StaticDecoder(model, compile=compiled)
+    # one the caller built (a compile backend of its own), or the one `decoder` names (None: greedy_batch)
+    static = decoder if isinstance(decoder, decode.StaticDecoder) else static_decoder(model, decoder, device)
     batches = data.generation_batches(lengths, max_tokens, max_batch_size)
     predictions = [None] * len(encoded)
     for batch in tqdm(batches, desc=desc, leave=False, disable=len(batches) < 2, file=sys.stderr):

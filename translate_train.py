@@ -70,6 +70,10 @@ def parse_args(argv=None):
                    help="translate only the first N questions (QA) or records (default: all)")
     p.add_argument("--num-beams", "--beam", type=common.positive_int, default=4, help="beam size")
     p.add_argument("--max-tokens", type=common.positive_int, default=4000, help="source-token budget of a generation batch")
+    p.add_argument("--decoder", default="auto", choices=loop.DECODERS,
+                   help="beam search by dynamic (HF generate), static (decode.StaticDecoder.beam_search: fixed shapes, "
+                        "a source leaves its batch once its best translation is final; the same tokens), compiled "
+                        "(static, its step compiled: CUDA graphs on a GPU); auto: compiled on CUDA, dynamic on CPU")
     p.add_argument("--chunk-size", type=common.positive_int, default=64, help="examples per chunk (progress is saved per example)")
     p.add_argument("--max-length-ratio", type=common.positive_float, default=2.0,
                    help="output tokens <= ratio * input tokens + offset")
@@ -344,10 +348,11 @@ def file_digest(path):
 
 # -----------------------------------------------------------------------------
 
-def translate_sentences(model, tokenizer, encoder, sentences, args, device, bar, done=None):
+def translate_sentences(model, tokenizer, encoder, sentences, args, device, bar, done=None, decoder=None):
     """Translate unique sentences with length-sorted, token-budget batches; yields {src: tgt} per batch.
     A batch whose sentences are all in `done` (translated before a kill) is skipped: the batches
-    depend on `sentences` only, so a resumed chunk translates what remains exactly as it would have."""
+    depend on `sentences` only, so a resumed chunk translates what remains exactly as it would have.
+    `decoder`: a decode.StaticDecoder (loop.static_decoder), or None for HF generate: the same tokens."""
     examples = [data.Example(id=str(i), source=s, target="", src_lang=args.src_lang, tgt_lang=args.tgt_lang)
                 for i, s in enumerate(sentences)]
     encoded = encoder.encode(examples)
@@ -359,7 +364,7 @@ def translate_sentences(model, tokenizer, encoder, sentences, args, device, bar,
         longest = max(lengths[i] for i in batch)
         limit = min(encoder.max_target_length, int(args.max_length_ratio * longest) + args.max_length_offset)
         out = loop.generate_batch(model, tokenizer, [encoded[i]["input_ids"] for i in batch], generation, device,
-                                  limit, args.num_beams, precision=args.precision)
+                                  limit, args.num_beams, precision=args.precision, decoder=decoder)
         texts = loop.decode_generated(tokenizer, out, generation)
         bar.update(len(batch))
         yield {sentences[i]: " ".join(evaluate.clean_prediction(t)[0].split()) for i, t in zip(batch, texts)}
@@ -408,10 +413,11 @@ def main(args):
     sentences_of = {k: list(dict.fromkeys(s for u in chunks[k] for s in segments_of(u))) for k in todo_chunks}
     bar = tqdm(total=sum(len(v) - len(set(v) & set(progress.sentences.get(k, {}))) for k, v in sentences_of.items()),
                desc=f"translate {args.src_lang}->{args.tgt_lang}", unit="sent", dynamic_ncols=True, file=sys.stderr)
+    decoder = loop.static_decoder(model, args.decoder, device)   # one for the job: its buffers are reused
     for k in todo_chunks:
         with torch.no_grad():
             for translated in translate_sentences(model, tokenizer, encoder, sentences_of[k], args, device, bar,
-                                                  done=progress.sentences.get(k)):
+                                                  done=progress.sentences.get(k), decoder=decoder):
                 progress.add_sentences(k, translated)
         for unit in chunks[k]:
             if unit["key"] not in progress.examples:

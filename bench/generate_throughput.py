@@ -5,13 +5,16 @@
     python bench/generate_throughput.py --run-dir runs/demo   # + the evaluation share of a finished run
 
 Same model (the benchmark model of train_throughput.py, or the real mT5-base dimensions; random
-weights), same inputs, greedy decoding. A random model writes no </s>, so each output is made as
+weights), same inputs, greedy decoding (--num-beams: beam search). A random model writes no </s>, so each output is made as
 long as its real reference: </s> is suppressed until the reference's token length, then forced
 (capped at the task's max_new_tokens). Two workloads:
   xlsum   141 real documents with a one-sentence human summary (../shared/data/summarization,
           GUM: XL-Sum itself is not available offline), sources cut at the model's limit, outputs
           as long as the summaries (capped at XL-Sum's 84 new tokens)
   xquad   XQuAD validation questions (th, ro, vi), outputs as long as the answers (capped at 32)
+  translate  translate-train's work (--num-beams 4, its beam): the unique sentences of the first
+          64 SQuAD training paragraphs (contexts, questions, answers; one translate_train.py chunk),
+          outputs as long as their sources, at most translate_train.py's limit (2 x longest + 10)
 Configurations (the first four on the same batches):
   hf-unsorted    model.generate on the sources in file order, fixed-size batches (a plain DataLoader)
   hf-sorted      model.generate on loop.generate's length-sorted token-budget batches (--max-tokens)
@@ -25,8 +28,9 @@ Each configuration runs twice, the second timed (the first chooses CUDA kernels 
 graphs; a run decodes 10 validations, so it pays that once). All must decode exactly the same
 predictions as hf-unsorted (checked and printed). Reported: seconds, generated tokens/s (tokens
 written, </s> included) and, at real dimensions, FLOP/s (cost.decode_flops of each example's real
-source and output lengths). With --rates FILE (a GPU, real dimensions) the xlsum rates of ours and
-the static decoders are written there for cost.py (bench/gpu.sh).
+source and output lengths, x beams for the decoder). With --rates FILE (a GPU, real dimensions) the
+xlsum rates of ours and the static decoders are written there for cost.py (bench/gpu.sh); with
+--num-beams > 1, the translate workload's rates, as beam search's ("ours" is HF generate there).
 """
 
 import argparse
@@ -50,12 +54,14 @@ import decode  # noqa: E402
 import loop  # noqa: E402
 import models  # noqa: E402
 import train_throughput  # noqa: E402
+import translate_train  # noqa: E402
 
 DIMS = {"mt5-base": "google/mt5-base", "mbart-large-50": "facebook/mbart-large-50",
         "nllb-600M": "facebook/nllb-200-distilled-600M"}  # --dims: real dimensions, random weights
 CONFIGURATIONS = ("hf-unsorted", "hf-sorted", "ours", "static", "compiled", "compiled-auto")
 CPU_CONFIGURATIONS = ("hf-unsorted", "hf-sorted", "ours", "static")  # compiling on 2 cores takes minutes a shape
-RATE_PATHS = {"ours": "dynamic", "static": "static", "compiled": "compiled", "compiled-auto": "compiled-auto"}
+RATE_PATHS = {"ours": "dynamic", "static": "static", "compiled": "compiled", "compiled-auto": "compiled-auto",
+              "hf-sorted": "hf-sorted"}
 
 
 def parse_args(argv=None):
@@ -64,6 +70,8 @@ def parse_args(argv=None):
     p.add_argument("--workloads", default="xlsum,xquad", help="xlsum, xquad or both")
     p.add_argument("--per-lang", type=int, default=100, help="XQuAD questions per language")
     p.add_argument("--max-tokens", type=int, default=8000, help="source-token budget of a sorted batch")
+    p.add_argument("--num-beams", type=int, default=1, help="beams (translate-train: 4); 1: greedy")
+    p.add_argument("--paragraphs", type=int, default=64, help="SQuAD paragraphs of the translate workload")
     p.add_argument("--dims", default="bench", choices=["bench", *DIMS], help="model size (real ones: random weights)")
     p.add_argument("--configurations", default=None,
                    help=f"comma-separated (default: all on CUDA; {','.join(CPU_CONFIGURATIONS)} on CPU)")
@@ -115,29 +123,52 @@ def xquad_validation(args):
     return examples
 
 
-WORKLOAD_EXAMPLES = {"xlsum": gum_summaries, "xquad": xquad_validation}
+def task_workload(read):
+    """A workload of a task's examples (`read`(args)), outputs as long as their references."""
+    def make(name, args, tokenizer, encoder):
+        task = data.TASKS[name]
+        examples = read(args)
+        encoded = encoder.encode(examples)
+        lengths = [min(len(tokenizer(ex.target, add_special_tokens=False)["input_ids"]), task.max_new_tokens - 1)
+                   for ex in examples]
+        return encoded, lengths, task.max_new_tokens
+    return make
+
+
+def squad_sentences(name, args, tokenizer, encoder):
+    """translate_train.py's work on one chunk: the unique sentences of the first --paragraphs SQuAD
+    training paragraphs, outputs as long as their sources (a translation about as long as what it
+    translates), at most its output limit: 2 x the longest source + 10 tokens."""
+    path = os.path.join(args.data_dir, "squad", "train-standin-v1.1.json.gz")
+    _, units = translate_train.qa_units(path, None)
+    sentences = list(dict.fromkeys(s for unit in units[:args.paragraphs] for s in translate_train.qa_segments(unit)))
+    encoded = encoder.encode([data.Example(id=str(i), source=s, target="", src_lang="en", tgt_lang="de")
+                              for i, s in enumerate(sentences)])
+    sources = [len(e["input_ids"]) for e in encoded]
+    max_new_tokens = min(encoder.max_target_length, 2 * max(sources) + 10)
+    return encoded, [min(n, max_new_tokens - 1) for n in sources], max_new_tokens
+
+
+# (encoded sources, reference token lengths, max_new_tokens) of a workload
+WORKLOADS = {"xlsum": task_workload(gum_summaries), "xquad": task_workload(xquad_validation),
+             "translate": squad_sentences}
 
 
 def workload(name, args, tokenizer, encoder):
-    """(encoded sources, reference token lengths, max_new_tokens) of one workload."""
-    task = data.TASKS[name]
-    examples = WORKLOAD_EXAMPLES[name](args)
-    encoded = encoder.encode(examples)
-    lengths = [min(len(tokenizer(ex.target, add_special_tokens=False)["input_ids"]), task.max_new_tokens - 1)
-               for ex in examples]
-    return encoded, lengths, task.max_new_tokens
+    return WORKLOADS[name](name, args, tokenizer, encoder)
 
 
-def hf_generate(model, tokenizer, encoded, batches, generation, device, max_new_tokens, rule):
+def hf_generate(model, tokenizer, encoded, batches, generation, device, max_new_tokens, rule, beams=1):
     predictions = [None] * len(encoded)
     for batch in batches:
         tensors = data.collate([{"input_ids": encoded[i]["input_ids"], "labels": [0]} for i in batch],
                                tokenizer.pad_token_id)
+        rows = [i for i in batch for _ in range(beams)]                  # generate's rows: each source's beams
         with torch.no_grad(), loop.autocast(device):
             out = model.generate(input_ids=tensors["input_ids"].to(device),
                                  attention_mask=tensors["attention_mask"].to(device), max_new_tokens=max_new_tokens,
-                                 num_beams=1, do_sample=False,
-                                 logits_processor=LogitsProcessorList([HFReferenceLengths(rule, batch)]), **generation)
+                                 num_beams=beams, do_sample=False,
+                                 logits_processor=LogitsProcessorList([HFReferenceLengths(rule, rows)]), **generation)
         for i, text in zip(batch, loop.decode_generated(tokenizer, out.cpu(), generation)):
             predictions[i] = text
     return predictions
@@ -162,28 +193,32 @@ def run_workload(name, args, model, tokenizer, encoder, device):
     generation = encoder.generation_kwargs("en")
     source_lengths = [len(e["input_ids"]) for e in encoded]
     sorted_batches = data.generation_batches(source_lengths, args.max_tokens)
+    beams = args.num_beams
     decoders = {"static": decode.StaticDecoder(model), "compiled": decode.StaticDecoder(model, compile=True)}
     auto_batches = data.generation_batches(source_lengths, *decode.batch_limits(
-        model, device, source_lengths, max_new_tokens, loop.resolve_precision(None, device)))
+        model, device, source_lengths, max_new_tokens, loop.resolve_precision(None, device), beams))
     batch_size = math.ceil(len(encoded) / len(sorted_batches))
     file_order = [list(range(i, min(i + batch_size, len(encoded)))) for i in range(0, len(encoded), batch_size)]
     ours = lambda decoder, max_tokens=args.max_tokens: lambda: loop.generate(  # noqa: E731
-        model, tokenizer, encoded, generation, device, max_new_tokens, max_tokens=max_tokens, desc=name,
+        model, tokenizer, encoded, generation, device, max_new_tokens, beams, max_tokens=max_tokens, desc=name,
         logits_fn=rule, decoder=decoder)
     configurations = {
-        "hf-unsorted": lambda: hf_generate(model, tokenizer, encoded, file_order, generation, device, max_new_tokens, rule),
+        "hf-unsorted": lambda: hf_generate(model, tokenizer, encoded, file_order, generation, device, max_new_tokens, rule,
+                                           beams),
         "hf-sorted": lambda: hf_generate(model, tokenizer, encoded, sorted_batches, generation, device, max_new_tokens,
-                                         rule),
+                                         rule, beams),
         "ours": ours("dynamic"), "static": ours(decoders["static"]), "compiled": ours(decoders["compiled"]),
         "compiled-auto": ours(decoders["compiled"], None),
     }
     chosen = args.configurations.split(",") if args.configurations else (
         CONFIGURATIONS if device.type == "cuda" else CPU_CONFIGURATIONS)
+    if beams > 1 and "ours" in chosen:
+        chosen = [key for key in chosen if key != "ours"]    # --decoder dynamic is HF generate for beams
     tokens = sum(length + 1 for length in lengths)
     source_tokens = sum(len(e["input_ids"]) for e in encoded)
-    flops = sum(cost.decode_flops(DIMS[args.dims], len(e["input_ids"]), length + 1)
+    flops = sum(cost.decode_flops(DIMS[args.dims], len(e["input_ids"]), length + 1, beams)
                 for e, length in zip(encoded, lengths)) if args.dims in DIMS else None
-    print(f"\n{name}: {len(encoded)} examples, {source_tokens / len(encoded):.0f} source tokens on average "
+    print(f"\n{name}: {beams} beam{'s' if beams > 1 else ''}, {len(encoded)} examples, {source_tokens / len(encoded):.0f} source tokens on average "
           f"(max {max(len(e['input_ids']) for e in encoded)}), outputs {min(lengths) + 1}-{max(lengths) + 1} tokens "
           f"({tokens / len(encoded):.1f} on average), {len(sorted_batches)} sorted batches"
           + (f"; device-sized: {len(auto_batches)} batches of up to {max(map(len, auto_batches))} rows"
@@ -252,21 +287,25 @@ def main(args):
     encoder = models.Seq2SeqEncoder(tokenizer, family, models.max_length(model.config))
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"{platform.machine()} CPU, {os.cpu_count()} cores"
     params = sum(p.numel() for p in model.parameters())
-    print(f"machine: {name}; model: {args.dims} ({params / 1e6:.1f}M parameters), random weights, greedy, "
+    print(f"machine: {name}; model: {args.dims} ({params / 1e6:.1f}M parameters), random weights, "
           f"{'bf16 autocast' if device.type == 'cuda' else 'fp32'}; source cut at {encoder.max_source_length} tokens")
     if args.profile:
         return profile(args.workloads.split(",")[0], args, model, tokenizer, encoder, device)
     summary = {key: run_workload(key, args, model, tokenizer, encoder, device) for key in args.workloads.split(",")}
-    if args.rates and device.type == "cuda" and args.dims in DIMS and "xlsum" in summary:
+    # greedy rates from the XL-Sum-length work, beam search's from translate-train's
+    measured, section = ("xlsum", "generate") if args.num_beams == 1 else ("translate", "beam")
+    if args.rates and device.type == "cuda" and args.dims in DIMS and measured in summary:
         entries = {RATE_PATHS[key]: {"flops": row["flops"], "seconds": row["seconds"], "tokens_per_s": row["tokens_per_s"],
-                                     "examples": row["examples"], "same_as_first": row["same"], "model": DIMS[args.dims]}
-                   for key, row in summary["xlsum"].items() if key in RATE_PATHS and row["same"] == row["examples"]}
-        cost.record_rates(args.rates, ["generate", family], entries, name, time.strftime("%Y-%m-%d"),
+                                     "examples": row["examples"], "same_as_first": row["same"], "model": DIMS[args.dims],
+                                     "beams": args.num_beams}
+                   for key, row in summary[measured].items() if key in RATE_PATHS and row["same"] == row["examples"]}
+        cost.record_rates(args.rates, [section, family], entries, name, time.strftime("%Y-%m-%d"),
                           cost.peak_flops(name))
-        print(f"decoding rates of {family} ({', '.join(entries)}; those identical to the first configuration) "
+        print(f"{section} rates of {family} ({', '.join(entries)}; those identical to the first configuration) "
               f"written to {args.rates}")
     elif args.rates:
-        print("--rates: not written (rates for cost.py: a GPU, real --dims, the xlsum workload)")
+        print("--rates: not written (rates for cost.py: a GPU, real --dims, the xlsum workload (greedy) or the "
+              "translate workload (--num-beams > 1))")
     if args.run_dir:
         eval_s, total_s = evaluation_share(args.run_dir)
         print(f"evaluation share of {args.run_dir}: {eval_s:.1f} s of {total_s:.1f} s ({eval_s / total_s:.0%}), "

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU figures of the README in one command (under 8 minutes on an H100/H200: each step has a
-# time limit, 440 s in all, and the rest takes seconds), and the rates
+# time limit, 445 s in all, and the rest takes seconds), and the rates
 # cost.py prices the study with, written into bench/rates.json (a copy goes to $OUT when set):
 #     bash bench/gpu.sh ../shared/data
 #   1. training at the real mT5-base dimensions, bf16, 4,000-token batches: eager against --compile
@@ -11,7 +11,10 @@
 #      static decoder uncompiled is a CPU configuration, left out for time)
 #   3. the compiled-auto decoding rate at mBART-50 and NLLB-600M dimensions (their tokens are checked
 #      against HF generate by the CPU tests)
-#   4. cost.py and the study's dry-run total at the rates just measured
+#   4. beam search (4 beams) of translate-train's work at NLLB-600M dimensions, translate_train.py's
+#      4,000-token batches: HF generate against the compiled static decoder (translations checked
+#      equal); cost.py prices the translations (NLLB-3.3B) at the faster one's FLOP/s
+#   5. cost.py and the study's dry-run total at the rates just measured
 # Each step has its own time limit, so one that hangs leaves the others' figures.
 set -uo pipefail
 failed=0
@@ -23,12 +26,14 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 "$PY" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 timeout 220 "$PY" bench/train_throughput.py --dims mt5-base --device cuda --data-dir "$DATA" --num-examples 3100 \
     --modes ours,ours-compiled --curve --mode-timeout 150 --rates "$RATES" || failed=1
-timeout 130 "$PY" bench/generate_throughput.py --dims mt5-base --device cuda --data-dir "$DATA" --workloads xlsum \
+timeout 120 "$PY" bench/generate_throughput.py --dims mt5-base --device cuda --data-dir "$DATA" --workloads xlsum \
     --configurations hf-sorted,ours,compiled,compiled-auto --rates "$RATES" || failed=1
 for dims in mbart-large-50 nllb-600M; do
-    timeout 45 "$PY" bench/generate_throughput.py --dims "$dims" --device cuda --data-dir "$DATA" --workloads xlsum \
+    timeout 40 "$PY" bench/generate_throughput.py --dims "$dims" --device cuda --data-dir "$DATA" --workloads xlsum \
         --configurations compiled-auto --rates "$RATES" || failed=1
 done
+timeout 45 "$PY" bench/generate_throughput.py --dims nllb-600M --device cuda --data-dir "$DATA" --workloads translate \
+    --num-beams 4 --max-tokens 4000 --configurations hf-sorted,compiled --rates "$RATES" || failed=1
 "$PY" cost.py || failed=1
 bash run_all.sh --dry-run --out-dir /tmp/xlgen-gpu-dry-run | sed -n '/estimated GPU-hours/,/total/p' || failed=1
 bash run_all.sh --dry-run --val-cap 1000 --out-dir /tmp/xlgen-gpu-dry-run-cap | grep ' total ' || failed=1

@@ -66,6 +66,14 @@ def test_batches_cut_under_the_limits_fit_the_memory():
         worst = max(len(b) * decode.row_bytes(config, decode.bucket(max(lengths[i] for i in b)), 84) for b in batches)
         assert worst <= memory, (memory, worst)
     assert max_rows == decode.MAX_ROWS and max(len(b) for b in batches) >= 256
+    # beam search: a source is 4 rows, each with a larger logits share; the same rows fit, not more
+    for memory in (2e9, 16e9, decode.MEMORY_SHARE * 141e9):
+        max_tokens, max_sources = decode.limits_for_memory(config, memory, lengths, 84, beams=4)
+        batches = data.generation_batches(lengths, max_tokens, max_sources)
+        worst = max(4 * len(b) * decode.row_bytes(config, decode.bucket(max(lengths[i] for i in b)), 84, beams=4)
+                    for b in batches)
+        assert worst <= memory, (memory, worst)
+    assert max_sources == decode.MAX_ROWS // 4 and max(4 * len(b) for b in batches) >= 256
 
 
 def test_cpu_keeps_the_benchmarked_budget():

@@ -209,3 +209,110 @@ def test_compiled_static_decoder_decodes_exactly_as_hf_generate(name, method, ba
                          logits_fn=rule, decoder=static)
     assert ours == one_by_one(model, tokenizer, encoded, generation, 12, rule)
     assert static.step is not decode._step
+
+
+# ----------------------------------------------------------------------------- beam search
+
+class Ends:
+    """</s> impossible before step L_i of example i, then likely (log-probability -0.1 - 0.05 x step,
+    a little less likely each step): a source's beams end at different steps, and sources at different
+    steps, so hypotheses are compared across lengths and sources leave the batch one by one."""
+
+    def __init__(self, lengths, eos):
+        self.lengths, self.eos = torch.tensor(lengths), eos
+
+    def __call__(self, indices, step, scores):
+        length = self.lengths[indices]
+        scores[step < length, self.eos] = -math.inf
+        scores[step >= length, self.eos] = -0.1 - 0.05 * step
+
+
+def sharpened(model, factor=4.0):
+    """The model with its matrices (not its embeddings) scaled by `factor`, in place. At tiny width a
+    random model's next-token distribution is nearly flat and it repeats a token whatever came
+    before, so a beam search that kept each beam's cache rows in place instead of following its
+    parent would decode the same; sharpened, the next token depends on the history (checked: with
+    decode._reorder_self_cache skipped, none of the 12 predictions of each family is HF's)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and "shared" not in name and "embed" not in name:
+                p.mul_(factor)
+    return model
+
+
+def hf_beams(model, tokenizer, encoded, generation, max_new_tokens, beams, rule):
+    """HF generate with `beams` beams, one source at a time, `rule` as a LogitsProcessor: the reference."""
+    texts = []
+    for i, e in enumerate(encoded):
+        with torch.no_grad():
+            out = model.generate(input_ids=torch.tensor([e["input_ids"]]), max_new_tokens=max_new_tokens,
+                                 num_beams=beams, do_sample=False, **generation,
+                                 logits_processor=LogitsProcessorList([HFLengths(rule, [i] * beams)]))
+        texts += loop.decode_generated(tokenizer, out, generation)
+    return texts
+
+
+@pytest.mark.parametrize("name,method,settings", [("tiny-mt5", "prompt", {}), ("tiny-mbart", "adapters", {"early_stopping": True}),
+                                                  ("tiny-nllb", "lora", {"length_penalty": 0.6, "early_stopping": "never"}),
+                                                  ("tiny-mt5", "full", {"early_stopping": True, "length_penalty": 2.0})])
+def test_static_beam_search_decodes_exactly_as_hf_generate(name, method, settings):
+    """decode.StaticDecoder.beam_search (4 beams, sources leaving the batch once their best hypothesis
+    is final, the batch re-packed at buckets, the self-attention cache reordered in place) against
+    HF generate on each source alone: each family, a module surgery that changes the forward, and
+    generate's three stopping rules (the default heuristic, early_stopping=True, and "never" with a
+    length penalty, which changes both the scores and the heuristic's best length). Up to 30 new
+    tokens, and </s> impossible before step 24 for some sources: the self-attention cache starts at
+    16 positions and doubles to 32, more than is ever written."""
+    model, tokenizer, encoded, generation = adapted_and_encoded(name, method, "es", 12)
+    sharpened(model)
+    generation = {**generation, **settings}
+    rule = Ends([2 + (5 * i) % 23 for i in range(len(encoded))], tokenizer.eos_token_id)   # 2..24
+    assert loop.beam_supported(model)
+    sizes = []
+    hook = model.get_decoder().register_forward_pre_hook(
+        lambda module, args, kwargs: sizes.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
+    ours = loop.generate(model, tokenizer, encoded, generation, CPU, 30, num_beams=4, max_tokens=100_000,
+                         max_batch_size=256, logits_fn=rule, decoder="static")
+    hook.remove()
+    assert ours == hf_beams(model, tokenizer, encoded, generation, 30, 4, rule)
+    assert ours != one_by_one(model, tokenizer, encoded, generation, 30, rule)   # not greedy's
+    # one batch of 12 sources x 4 beams, shrinking through the buckets as sources finish
+    assert sizes[0] == 48 and sizes == sorted(sizes, reverse=True) and len(set(sizes)) > 2
+    assert set(sizes) <= {4 * decode.bucket(n) for n in range(1, 13)}
+
+
+@pytest.mark.slow
+def test_compiled_beam_search_decodes_exactly_as_hf_generate():
+    """The beam search with its step compiled (aot_eager: dynamo's graphs of the real modules and the
+    static cache, with the in-place reorder between steps) against HF generate, re-packing included."""
+    model, tokenizer, encoded, generation = adapted_and_encoded("tiny-mbart", "full", "de", 9)
+    sharpened(model)
+    rule = Ends([3 + 3 * (i % 3) for i in range(len(encoded))], tokenizer.eos_token_id)
+    torch._dynamo.reset()
+    static = decode.StaticDecoder(model, compile=True, backend="aot_eager")
+    ours = loop.generate(model, tokenizer, encoded, generation, CPU, 12, num_beams=4, max_tokens=100_000,
+                         max_batch_size=256, logits_fn=rule, decoder=static)
+    assert ours == hf_beams(model, tokenizer, encoded, generation, 12, 4, rule)
+    assert static.step is not decode._step
+
+
+def test_beam_configs_the_static_decoder_does_not_follow_go_to_hf_generate():
+    """A generation config the static beam search does not implement (several returned sequences,
+    renormalised scores) is decoded by HF generate, whatever the decoder asked for."""
+    model, tokenizer, encoded, generation = adapted_and_encoded("tiny-nllb", "full", "es", 3)
+    assert loop.beam_supported(model)
+    for name, value in (("num_return_sequences", 2), ("renormalize_logits", True)):
+        original = getattr(model.generation_config, name)
+        setattr(model.generation_config, name, value)
+        assert not loop.beam_supported(model)
+        setattr(model.generation_config, name, original)
+    model.generation_config.renormalize_logits = True
+    static = decode.StaticDecoder(model)
+    static.beam_search = None          # would raise if called
+    out = loop.generate_batch(model, tokenizer, [e["input_ids"] for e in encoded], generation, CPU, 6, 2,
+                              decoder=static)
+    with torch.no_grad():
+        reference = model.generate(input_ids=torch.tensor([encoded[0]["input_ids"]]), max_new_tokens=6, num_beams=2,
+                                   do_sample=False, **generation)
+    assert loop.decode_generated(tokenizer, out[:1], generation) == loop.decode_generated(tokenizer, reference,
+                                                                                          generation)

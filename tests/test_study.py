@@ -268,12 +268,12 @@ def test_cost_model_counts_the_real_weights():
     assert head == 250_112 * 768 and (enc_layers, dec_layers, width) == (12, 12, 768)
 
 
-def _rates_file(tmp_path, monkeypatch, train, generate, gpu="NVIDIA H200"):
+def _rates_file(tmp_path, monkeypatch, train, generate, gpu="NVIDIA H200", beam=None):
     """A rates file as bench/gpu.sh writes it, made the one cost.py prices with."""
     import cost
     path = tmp_path / "rates.json"
     path.write_text(json.dumps({"gpu": gpu, "date": "2026-12-03", "peak_flops": 989e12, "train": train,
-                                "generate": generate}))
+                                "generate": generate, **({"beam": beam} if beam else {})}))
     monkeypatch.setenv("XLGEN_RATES", str(path))
     cost.read_rates.cache_clear()
     return path
@@ -287,7 +287,7 @@ def test_cost_prices_from_the_rates_file_bench_writes(tmp_path, monkeypatch):
     """The shipped rates are the 2026-11-26 measurement (1.5% MFU, the README's figure); a file with
     a compiled training path 4x as fast quarters a run's training hours and leaves its decoding; a
     compiled decoder 20x as fast cuts greedy decoding 20x for its family only, and beam search
-    (translations: HF generate) stays at the dynamic rate."""
+    (translations) stays at the dynamic rate until a beam rate is measured."""
     import cost
     monkeypatch.delenv("XLGEN_RATES")
     cost.read_rates.cache_clear()
@@ -307,6 +307,12 @@ def test_cost_prices_from_the_rates_file_bench_writes(tmp_path, monkeypatch):
     assert cost.translate_hours("facebook/nllb-200-3.3B", "xlsum", 1000)[1] == pytest.approx(translation, rel=1e-12)
     # mBART was not measured: priced at mT5's rate
     assert cost.rates().decoding("facebook/mbart-large-50") == cost.rates().decoding("google/mt5-base")
+    # a measured beam search (bench/gpu.sh's translate workload: HF generate, and the compiled static
+    # decoder 8x as fast) prices translations at its fastest path, no longer at greedy's
+    _rates_file(tmp_path, monkeypatch, {"eager": EAGER}, {"mt5": {"dynamic": DYNAMIC}, "nllb": {"dynamic": DYNAMIC}},
+                beam={"nllb": {"hf-sorted": DYNAMIC, "compiled": {"flops": 2.06e13, "seconds": 11.5 / 8}}})
+    assert cost.rates().beam["nllb"][1] == "compiled"
+    assert cost.translate_hours("facebook/nllb-200-3.3B", "xlsum", 1000)[1] == pytest.approx(translation / 8, rel=1e-12)
 
 
 def test_rates_file_errors_and_merges(tmp_path, monkeypatch):

@@ -8,10 +8,12 @@ import pytest
 import torch
 
 import data
+import decode
 import loop
 import models
 import translate_train
 from conftest import DATA_DIR, REPO
+from test_loop import sharpened
 
 STANDIN = os.path.join(DATA_DIR, "squad", "train-standin-v1.1.json.gz")
 FIXTURE_EN = os.path.join(REPO, "tests", "fixtures", "xlsum", "english_train.jsonl")
@@ -165,6 +167,31 @@ def test_predictions_mode(tmp_path):
     run("--predictions", predictions, "--tgt-lang", "fr", "--out-file", str(out), "--limit", "12")
     translated = data.read_predictions(str(out))
     assert list(translated) == list(data.read_predictions(predictions))[:12]
+
+
+def test_the_static_beam_search_translates_byte_for_byte_as_hf_generate(tmp_path, monkeypatch):
+    """--decoder static (decode.StaticDecoder.beam_search: 4 beams, each batch its own output limit)
+    writes the file HF generate writes (--decoder dynamic), for a sharpened tiny NLLB (test_loop.
+    sharpened: its translations depend on the source and on each beam's history)."""
+    load = models.load_model
+    monkeypatch.setattr(models, "load_model", lambda *args, **kwargs: sharpened(load(*args, **kwargs)))
+    searched = []
+    search = decode.StaticDecoder.beam_search
+
+    def counted(self, input_ids, *args, **kwargs):
+        searched.append(input_ids.shape[0])
+        return search(self, input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(decode.StaticDecoder, "beam_search", counted)
+    predictions = os.path.join(DATA_DIR, "xquad", "predictions", "CL-mt5base.en.json")
+    files = {}
+    for decoder in ("dynamic", "static"):
+        files[decoder] = tmp_path / f"preds.{decoder}.json"
+        run("--predictions", predictions, "--tgt-lang", "de", "--out-file", str(files[decoder]), "--limit", "40",
+            "--max-tokens", "150", "--decoder", decoder)
+    assert len(searched) > 1 and sum(searched) == 25    # every batch: the 25 distinct sentences of the 40
+    assert files["static"].read_bytes() == files["dynamic"].read_bytes()
+    assert len(set(data.read_predictions(str(files["static"])).values())) > 3   # not one output for all (6 of 25)
 
 
 def test_bad_input(tmp_path, monkeypatch):
