@@ -190,7 +190,7 @@ def add_generation_args(p):
     p.add_argument("--decoder", default="auto", choices=DECODERS,
                    help="dynamic (greedy: finished rows dropped at once; beam search: HF generate), static (fixed "
                         "shapes, greedy or beam search), compiled (static, its step compiled: CUDA graphs on a GPU); "
-                        "auto: compiled on CUDA, dynamic on CPU")
+                        "auto: compiled on CUDA; on CPU dynamic (greedy) or static (beam search)")
 
 
 def add_device_args(p):
@@ -752,20 +752,21 @@ def generate_batch(model, tokenizer, sources, generation_kwargs, device, max_new
 # How loop.generate decodes (--decoder): "dynamic": greedy_batch, finished rows dropped at once
 # (shapes change every step), and HF generate for beam search; "static": decode.StaticDecoder, fixed
 # shapes, greedy or beam search; "compiled": the same with its decoder step compiled (CUDA graphs on
-# a GPU); "auto": compiled on CUDA, dynamic on CPU (where bench/generate_throughput.py finds the
-# dynamic decoder fastest).
+# a GPU); "auto": compiled on CUDA; on CPU dynamic for greedy decoding and static for beam search,
+# the fastest there (bench/generate_throughput.py: greedy 1.22x HF generate against the static
+# decoder's 0.99x; beam search, translate-train's work, static 1.63x).
 DECODERS = ("auto", "dynamic", "static", "compiled")
 
 
-def resolve_decoder(name, device):
+def resolve_decoder(name, device, num_beams=1):
     if name == "auto":
-        return "compiled" if device.type == "cuda" else "dynamic"
+        return "compiled" if device.type == "cuda" else "dynamic" if num_beams == 1 else "static"
     return name
 
 
-def static_decoder(model, name, device):
+def static_decoder(model, name, device, num_beams=1):
     """The decode.StaticDecoder that --decoder `name` asks for on `device` (None: "dynamic")."""
-    compiled = {"dynamic": None, "static": False, "compiled": True}[resolve_decoder(name, device)]
+    compiled = {"dynamic": None, "static": False, "compiled": True}[resolve_decoder(name, device, num_beams)]
     return None if compiled is None else decode.StaticDecoder(model, compile=compiled)
 
 
@@ -787,7 +788,8 @@ def generate(model, tokenizer, encoded, generation_kwargs, device, max_new_token
                                                      resolve_precision(precision, device), num_beams)
         max_tokens, max_batch_size = max_tokens or auto_tokens, max_batch_size or auto_rows
     # one the caller built (a compile backend of its own), or the one `decoder` names (None: greedy_batch)
-    static = decoder if isinstance(decoder, decode.StaticDecoder) else static_decoder(model, decoder, device)
+    static = decoder if isinstance(decoder, decode.StaticDecoder) else static_decoder(model, decoder, device,
+                                                                                       num_beams)
     batches = data.generation_batches(lengths, max_tokens, max_batch_size)
     predictions = [None] * len(encoded)
     for batch in tqdm(batches, desc=desc, leave=False, disable=len(batches) < 2, file=sys.stderr):

@@ -73,7 +73,7 @@ def parse_args(argv=None):
     p.add_argument("--decoder", default="auto", choices=loop.DECODERS,
                    help="beam search by dynamic (HF generate), static (decode.StaticDecoder.beam_search: fixed shapes, "
                         "a source leaves its batch once its best translation is final; the same tokens), compiled "
-                        "(static, its step compiled: CUDA graphs on a GPU); auto: compiled on CUDA, dynamic on CPU")
+                        "(static, its step compiled: CUDA graphs on a GPU); auto: compiled on CUDA, static on CPU")
     p.add_argument("--chunk-size", type=common.positive_int, default=64, help="examples per chunk (progress is saved per example)")
     p.add_argument("--max-length-ratio", type=common.positive_float, default=2.0,
                    help="output tokens <= ratio * input tokens + offset")
@@ -413,7 +413,7 @@ def main(args):
     sentences_of = {k: list(dict.fromkeys(s for u in chunks[k] for s in segments_of(u))) for k in todo_chunks}
     bar = tqdm(total=sum(len(v) - len(set(v) & set(progress.sentences.get(k, {}))) for k, v in sentences_of.items()),
                desc=f"translate {args.src_lang}->{args.tgt_lang}", unit="sent", dynamic_ncols=True, file=sys.stderr)
-    decoder = loop.static_decoder(model, args.decoder, device)   # one for the job: its buffers are reused
+    decoder = loop.static_decoder(model, args.decoder, device, args.num_beams)   # one for the job: buffers reused
     for k in todo_chunks:
         with torch.no_grad():
             for translated in translate_sentences(model, tokenizer, encoder, sentences_of[k], args, device, bar,

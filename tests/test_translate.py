@@ -170,9 +170,10 @@ def test_predictions_mode(tmp_path):
 
 
 def test_the_static_beam_search_translates_byte_for_byte_as_hf_generate(tmp_path, monkeypatch):
-    """--decoder static (decode.StaticDecoder.beam_search: 4 beams, each batch its own output limit)
-    writes the file HF generate writes (--decoder dynamic), for a sharpened tiny NLLB (test_loop.
-    sharpened: its translations depend on the source and on each beam's history)."""
+    """--decoder static (decode.StaticDecoder.beam_search: 4 beams, each batch its own output limit),
+    and auto, which is static on CPU, write the file HF generate writes (--decoder dynamic), for a
+    sharpened tiny NLLB (test_loop.sharpened: its translations depend on the source and on each
+    beam's history)."""
     load = models.load_model
     monkeypatch.setattr(models, "load_model", lambda *args, **kwargs: sharpened(load(*args, **kwargs)))
     searched = []
@@ -184,13 +185,17 @@ def test_the_static_beam_search_translates_byte_for_byte_as_hf_generate(tmp_path
 
     monkeypatch.setattr(decode.StaticDecoder, "beam_search", counted)
     predictions = os.path.join(DATA_DIR, "xquad", "predictions", "CL-mt5base.en.json")
-    files = {}
-    for decoder in ("dynamic", "static"):
+    files, sources = {}, {}
+    for decoder in ("dynamic", "static", "auto"):       # auto: static on CPU (1.63x HF generate there)
         files[decoder] = tmp_path / f"preds.{decoder}.json"
+        searched.clear()
         run("--predictions", predictions, "--tgt-lang", "de", "--out-file", str(files[decoder]), "--limit", "40",
             "--max-tokens", "150", "--decoder", decoder)
-    assert len(searched) > 1 and sum(searched) == 25    # every batch: the 25 distinct sentences of the 40
-    assert files["static"].read_bytes() == files["dynamic"].read_bytes()
+        sources[decoder] = list(searched)
+    # every batch but HF generate's: the 25 distinct sentences of the 40, in several batches
+    assert sources["dynamic"] == [] and sum(sources["static"]) == 25 and len(sources["static"]) > 1
+    assert sources["auto"] == sources["static"]
+    assert files["static"].read_bytes() == files["dynamic"].read_bytes() == files["auto"].read_bytes()
     assert len(set(data.read_predictions(str(files["static"])).values())) > 3   # not one output for all (6 of 25)
 
 
