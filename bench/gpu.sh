@@ -11,9 +11,10 @@
 #      static decoder uncompiled is a CPU configuration, left out for time)
 #   3. the compiled-auto decoding rate at mBART-50 and NLLB-600M dimensions (their tokens are checked
 #      against HF generate by the CPU tests)
-#   4. beam search (4 beams) of translate-train's work at NLLB-600M dimensions, translate_train.py's
-#      4,000-token batches: HF generate against the compiled static decoder (translations checked
-#      equal); cost.py prices the translations (NLLB-3.3B) at the faster one's FLOP/s
+#   4. beam search (4 beams) of translate-train's work at NLLB-600M dimensions: the sentences of 8
+#      SQuAD paragraphs (~300) in translate_train.py's 4,000-token batches, HF generate against the
+#      compiled static decoder (translations checked equal); cost.py prices the translations
+#      (NLLB-3.3B) at the faster one's FLOP/s
 #   5. cost.py and the study's dry-run total at the rates just measured
 # Each step has its own time limit, so one that hangs leaves the others' figures.
 set -uo pipefail
@@ -33,7 +34,7 @@ for dims in mbart-large-50 nllb-600M; do
         --configurations compiled-auto --rates "$RATES" || failed=1
 done
 timeout 45 "$PY" bench/generate_throughput.py --dims nllb-600M --device cuda --data-dir "$DATA" --workloads translate \
-    --num-beams 4 --max-tokens 4000 --configurations hf-sorted,compiled --rates "$RATES" || failed=1
+    --num-beams 4 --max-tokens 4000 --paragraphs 8 --configurations hf-sorted,compiled --rates "$RATES" || failed=1
 "$PY" cost.py || failed=1
 bash run_all.sh --dry-run --out-dir /tmp/xlgen-gpu-dry-run | sed -n '/estimated GPU-hours/,/total/p' || failed=1
 bash run_all.sh --dry-run --val-cap 1000 --out-dir /tmp/xlgen-gpu-dry-run-cap | grep ' total ' || failed=1
