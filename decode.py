@@ -306,6 +306,8 @@ class StaticDecoder:
         - the self-attention cache is reordered in place and only over the positions written; the
           cross-attention cache not at all (a source's beams share its encoder states, so their
           rows are equal);
+        - that cache starts at SELF_CACHE_START positions and doubles when a step needs more, so a
+          step attends to about what was written, not to max_new_tokens of masked positions;
         - the step is the compiled one when the decoder is (fixed shapes between re-packs).
 
         logits_fn(rows, step, scores): as in __call__, on the log-probabilities (rows x beams), as a

@@ -754,7 +754,7 @@ def generate_batch(model, tokenizer, sources, generation_kwargs, device, max_new
 # shapes, greedy or beam search; "compiled": the same with its decoder step compiled (CUDA graphs on
 # a GPU); "auto": compiled on CUDA; on CPU dynamic for greedy decoding and static for beam search,
 # the fastest there (bench/generate_throughput.py: greedy 1.22x HF generate against the static
-# decoder's 0.99x; beam search, translate-train's work, static 1.63x).
+# decoder's 0.99x; beam search, translate-train's work, static 1.15x-1.63x).
 DECODERS = ("auto", "dynamic", "static", "compiled")
 
 
