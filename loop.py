@@ -187,10 +187,15 @@ def add_generation_args(p):
                         "decode.batch_limits; on CPU 8000)")
     p.add_argument("--max-gen-batch-size", type=common.positive_int, default=None,
                    help="most sources in a generation batch (default: as --eval-max-tokens; at most 512, on CPU 256)")
+    add_decoder_arg(p)
+
+
+def add_decoder_arg(p):
+    """--decoder (DECODERS), for evaluation and predict.py, and translate_train.py's beam search."""
     p.add_argument("--decoder", default="auto", choices=DECODERS,
                    help="dynamic (greedy: finished rows dropped at once; beam search: HF generate), static (fixed "
-                        "shapes, greedy or beam search), compiled (static, its step compiled: CUDA graphs on a GPU); "
-                        "auto: compiled on CUDA; on CPU dynamic (greedy) or static (beam search)")
+                        "shapes, greedy or beam search: the same tokens), compiled (static, its step compiled: CUDA "
+                        "graphs on a GPU); auto: compiled on CUDA; on CPU dynamic (greedy) or static (beam search)")
 
 
 def add_device_args(p):

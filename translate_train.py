@@ -70,10 +70,7 @@ def parse_args(argv=None):
                    help="translate only the first N questions (QA) or records (default: all)")
     p.add_argument("--num-beams", "--beam", type=common.positive_int, default=4, help="beam size")
     p.add_argument("--max-tokens", type=common.positive_int, default=4000, help="source-token budget of a generation batch")
-    p.add_argument("--decoder", default="auto", choices=loop.DECODERS,
-                   help="beam search by dynamic (HF generate), static (decode.StaticDecoder.beam_search: fixed shapes, "
-                        "a source leaves its batch once its best translation is final; the same tokens), compiled "
-                        "(static, its step compiled: CUDA graphs on a GPU); auto: compiled on CUDA, static on CPU")
+    loop.add_decoder_arg(p)   # how the beams are searched (decode.StaticDecoder.beam_search or HF generate)
     p.add_argument("--chunk-size", type=common.positive_int, default=64, help="examples per chunk (progress is saved per example)")
     p.add_argument("--max-length-ratio", type=common.positive_float, default=2.0,
                    help="output tokens <= ratio * input tokens + offset")

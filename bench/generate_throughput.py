@@ -5,9 +5,9 @@
     python bench/generate_throughput.py --run-dir runs/demo   # + the evaluation share of a finished run
 
 Same model (the benchmark model of train_throughput.py, or the real mT5-base dimensions; random
-weights), same inputs, greedy decoding (--num-beams: beam search). A random model writes no </s>, so each output is made as
-long as its real reference: </s> is suppressed until the reference's token length, then forced
-(capped at the task's max_new_tokens). Two workloads:
+weights), same inputs, greedy decoding (--num-beams: beam search). A random model writes no </s>,
+so each output is made as long as its real reference: </s> is suppressed until the reference's
+token length, then forced (capped at the task's max_new_tokens). Three workloads:
   xlsum   141 real documents with a one-sentence human summary (../shared/data/summarization,
           GUM: XL-Sum itself is not available offline), sources cut at the model's limit, outputs
           as long as the summaries (capped at XL-Sum's 84 new tokens)
@@ -218,8 +218,8 @@ def run_workload(name, args, model, tokenizer, encoder, device):
     source_tokens = sum(len(e["input_ids"]) for e in encoded)
     flops = sum(cost.decode_flops(DIMS[args.dims], len(e["input_ids"]), length + 1, beams)
                 for e, length in zip(encoded, lengths)) if args.dims in DIMS else None
-    print(f"\n{name}: {beams} beam{'s' if beams > 1 else ''}, {len(encoded)} examples, {source_tokens / len(encoded):.0f} source tokens on average "
-          f"(max {max(len(e['input_ids']) for e in encoded)}), outputs {min(lengths) + 1}-{max(lengths) + 1} tokens "
+    print(f"\n{name}: {beams} beam{'s' if beams > 1 else ''}, {len(encoded)} examples, "
+          f"{source_tokens / len(encoded):.0f} source tokens on average (max {max(len(e['input_ids']) for e in encoded)}), outputs {min(lengths) + 1}-{max(lengths) + 1} tokens "
           f"({tokens / len(encoded):.1f} on average), {len(sorted_batches)} sorted batches"
           + (f"; device-sized: {len(auto_batches)} batches of up to {max(map(len, auto_batches))} rows"
              if "compiled-auto" in chosen else ""))

@@ -125,14 +125,15 @@ class HFLengths(LogitsProcessor):
         return scores
 
 
-def one_by_one(model, tokenizer, encoded, generation, max_new_tokens, rule=None):
-    """HF generate, one source at a time (no padding, no batching): the reference."""
+def one_by_one(model, tokenizer, encoded, generation, max_new_tokens, rule=None, beams=1):
+    """HF generate, one source at a time (no padding, no batching), greedy or with `beams` beams (the
+    rule sees each of them as the source's row): the reference."""
     texts = []
     for i, e in enumerate(encoded):
-        extra = {"logits_processor": LogitsProcessorList([HFLengths(rule, [i])])} if rule else {}
+        extra = {"logits_processor": LogitsProcessorList([HFLengths(rule, [i] * beams)])} if rule else {}
         with torch.no_grad():
             out = model.generate(input_ids=torch.tensor([e["input_ids"]]), max_new_tokens=max_new_tokens,
-                                 num_beams=1, do_sample=False, **generation, **extra)
+                                 num_beams=beams, do_sample=False, **generation, **extra)
         texts += loop.decode_generated(tokenizer, out, generation)
     return texts
 
@@ -240,18 +241,6 @@ def sharpened(model, factor=4.0):
     return model
 
 
-def hf_beams(model, tokenizer, encoded, generation, max_new_tokens, beams, rule):
-    """HF generate with `beams` beams, one source at a time, `rule` as a LogitsProcessor: the reference."""
-    texts = []
-    for i, e in enumerate(encoded):
-        with torch.no_grad():
-            out = model.generate(input_ids=torch.tensor([e["input_ids"]]), max_new_tokens=max_new_tokens,
-                                 num_beams=beams, do_sample=False, **generation,
-                                 logits_processor=LogitsProcessorList([HFLengths(rule, [i] * beams)]))
-        texts += loop.decode_generated(tokenizer, out, generation)
-    return texts
-
-
 @pytest.mark.parametrize("name,method,settings", [("tiny-mt5", "prompt", {}), ("tiny-mbart", "adapters", {"early_stopping": True}),
                                                   ("tiny-nllb", "lora", {"length_penalty": 0.6, "early_stopping": "never"}),
                                                   ("tiny-mt5", "full", {"early_stopping": True, "length_penalty": 2.0})])
@@ -274,7 +263,7 @@ def test_static_beam_search_decodes_exactly_as_hf_generate(name, method, setting
     ours = loop.generate(model, tokenizer, encoded, generation, CPU, 30, num_beams=4, max_tokens=100_000,
                          max_batch_size=256, logits_fn=rule, decoder="static")
     hook.remove()
-    assert ours == hf_beams(model, tokenizer, encoded, generation, 30, 4, rule)
+    assert ours == one_by_one(model, tokenizer, encoded, generation, 30, rule, beams=4)
     assert ours != one_by_one(model, tokenizer, encoded, generation, 30, rule)   # not greedy's
     # one batch of 12 sources x 4 beams, shrinking through the buckets as sources finish
     assert sizes[0] == 48 and sizes == sorted(sizes, reverse=True) and len(set(sizes)) > 2
@@ -292,7 +281,7 @@ def test_compiled_beam_search_decodes_exactly_as_hf_generate():
     static = decode.StaticDecoder(model, compile=True, backend="aot_eager")
     ours = loop.generate(model, tokenizer, encoded, generation, CPU, 12, num_beams=4, max_tokens=100_000,
                          max_batch_size=256, logits_fn=rule, decoder=static)
-    assert ours == hf_beams(model, tokenizer, encoded, generation, 12, 4, rule)
+    assert ours == one_by_one(model, tokenizer, encoded, generation, 12, rule, beams=4)
     assert static.step is not decode._step
 
 
