@@ -191,15 +191,18 @@ class StaticDecoder:
             caches.append(cache)
         return EncoderDecoderCache(*caches)
 
-    def _repack(self, cache, keep, rows, encoder_states, attention_mask):
+    def _repack(self, cache, keep, rows, encoder_states, attention_mask, self_rows=None):
         """Move rows `keep` of every tensor to the front of a `rows`-row bucket (the tail: copies of
-        the first kept row, finished). Returns the new cache, encoder states and mask."""
+        the first kept row, finished). self_rows, when given, are the self-attention cache's rows
+        instead (beam search: the kept beams' parents, so the step's reorder and the re-pack are one
+        copy). Returns the new cache, encoder states and mask."""
         index = torch.cat([keep, keep[:1].expand(rows - len(keep))])
-        for part in (cache.self_attention_cache, cache.cross_attention_cache):
+        self_index = index if self_rows is None else self_rows
+        for part, part_index in ((cache.self_attention_cache, self_index), (cache.cross_attention_cache, index)):
             for layer in part.layers:
                 for attr in ("keys", "values"):
                     old = getattr(layer, attr)
-                    moved = old.index_select(0, index)                  # a copy: old and new share storage
+                    moved = old.index_select(0, part_index)             # a copy: old and new share storage
                     new = old.view(-1)[:moved.numel()].view(moved.shape)
                     new.copy_(moved)
                     torch._dynamo.mark_static_address(new)
@@ -303,9 +306,9 @@ class StaticDecoder:
           heuristic says no running beam can beat its finished ones, or early_stopping=True and it
           has `beams` of them): generate computes it until the last source ends. The batch is
           re-packed at bucket boundaries, as greedy rows are (sources, each with its `beams` rows);
-        - the self-attention cache is reordered in place and only over the positions written; the
-          cross-attention cache not at all (a source's beams share its encoder states, so their
-          rows are equal);
+        - the self-attention cache is reordered in place and only over the positions written (at a
+          re-pack, in the re-pack's one copy); the cross-attention cache not at all (a source's
+          beams share its encoder states, so their rows are equal);
         - that cache starts at SELF_CACHE_START positions and doubles when a step needs more, so a
           step attends to about what was written, not to max_new_tokens of masked positions;
         - the step is the compiled one when the decoder is (fixed shapes between re-packs).
@@ -394,14 +397,18 @@ class StaticDecoder:
                 written = step + 2
             if num_live == 0:
                 break
-            rows = (parent + torch.arange(items, device=device)[:, None] * beams).view(-1)
-            _reorder_self_cache(cache, rows, step + 1)
-            if bucket(num_live) < items:                         # re-pack the sources still searching
+            rows = (parent + torch.arange(items, device=device)[:, None] * beams).view(-1)   # each beam's parent row
+            if bucket(num_live) >= items:
+                _reorder_self_cache(cache, rows, step + 1)
+            else:                                                # re-pack the sources still searching
                 kept = live.nonzero().squeeze(1)
                 items = bucket(num_live)
                 kept = torch.cat([kept, kept[:1].expand(items - num_live)])
                 slots = (kept[:, None] * beams + torch.arange(beams, device=device)).view(-1)
-                cache, encoder_states, mask = self._repack(cache, slots, len(slots), encoder_states, mask)
+                # slot j takes the cross cache, states and mask of row slots[j] and the self cache of
+                # its parent, rows[slots[j]]: the reorder and the re-pack in one copy
+                cache, encoder_states, mask = self._repack(cache, slots, len(slots), encoder_states, mask,
+                                                           self_rows=rows.index_select(0, slots))
                 running, running_scores, hyps, hyp_scores, finished, improvable, item = (
                     t.index_select(0, kept) for t in (running, running_scores, hyps, hyp_scores, finished,
                                                       improvable, item))
