@@ -160,6 +160,9 @@ class Kind:
     reference_field: str = ""
     input_format: str = ""      # prose
     input_expression: str = ""  # the Python expression a model card passes to the tokenizer
+    # Whether its results carry every ROUGE mode (evaluate.ROUGE_MODES) beside the one that selected:
+    # the report then tabulates the modes; else (QA) the filtered question set its tables are scored on
+    rouge_modes: bool = False
 
 
 def _xquad_files(split, lang, data_dir, task_dir):
@@ -520,7 +523,8 @@ KINDS = {"qa": Kind(read=_read_squad_limit, iterate=lambda path: iter(read_squad
                     input_expression="paragraph + \" \" + question"),
          "summarization": Kind(read=read_xlsum, iterate=iter_xlsum, examples=summarization_examples, extension="jsonl",
                                guard_examples=first_records, input_fields=("text",), reference_field="summary",
-                               input_format="the article; a longer one is cut at its end", input_expression="article")}
+                               input_format="the article; a longer one is cut at its end", input_expression="article",
+                               rouge_modes=True)}
 
 
 # -----------------------------------------------------------------------------

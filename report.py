@@ -348,16 +348,6 @@ def mode_value(metrics, mode, key):
     return (metrics.get(mode) or {}).get(key)
 
 
-def has_rouge_modes(plan, task):
-    """Whether the task's results carry ROUGE modes (summarisation) -- read from a finished run."""
-    for run, meta in plan.items():
-        if meta.get("task") == task and meta.get("stage") in FINETUNE_STAGES:
-            results = load_results(run)
-            if results and results.get("test"):
-                return "rouge_mode" in next(iter(results["test"].values()))
-    return False
-
-
 FINETUNE_STAGES = ("lr-search", "methods", "figures", "translate-search", "large", "appendix-b", "appendix-c")
 
 
@@ -966,7 +956,7 @@ def write_report(root, prediction_dirs=None, data_dir=None, lid_model=None):
     for task in tasks:
         tables += [table_methods(plan, chosen, task), table_per_language(plan, chosen, task), table_fig1(plan, task),
                    table_fig3(plan, task)]
-        if has_rouge_modes(plan, task):  # summarisation: every ROUGE mode beside the one that selected
+        if data.get_task(task).format.rouge_modes:  # summarisation: every ROUGE mode beside the one that selected
             tables += [table_rouge_modes(plan, chosen, task), table_plr_modes(plan, task)]
         else:  # QA: the filtered question set the tables are scored on
             tables.append(table_filtered_questions(plan, task))

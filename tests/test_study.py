@@ -582,6 +582,26 @@ def test_report_marks_missing_cells_and_lists_failed_runs(tmp_path):
     assert f"`{failed}` failed (exit 1); log: `{failed / 'run.log'}`" in text
 
 
+def test_the_report_of_a_summarisation_task_without_results_has_its_rouge_mode_tables(tmp_path):
+    """Whether the report tabulates ROUGE modes (summarisation) or the filtered question set (QA) is
+    the task's kind's, not read from a finished run: with XL-Sum's only run failed, its ROUGE-mode
+    tables are written (cells marked missing) and no QA filtered-question table for it."""
+    root = tmp_path / "study"
+    failed = root / "runs" / "xlsum" / "tiny-mt5" / "full-lr0.001-seed0"
+    failed.mkdir(parents=True)
+    (failed / "status.json").write_text(json.dumps({"returncode": 1, "done": False}))
+    (failed / "run.log").write_text("Traceback ...")
+    meta = {"task": "xlsum", "model": "tiny-mt5", "it": False, "plr": 1e-3, "seed": 0, "method": "full", "lr": 1e-3}
+    (root / "plan.json").write_text(json.dumps({str(failed): dict(meta, stage="lr-search")}))
+    (root / "chosen.json").write_text(json.dumps({"xlsum/tiny-mt5/full": {"runs": [str(failed)], "lr": 1e-3, "it": False,
+                                                                          "plr": 1e-3, "val_metric": None}}))
+    report.main(report.parse_args(["--out-dir", str(root)]))
+    out = root / "report"
+    assert (out / "rouge_modes_xlsum.md").exists() and (out / "plr_modes_xlsum.md").exists()
+    assert not (out / "filtered_xlsum.md").exists()
+    assert "| tiny-mt5 | full |" in (out / "rouge_modes_xlsum.md").read_text()
+
+
 def write_run(directory, seed, metric, lcr, val, lr=1e-3):
     """A finished run's results.json, written by hand: the numbers the study and the report read."""
     os.makedirs(directory, exist_ok=True)
