@@ -19,6 +19,12 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 # they size) do not move when bench/gpu.sh rewrites bench/rates.json
 RATES_2026_11_26 = os.path.join(REPO, "tests", "fixtures", "rates", "h200-2026-11-26.json")
 os.environ["XLGEN_RATES"] = RATES_2026_11_26
+# The test command runs the suite in pytest-xdist workers, one per core (-n 2 on CI's 2 cores):
+# each worker's torch, and the commands it starts, use one thread. (2 workers of 2 threads on 2
+# cores spin and took 18 min; 1 thread each, 8.5 min. The tiny models gain 1.2x from a second thread.)
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if WORKERS > 1:
+    os.environ["OMP_NUM_THREADS"] = "1"
 DATA_DIR = os.path.normpath(os.path.join(REPO, "..", "shared", "data"))
 FIXTURES = os.path.join(REPO, "tests", "fixtures", "xlsum")
 TEXT_LANGS = ["en", "fr", "es", "ru", "zh", "ko", "ja", "ar", "de", "th", "ro", "vi"]
@@ -27,6 +33,9 @@ FAMILIES = {"tiny-mt5": "mt5", "tiny-mbart": "mbart", "tiny-nllb": "nllb"}
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: end-to-end runs of several seconds (deselect with -m 'not slow')")
+    if WORKERS > 1:
+        import torch
+        torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -25,6 +25,10 @@ import study
 import slurm_cluster
 from conftest import DATA_DIR, REPO
 
+# with pytest-xdist (the test command's -n 2), every test here runs on one worker, so one SLURM
+# cluster serves them all (the module fixture below) and the long waits overlap other files' tests
+pytestmark = pytest.mark.xdist_group("slurm")
+
 RUN = ["--model", "tiny-mt5", "--task", "xquad", "--data-dir", DATA_DIR, "--warmup-steps", "5", "--max-tokens", "1500",
        "--max-train-examples", "300", "--max-eval-examples", "3", "--max-new-tokens", "4", "--val-langs", "th",
        "--test-langs", "zh", "--lr", "1e-3", "--log-every", "10"]
