@@ -345,6 +345,11 @@ def file_digest(path):
 
 # -----------------------------------------------------------------------------
 
+def unique_sentences(units, segments):
+    """The sentences of `units` a chunk translates: each distinct one once, in first-seen order."""
+    return list(dict.fromkeys(s for unit in units for s in segments(unit)))
+
+
 def translate_sentences(model, tokenizer, encoder, sentences, args, device, bar, done=None, decoder=None):
     """Translate unique sentences with length-sorted, token-budget batches; yields {src: tgt} per batch.
     A batch whose sentences are all in `done` (translated before a kill) is skipped: the batches
@@ -407,7 +412,7 @@ def main(args):
 
     # ---- translation, chunk by chunk ----
     todo_chunks = [k for k in selected if any(u["key"] not in progress.examples for u in chunks[k])]
-    sentences_of = {k: list(dict.fromkeys(s for u in chunks[k] for s in segments_of(u))) for k in todo_chunks}
+    sentences_of = {k: unique_sentences(chunks[k], segments_of) for k in todo_chunks}
     bar = tqdm(total=sum(len(v) - len(set(v) & set(progress.sentences.get(k, {}))) for k, v in sentences_of.items()),
                desc=f"translate {args.src_lang}->{args.tgt_lang}", unit="sent", dynamic_ncols=True, file=sys.stderr)
     decoder = loop.static_decoder(model, args.decoder, device, args.num_beams)   # one for the job: buffers reused

@@ -141,7 +141,7 @@ def squad_sentences(name, args, tokenizer, encoder):
     translates), at most its output limit: 2 x the longest source + 10 tokens."""
     path = os.path.join(args.data_dir, "squad", "train-standin-v1.1.json.gz")
     _, units = translate_train.qa_units(path, None)
-    sentences = list(dict.fromkeys(s for unit in units[:args.paragraphs] for s in translate_train.qa_segments(unit)))
+    sentences = translate_train.unique_sentences(units[:args.paragraphs], translate_train.qa_segments)
     encoded = encoder.encode([data.Example(id=str(i), source=s, target="", src_lang="en", tgt_lang="de")
                               for i, s in enumerate(sentences)])
     sources = [len(e["input_ids"]) for e in encoded]
