@@ -191,12 +191,12 @@ class StaticDecoder:
             caches.append(cache)
         return EncoderDecoderCache(*caches)
 
-    def _repack(self, cache, keep, rows, encoder_states, attention_mask, self_rows=None):
-        """Move rows `keep` of every tensor to the front of a `rows`-row bucket (the tail: copies of
-        the first kept row, finished). self_rows, when given, are the self-attention cache's rows
-        instead (beam search: the kept beams' parents, so the step's reorder and the re-pack are one
-        copy). Returns the new cache, encoder states and mask."""
-        index = torch.cat([keep, keep[:1].expand(rows - len(keep))])
+    def _repack(self, cache, index, encoder_states, attention_mask, self_rows=None):
+        """Row i of every tensor becomes row index[i], in a batch of len(index) rows (a bucket: see
+        _fill). self_rows, when given, are the self-attention cache's rows instead (beam search: the
+        kept beams' parents, so the step's reorder and the re-pack are one copy). Returns the new
+        cache, encoder states and mask."""
+        rows = len(index)
         self_index = index if self_rows is None else self_rows
         for part, part_index in ((cache.self_attention_cache, self_index), (cache.cross_attention_cache, index)):
             for layer in part.layers:
@@ -286,11 +286,10 @@ class StaticDecoder:
             if num_going == 0:
                 break
             if bucket(num_going) < rows:                                # re-pack into a smaller bucket
-                keep = going.nonzero().squeeze(1)
                 rows = bucket(num_going)
-                cache, encoder_states, mask = self._repack(cache, keep, rows, encoder_states, mask)
-                tokens = tokens[torch.cat([keep, keep[:1].expand(rows - num_going)])]
-                slot_row = slot_row[torch.cat([keep, keep[:1].expand(rows - num_going)])]
+                kept = _fill(going.nonzero().squeeze(1), rows)
+                cache, encoder_states, mask = self._repack(cache, kept, encoder_states, mask)
+                tokens, slot_row = tokens[kept], slot_row[kept]
                 going = torch.arange(rows, device=device) < num_going
             last = tokens[:, None]
         return out[:, :written]
@@ -401,19 +400,24 @@ class StaticDecoder:
             if bucket(num_live) >= items:
                 _reorder_self_cache(cache, rows, step + 1)
             else:                                                # re-pack the sources still searching
-                kept = live.nonzero().squeeze(1)
                 items = bucket(num_live)
-                kept = torch.cat([kept, kept[:1].expand(items - num_live)])
+                kept = _fill(live.nonzero().squeeze(1), items)
                 slots = (kept[:, None] * beams + torch.arange(beams, device=device)).view(-1)
                 # slot j takes the cross cache, states and mask of row slots[j] and the self cache of
                 # its parent, rows[slots[j]]: the reorder and the re-pack in one copy
-                cache, encoder_states, mask = self._repack(cache, slots, len(slots), encoder_states, mask,
+                cache, encoder_states, mask = self._repack(cache, slots, encoder_states, mask,
                                                            self_rows=rows.index_select(0, slots))
                 running, running_scores, hyps, hyp_scores, finished, improvable, item = (
                     t.index_select(0, kept) for t in (running, running_scores, hyps, hyp_scores, finished,
                                                       improvable, item))
                 live = torch.arange(items, device=device) < num_live
         return out[:, :written]
+
+
+def _fill(keep, rows):
+    """The rows `keep` then copies of the first of them, `rows` in all: a re-packed bucket whose tail
+    repeats a kept row (finished, its output unused)."""
+    return torch.cat([keep, keep[:1].expand(rows - len(keep))])
 
 
 def _reorder_self_cache(cache, rows, length):

@@ -212,7 +212,7 @@ def run_workload(name, args, model, tokenizer, encoder, device):
     }
     chosen = args.configurations.split(",") if args.configurations else (
         CONFIGURATIONS if device.type == "cuda" else CPU_CONFIGURATIONS)
-    if beams > 1 and "ours" in chosen:
+    if beams > 1:
         chosen = [key for key in chosen if key != "ours"]    # --decoder dynamic is HF generate for beams
     tokens = sum(length + 1 for length in lengths)
     source_tokens = sum(len(e["input_ids"]) for e in encoded)
