@@ -81,3 +81,17 @@ def run_cli(module, argv, capsys):
 def error_lines(err):
     """The `error:` lines of a command's stderr (progress bars share it, separated by carriage returns)."""
     return [line for line in re.split(r"[\r\n]", err) if line.startswith("error:")]
+
+
+def sharpened(model, factor=4.0):
+    """The model with its matrices (not its embeddings) scaled by `factor`, in place. At tiny width a
+    random model's next-token distribution is nearly flat and it repeats a token whatever came
+    before, so a beam search that kept each beam's cache rows in place instead of following its
+    parent would decode the same; sharpened, the next token depends on the history (checked: with
+    decode._reorder_self_cache skipped, none of the 12 predictions of each family is HF's)."""
+    import torch
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and "shared" not in name and "embed" not in name:
+                p.mul_(factor)
+    return model

@@ -12,7 +12,7 @@ import data
 import decode
 import loop
 import models
-from conftest import DATA_DIR, FAMILIES
+from conftest import DATA_DIR, FAMILIES, sharpened
 
 CPU = torch.device("cpu")
 
@@ -226,19 +226,6 @@ class Ends:
         length = self.lengths[indices]
         scores[step < length, self.eos] = -math.inf
         scores[step >= length, self.eos] = -0.1 - 0.05 * step
-
-
-def sharpened(model, factor=4.0):
-    """The model with its matrices (not its embeddings) scaled by `factor`, in place. At tiny width a
-    random model's next-token distribution is nearly flat and it repeats a token whatever came
-    before, so a beam search that kept each beam's cache rows in place instead of following its
-    parent would decode the same; sharpened, the next token depends on the history (checked: with
-    decode._reorder_self_cache skipped, none of the 12 predictions of each family is HF's)."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 2 and "shared" not in name and "embed" not in name:
-                p.mul_(factor)
-    return model
 
 
 @pytest.mark.parametrize("name,method,settings", [("tiny-mt5", "prompt", {}), ("tiny-mbart", "adapters", {"early_stopping": True}),

@@ -12,8 +12,7 @@ import decode
 import loop
 import models
 import translate_train
-from conftest import DATA_DIR, REPO
-from test_loop import sharpened
+from conftest import DATA_DIR, REPO, sharpened
 
 STANDIN = os.path.join(DATA_DIR, "squad", "train-standin-v1.1.json.gz")
 FIXTURE_EN = os.path.join(REPO, "tests", "fixtures", "xlsum", "english_train.jsonl")
@@ -172,7 +171,7 @@ def test_predictions_mode(tmp_path):
 def test_the_static_beam_search_translates_byte_for_byte_as_hf_generate(tmp_path, monkeypatch):
     """--decoder static (decode.StaticDecoder.beam_search: 4 beams, each batch its own output limit),
     and auto, which is static on CPU, write the file HF generate writes (--decoder dynamic), for a
-    sharpened tiny NLLB (test_loop.sharpened: its translations depend on the source and on each
+    sharpened tiny NLLB (conftest.sharpened: its translations depend on the source and on each
     beam's history)."""
     load = models.load_model
     monkeypatch.setattr(models, "load_model", lambda *args, **kwargs: sharpened(load(*args, **kwargs)))
