@@ -65,15 +65,18 @@ class Rates:
                 f"bench/gpu.sh -> {os.path.relpath(RATES_FILE)})")
 
 
-PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 FLOP/s, by GPU name
+# dense bf16 FLOP/s by GPU name (NVIDIA's datasheets give twice these, "with sparsity"); the PCIe and
+# NVL cards run at lower clocks than the SXM ones (torch names those "NVIDIA H100 80GB HBM3", "NVIDIA H200")
+PEAK_BF16 = {"H100": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12, "H200": 989e12, "H200 NVL": 835e12,
+             "A100": 312e12}
 
 
 def peak_flops(gpu):
-    """The dense bf16 peak of a GPU named like torch.cuda.get_device_name()."""
-    for key, peak in PEAK_BF16.items():
-        if key in gpu:
-            return peak
-    raise common.UsageError(f"cost: no bf16 peak known for '{gpu}'; add it to cost.PEAK_BF16")
+    """The dense bf16 peak of a GPU named like torch.cuda.get_device_name(): the longest name that matches."""
+    known = [key for key in PEAK_BF16 if key in gpu]
+    if not known:
+        raise common.UsageError(f"cost: no bf16 peak known for '{gpu}'; add it to cost.PEAK_BF16")
+    return PEAK_BF16[max(known, key=len)]
 
 
 def _fastest(measured, where):

@@ -332,6 +332,9 @@ def test_rates_file_errors_and_merges(tmp_path, monkeypatch):
     with pytest.raises(common.UsageError, match="no rates file .*nowhere.json; bash bench/gpu.sh writes it"):
         cost.read_rates(str(tmp_path / "nowhere.json"))
     assert cost.peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+    # the PCIe card: 1,513 TFLOP/s bf16 "with sparsity" on NVIDIA's H100 datasheet, half of it dense
+    assert cost.peak_flops("NVIDIA H100 PCIe") == pytest.approx(1513e12 / 2, rel=1e-3)
+    assert cost.peak_flops("NVIDIA H200 NVL") == pytest.approx(1671e12 / 2, rel=1e-3)
     with pytest.raises(common.UsageError, match="no bf16 peak known for 'Tesla T4'"):
         cost.peak_flops("Tesla T4")
 
