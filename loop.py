@@ -64,9 +64,12 @@ def get_lr(step, lr, warmup_steps):
 
 def loss_sum(model, input_ids, attention_mask, labels):
     """Sum of the target tokens' cross-entropies of one batch: tensors in, a scalar tensor out (no
-    host sync), so torch.compile takes it whole (--compile: forward and backward compiled)."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask,
-                   decoder_input_ids=models.decoder_inputs(model, labels)).logits   # (batch, tgt_len, vocab)
+    host sync), so torch.compile takes it whole (--compile: forward and backward compiled). No
+    key/value cache: given decoder_input_ids and no labels, HF models build one (config.use_cache),
+    which training never reads, and whose construction (DynamicCache(config=...) deep-copies the
+    config) breaks the compiled graph under torch 2.11."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=models.decoder_inputs(model, labels),
+                   use_cache=False).logits   # (batch, tgt_len, vocab)
     return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
 
 

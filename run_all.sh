@@ -32,4 +32,4 @@ stages=(
 )
 # one process for all stages, so that the dry run can show every stage's commands (its made-up
 # results live in memory only); `python study.py STAGE ...` runs one
-python study.py "${stages[@]}" "$@"
+"${PYTHON:-python}" study.py "${stages[@]}" "$@"   # PYTHON: another interpreter
