@@ -454,6 +454,7 @@ def provenance(model_name, device):
                     versions[name] = metadata.version(name)
                 except metadata.PackageNotFoundError:
                     versions[name] = None
+    versions["torch"] = torch.__version__  # with its build: PyPI's CUDA wheel says 2.11.0, torch 2.11.0+cu130
     is_cuda = torch.device(device).type == "cuda"
     return {"git_commit": commit, "git_dirty": None if commit is None else bool(git("status", "--porcelain",
                                                                                       "--untracked-files=no")),

@@ -1,13 +1,15 @@
 """Shared fixtures: the real data in ../shared/data and the tiny models, built once per test session.
 
 The tiny models are built into a fresh temporary cache (not ~/.cache/xlgen), so every test run
-exercises the build from scratch, exactly as a user's first `--model tiny-mt5` would. The hub is
+exercises the build from scratch, exactly as a user's first `--model tiny-mt5` would (under xdist,
+their SentencePiece models are trained once, by the controller, and copied into each worker's). The hub is
 offline (HF_HUB_OFFLINE=1): tests never reach the network. cost.py prices with the fixed rates of
 tests/fixtures/rates (XLGEN_RATES).
 """
 
 import os
 import re
+import shutil
 import sys
 
 import pytest
@@ -29,6 +31,7 @@ DATA_DIR = os.path.normpath(os.path.join(REPO, "..", "shared", "data"))
 FIXTURES = os.path.join(REPO, "tests", "fixtures", "xlsum")
 TEXT_LANGS = ["en", "fr", "es", "ru", "zh", "ko", "ja", "ar", "de", "th", "ro", "vi"]
 FAMILIES = {"tiny-mt5": "mt5", "tiny-mbart": "mbart", "tiny-nllb": "nllb"}
+SHARED_SPM = "XLGEN_TEST_SPM"   # the xdist controller's SentencePiece models, for the workers
 
 
 def pytest_configure(config):
@@ -36,11 +39,38 @@ def pytest_configure(config):
     if WORKERS > 1:
         import torch
         torch.set_num_threads(1)
+    _train_sentencepiece_once(config)
+
+
+def _train_sentencepiece_once(config):
+    """Under pytest-xdist, the controller trains the tiny tokenizers' SentencePiece models once, on
+    both cores before the workers start (models.build_sentencepiece: 26 s on one thread), and each
+    worker copies them into its fresh cache (tiny_cache), where it still builds the tiny models
+    themselves from scratch. Before, each worker trained them itself, ~43 s each with both at once."""
+    text = os.path.join(DATA_DIR, "text")
+    if os.environ.get("PYTEST_XDIST_WORKER") or not getattr(config.option, "numprocesses", None) or \
+            not os.path.isdir(text):
+        return
+    import tempfile
+    import models
+    spm = os.path.join(tempfile.mkdtemp(prefix="xlgen-test-spm-"), "spm")
+    os.mkdir(spm)
+    models.build_sentencepiece(text, spm)
+    os.environ[SHARED_SPM] = spm
+
+
+def pytest_unconfigure(config):
+    spm = os.environ.pop(SHARED_SPM, None)
+    if spm and not os.environ.get("PYTEST_XDIST_WORKER"):
+        shutil.rmtree(os.path.dirname(spm), ignore_errors=True)
 
 
 @pytest.fixture(scope="session", autouse=True)
 def tiny_cache(tmp_path_factory):
     cache = str(tmp_path_factory.mktemp("xlgen-cache"))
+    if os.environ.get(SHARED_SPM):  # trained once by the xdist controller (_train_sentencepiece_once)
+        import models
+        shutil.copytree(os.environ[SHARED_SPM], os.path.join(cache, f"tiny-v{models.TINY_VERSION}", "spm"))
     old = os.environ.get("XLGEN_CACHE")
     os.environ["XLGEN_CACHE"] = cache
     yield cache
