@@ -114,12 +114,17 @@ _TOKENIZER_DIGESTS = {}
 
 
 def tokenizer_digest(tokenizer):
-    """SHA-256 of the fast tokenizer's full definition (vocabulary, normalizer, added tokens)."""
+    """SHA-256 of the fast tokenizer's full definition (vocabulary, normalizer, added tokens), without
+    its truncation and padding: HF leaves those set on the backend by the last call that asked for
+    them (truncation=True, padding=True), so they say what came before, not what the tokenizer is."""
     if id(tokenizer) not in _TOKENIZER_DIGESTS:
         backend = getattr(tokenizer, "backend_tokenizer", None)
         if backend is None:
             raise UsageError(f"--model: the token cache needs a fast tokenizer; {type(tokenizer).__name__} is not one")
-        _TOKENIZER_DIGESTS[id(tokenizer)] = (tokenizer, hashlib.sha256(backend.to_str().encode()).hexdigest())
+        definition = json.loads(backend.to_str())
+        definition["truncation"] = definition["padding"] = None
+        digest = hashlib.sha256(json.dumps(definition, sort_keys=True).encode()).hexdigest()
+        _TOKENIZER_DIGESTS[id(tokenizer)] = (tokenizer, digest)
     return _TOKENIZER_DIGESTS[id(tokenizer)][1]
 
 

@@ -252,6 +252,22 @@ def _entry_bytes(directory):
     return {name: open(os.path.join(directory, name), "rb").read() for name in ("tokens.bin", "index.npy")}
 
 
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_a_tokenizers_cache_key_does_not_depend_on_the_calls_before_it(name, tokenizers, tmp_path):
+    """Two loads of one tokenizer, one of them called with truncation and padding first (as a run's
+    evaluation encoder calls it): HF leaves those settings on the backend, and they were part of the
+    key, so a process that had tokenized with truncation built a second entry for the same text (the
+    IT corpus: ~30 min at real size) and did not find the first one's leftovers (seen in CI)."""
+    fresh, used = (models.load_tokenizer(name, DATA_DIR) for _ in range(2))
+    used(["one two three four five six", "seven"], truncation=True, max_length=4, padding=True)
+    assert json.loads(used.backend_tokenizer.to_str())["truncation"] is not None  # the state is there
+    assert token_cache.tokenizer_digest(used) == token_cache.tokenizer_digest(fresh)
+    path = tmp_path / "text.txt"
+    path.write_text("\n".join(data.read_text(data.text_path(DATA_DIR, "en"))[:200]) + "\n", encoding="utf-8")
+    first = token_cache.text_paragraphs(str(path), fresh, str(tmp_path / "cache"))
+    assert token_cache.text_paragraphs(str(path), used, str(tmp_path / "cache")).directory == first.directory
+
+
 @pytest.mark.slow
 def test_two_jobs_building_one_entry_at_once_build_it_once(tokenizers, tmp_path):
     path, root = _big_text(tmp_path / "text.txt", 3), str(tmp_path / "cache")
