@@ -20,8 +20,9 @@ loop.generate is the entry point; this module holds what it needs to go fast:
         rows still going    16   15   14   13   12   11   10    9  ...
         bucket (shape)      16   16   14   14   12   12   10   10  ...   re-packed at 14, 12, 10
 
-  So the decoder step sees a few shapes only; torch.compile(mode="reduce-overhead") records one
-  CUDA graph per shape and replays it, instead of launching a few hundred small kernels per token.
+  So the decoder step sees a few shapes only; torch.compile(mode="reduce-overhead") compiles one
+  graph for all of them (their rows and positions marked dynamic: _dynamic), records one CUDA graph
+  per shape and replays it, instead of launching a few hundred small kernels per token.
   Tokens are those of HF generate (tests/test_loop.py, every family and method, compiled or not).
 - **StaticDecoder.beam_search**: the same for beam search (translate_train.py's beam of 4): HF
   generate's vectorised algorithm, step for step, on rows = sources x beams; a source leaves once
@@ -46,10 +47,28 @@ MEMORY_SHARE = 0.8       # of the device's free memory, for generation (the rest
 # CPU: a source-token budget and a row cap (bench/generate_throughput.py on 2 cores).
 CPU_LIMITS = (8000, 256)
 SELF_CACHE_START = 16    # positions of beam search's self-attention cache before it first doubles
+MIN_ROWS = 2             # a batch of one row (beam search: one source) is padded to two: see _dynamic
 
 
 def bucket(n):
     return data.bucket(n, BUCKETS_PER_OCTAVE)
+
+
+def row_bucket(n):
+    """Rows (beam search: sources) of a static batch holding `n`: bucket(n), at least MIN_ROWS."""
+    return max(MIN_ROWS, bucket(n))
+
+
+def _dynamic(tensor, *dims):
+    """Mark `dims` of `tensor` as sizes that differ between a decoder's shapes (rows, source positions,
+    beam search's self-attention positions), so that torch.compile's first graph is already general
+    in them, and returns it. Unmarked, dynamo compiles a graph for the first shape, then once more
+    for each dimension that changes (beam search: 5 graphs, greedy: 2; marked: 2 and 1, compile
+    time a GPU saves on each process). A size of 1 is still specialized (one more graph): hence
+    MIN_ROWS."""
+    for dim in dims:
+        torch._dynamo.maybe_mark_dynamic(tensor, dim)
+    return tensor
 
 
 def _decoder_dims(config):
@@ -158,16 +177,17 @@ class StaticDecoder:
             mode = "reduce-overhead" if cuda and backend == "inductor" else None
             self.step = torch.compile(_step, mode=mode, backend=backend)
 
-    def _view(self, name, shape, dtype, device, capacity=0):
+    def _view(self, name, shape, dtype, device, capacity=0, dynamic=()):
         """A tensor of `shape` at the start of the flat buffer `name` (grown when too small, to at least
-        `capacity` elements: what the tensor may grow to in this batch)."""
+        `capacity` elements: what the tensor may grow to in this batch), its `dynamic` dimensions
+        marked (_dynamic)."""
         numel = math.prod(shape)
         flat = self.buffers.get(name)
         if flat is None or flat.numel() < max(numel, capacity) or flat.dtype != dtype:
             flat = self.buffers[name] = torch.zeros(max(numel, capacity), dtype=dtype, device=device)
         view = flat[:numel].view(shape)
         torch._dynamo.mark_static_address(view)
-        return view
+        return _dynamic(view, *dynamic)
 
     def _cache(self, rows, self_len, cross_len, dtype, device, self_capacity=0):
         """An EncoderDecoderCache of StaticCache layers whose keys and values are buffer views (the
@@ -180,7 +200,7 @@ class StaticDecoder:
             for i, layer in enumerate(cache.layers):
                 for attr in ("keys", "values"):
                     setattr(layer, attr, self._view(f"{kind}{i}{attr[0]}", (rows, heads, length, d_kv), dtype, device,
-                                                    rows * heads * capacity * d_kv))
+                                                    rows * heads * capacity * d_kv, dynamic=(0, 2)))
                 layer.keys.zero_()
                 layer.values.zero_()
                 layer.device, layer.batch_size, layer.num_heads = device, rows, heads
@@ -206,11 +226,13 @@ class StaticDecoder:
                     new = old.view(-1)[:moved.numel()].view(moved.shape)
                     new.copy_(moved)
                     torch._dynamo.mark_static_address(new)
-                    setattr(layer, attr, new)
+                    setattr(layer, attr, _dynamic(new, 0, 2))
                 layer.batch_size = rows
-        states = self._view("encoder", (rows,) + encoder_states.shape[1:], encoder_states.dtype, encoder_states.device)
+        states = self._view("encoder", (rows,) + encoder_states.shape[1:], encoder_states.dtype, encoder_states.device,
+                            dynamic=(0, 1))
         states.copy_(encoder_states.index_select(0, index))
-        mask = self._view("mask", (rows, attention_mask.shape[1]), attention_mask.dtype, attention_mask.device)
+        mask = self._view("mask", (rows, attention_mask.shape[1]), attention_mask.dtype, attention_mask.device,
+                          dynamic=(0, 1))
         mask.copy_(attention_mask.index_select(0, index))
         return cache, states, mask
 
@@ -222,7 +244,8 @@ class StaticDecoder:
                 old = getattr(layer, attr)
                 written = old.clone()                            # old and new share storage
                 rows, heads, _, d_kv = old.shape
-                new = self._view(f"self{i}{attr[0]}", (rows, heads, length, d_kv), old.dtype, old.device)
+                new = self._view(f"self{i}{attr[0]}", (rows, heads, length, d_kv), old.dtype, old.device,
+                                 dynamic=(0, 2))
                 new.zero_()
                 new[:, :, :written.shape[2]].copy_(written)
                 setattr(layer, attr, new)
@@ -234,7 +257,7 @@ class StaticDecoder:
         states, the mask and, per slot before the repeat, the row of the batch it holds."""
         batch_size, source_len = input_ids.shape
         device = input_ids.device
-        rows, length = bucket(batch_size), max(source_len, min(bucket(source_len), self.max_source))
+        rows, length = row_bucket(batch_size), max(source_len, min(bucket(source_len), self.max_source))
         index = torch.cat([torch.arange(batch_size, device=device),
                            torch.zeros(rows - batch_size, dtype=torch.long, device=device)])
         padded_ids = torch.full((rows, length), pad, dtype=input_ids.dtype, device=device)
@@ -243,9 +266,10 @@ class StaticDecoder:
         padded_mask[:, :source_len] = attention_mask[index]
         encoded = self.model.get_encoder()(input_ids=padded_ids, attention_mask=padded_mask).last_hidden_state
         # generate runs the encoder once per source and repeats its output for the beams, as here
-        encoder_states = self._view("encoder", (rows * beams,) + encoded.shape[1:], encoded.dtype, device)
+        encoder_states = self._view("encoder", (rows * beams,) + encoded.shape[1:], encoded.dtype, device,
+                                    dynamic=(0, 1))
         encoder_states.copy_(encoded if beams == 1 else encoded.repeat_interleave(beams, dim=0))
-        mask = self._view("mask", (rows * beams, length), padded_mask.dtype, device)
+        mask = self._view("mask", (rows * beams, length), padded_mask.dtype, device, dynamic=(0, 1))
         mask.copy_(padded_mask if beams == 1 else padded_mask.repeat_interleave(beams, dim=0))
         return encoder_states, mask, index
 
@@ -285,13 +309,13 @@ class StaticDecoder:
             num_going = int(going.sum())
             if num_going == 0:
                 break
-            if bucket(num_going) < rows:                                # re-pack into a smaller bucket
-                rows = bucket(num_going)
+            if row_bucket(num_going) < rows:                            # re-pack into a smaller bucket
+                rows = row_bucket(num_going)
                 kept = _fill(going.nonzero().squeeze(1), rows)
                 cache, encoder_states, mask = self._repack(cache, kept, encoder_states, mask)
                 tokens, slot_row = tokens[kept], slot_row[kept]
                 going = torch.arange(rows, device=device) < num_going
-            last = tokens[:, None]
+            last = _dynamic(tokens[:, None], 0)
         return out[:, :written]
 
     @torch.no_grad()
@@ -345,8 +369,9 @@ class StaticDecoder:
                 length = min(capacity, 2 * length)
                 self._grow_self_cache(cache, length)
             step_fn = _step if step == 0 else self.step          # step 0 fills the cross cache
-            log_probs = torch.log_softmax(step_fn(model, encoder_states, mask, running[:, :, step].reshape(-1, 1),
-                                                  cache), dim=-1)   # a new tensor: a CUDA graph's output is reused
+            last = _dynamic(running[:, :, step].reshape(-1, 1), 0)
+            log_probs = torch.log_softmax(step_fn(model, encoder_states, mask, last, cache),
+                                          dim=-1)                # a new tensor: a CUDA graph's output is reused
             force_token(log_probs, step, max_new_tokens, forced_bos, forced_eos)
             if logits_fn is not None:
                 logits_fn(item.repeat_interleave(beams), step, log_probs)
@@ -397,10 +422,10 @@ class StaticDecoder:
             if num_live == 0:
                 break
             rows = (parent + torch.arange(items, device=device)[:, None] * beams).view(-1)   # each beam's parent row
-            if bucket(num_live) >= items:
+            if row_bucket(num_live) >= items:
                 _reorder_self_cache(cache, rows, step + 1)
             else:                                                # re-pack the sources still searching
-                items = bucket(num_live)
+                items = row_bucket(num_live)
                 kept = _fill(live.nonzero().squeeze(1), items)
                 slots = (kept[:, None] * beams + torch.arange(beams, device=device)).view(-1)
                 # slot j takes the cross cache, states and mask of row slots[j] and the self cache of

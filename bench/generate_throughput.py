@@ -187,7 +187,10 @@ def loop_sync(device):
         torch.cuda.synchronize()
 
 
-def run_workload(name, args, model, tokenizer, encoder, device):
+def run_workload(name, args, model, tokenizer, encoder, device, on_row=None):
+    """Each configuration's row ({"seconds", "tokens_per_s", "same", ...}), by key; on_row(key, row)
+    is called as each is measured, before the next starts (main records rates there, so a run cut
+    short by bench/gpu.sh's time limit keeps what it measured)."""
     encoded, lengths, max_new_tokens = workload(name, args, tokenizer, encoder)
     rule = ReferenceLengths(lengths, tokenizer.eos_token_id)
     generation = encoder.generation_kwargs("en")
@@ -236,6 +239,8 @@ def run_workload(name, args, model, tokenizer, encoder, device):
         rate = f"{flops / seconds / 1e12:>9.2f}" if flops else f"{'-':>9}"
         print(f"{key:<15}{cold:>8.2f}{seconds:>9.2f}{tokens / seconds:>12,.0f}{rate}"
               f"{rows[chosen[0]]['seconds'] / seconds:>9.2f}x{f'{same}/{len(encoded)}':>24}", flush=True)
+        if on_row is not None:
+            on_row(key, rows[key])
     return rows
 
 
@@ -291,18 +296,27 @@ def main(args):
           f"{'bf16 autocast' if device.type == 'cuda' else 'fp32'}; source cut at {encoder.max_source_length} tokens")
     if args.profile:
         return profile(args.workloads.split(",")[0], args, model, tokenizer, encoder, device)
-    summary = {key: run_workload(key, args, model, tokenizer, encoder, device) for key in args.workloads.split(",")}
-    # greedy rates from the XL-Sum-length work, beam search's from translate-train's
+    # greedy rates from the XL-Sum-length work, beam search's from translate-train's, recorded as each
+    # configuration is measured (those that decode exactly as the first configuration)
     measured, section = ("xlsum", "generate") if args.num_beams == 1 else ("translate", "beam")
-    if args.rates and device.type == "cuda" and args.dims in DIMS and measured in summary:
-        entries = {RATE_PATHS[key]: {"flops": row["flops"], "seconds": row["seconds"], "tokens_per_s": row["tokens_per_s"],
-                                     "examples": row["examples"], "same_as_first": row["same"], "model": DIMS[args.dims],
-                                     "beams": args.num_beams}
-                   for key, row in summary[measured].items() if key in RATE_PATHS and row["same"] == row["examples"]}
-        cost.record_rates(args.rates, [section, family], entries, name, time.strftime("%Y-%m-%d"),
-                          cost.peak_flops(name))
-        print(f"{section} rates of {family} ({', '.join(entries)}; those identical to the first configuration) "
-              f"written to {args.rates}")
+    recording = bool(args.rates) and device.type == "cuda" and args.dims in DIMS
+    written = []
+
+    def record(workload_name, key, row):
+        if recording and workload_name == measured and key in RATE_PATHS and row["same"] == row["examples"]:
+            entry = {"flops": row["flops"], "seconds": row["seconds"], "tokens_per_s": row["tokens_per_s"],
+                     "examples": row["examples"], "same_as_first": row["same"], "model": DIMS[args.dims],
+                     "beams": args.num_beams}
+            cost.record_rates(args.rates, [section, family], {RATE_PATHS[key]: entry}, name,
+                              time.strftime("%Y-%m-%d"), cost.peak_flops(name))
+            written.append(RATE_PATHS[key])
+    summary = {}
+    for key in args.workloads.split(","):
+        summary[key] = run_workload(key, args, model, tokenizer, encoder, device,
+                                    on_row=lambda config, row, workload_name=key: record(workload_name, config, row))
+    if recording and measured in summary:
+        print(f"{section} rates of {family} ({', '.join(written) or 'none'}; those identical to the first "
+              f"configuration) written to {args.rates}")
     elif args.rates:
         print("--rates: not written (rates for cost.py: a GPU, real --dims, the xlsum workload (greedy) or the "
               "translate workload (--num-beams > 1))")

@@ -21,7 +21,10 @@
 #   5. cost.py and the study's dry-run total at the rates just measured (at once: ~12 s)
 # Steps 1-4 have time limits of 465 s in all, and none runs past BUDGET (455 s) from the start: a
 # step that would is cut at it, and one that starts after it is skipped, so with the ~20 s of the
-# rest the script ends within 8 minutes; a step that hangs or is cut leaves the others' figures.
+# rest the script ends within 8 minutes; a step that hangs or is cut leaves the others' figures, and
+# its own configurations measured before the cut: each bench prints a configuration's row and writes
+# its rates as soon as it is measured (training's --budget cuts a configuration that would outlast
+# the step's limit, so the bench itself ends and says which it left out).
 # WHEELS: a folder of wheels installed into a temporary folder ahead of the Python's own packages
 # (a GPU node's image keeps its CUDA build of torch and takes the pinned transformers from there).
 set -uo pipefail
@@ -55,7 +58,7 @@ print('torch', torch.__version__, 'transformers', transformers.__version__)
 for name in ('tiny-mt5', 'tiny-mbart', 'tiny-nllb'):
     models.load_tokenizer(name, sys.argv[1])" "$DATA" || failed=1
 step 220 "$PY" bench/train_throughput.py --dims mt5-base --device cuda --data-dir "$DATA" --num-examples 3100 \
-    --modes ours,ours-compiled --curve --mode-timeout 150 --rates "$RATES"
+    --modes ours,ours-compiled --curve --mode-timeout 150 --budget 210 --rates "$RATES"
 step 120 "$PY" bench/generate_throughput.py --dims mt5-base --device cuda --data-dir "$DATA" --workloads xlsum \
     --configurations hf-sorted,ours,compiled,compiled-auto --rates "$RATES"
 for dims in mbart-large-50 nllb-600M; do

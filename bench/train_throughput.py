@@ -64,6 +64,8 @@ def parse_args(argv=None):
     p.add_argument("--curve", action="store_true",
                    help="first a pass with dropout off, whose loss curves (ours, ours-compiled) are compared")
     p.add_argument("--mode-timeout", type=float, default=None, help="seconds a configuration may take (then left out)")
+    p.add_argument("--budget", type=float, default=None,
+                   help="seconds all configurations may take together: each is cut at what is left (bench/gpu.sh)")
     p.add_argument("--backend", default="inductor", help="torch.compile backend of ours-compiled")
     p.add_argument("--rates", default=None, metavar="FILE",
                    help="write the measured training rates into FILE for cost.py (bench/rates.json; GPU, mt5-base)")
@@ -192,7 +194,13 @@ def run_mode(args):
                     for b in stream.epoch_batches(0))   # real tokens only: bucket padding is not work done
     print(json.dumps({"mode": args.mode, "flops": flops, "steps": steps, "real_tokens": real, "padded_tokens": padded,
                       "seconds": seconds, "first_pass_seconds": passes[0], "losses": losses, "tokens_per_s": real / seconds, "padding_efficiency": real / padded,
-                      "peak_memory_mb": peak_memory_mb(device), "params": params, "device": str(device)}))
+                      "peak_memory_mb": peak_memory_mb(device), "params": params, "device": str(device),
+                      "machine": machine_name(device)}))
+
+
+def machine_name(device):
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else \
+        f"{platform.machine()} CPU, {os.cpu_count()} cores"
 
 
 def profile_ours(args):
@@ -233,34 +241,29 @@ def main(args):
         return profile_ours(args)
     if args.mode:
         return run_mode(args)
-    rows = []
+    # Each configuration's row is printed, and its rates recorded, as soon as it finishes: a run cut
+    # short (bench/gpu.sh's time limit) keeps what it measured.
+    started, rows = time.monotonic(), []
     for mode in args.modes.split(","):
+        timeout = mode_timeout(args, time.monotonic() - started)
+        if timeout is not None and timeout <= 0:
+            print(f"{mode}: not run, the --budget of {args.budget:.0f} s is spent; left out", flush=True)
+            continue
         argv = [sys.executable, os.path.abspath(__file__), "--mode", mode, "--data-dir", args.data_dir,
                 "--num-examples", str(args.num_examples), "--max-tokens", str(args.max_tokens), "--dims", args.dims,
                 "--device", args.device, "--lr", str(args.lr), "--warmup-steps", str(args.warmup_steps)]
         argv += ["--foreach"] * args.foreach + ["--compile"] * args.compile + ["--backend", args.backend] + ["--curve"] * args.curve
         try:
-            out = subprocess.run(argv, capture_output=True, text=True, timeout=args.mode_timeout)
+            out = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired:
-            print(f"{mode}: did not finish in {args.mode_timeout} s (--mode-timeout); left out", flush=True)
+            print(f"{mode}: did not finish in {timeout:.0f} s (--mode-timeout, --budget); left out", flush=True)
             continue
         if out.returncode != 0:
             sys.exit(f"error: {mode} failed:\n{out.stderr[-3000:]}")
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        report_row(args, rows)
     if not rows:
-        sys.exit("error: no configuration finished (--mode-timeout)")
-    ours = next((r for r in rows if r["mode"] == "ours"), rows[0])  # the ratios are against ours when it ran
-    device = ours["device"]
-    name = torch.cuda.get_device_name() if device.startswith("cuda") else f"{platform.machine()} CPU, {os.cpu_count()} cores"
-    print(f"machine: {name}; model: {args.dims} ({ours['params'] / 1e6:.1f}M parameters); "
-          f"{args.num_examples} SQuAD stand-in examples once each; {ours['real_tokens']:,} real tokens")
-    print(f"{'configuration':<17}{'steps':>7}{'1st pass s':>12}{'seconds':>9}{'real tok/s':>12}{'pad. eff.':>11}"
-          f"{'peak MB':>10}{'ours / this':>13}")
-    for row in rows:
-        ratio = row["seconds"] / ours["seconds"]
-        print(f"{row['mode']:<17}{row['steps']:>7}{row['first_pass_seconds']:>12.1f}{row['seconds']:>9.1f}"
-              f"{row['tokens_per_s']:>12,.0f}{row['padding_efficiency']:>11.3f}{row['peak_memory_mb']:>10,.0f}"
-              f"{ratio:>12.2f}x")
+        sys.exit("error: no configuration finished (--mode-timeout, --budget)")
     curves = {r["mode"]: r["losses"] for r in rows if r["losses"]}
     if "ours" in curves and "ours-compiled" in curves:
         eager, compiled = curves["ours"], curves["ours-compiled"]
@@ -269,25 +272,50 @@ def main(args):
         print(f"loss curves, ours-compiled against ours over {len(gaps)} steps: largest relative difference "
               f"{gaps[worst]:.2e} (step {worst + 1}: {compiled[worst]:.4f} against {eager[worst]:.4f}); mean "
               f"{sum(gaps) / len(gaps):.2e}; first {eager[0]:.4f}, last {eager[-1]:.4f} (eager)")
-    if args.dims == "mt5-base" and device.startswith("cuda"):
-        import cost
-        peak = cost.peak_flops(name)
-        for row in (r for r in rows if r["mode"] in PASSES):
-            mfu = row["flops"] / row["seconds"] / peak
-            hours = 20000 * row["real_tokens"] / row["steps"] / row["tokens_per_s"] / 3600
-            print(f"model FLOPs utilisation of {row['mode']} (cost.batch_flops: 6 FLOPs per weight and real token, "
-                  f"embeddings left out, + attention; dense bf16 peak): {mfu:.1%} "
-                  f"({row['flops'] / row['seconds'] / 1e12:.0f} TFLOP/s); projected 20k-step run at "
-                  f"{row['real_tokens'] / row['steps']:,.0f} real tokens/step: {hours:.2f} h")
-        if args.rates:
-            paths = {"ours": "eager", "ours-compiled": "compiled"}
-            entries = {paths[r["mode"]]: {k: r[k] for k in ("flops", "seconds", "real_tokens", "steps")}
-                       | {"model": "google/mt5-base", "max_tokens": args.max_tokens}
-                       for r in rows if r["mode"] in paths}
-            cost.record_rates(args.rates, ["train"], entries, name, time.strftime("%Y-%m-%d"), peak)
-            print(f"training rates ({', '.join(entries)}) written to {args.rates}")
-    elif args.rates:
+    if args.rates and not measures_rates(args, rows[0]):
         print("--rates: not written (rates for cost.py are measured on a GPU at --dims mt5-base)")
+
+
+def mode_timeout(args, elapsed):
+    """Seconds the next configuration may take: --mode-timeout, and no more than what is left of
+    --budget after `elapsed` (None: no limit)."""
+    limits = [t for t in (args.mode_timeout, None if args.budget is None else args.budget - elapsed) if t is not None]
+    return min(limits) if limits else None
+
+
+def measures_rates(args, row):
+    """Whether a configuration's row holds rates for cost.py: a GPU, the real mT5-base dimensions."""
+    return args.dims == "mt5-base" and row["device"].startswith("cuda")
+
+
+def report_row(args, rows):
+    """Print the newest row of `rows` (after the table's header, with the first row), its model FLOPs
+    utilisation on a GPU at real dimensions, and record its rates (--rates)."""
+    row, first = rows[-1], rows[0]
+    if len(rows) == 1:
+        print(f"machine: {row['machine']}; model: {args.dims} ({row['params'] / 1e6:.1f}M parameters); "
+              f"{args.num_examples} SQuAD stand-in examples once each; {row['real_tokens']:,} real tokens")
+        print(f"{'configuration':<17}{'steps':>7}{'1st pass s':>12}{'seconds':>9}{'real tok/s':>12}{'pad. eff.':>11}"
+              f"{'peak MB':>10}{first['mode'] + ' / this':>{max(13, len(first['mode']) + 9)}}")
+    print(f"{row['mode']:<17}{row['steps']:>7}{row['first_pass_seconds']:>12.1f}{row['seconds']:>9.1f}"
+          f"{row['tokens_per_s']:>12,.0f}{row['padding_efficiency']:>11.3f}{row['peak_memory_mb']:>10,.0f}"
+          f"{row['seconds'] / first['seconds']:>{max(12, len(first['mode']) + 8)}.2f}x", flush=True)
+    if row["mode"] not in PASSES or not measures_rates(args, row):
+        return
+    import cost
+    peak = cost.peak_flops(row["machine"])
+    mfu = row["flops"] / row["seconds"] / peak
+    hours = 20000 * row["real_tokens"] / row["steps"] / row["tokens_per_s"] / 3600
+    print(f"model FLOPs utilisation of {row['mode']} (cost.batch_flops: 6 FLOPs per weight and real token, "
+          f"embeddings left out, + attention; dense bf16 peak): {mfu:.1%} "
+          f"({row['flops'] / row['seconds'] / 1e12:.0f} TFLOP/s); projected 20k-step run at "
+          f"{row['real_tokens'] / row['steps']:,.0f} real tokens/step: {hours:.2f} h", flush=True)
+    if args.rates:
+        path = {"ours": "eager", "ours-compiled": "compiled"}[row["mode"]]
+        entry = {k: row[k] for k in ("flops", "seconds", "real_tokens", "steps")} | {
+            "model": "google/mt5-base", "max_tokens": args.max_tokens}
+        cost.record_rates(args.rates, ["train"], {path: entry}, row["machine"], time.strftime("%Y-%m-%d"), peak)
+        print(f"training rate ({path}) written to {args.rates}", flush=True)
 
 
 if __name__ == "__main__":

@@ -198,18 +198,22 @@ def test_generation_configs_greedy_batch_does_not_follow_go_to_hf_generate():
                                                  ("tiny-nllb", "lora", "aot_eager"), ("tiny-nllb", "full", "inductor")])
 def test_compiled_static_decoder_decodes_exactly_as_hf_generate(name, method, backend):
     """The static decoder with its step compiled by torch.compile against HF generate on each source
-    alone, the rows ending at chosen steps so the batch re-packs through several buckets (each a new
-    shape). aot_eager: dynamo's graphs of the real modules, hooks and static cache, run as traced;
-    inductor (once, its C++ code generation is slow on 2 cores): the code a GPU run compiles too,
-    there captured as CUDA graphs (mode "reduce-overhead")."""
+    alone, the rows ending one by one so the batch re-packs through every bucket from 10 rows down to
+    one row (each a new shape). aot_eager: dynamo's graphs of the real modules, hooks and static
+    cache, run as traced; inductor (once, its C++ code generation is slow on 2 cores): the code a GPU
+    run compiles too, there captured as CUDA graphs (mode "reduce-overhead"). Dynamo compiles one
+    graph for all those shapes (decode._dynamic; unmarked it compiled 3: the first shape's, a
+    general one, and one row's)."""
     model, tokenizer, encoded, generation = adapted_and_encoded(name, method, "de", 9)
-    rule = Lengths([3 + 3 * (i % 3) for i in range(len(encoded))], tokenizer.eos_token_id)  # 9 -> 6 -> 3 rows
+    rule = Lengths([2 + i for i in range(len(encoded))], tokenizer.eos_token_id)  # rows end at steps 2..10
     torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
     static = decode.StaticDecoder(model, compile=True, backend=backend)
     ours = loop.generate(model, tokenizer, encoded, generation, CPU, 12, max_tokens=100_000, max_batch_size=256,
                          logits_fn=rule, decoder=static)
     assert ours == one_by_one(model, tokenizer, encoded, generation, 12, rule)
     assert static.step is not decode._step
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
 
 
 # ----------------------------------------------------------------------------- beam search
@@ -260,16 +264,22 @@ def test_static_beam_search_decodes_exactly_as_hf_generate(name, method, setting
 @pytest.mark.slow
 def test_compiled_beam_search_decodes_exactly_as_hf_generate():
     """The beam search with its step compiled (aot_eager: dynamo's graphs of the real modules and the
-    static cache, with the in-place reorder between steps) against HF generate, re-packing included."""
+    static cache, with the in-place reorder between steps) against HF generate, re-packing down to
+    one source and the self-attention cache growing from 16 positions to 32 included. Dynamo
+    compiles 2 graphs for all those shapes: a general one, and one for the grown cache (its length
+    is also a Python int of the cache, which dynamo specializes until it changes once). Unmarked
+    (decode._dynamic) it compiled 5: one per dimension that changed, and one source's."""
     model, tokenizer, encoded, generation = adapted_and_encoded("tiny-mbart", "full", "de", 9)
     sharpened(model)
-    rule = Ends([3 + 3 * (i % 3) for i in range(len(encoded))], tokenizer.eos_token_id)
+    rule = Ends([2 + 2 * i for i in range(len(encoded))], tokenizer.eos_token_id)   # </s> possible from steps 2..18
     torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
     static = decode.StaticDecoder(model, compile=True, backend="aot_eager")
-    ours = loop.generate(model, tokenizer, encoded, generation, CPU, 12, num_beams=4, max_tokens=100_000,
+    ours = loop.generate(model, tokenizer, encoded, generation, CPU, 20, num_beams=4, max_tokens=100_000,
                          max_batch_size=256, logits_fn=rule, decoder=static)
-    assert ours == one_by_one(model, tokenizer, encoded, generation, 12, rule, beams=4)
+    assert ours == one_by_one(model, tokenizer, encoded, generation, 20, rule, beams=4)
     assert static.step is not decode._step
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
 
 
 def test_beam_configs_the_static_decoder_does_not_follow_go_to_hf_generate():
