@@ -37,7 +37,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import sys
 import time
 
@@ -290,7 +289,7 @@ def main(args):
     model, family = build_model(args.dims, tokenizer, device)
     model.eval()
     encoder = models.Seq2SeqEncoder(tokenizer, family, models.max_length(model.config))
-    name = torch.cuda.get_device_name() if device.type == "cuda" else f"{platform.machine()} CPU, {os.cpu_count()} cores"
+    name = train_throughput.machine_name(device)
     params = sum(p.numel() for p in model.parameters())
     print(f"machine: {name}; model: {args.dims} ({params / 1e6:.1f}M parameters), random weights, "
           f"{'bf16 autocast' if device.type == 'cuda' else 'fp32'}; source cut at {encoder.max_source_length} tokens")

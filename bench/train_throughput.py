@@ -199,6 +199,8 @@ def run_mode(args):
 
 
 def machine_name(device):
+    """The benches' name of the machine: the GPU's as torch gives it (cost.peak_flops reads it), or
+    the CPU's architecture and cores."""
     return torch.cuda.get_device_name(device) if device.type == "cuda" else \
         f"{platform.machine()} CPU, {os.cpu_count()} cores"
 
