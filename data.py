@@ -870,6 +870,7 @@ def collate(encoded, pad_token_id):
 # 4000 tokens, 151 shapes an epoch instead of 641 and a padding efficiency of 0.91 instead of 0.96
 # (tests/test_data.py).
 TRAIN_BUCKETS = {"rows": (8, 1), "length": (8, 8)}   # (sizes an octave, multiple below 8 of them)
+TRAIN_MIN_ROWS = 2   # a batch of one row is padded to two: torch.compile specializes a size of 1 (a graph of its own)
 
 
 def bucket(n, per_octave=4, multiple=1):
@@ -884,8 +885,9 @@ def bucket(n, per_octave=4, multiple=1):
 
 
 def train_shape(rows, src_len, tgt_len):
-    """The bucketed (rows, source length, target length) of a training batch (TRAIN_BUCKETS)."""
-    return (bucket(rows, *TRAIN_BUCKETS["rows"]), bucket(src_len, *TRAIN_BUCKETS["length"]),
+    """The bucketed (rows, source length, target length) of a training batch (TRAIN_BUCKETS, at
+    least TRAIN_MIN_ROWS rows)."""
+    return (max(TRAIN_MIN_ROWS, bucket(rows, *TRAIN_BUCKETS["rows"])), bucket(src_len, *TRAIN_BUCKETS["length"]),
             bucket(tgt_len, *TRAIN_BUCKETS["length"]))
 
 
@@ -896,6 +898,7 @@ def pad_to_buckets(batch, pad_token_id):
 
         rows x source x target   9 x 37 x 5  ->  9 x 40 x 8
                                  17 x 230 x 3 -> 18 x 240 x 8   (one empty row)
+                                 1 x 300 x 12 ->  2 x 320 x 16  (one empty row: TRAIN_MIN_ROWS)
     """
     rows, src_len = batch["input_ids"].shape
     rows_to, src_to, tgt_to = train_shape(rows, src_len, batch["labels"].shape[1])

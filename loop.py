@@ -97,9 +97,19 @@ def make_optimizer(model, lr, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8, fo
 
 def compiled_loss(backend="inductor"):
     """loss_sum compiled by torch.compile for the training step (--compile). Shapes are bucketed
-    (data.pad_to_buckets) and marked dynamic after the first change (torch's automatic dynamic
-    shapes), so a run compiles a couple of graphs, not one per batch shape."""
-    return torch.compile(loss_sum, backend=backend)
+    (data.pad_to_buckets: at least 2 rows, since torch specializes a size of 1), and their rows and
+    lengths are marked dynamic before the first call, so the first graph already serves every
+    bucket: one compile per mode (train, eval), where torch's automatic dynamic shapes compiled the
+    first shape, then again for each dimension that changed (3 graphs; on a GPU each is a compile
+    of the whole forward and backward)."""
+    compiled = torch.compile(loss_sum, backend=backend)
+
+    def loss(model, input_ids, attention_mask, labels):
+        for tensor in (input_ids, attention_mask, labels):
+            torch._dynamo.maybe_mark_dynamic(tensor, 0)   # rows
+            torch._dynamo.maybe_mark_dynamic(tensor, 1)   # source or target positions
+        return compiled(model, input_ids, attention_mask, labels)
+    return loss
 
 
 def train_step(model, optimizer, batches, lr, grad_clip, device, precision=None, loss_fn=loss_sum):

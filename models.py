@@ -202,6 +202,12 @@ def decoder_inputs(model, labels):
         return model._shift_right(labels)
     if family == "mbart":
         from transformers.models.mbart.modeling_mbart import shift_tokens_right
+        # mBART's decoder starts with the row's last target token (its </s>). A row with no target
+        # -- an empty row of a bucketed batch, data.pad_to_buckets -- has none (HF gathers at index
+        # -1 and fails): it gets a </s> of its own, whose outputs the loss ignores (labels -100).
+        empty = (labels == -100).all(dim=1, keepdim=True)
+        first = torch.arange(labels.shape[1], device=labels.device) == 0
+        labels = torch.where(empty & first, model.config.eos_token_id, labels)
         return shift_tokens_right(labels, model.config.pad_token_id)
     from transformers.models.m2m_100.modeling_m2m_100 import shift_tokens_right
     return shift_tokens_right(labels, model.config.pad_token_id, model.config.decoder_start_token_id)

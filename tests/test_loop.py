@@ -65,13 +65,31 @@ def test_update_freq_2_at_2000_tokens_is_the_update_of_one_4000_token_batch(squa
     assert max(relative_error(g, r) for g, r in zip(naive, reference)) > 1e-3
 
 
+@pytest.mark.parametrize("name", ["tiny-mt5", "tiny-mbart", "tiny-nllb"])
+def test_a_bucketed_batch_with_empty_rows_has_the_loss_of_the_batch_as_collated(name, squad_train):
+    """--compile pads 17 rows to 18 (data.train_shape): the 18th has no source token and no target.
+    Its loss is the collated batch's. (mBART's shift of the labels starts each row with its last
+    target token; on a row without one HF's gather indexed -1 and the step failed.)"""
+    model, tokenizer = adapted(name, "full")
+    encoded = models.Seq2SeqEncoder(tokenizer, FAMILIES[name]).encode(data.qa_examples(squad_train[:17], "en"))
+    batch = data.collate(encoded, tokenizer.pad_token_id)
+    padded = data.pad_to_buckets(batch, tokenizer.pad_token_id)
+    assert padded["input_ids"].shape[0] == 18 and int(padded["attention_mask"][17].sum()) == 0
+    with torch.no_grad():
+        expected = loop.loss_sum(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+        loss = loop.loss_sum(model, padded["input_ids"], padded["attention_mask"], padded["labels"])
+    assert float(loss) == pytest.approx(float(expected), rel=1e-5)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name,method", [("tiny-mt5", "full"), ("tiny-mbart", "adapters")])  # ~70 s each
 def test_compiled_step_on_bucketed_batches_is_the_eager_step(name, method, squad_train):
     """--compile's training step (batches padded to data.train_shape, loss_sum compiled) against the
     eager step on the batches as collated: the same loss and gradients within float tolerance over
-    four batches of different shapes, dropout off (bucketing changes which numbers dropout draws, not
-    the loss). The compiled function is reused: torch compiles at most 3 graphs for the 4 shapes.
+    five batches of different shapes, dropout off (bucketing changes which numbers dropout draws, not
+    the loss). The compiled function is reused: 1 graph for the 5 shapes, whose rows, source and
+    target lengths all differ (torch's automatic dynamic shapes alone: 3, a graph per dimension's
+    change), one of them a batch of one row padded to two (a size of 1 would get a graph of its own).
     Backend aot_eager (dynamo's and AOT autograd's forward and backward graphs, without inductor's
     C++ code generation, minutes on 2 cores for a backward; the decoder test runs inductor)."""
     model, tokenizer = adapted(name, method)
@@ -81,11 +99,12 @@ def test_compiled_step_on_bucketed_batches_is_the_eager_step(name, method, squad
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     compiled = loop.compiled_loss("aot_eager")
-    shapes = set()
-    for _ in range(4):
+    shapes, collated_rows = [], []
+    for _ in range(5):
         batch = stream.collate(next(stream), tokenizer.pad_token_id)
+        collated_rows.append(batch["input_ids"].shape[0])
         padded = data.pad_to_buckets(batch, tokenizer.pad_token_id)
-        shapes.add(tuple(padded["input_ids"].shape) + (padded["labels"].shape[1],))
+        shapes.append(tuple(padded["input_ids"].shape) + (padded["labels"].shape[1],))
         results = []
         for batches, loss_fn in (([batch], loop.loss_sum), ([padded], compiled)):
             optimizer = RecordingSGD(params, lr=0.0)
@@ -97,8 +116,10 @@ def test_compiled_step_on_bucketed_batches_is_the_eager_step(name, method, squad
         # ignores a shift shared by all keys), its computed one is float noise on both sides
         scale = torch.cat([g.flatten() for g in eager_grads]).norm()
         assert max(float((g - r).norm() / scale) for g, r in zip(ours_grads, eager_grads)) < 1e-5
-    assert len(shapes) >= 3
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 3
+    rows, sources, targets = zip(*shapes)
+    assert collated_rows.count(1) == 1 and 1 not in rows, (collated_rows, shapes)
+    assert len(set(shapes)) == 5 and len(set(rows)) == 3 and len(set(sources)) == 5 and len(set(targets)) == 2, shapes
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
 
 
 # ----------------------------------------------------------------------------- the evaluation decoder
