@@ -21,7 +21,7 @@ loop.generate is the entry point; this module holds what it needs to go fast:
         bucket (shape)      16   16   14   14   12   12   10   10  ...   re-packed at 14, 12, 10
 
   So the decoder step sees a few shapes only; torch.compile(mode="reduce-overhead") compiles one
-  graph for all of them (their rows and positions marked dynamic: _dynamic), records one CUDA graph
+  graph for all of them (their rows and positions marked dynamic: mark_dynamic), records one CUDA graph
   per shape and replays it, instead of launching a few hundred small kernels per token.
   Tokens are those of HF generate (tests/test_loop.py, every family and method, compiled or not).
 - **StaticDecoder.beam_search**: the same for beam search (translate_train.py's beam of 4): HF
@@ -47,7 +47,7 @@ MEMORY_SHARE = 0.8       # of the device's free memory, for generation (the rest
 # CPU: a source-token budget and a row cap (bench/generate_throughput.py on 2 cores).
 CPU_LIMITS = (8000, 256)
 SELF_CACHE_START = 16    # positions of beam search's self-attention cache before it first doubles
-MIN_ROWS = 2             # a batch of one row (beam search: one source) is padded to two: see _dynamic
+MIN_ROWS = 2             # a batch of one row (beam search: one source) is padded to two: see mark_dynamic
 
 
 def bucket(n):
@@ -59,13 +59,13 @@ def row_bucket(n):
     return max(MIN_ROWS, bucket(n))
 
 
-def _dynamic(tensor, *dims):
+def mark_dynamic(tensor, *dims):
     """Mark `dims` of `tensor` as sizes that differ between a decoder's shapes (rows, source positions,
     beam search's self-attention positions), so that torch.compile's first graph is already general
     in them, and returns it. Unmarked, dynamo compiles a graph for the first shape, then once more
     for each dimension that changes (beam search: 5 graphs, greedy: 2; marked: 2 and 1, compile
     time a GPU saves on each process). A size of 1 is still specialized (one more graph): hence
-    MIN_ROWS."""
+    MIN_ROWS. The compiled training step marks its batches' rows and lengths too (loop.compiled_loss)."""
     for dim in dims:
         torch._dynamo.maybe_mark_dynamic(tensor, dim)
     return tensor
@@ -180,14 +180,14 @@ class StaticDecoder:
     def _view(self, name, shape, dtype, device, capacity=0, dynamic=()):
         """A tensor of `shape` at the start of the flat buffer `name` (grown when too small, to at least
         `capacity` elements: what the tensor may grow to in this batch), its `dynamic` dimensions
-        marked (_dynamic)."""
+        marked (mark_dynamic)."""
         numel = math.prod(shape)
         flat = self.buffers.get(name)
         if flat is None or flat.numel() < max(numel, capacity) or flat.dtype != dtype:
             flat = self.buffers[name] = torch.zeros(max(numel, capacity), dtype=dtype, device=device)
         view = flat[:numel].view(shape)
         torch._dynamo.mark_static_address(view)
-        return _dynamic(view, *dynamic)
+        return mark_dynamic(view, *dynamic)
 
     def _cache(self, rows, self_len, cross_len, dtype, device, self_capacity=0):
         """An EncoderDecoderCache of StaticCache layers whose keys and values are buffer views (the
@@ -226,7 +226,7 @@ class StaticDecoder:
                     new = old.view(-1)[:moved.numel()].view(moved.shape)
                     new.copy_(moved)
                     torch._dynamo.mark_static_address(new)
-                    setattr(layer, attr, _dynamic(new, 0, 2))
+                    setattr(layer, attr, mark_dynamic(new, 0, 2))
                 layer.batch_size = rows
         states = self._view("encoder", (rows,) + encoder_states.shape[1:], encoder_states.dtype, encoder_states.device,
                             dynamic=(0, 1))
@@ -315,7 +315,7 @@ class StaticDecoder:
                 cache, encoder_states, mask = self._repack(cache, kept, encoder_states, mask)
                 tokens, slot_row = tokens[kept], slot_row[kept]
                 going = torch.arange(rows, device=device) < num_going
-            last = _dynamic(tokens[:, None], 0)
+            last = mark_dynamic(tokens[:, None], 0)
         return out[:, :written]
 
     @torch.no_grad()
@@ -369,7 +369,7 @@ class StaticDecoder:
                 length = min(capacity, 2 * length)
                 self._grow_self_cache(cache, length)
             step_fn = _step if step == 0 else self.step          # step 0 fills the cross cache
-            last = _dynamic(running[:, :, step].reshape(-1, 1), 0)
+            last = mark_dynamic(running[:, :, step].reshape(-1, 1), 0)
             log_probs = torch.log_softmax(step_fn(model, encoder_states, mask, last, cache),
                                           dim=-1)                # a new tensor: a CUDA graph's output is reused
             force_token(log_probs, step, max_new_tokens, forced_bos, forced_eos)

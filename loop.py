@@ -106,8 +106,7 @@ def compiled_loss(backend="inductor"):
 
     def loss(model, input_ids, attention_mask, labels):
         for tensor in (input_ids, attention_mask, labels):
-            torch._dynamo.maybe_mark_dynamic(tensor, 0)   # rows
-            torch._dynamo.maybe_mark_dynamic(tensor, 1)   # source or target positions
+            decode.mark_dynamic(tensor, 0, 1)   # rows, source or target positions
         return compiled(model, input_ids, attention_mask, labels)
     return loss
 

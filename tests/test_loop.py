@@ -223,7 +223,7 @@ def test_compiled_static_decoder_decodes_exactly_as_hf_generate(name, method, ba
     one row (each a new shape). aot_eager: dynamo's graphs of the real modules, hooks and static
     cache, run as traced; inductor (once, its C++ code generation is slow on 2 cores): the code a GPU
     run compiles too, there captured as CUDA graphs (mode "reduce-overhead"). Dynamo compiles one
-    graph for all those shapes (decode._dynamic; unmarked it compiled 3: the first shape's, a
+    graph for all those shapes (decode.mark_dynamic; unmarked it compiled 3: the first shape's, a
     general one, and one row's)."""
     model, tokenizer, encoded, generation = adapted_and_encoded(name, method, "de", 9)
     rule = Lengths([2 + i for i in range(len(encoded))], tokenizer.eos_token_id)  # rows end at steps 2..10
@@ -289,7 +289,7 @@ def test_compiled_beam_search_decodes_exactly_as_hf_generate():
     one source and the self-attention cache growing from 16 positions to 32 included. Dynamo
     compiles 2 graphs for all those shapes: a general one, and one for the grown cache (its length
     is also a Python int of the cache, which dynamo specializes until it changes once). Unmarked
-    (decode._dynamic) it compiled 5: one per dimension that changed, and one source's."""
+    (decode.mark_dynamic) it compiled 5: one per dimension that changed, and one source's."""
     model, tokenizer, encoded, generation = adapted_and_encoded("tiny-mbart", "full", "de", 9)
     sharpened(model)
     rule = Ends([2 + 2 * i for i in range(len(encoded))], tokenizer.eos_token_id)   # </s> possible from steps 2..18
