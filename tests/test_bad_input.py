@@ -591,6 +591,7 @@ import time  # noqa: E402
 
 import common  # noqa: E402
 import launch  # noqa: E402
+import loop  # noqa: E402
 from conftest import FIXTURES, REPO  # noqa: E402
 
 
@@ -631,7 +632,9 @@ def test_two_finetunes_on_one_directory_ctrl_c_and_a_killed_holder(tmp_path, cap
     pid; Ctrl-C ends A with one line and status 130; C resumes and is SIGKILLed (its lock file
     stays, stale); D resumes through the stale lock to the end."""
     run = str(tmp_path / "run")
-    argv = QUICK + ["--eval-every", "20", "--max-steps", "400", "--out-dir", run]
+    # A must still be training when Ctrl-C comes, however long this test's process is held up (a
+    # 400-step A once finished first on a loaded machine): a run it cannot finish before it is stopped
+    argv = QUICK + ["--eval-every", "20", "--max-steps", "100000", "--out-dir", run]
     a, a_err = start_finetune(argv, tmp_path, "a")
     try:
         wait_for(lambda: os.path.isdir(os.path.join(run, "last")), "A's first checkpoint")
@@ -658,9 +661,11 @@ def test_two_finetunes_on_one_directory_ctrl_c_and_a_killed_holder(tmp_path, cap
     finally:
         c.kill()
     assert lock_pid(run) == str(c.pid)  # the file stays behind a SIGKILL; the kernel released the lock
-    code, _, err = run_cli(finetune, QUICK + ["--eval-every", "20", "--max-steps", "40", "--resume", "--out-dir", run], capsys)
+    end = loop.load_train_state(os.path.join(run, "last"))["step"] + 20  # D: one more evaluation, then done
+    code, _, err = run_cli(finetune, QUICK + ["--eval-every", "20", "--max-steps", str(end), "--resume", "--out-dir", run],
+                           capsys)
     assert code == 0, err
-    assert common.read_json(os.path.join(run, "results.json"))["config"]["max_steps"] == 40
+    assert common.read_json(os.path.join(run, "results.json"))["config"]["max_steps"] == end
 
 
 def test_a_study_directory_in_use_is_refused_and_its_runs_are_not_started(tmp_path, capsys):
