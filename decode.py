@@ -32,6 +32,7 @@ The first step (decoder start token) runs eagerly: it fills the cross-attention 
 encoder states, a different code path from every later step.
 """
 
+import functools
 import math
 
 import torch
@@ -63,9 +64,9 @@ def mark_dynamic(tensor, *dims):
     """Mark `dims` of `tensor` as sizes that differ between a decoder's shapes (rows, source positions,
     beam search's self-attention positions), so that torch.compile's first graph is already general
     in them, and returns it. Unmarked, dynamo compiles a graph for the first shape, then once more
-    for each dimension that changes (beam search: 5 graphs, greedy: 2; marked: 2 and 1, compile
-    time a GPU saves on each process). A size of 1 is still specialized (one more graph): hence
-    MIN_ROWS. The compiled training step marks its batches' rows and lengths too (loop.compiled_loss)."""
+    for each dimension that changes (beam search: 5 graphs, greedy: 2; marked, and the cache's
+    length read from its keys (_view_layer): 1 each, compile time a GPU saves on each process). A
+    size of 1 is still specialized (one more graph): hence MIN_ROWS. The compiled training step marks its batches' rows and lengths too (loop.compiled_loss)."""
     for dim in dims:
         torch._dynamo.maybe_mark_dynamic(tensor, dim)
     return tensor
@@ -191,13 +192,16 @@ class StaticDecoder:
 
     def _cache(self, rows, self_len, cross_len, dtype, device, self_capacity=0):
         """An EncoderDecoderCache of StaticCache layers whose keys and values are buffer views (the
-        self-attention buffers room for `self_capacity` positions, _grow_self_cache's)."""
+        self-attention buffers room for `self_capacity` positions, _grow_self_cache's), and whose
+        length is their keys' (_view_layer)."""
         from transformers import EncoderDecoderCache, StaticCache
         layers, heads, d_kv = _decoder_dims(self.model.config)
         caches = []
         for kind, length, capacity in (("self", self_len, self_capacity), ("cross", cross_len, 0)):
             cache = StaticCache(config=self.model.config, max_cache_len=length)
             for i, layer in enumerate(cache.layers):
+                del layer.max_cache_len                      # now the keys' length: _view_layer
+                layer.__class__ = _view_layer()
                 for attr in ("keys", "values"):
                     setattr(layer, attr, self._view(f"{kind}{i}{attr[0]}", (rows, heads, length, d_kv), dtype, device,
                                                     rows * heads * capacity * d_kv, dynamic=(0, 2)))
@@ -249,7 +253,6 @@ class StaticDecoder:
                 new.zero_()
                 new[:, :, :written.shape[2]].copy_(written)
                 setattr(layer, attr, new)
-            layer.max_cache_len = length
 
     def _encode(self, input_ids, attention_mask, pad, beams=1):
         """Encoder states and mask of a batch padded to the buckets -- rows (copies of row 0) and source
@@ -437,6 +440,22 @@ class StaticDecoder:
                                                       improvable, item))
                 live = torch.arange(items, device=device) < num_live
         return out[:, :written]
+
+
+@functools.cache
+def _view_layer():
+    """transformers' StaticLayer whose length (max_cache_len: the attention mask's width) is read from
+    its keys, not stored as an int. Dynamo treats an int attribute as a constant of the graph, so
+    beam search's cache growing from 16 positions to 32 compiled a second graph; a tensor's size is
+    one of the dimensions mark_dynamic made general, so one graph serves every length (and every
+    max_new_tokens a greedy call asks for)."""
+    from transformers.cache_utils import StaticLayer
+
+    class ViewLayer(StaticLayer):
+        @property
+        def max_cache_len(self):
+            return self.keys.shape[2]
+    return ViewLayer
 
 
 def _fill(keep, rows):

@@ -237,6 +237,23 @@ def test_compiled_static_decoder_decodes_exactly_as_hf_generate(name, method, ba
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
 
 
+def test_one_compiled_graph_serves_every_max_new_tokens():
+    """One decoder, calls of 12, 7 and 20 new tokens (as a process decodes validation, test and
+    another task): the tokens of HF generate and one graph. The self-attention cache is
+    max_new_tokens long; when its length was an int of transformers' StaticLayer, dynamo compiled
+    a second graph at the first other length (decode._view_layer)."""
+    model, tokenizer, encoded, generation = adapted_and_encoded("tiny-mt5", "full", "de", 4)
+    rule = Lengths([2 + 2 * i for i in range(len(encoded))], tokenizer.eos_token_id)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    static = decode.StaticDecoder(model, compile=True, backend="aot_eager")
+    for max_new_tokens in (12, 7, 20):
+        ours = loop.generate(model, tokenizer, encoded, generation, CPU, max_new_tokens, max_tokens=100_000,
+                             max_batch_size=256, logits_fn=rule, decoder=static)
+        assert ours == one_by_one(model, tokenizer, encoded, generation, max_new_tokens, rule)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+
+
 # ----------------------------------------------------------------------------- beam search
 
 class Ends:
@@ -287,9 +304,9 @@ def test_compiled_beam_search_decodes_exactly_as_hf_generate():
     """The beam search with its step compiled (aot_eager: dynamo's graphs of the real modules and the
     static cache, with the in-place reorder between steps) against HF generate, re-packing down to
     one source and the self-attention cache growing from 16 positions to 32 included. Dynamo
-    compiles 2 graphs for all those shapes: a general one, and one for the grown cache (its length
-    is also a Python int of the cache, which dynamo specializes until it changes once). Unmarked
-    (decode.mark_dynamic) it compiled 5: one per dimension that changed, and one source's."""
+    compiles 1 graph for all those shapes. Unmarked (decode.mark_dynamic) it compiled 5: one per
+    dimension that changed, and one source's; with the cache's length an int of transformers'
+    StaticLayer (not read from its keys: decode._view_layer), 2: a second one for the grown cache."""
     model, tokenizer, encoded, generation = adapted_and_encoded("tiny-mbart", "full", "de", 9)
     sharpened(model)
     rule = Ends([2 + 2 * i for i in range(len(encoded))], tokenizer.eos_token_id)   # </s> possible from steps 2..18
@@ -300,7 +317,7 @@ def test_compiled_beam_search_decodes_exactly_as_hf_generate():
                          max_batch_size=256, logits_fn=rule, decoder=static)
     assert ours == one_by_one(model, tokenizer, encoded, generation, 20, rule, beams=4)
     assert static.step is not decode._step
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
 
 
 def test_beam_configs_the_static_decoder_does_not_follow_go_to_hf_generate():
