@@ -66,7 +66,8 @@ def mark_dynamic(tensor, *dims):
     in them, and returns it. Unmarked, dynamo compiles a graph for the first shape, then once more
     for each dimension that changes (beam search: 5 graphs, greedy: 2; marked, and the cache's
     length read from its keys (_view_layer): 1 each, compile time a GPU saves on each process). A
-    size of 1 is still specialized (one more graph): hence MIN_ROWS. The compiled training step marks its batches' rows and lengths too (loop.compiled_loss)."""
+    size of 1 is still specialized (one more graph): hence MIN_ROWS. The compiled training step
+    marks its batches' rows and lengths too (loop.compiled_loss)."""
     for dim in dims:
         torch._dynamo.maybe_mark_dynamic(tensor, dim)
     return tensor
