@@ -603,10 +603,14 @@ def wait_for(condition, what, timeout=240):
 
 
 def start_finetune(argv, tmp_path, name):
-    """finetune.py as a user starts it, in its own process; its stderr goes to a file."""
+    """finetune.py as a user starts it from a terminal, in its own process; its stderr goes to a file.
+    Ctrl-C's SIGINT is given its default action in it: a child inherits an ignored SIGINT, and Python
+    then never raises KeyboardInterrupt, and a suite started as a background job (`pytest &`, a
+    script's `cmd &`) runs with SIGINT ignored."""
     err = open(tmp_path / f"{name}.err", "w")
     proc = subprocess.Popen([sys.executable, os.path.join(REPO, "finetune.py")] + argv, cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=err, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            stdout=subprocess.DEVNULL, stderr=err, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     return proc, tmp_path / f"{name}.err"
 
 
@@ -632,8 +636,7 @@ def test_two_finetunes_on_one_directory_ctrl_c_and_a_killed_holder(tmp_path, cap
     pid; Ctrl-C ends A with one line and status 130; C resumes and is SIGKILLed (its lock file
     stays, stale); D resumes through the stale lock to the end."""
     run = str(tmp_path / "run")
-    # A must still be training when Ctrl-C comes, however long this test's process is held up (a
-    # 400-step A once finished first on a loaded machine): a run it cannot finish before it is stopped
+    # A cannot finish before Ctrl-C stops it, however slow the machine: a run of 100,000 steps
     argv = QUICK + ["--eval-every", "20", "--max-steps", "100000", "--out-dir", run]
     a, a_err = start_finetune(argv, tmp_path, "a")
     try:
