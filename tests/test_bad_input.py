@@ -604,9 +604,9 @@ def wait_for(condition, what, timeout=240):
 
 def start_finetune(argv, tmp_path, name):
     """finetune.py as a user starts it from a terminal, in its own process; its stderr goes to a file.
-    Ctrl-C's SIGINT is given its default action in it: a child inherits an ignored SIGINT, and Python
-    then never raises KeyboardInterrupt, and a suite started as a background job (`pytest &`, a
-    script's `cmd &`) runs with SIGINT ignored."""
+    SIGINT (Ctrl-C) gets its default action there. A suite started as a background job (`pytest &`,
+    a script's `cmd &`) runs with SIGINT ignored; a child inherits that, and Python in a process
+    that starts with SIGINT ignored never raises KeyboardInterrupt."""
     err = open(tmp_path / f"{name}.err", "w")
     proc = subprocess.Popen([sys.executable, os.path.join(REPO, "finetune.py")] + argv, cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=err, env={**os.environ, "PYTHONUNBUFFERED": "1"},
