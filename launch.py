@@ -65,9 +65,10 @@ def add_launch_args(parser):
                         help="each job trains about N steps (--stop-after-steps), then is resubmitted with --resume: "
                              "for partitions whose time limit is shorter than a run")
     parser.add_argument("--max-queued", type=common.positive_int, default=None,
-                        help="with LAUNCH: at most N of the stage's jobs submitted and not ended (pending or running) at "
-                             "a time; the rest wait here (default: no limit). A submission the scheduler refuses for a "
-                             "limit (e.g. QOSMaxSubmitJobPerUserLimit) waits and is retried in any case")
+                        help="with LAUNCH: at most N of the study's jobs submitted and not ended (pending or running, "
+                             "a done run's job too while squeue shows it) at a time; the rest wait here (default: "
+                             "no limit). A submission the scheduler refuses for a limit (e.g. "
+                             "QOSMaxSubmitJobPerUserLimit) waits and is retried in any case")
     parser.add_argument("--resources", default=None, metavar="FILE",
                         help="JSON: per kind of job (guard, it, finetune, large, translate) its max_hours (the "
                              "partition's time limit; default 12), and optionally partition, mem, cpus, gpus, time, "
@@ -90,6 +91,10 @@ class Launcher:
         self.args, self.out = args, out
         self.failures = []  # (run directory, what happened): reported at the end; the exit status
         self.resources = Resources(getattr(args, "resources", None))
+        # SLURM jobs whose run is done (its done file is written) but which squeue still shows running
+        # (the job's last seconds: exiting, epilog, COMPLETING). The scheduler's submit limit still
+        # counts them, so --max-queued does too, in this stage and the next, until squeue says ended.
+        self.draining = set()
 
     # ---- what the protocol asks of finished runs ----
     def results(self, run_dir):
@@ -252,11 +257,11 @@ class Launcher:
         return "running" if started else "queued"
 
     def fill(self, pending, waiting):
-        """Submit waiting runs while fewer than --max-queued are pending; stop at the first one the
-        scheduler defers (its limit is reached: the next poll tries again). Runs whose submission
-        failed for good are dropped. Returns the number of runs that failed so."""
+        """Submit waiting runs while fewer than --max-queued jobs are pending or draining; stop at the
+        first one the scheduler defers (its limit is reached: the next poll tries again). Runs whose
+        submission failed for good are dropped. Returns the number of runs that failed so."""
         failed = 0
-        while waiting and (self.args.max_queued is None or len(pending) < self.args.max_queued):
+        while waiting and (self.args.max_queued is None or len(pending) + len(self.draining) < self.args.max_queued):
             run = waiting[0]
             outcome = self.submit(run)
             if outcome == "deferred":
@@ -276,14 +281,17 @@ class Launcher:
         last_print, finished, failed = 0.0, 0, 0
         while pending or waiting:
             failed += self.fill(pending, waiting)
-            jobs = [run.job_id for run in pending if run.job_id]
+            jobs = [run.job_id for run in pending if run.job_id] + sorted(self.draining)
             job_states = (slurm_job_states(jobs) if jobs else None) or {}
+            self.draining = {job for job in self.draining if _still_active(job_states.get(job))}
             states, requeued = {}, False
             for run in list(pending):
                 state = states[run.dir] = self.state(run, job_states)
                 if state == "done":
                     pending.remove(run)
                     finished += 1
+                    if self.args.max_queued and run.job_id and _still_active(job_states.get(run.job_id)):
+                        self.draining.add(run.job_id)  # the scheduler still counts it
                 elif state not in ("running", "queued"):
                     log = os.path.join(run.dir, "run.log")
                     if state != "stopped":
@@ -575,6 +583,12 @@ def slurm_job_states(job_ids):
         return {job: "GONE" for job in job_ids} if "Invalid job id" in result.stderr else None
     known = dict(line.split()[:2] for line in result.stdout.splitlines() if len(line.split()) >= 2)
     return {job: known.get(job, "GONE") for job in job_ids}
+
+
+def _still_active(job_state):
+    """squeue's state of a job means the scheduler still counts it (None: squeue could not be asked;
+    then it is not waited for, and a refused submission is deferred as usual)."""
+    return job_state is not None and job_state != "GONE" and job_state not in SLURM_ENDED
 
 
 def alive(run_dir, timeout):
