@@ -288,10 +288,13 @@ def test_two_jobs_building_one_entry_at_once_build_it_once(tokenizers, tmp_path)
 def test_a_build_killed_midway_leaves_nothing_that_is_read(tokenizers, tmp_path):
     path, root = _big_text(tmp_path / "text.txt", 6), str(tmp_path / "cache")
     job = _build_process(path, root)
+    def writing():  # the build's first tokens are in its temporary tokens.bin (~2 s before it ends, here)
+        temporary = [name for name in os.listdir(root) if ".tmp-" in name] if os.path.isdir(root) else []
+        tokens = [os.path.join(root, name, "tokens.bin") for name in temporary]
+        return any(os.path.isfile(f) and os.path.getsize(f) > 0 for f in tokens)
     deadline = time.time() + 120
-    while time.time() < deadline and not (os.path.isdir(root) and any(".tmp-" in name for name in os.listdir(root))):
-        time.sleep(0.05)
-    time.sleep(0.3)  # into writing tokens.bin
+    while time.time() < deadline and not writing():
+        time.sleep(0.01)
     job.send_signal(signal.SIGKILL)
     job.communicate()
     assert job.returncode == -signal.SIGKILL
