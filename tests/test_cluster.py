@@ -301,7 +301,7 @@ def test_slurm_a_submit_limit_is_waited_out_and_max_queued_stays_under_it(limite
     """MaxSubmitJobs=2, five runs: sbatch refuses the third submission (AssocMaxSubmitJobLimit); the
     study defers it and submits again as jobs end: all five complete, none failed, and squeue never
     shows more than 2 of them. With --max-queued 2 the study never meets the refusal, although each
-    job outlives its done file by 3 s (the scheduler still counts it; before, the study submitted the
+    job outlives its done file by 1.5 s (the scheduler still counts it; before, the study submitted the
     next run at once and was refused), and not across stages either: the throttled runs are two
     stages of one study. Each poll asks squeue once about all the stage's jobs."""
     monkeypatch.setenv("LAUNCH", "sbatch --wrap")
@@ -323,8 +323,8 @@ def test_slurm_a_submit_limit_is_waited_out_and_max_queued_stays_under_it(limite
         runs = []
         for i in range(5):
             d = tmp_path / phase / f"r{i}"
-            write = (f"import json, time; time.sleep(2); json.dump({{}}, open({str(d / 'results.json')!r}, 'w')); "
-                     f"time.sleep(3)")  # the job's last seconds, after the run is done
+            write = (f"import json, time; time.sleep(1); json.dump({{}}, open({str(d / 'results.json')!r}, 'w')); "
+                     f"time.sleep(1.5)")  # the job's last seconds, after the run is done (3 polls)
             runs.append(launch.Run(str(d), [sys.executable, "-c", write], str(d / "results.json")))
         # the limit counts all this user's jobs, --max-queued the study's: start with none in the queue
         wait_for(lambda: not any(state in ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING")
