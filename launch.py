@@ -249,7 +249,7 @@ class Launcher:
         if started and not alive(run.dir, self.args.heartbeat_timeout):
             return f"dead (no heartbeat for over {self.args.heartbeat_timeout:g} s)"
         job_state = job_states.get(run.job_id) if run.job_id else None
-        if job_state is not None and (job_state in SLURM_ENDED or job_state == "GONE"):
+        if _ended(job_state):
             # the scheduler says the job ended, yet no status.json: give a shared filesystem a moment
             run.ended_seen = run.ended_seen or time.time()
             if time.time() - run.ended_seen > max(10.0, 2 * self.args.poll_seconds):
@@ -585,10 +585,15 @@ def slurm_job_states(job_ids):
     return {job: known.get(job, "GONE") for job in job_ids}
 
 
+def _ended(job_state):
+    """squeue's state of a job (slurm_job_states) says it has ended or is gone (None: not known)."""
+    return job_state in SLURM_ENDED or job_state == "GONE"
+
+
 def _still_active(job_state):
     """squeue's state of a job means the scheduler still counts it (None: squeue could not be asked;
     then it is not waited for, and a refused submission is deferred as usual)."""
-    return job_state is not None and job_state != "GONE" and job_state not in SLURM_ENDED
+    return job_state is not None and not _ended(job_state)
 
 
 def alive(run_dir, timeout):

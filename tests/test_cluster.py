@@ -313,10 +313,12 @@ def test_slurm_a_submit_limit_is_waited_out_and_max_queued_stays_under_it(limite
     monkeypatch.setenv("PATH", f"{shim.parent}{os.pathsep}{os.environ['PATH']}")
     seen, watching = [], threading.Event()
 
+    def active():  # the user's jobs the scheduler's limit counts
+        return sum(state in ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING") for state in limited_cluster.jobs().values())
+
     def sample():
         while not watching.is_set():
-            seen.append(sum(state in ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING")
-                            for state in limited_cluster.jobs().values()))
+            seen.append(active())
             time.sleep(0.2)
     for phase, flags in (("refused", {}), ("throttled", {"max_queued": 2})):
         s = make_study(tmp_path / phase, **flags)
@@ -327,8 +329,7 @@ def test_slurm_a_submit_limit_is_waited_out_and_max_queued_stays_under_it(limite
                      f"time.sleep(1.5)")  # the job's last seconds, after the run is done (3 polls)
             runs.append(launch.Run(str(d), [sys.executable, "-c", write], str(d / "results.json")))
         # the limit counts all this user's jobs, --max-queued the study's: start with none in the queue
-        wait_for(lambda: not any(state in ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING")
-                                 for state in limited_cluster.jobs().values()), 60, "an empty queue")
+        wait_for(lambda: active() == 0, 60, "an empty queue")
         seen.clear()
         watching.clear()
         sampler = threading.Thread(target=sample, daemon=True)
