@@ -66,8 +66,8 @@ def add_launch_args(parser):
                              "for partitions whose time limit is shorter than a run")
     parser.add_argument("--max-queued", type=common.positive_int, default=None,
                         help="with LAUNCH: at most N of the study's jobs submitted and not ended (pending or running, "
-                             "a done run's job too while squeue shows it) at a time; the rest wait here (default: "
-                             "no limit). A submission the scheduler refuses for a limit (e.g. "
+                             "a done run's job too while squeue shows it running) at a time; the rest wait here "
+                             "(default: no limit). A submission the scheduler refuses for a limit (e.g. "
                              "QOSMaxSubmitJobPerUserLimit) waits and is retried in any case")
     parser.add_argument("--resources", default=None, metavar="FILE",
                         help="JSON: per kind of job (guard, it, finetune, large, translate) its max_hours (the "
@@ -92,8 +92,9 @@ class Launcher:
         self.failures = []  # (run directory, what happened): reported at the end; the exit status
         self.resources = Resources(getattr(args, "resources", None))
         # SLURM jobs whose run is done (its done file is written) but which squeue still shows running
-        # (the job's last seconds: exiting, epilog, COMPLETING). The scheduler's submit limit still
-        # counts them, so --max-queued does too, in this stage and the next, until squeue says ended.
+        # (the job's last seconds, after its done file). The scheduler's submit limit still counts
+        # them, so --max-queued does too, in this stage and the next, until squeue shows them
+        # COMPLETING (the epilog) or ended: the limit frees a job's slot as it completes (_counted).
         self.draining = set()
 
     # ---- what the protocol asks of finished runs ----
@@ -283,14 +284,14 @@ class Launcher:
             failed += self.fill(pending, waiting)
             jobs = [run.job_id for run in pending if run.job_id] + sorted(self.draining)
             job_states = (slurm_job_states(jobs) if jobs else None) or {}
-            self.draining = {job for job in self.draining if _still_active(job_states.get(job))}
+            self.draining = {job for job in self.draining if _counted(job_states.get(job))}
             states, requeued = {}, False
             for run in list(pending):
                 state = states[run.dir] = self.state(run, job_states)
                 if state == "done":
                     pending.remove(run)
                     finished += 1
-                    if self.args.max_queued and run.job_id and _still_active(job_states.get(run.job_id)):
+                    if self.args.max_queued and run.job_id and _counted(job_states.get(run.job_id)):
                         self.draining.add(run.job_id)  # the scheduler still counts it
                 elif state not in ("running", "queued"):
                     log = os.path.join(run.dir, "run.log")
@@ -590,10 +591,14 @@ def _ended(job_state):
     return job_state in SLURM_ENDED or job_state == "GONE"
 
 
-def _still_active(job_state):
-    """squeue's state of a job means the scheduler still counts it (None: squeue could not be asked;
-    then it is not waited for, and a refused submission is deferred as usual)."""
-    return job_state is not None and not _ended(job_state)
+def _counted(job_state):
+    """squeue's state of a job means the scheduler's submit limit (MaxSubmitJobs of an association or
+    QOS) still counts it: pending, running, suspended... but not COMPLETING. slurmctld frees the slot
+    when the job completes, before its epilog runs (SLURM 22.05, tests/test_cluster.py: a limit of 2,
+    a 1.5 s epilog, and squeue shows two jobs pending or running beside a third one COMPLETING).
+    None: squeue could not be asked; then the job is not waited for, and a refused submission is
+    deferred as usual."""
+    return job_state is not None and job_state != "COMPLETING" and not _ended(job_state)
 
 
 def alive(run_dir, timeout):

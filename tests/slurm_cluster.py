@@ -36,6 +36,7 @@ SlurmdLogFile={root}/slurmd.log
 {accounting}
 JobCompType=jobcomp/none
 KillWait=5
+{epilog}
 MinJobAge=600
 InactiveLimit=0
 {node}
@@ -92,9 +93,12 @@ def _wait_for_port(port, log, timeout=60):
 class Cluster:
     """Start with `Cluster(directory).start()`; `env` is the environment the SLURM commands need."""
 
-    def __init__(self, root, max_submit_jobs=None):
+    def __init__(self, root, max_submit_jobs=None, epilog_seconds=None):
+        """max_submit_jobs: accounting, and this limit for the user; epilog_seconds: an epilog that
+        sleeps so long after each job, which squeue shows COMPLETING meanwhile (a real cluster's
+        epilog: cleaning up, health checks)."""
         self.root = str(root)
-        self.max_submit_jobs = max_submit_jobs
+        self.max_submit_jobs, self.epilog_seconds = max_submit_jobs, epilog_seconds
         self.processes = []
         self.env = dict(os.environ, SLURM_CONF=os.path.join(self.root, "slurm.conf"))
 
@@ -106,9 +110,16 @@ class Cluster:
         node += " NodeAddr=127.0.0.1 State=UNKNOWN"
         dbd_port = _free_port()
         accounting = ACCOUNTING.format(dbd_port=dbd_port, root=self.root) if self.max_submit_jobs else "AccountingStorageType=accounting_storage/none"
+        epilog = ""
+        if self.epilog_seconds:
+            epilog = os.path.join(self.root, "epilog.sh")
+            with open(epilog, "w") as f:
+                f.write(f"#!/bin/sh\nsleep {self.epilog_seconds:g}\n")
+            os.chmod(epilog, 0o755)
+            epilog = f"Epilog={epilog}"
         with open(self.env["SLURM_CONF"], "w") as f:
             f.write(CONF.format(host=host, root=self.root, node=node, ctld_port=_free_port(), slurmd_port=_free_port(),
-                                accounting=accounting))
+                                accounting=accounting, epilog=epilog))
         # munge, entirely in the temporary directory: its own key, socket, pid, log and seed files
         subprocess.run(["mungekey", "--create", "--keyfile", os.path.join(self.root, "munge.key")], check=True,
                        capture_output=True)
