@@ -595,7 +595,7 @@ def _counted(job_state):
     """squeue's state of a job means the scheduler's submit limit (MaxSubmitJobs of an association or
     QOS) still counts it: pending, running, suspended... but not COMPLETING. slurmctld frees the slot
     when the job completes, before its epilog runs (SLURM 22.05, tests/test_cluster.py: a limit of 2,
-    a 1.5 s epilog, and squeue shows two jobs pending or running beside a third one COMPLETING).
+    a 3 s epilog, and squeue shows two jobs pending or running beside a third one COMPLETING).
     None: squeue could not be asked; then the job is not waited for, and a refused submission is
     deferred as usual."""
     return job_state is not None and job_state != "COMPLETING" and not _ended(job_state)
