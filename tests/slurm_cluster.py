@@ -110,13 +110,13 @@ class Cluster:
         node += " NodeAddr=127.0.0.1 State=UNKNOWN"
         dbd_port = _free_port()
         accounting = ACCOUNTING.format(dbd_port=dbd_port, root=self.root) if self.max_submit_jobs else "AccountingStorageType=accounting_storage/none"
-        epilog = ""
+        epilog = ""  # the slurm.conf line
         if self.epilog_seconds:
-            epilog = os.path.join(self.root, "epilog.sh")
-            with open(epilog, "w") as f:
+            script = os.path.join(self.root, "epilog.sh")
+            with open(script, "w") as f:
                 f.write(f"#!/bin/sh\nsleep {self.epilog_seconds:g}\n")
-            os.chmod(epilog, 0o755)
-            epilog = f"Epilog={epilog}"
+            os.chmod(script, 0o755)
+            epilog = f"Epilog={script}"
         with open(self.env["SLURM_CONF"], "w") as f:
             f.write(CONF.format(host=host, root=self.root, node=node, ctld_port=_free_port(), slurmd_port=_free_port(),
                                 accounting=accounting, epilog=epilog))

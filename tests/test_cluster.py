@@ -306,7 +306,7 @@ def test_slurm_a_submit_limit_is_waited_out_and_max_queued_stays_under_it(limite
     refusal, although each job outlives its done file by 1.5 s (the scheduler still counts it; before,
     the study submitted the next run at once and was refused), and not across stages either: the
     throttled runs are two stages of one study. Yet it does not wait for a job's epilog (COMPLETING,
-    which the limit no longer counts): it submits beside one. Each poll asks squeue once about all
+    which the limit does not count): it submits beside one. Each poll asks squeue once about all
     the stage's jobs."""
     monkeypatch.setenv("LAUNCH", "sbatch --wrap")
     calls = tmp_path / "squeue.calls"  # the study's squeue calls, through a shim that logs them and runs squeue
