@@ -9,14 +9,16 @@ another here, each forked from a forkserver that has torch and the stages import
 With LAUNCH (e.g. "sbatch --gres=gpu:1 --wrap"), a stage submits `LAUNCH '<command>'` for its runs
 (at most --max-queued at a time; a submission refused for the scheduler's submit limit is tried
 again later), each job with its kind's resources (Resources: --resources, the cost model's time),
-and watches them with one squeue call per poll. The dry run (DryRun) prints each command once and answers the
-protocol's questions about results with made-up scores, so the plan shows the search's usual course.
+and watches them with one squeue call per poll (one per cluster, for jobs sent to other clusters
+with sbatch -M). The dry run (DryRun) prints each command once and answers the protocol's questions
+about results with made-up scores, so the plan shows the search's usual course.
 
 Each command runs inside `launch.py exec`, which leaves in the run directory:
 
     run.log          the command's output (appended, one `$ command` line per attempt)
     command.json     the command of its first attempt (before --resume and --stop-after-steps)
-    submission.json  attempt number, the scheduler's job id (sbatch's "Submitted batch job N")
+    submission.json  attempt number, the scheduler's job id (sbatch's "Submitted batch job N"; "N;CLUSTER"
+                     for a job sent to another cluster with -M)
     started.json     host, pid, job id: the job has started
     heartbeat        touched every few seconds while the command runs
     status.json      exit status and whether the run is done: the command has ended
@@ -224,10 +226,9 @@ class Launcher:
                 return "deferred"
             self.fail(run.dir, f"SUBMIT FAILED: {os.path.relpath(run.dir, self.out)}: {launch.split()[0]} says: {message}")
             return "failed"
-        job = re.search(r"(\d+)\s*$", result.stdout.strip().splitlines()[-1]) if result.stdout.strip() else None
-        run.job_id = job.group(1) if job and "sbatch" in launch else None
+        run.job_id = submitted_job(result.stdout) if "sbatch" in launch else None
         if run.job_id:
-            print(f"     submitted as job {run.job_id}", flush=True)
+            print(f"     submitted as {job_name(run.job_id)}", flush=True)
         common.write_json(os.path.join(run.dir, "submission.json"),
                           {"attempt": run.attempts, "job_id": run.job_id, "time": time.time(), "launch": launch})
         return "started"
@@ -254,7 +255,7 @@ class Launcher:
             # the scheduler says the job ended, yet no status.json: give a shared filesystem a moment
             run.ended_seen = run.ended_seen or time.time()
             if time.time() - run.ended_seen > max(10.0, 2 * self.args.poll_seconds):
-                return f"dead (job {run.job_id} {job_state.lower()} without a status)"
+                return f"dead ({job_name(run.job_id)} {job_state.lower()} without a status)"
         return "running" if started else "queued"
 
     def fill(self, pending, waiting):
@@ -571,19 +572,50 @@ SUBMIT_LIMIT = re.compile(r"MaxSubmitJob|SubmitJobLimit|job submit limit|Job vio
                           r"temporarily unable to accept job", re.IGNORECASE)
 
 
+def submitted_job(stdout):
+    """The job that sbatch's output names: "N", or "N;CLUSTER" for a job sent to another cluster of a
+    multi-cluster site (sbatch -M/--clusters; the form `sbatch --parsable` prints then). None when it
+    names none. sbatch prints "Submitted batch job N[ on cluster CLUSTER]", or with --parsable
+    "N[;CLUSTER]" (SLURM 22.05). The cluster matters: job numbers are per cluster, and squeue sees
+    another cluster's jobs only when asked with -M (slurm_job_states)."""
+    for line in reversed(stdout.strip().splitlines()):
+        job = (re.fullmatch(r"Submitted batch job (\d+)(?: on cluster (\S+))?", line.strip())
+               or re.fullmatch(r"(\d+)(?:;(\S+))?", line.strip()))
+        if job:
+            return job.group(1) + (f";{job.group(2)}" if job.group(2) else "")
+    return None
+
+
+def job_name(job_id):
+    """"job N", or "job N on cluster CLUSTER" (submitted_job's "N;CLUSTER"), as sbatch says it."""
+    number, _, cluster = job_id.partition(";")
+    return f"job {number}" + (f" on cluster {cluster}" if cluster else "")
+
+
 def slurm_job_states(job_ids):
-    """{job id: the scheduler's state (PENDING, RUNNING, CANCELLED, ...)} of `job_ids`, from one
-    squeue call; "GONE" for a job squeue no longer knows. None when squeue cannot be asked."""
-    job_ids = list(dict.fromkeys(job_ids))
-    try:
-        result = subprocess.run(["squeue", "-h", "-j", ",".join(job_ids), "-t", "all", "-o", "%i %T"],
-                                capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    if result.returncode != 0:
-        return {job: "GONE" for job in job_ids} if "Invalid job id" in result.stderr else None
-    known = dict(line.split()[:2] for line in result.stdout.splitlines() if len(line.split()) >= 2)
-    return {job: known.get(job, "GONE") for job in job_ids}
+    """{job id: the scheduler's state (PENDING, RUNNING, CANCELLED, ...)} of `job_ids` ("N", or
+    "N;CLUSTER": submitted_job), from one squeue call per cluster; "GONE" for a job squeue no longer
+    knows. A job whose cluster squeue cannot be asked about is left out (its state is not known);
+    None when it can be asked about none."""
+    clusters = {}
+    for job in dict.fromkeys(job_ids):
+        clusters.setdefault(job.partition(";")[2], []).append(job)
+    states = {}
+    for cluster, jobs in clusters.items():
+        numbers = [job.partition(";")[0] for job in jobs]
+        try:
+            result = subprocess.run(["squeue", "-h"] + (["-M", cluster] if cluster else [])
+                                    + ["-j", ",".join(numbers), "-t", "all", "-o", "%i %T"],
+                                    capture_output=True, text=True, timeout=60)
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        if result.returncode != 0:
+            if "Invalid job id" in result.stderr:  # (one job, and squeue no longer knows it)
+                states.update({job: "GONE" for job in jobs})
+            continue
+        known = dict(line.split()[:2] for line in result.stdout.splitlines() if len(line.split()) >= 2)
+        states.update({job: known.get(number, "GONE") for job, number in zip(jobs, numbers)})
+    return states or None
 
 
 def _ended(job_state):

@@ -11,7 +11,7 @@ import subprocess
 import time
 
 CONF = """\
-ClusterName=xlgen
+ClusterName={name}
 SlurmctldHost={host}(127.0.0.1)
 SlurmctldPort={ctld_port}
 SlurmdPort={slurmd_port}
@@ -27,12 +27,12 @@ SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 SchedulerType=sched/backfill
 ReturnToService=2
-StateSaveLocation={root}/state
-SlurmdSpoolDir={root}/spool
-SlurmctldPidFile={root}/slurmctld.pid
-SlurmdPidFile={root}/slurmd.pid
-SlurmctldLogFile={root}/slurmctld.log
-SlurmdLogFile={root}/slurmd.log
+StateSaveLocation={root}/{name}-state
+SlurmdSpoolDir={root}/{name}-spool
+SlurmctldPidFile={root}/{name}-slurmctld.pid
+SlurmdPidFile={root}/{name}-slurmd.pid
+SlurmctldLogFile={root}/{name}-slurmctld.log
+SlurmdLogFile={root}/{name}-slurmd.log
 {accounting}
 JobCompType=jobcomp/none
 KillWait=5
@@ -44,8 +44,10 @@ PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP
 """
 
 
-# With accounting (Cluster(max_submit_jobs=N)): slurmdbd on a MariaDB server of its own, and slurmctld
-# enforcing the association limits, so that sbatch refuses a user's job beyond N pending or running
+# With accounting (Cluster(accounting=True), or a limit): slurmdbd on a MariaDB server of its own, and
+# slurmctld enforcing the association limits, so that sbatch refuses a user's job beyond
+# max_submit_jobs pending or running; slurmdbd also tells sbatch -M and squeue -M where each
+# cluster's controller is (Cluster.other_cluster)
 DBD_CONF = """\
 AuthType=auth/munge
 AuthInfo=socket={root}/munge.socket
@@ -93,23 +95,22 @@ def _wait_for_port(port, log, timeout=60):
 class Cluster:
     """Start with `Cluster(directory).start()`; `env` is the environment the SLURM commands need."""
 
-    def __init__(self, root, max_submit_jobs=None, epilog_seconds=None):
-        """max_submit_jobs: accounting, and this limit for the user; epilog_seconds: an epilog that
-        sleeps so long after each job, which squeue shows COMPLETING meanwhile (a real cluster's
-        epilog: cleaning up, health checks)."""
-        self.root = str(root)
+    def __init__(self, root, name="xlgen", accounting=False, max_submit_jobs=None, epilog_seconds=None):
+        """name: the ClusterName; accounting: slurmdbd (needed by other_cluster); max_submit_jobs:
+        accounting, and this limit for the user; epilog_seconds: an epilog that sleeps so long after
+        each job, which squeue shows COMPLETING meanwhile (a real cluster's epilog: cleaning up,
+        health checks)."""
+        self.root, self.name = str(root), name
+        self.accounting = accounting or max_submit_jobs is not None
         self.max_submit_jobs, self.epilog_seconds = max_submit_jobs, epilog_seconds
         self.processes = []
         self.env = dict(os.environ, SLURM_CONF=os.path.join(self.root, "slurm.conf"))
 
     def start(self):
         host = socket.gethostname().split(".")[0]
-        for sub in ("state", "spool"):
-            os.makedirs(os.path.join(self.root, sub), exist_ok=True)
         node = subprocess.run(["slurmd", "-C"], capture_output=True, text=True, check=True).stdout.splitlines()[0]
         node += " NodeAddr=127.0.0.1 State=UNKNOWN"
-        dbd_port = _free_port()
-        accounting = ACCOUNTING.format(dbd_port=dbd_port, root=self.root) if self.max_submit_jobs else "AccountingStorageType=accounting_storage/none"
+        self.dbd_port = _free_port()
         epilog = ""  # the slurm.conf line
         if self.epilog_seconds:
             script = os.path.join(self.root, "epilog.sh")
@@ -117,9 +118,7 @@ class Cluster:
                 f.write(f"#!/bin/sh\nsleep {self.epilog_seconds:g}\n")
             os.chmod(script, 0o755)
             epilog = f"Epilog={script}"
-        with open(self.env["SLURM_CONF"], "w") as f:
-            f.write(CONF.format(host=host, root=self.root, node=node, ctld_port=_free_port(), slurmd_port=_free_port(),
-                                accounting=accounting, epilog=epilog))
+        self._write_conf(self.env["SLURM_CONF"], self.name, host, node, epilog)
         # munge, entirely in the temporary directory: its own key, socket, pid, log and seed files
         subprocess.run(["mungekey", "--create", "--keyfile", os.path.join(self.root, "munge.key")], check=True,
                        capture_output=True)
@@ -127,11 +126,9 @@ class Cluster:
         subprocess.run(["munged", "--force", f"--socket={self.root}/munge.socket", f"--key-file={self.root}/munge.key",
                         f"--pid-file={self.root}/munged.pid", f"--log-file={self.root}/munged.log",
                         f"--seed-file={self.root}/munged.seed"], check=True, capture_output=True)
-        if self.max_submit_jobs:
-            self._start_accounting(dbd_port)
-        self.processes.append(subprocess.Popen(["slurmctld", "-D", "-i", "-f", self.env["SLURM_CONF"]], env=self.env,
-                                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        time.sleep(1)
+        if self.accounting:
+            self._start_accounting()
+        self._start_controller(self.env)
         self.processes.append(subprocess.Popen(["slurmd", "-D", "-f", self.env["SLURM_CONF"]], env=self.env,
                                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         deadline = time.time() + 60
@@ -141,11 +138,44 @@ class Cluster:
                 return self
             time.sleep(0.5)
         self.stop()
-        raise RuntimeError(f"the SLURM node did not come up (sinfo says {state!r}); see {self.root}/slurmctld.log")
+        raise RuntimeError(f"the SLURM node did not come up (sinfo says {state!r}); see {self.root}/{self.name}-slurmctld.log")
 
-    def _start_accounting(self, dbd_port):
+    def other_cluster(self, name):
+        """A second cluster of this site (a multi-cluster site: one slurmdbd, a controller each): its
+        own slurmctld, and a node no slurmd serves, so nothing runs there. Returns the environment of
+        its login node: there, sbatch and squeue reach this cluster's jobs only with -M <self.name>."""
+        assert self.accounting, "sbatch -M finds the clusters through slurmdbd: Cluster(accounting=True)"
+        host = socket.gethostname().split(".")[0]
+        env = dict(self.env, SLURM_CONF=os.path.join(self.root, f"{name}.conf"))
+        self._write_conf(env["SLURM_CONF"], name, host, f"NodeName={host} NodeAddr=127.0.0.1 State=UNKNOWN", "")
+        self._register(name)
+        self._start_controller(env)
+        return env
+
+    def _write_conf(self, path, name, host, node, epilog):
+        for sub in ("state", "spool"):
+            os.makedirs(os.path.join(self.root, f"{name}-{sub}"), exist_ok=True)
+        accounting = (ACCOUNTING.format(dbd_port=self.dbd_port, root=self.root) if self.accounting
+                      else "AccountingStorageType=accounting_storage/none")
+        with open(path, "w") as f:
+            f.write(CONF.format(name=name, host=host, root=self.root, node=node, ctld_port=_free_port(),
+                                slurmd_port=_free_port(), accounting=accounting, epilog=epilog))
+
+    def _start_controller(self, env):
+        self.processes.append(subprocess.Popen(["slurmctld", "-D", "-i", "-f", env["SLURM_CONF"]], env=env,
+                                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        deadline = time.time() + 60
+        while subprocess.run(["squeue", "-h"], env=env, capture_output=True).returncode != 0:
+            if time.time() > deadline:
+                raise RuntimeError(f"slurmctld does not answer; see {os.path.dirname(env['SLURM_CONF'])}")
+            time.sleep(0.3)
+
+    def _register(self, name):
+        subprocess.run(["sacctmgr", "-i", "add", "cluster", name], env=self.env, check=True, capture_output=True)
+
+    def _start_accounting(self):
         """MariaDB (its own data directory and port, no grant tables: a throwaway database), slurmdbd,
-        then the cluster, and this user's limit MaxSubmitJobs."""
+        then the cluster, and this user's limit MaxSubmitJobs if any."""
         db, db_port = os.path.join(self.root, "db"), _free_port()
         subprocess.run(["mariadb-install-db", f"--datadir={db}", "--user=root", "--auth-root-authentication-method=normal"],
                        check=True, capture_output=True)
@@ -156,15 +186,16 @@ class Cluster:
         _wait_for_port(db_port, f"{self.root}/mysqld.log")
         path = os.path.join(self.root, "slurmdbd.conf")
         with open(path, "w") as f:
-            f.write(DBD_CONF.format(root=self.root, dbd_port=dbd_port, db_port=db_port))
+            f.write(DBD_CONF.format(root=self.root, dbd_port=self.dbd_port, db_port=db_port))
         os.chmod(path, 0o600)  # slurmdbd refuses a configuration others can read
         self.processes.append(subprocess.Popen(["slurmdbd", "-D"], env=self.env,  # (reads SLURM_CONF's directory)
                                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        _wait_for_port(dbd_port, f"{self.root}/slurmdbd.log")
+        _wait_for_port(self.dbd_port, f"{self.root}/slurmdbd.log")
         # (adding the cluster gives user root an association in account root: the limit goes there)
-        for words in (["add", "cluster", "xlgen"],
-                      ["modify", "user", "where", "name=root", "set", f"MaxSubmitJobs={self.max_submit_jobs}"]):
-            subprocess.run(["sacctmgr", "-i", *words], env=self.env, check=True, capture_output=True)
+        self._register(self.name)
+        if self.max_submit_jobs is not None:
+            subprocess.run(["sacctmgr", "-i", "modify", "user", "where", "name=root", "set",
+                            f"MaxSubmitJobs={self.max_submit_jobs}"], env=self.env, check=True, capture_output=True)
 
     def jobs(self):
         """{job id: state} of every job slurmctld still knows (MinJobAge keeps finished ones)."""

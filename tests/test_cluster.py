@@ -357,3 +357,39 @@ def test_slurm_a_submit_limit_is_waited_out_and_max_queued_stays_under_it(limite
     # one squeue call per poll asks about every job the stage waits for, not one call per job
     asked = [line.split("-j ")[1].split()[0].split(",") for line in calls.read_text().splitlines() if "-j " in line]
     assert asked and max(len(jobs) for jobs in asked) >= 2, asked  # (before: one call per job, one id each)
+
+
+@pytest.fixture
+def two_clusters(tmp_path_factory, monkeypatch):
+    """A multi-cluster site (one slurmdbd, a controller each): cluster "gpu2", whose node runs the
+    jobs, and cluster "login", on whose login node the study runs (its SLURM_CONF)."""
+    if not slurm_cluster.available(accounting=True):
+        pytest.skip("SLURM accounting is not installed (.ci/run installs slurmdbd and mariadb-server)")
+    cluster = slurm_cluster.Cluster(tmp_path_factory.mktemp("slurm-site"), name="gpu2", accounting=True).start()
+    monkeypatch.setenv("SLURM_CONF", cluster.other_cluster("login")["SLURM_CONF"])
+    yield cluster
+    cluster.stop()
+
+
+def test_slurm_jobs_sent_to_another_cluster_are_watched_there(two_clusters, tmp_path, monkeypatch, capsys):
+    """From cluster "login", the study sends its jobs to cluster "gpu2" (sbatch -M gpu2 or
+    --clusters=gpu2). Job numbers are per cluster, and squeue on the login node sees gpu2's jobs
+    only with -M gpu2. sbatch says "Submitted batch job N on cluster gpu2" (with --parsable:
+    "N;gpu2"). Each run's submission must name the job that SLURM ran (its slurm-N.out), and a job
+    that runs 12 s must not be taken for gone. Before, the trailing digits of the cluster's name were
+    read as the job number (job 2), which squeue on the login node did not know: after 10 s the
+    running job was called dead and retried. (A cluster name without digits gave no job number at all:
+    only the heartbeat watched the job.)"""
+    for phase, launcher, seconds in (("m", "sbatch -M gpu2 --wrap", 12), ("parsable", "sbatch --parsable --clusters=gpu2 --wrap", 1)):
+        monkeypatch.setenv("LAUNCH", launcher)
+        s = make_study(tmp_path / phase)
+        d = tmp_path / phase / "r"
+        write = f"import json, time; time.sleep({seconds}); json.dump({{}}, open({str(d / 'results.json')!r}, 'w'))"
+        s.execute([launch.Run(str(d), [sys.executable, "-c", write], str(d / "results.json"))])
+        out = capsys.readouterr().out
+        assert s.failures == [] and "RETRY" not in out and attempts(d) == 1, out
+        logs = [name for name in os.listdir(d) if name.startswith("slurm-")]  # sbatch's own log: slurm-N.out
+        assert len(logs) == 1, logs
+        number = logs[0][len("slurm-"):-len(".out")]
+        assert json.loads((d / "submission.json").read_text())["job_id"] == f"{number};gpu2"
+        assert f"submitted as job {number} on cluster gpu2" in out, out
