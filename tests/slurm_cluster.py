@@ -142,12 +142,13 @@ class Cluster:
 
     def other_cluster(self, name):
         """A second cluster of this site (a multi-cluster site: one slurmdbd, a controller each): its
-        own slurmctld, and a node no slurmd serves, so nothing runs there. Returns the environment of
-        its login node: there, sbatch and squeue reach this cluster's jobs only with -M <self.name>."""
+        own slurmctld, and a node declared FUTURE (never pinged: slurmctld stops in 1-2 s, not 5), so
+        nothing runs there. Returns the environment of its login node: there, sbatch and squeue reach
+        this cluster's jobs only with -M <self.name>."""
         assert self.accounting, "sbatch -M finds the clusters through slurmdbd: Cluster(accounting=True)"
         host = socket.gethostname().split(".")[0]
         env = dict(self.env, SLURM_CONF=os.path.join(self.root, f"{name}.conf"))
-        self._write_conf(env["SLURM_CONF"], name, host, f"NodeName={host} NodeAddr=127.0.0.1 State=UNKNOWN", "")
+        self._write_conf(env["SLURM_CONF"], name, host, f"NodeName={host} NodeAddr=127.0.0.1 State=FUTURE", "")
         self._register(name)
         self._start_controller(env)
         return env
