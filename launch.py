@@ -177,7 +177,10 @@ class Launcher:
         words = shlex.split(launch)
         if os.path.basename(words[0]) == "sbatch":
             # the kind's resources first, so that an option LAUNCH gives itself wins (sbatch: the last one counts)
-            options = self.resources.sbatch_options(run)
+            # --no-requeue: the study resubmits a preempted or failed run itself (with --resume). A job that
+            # SLURM requeued would start again ~2 minutes later with its first command, beside the
+            # resubmission (exec_run ends such a job at once, should LAUNCH ask for --requeue)
+            options = self.resources.sbatch_options(run) + ["--no-requeue"]
             if not any(w in ("-o", "--output") or w.startswith(("-o", "--output=")) for w in words[1:]):
                 # sbatch's own log (slurm-JOBID.out) goes beside the run, not into the directory it was called from
                 options.append(f"--output={os.path.join(run.dir, 'slurm-%j.out')}")
@@ -653,8 +656,19 @@ def _read_status(run_dir):
 # One run, as a job runs it
 
 def exec_run(args):
-    """`launch.py exec`: run one command of the study as a job runs it (see run_wrapped)."""
+    """`launch.py exec`: run one command of the study as a job runs it (see run_wrapped). A job that
+    SLURM requeued (preemption, a failed node, scontrol requeue) and now starts again ends at once and
+    leaves the run directory as it is: the study has seen the first start end (its status, or its
+    heartbeat gone stale) and resubmits the run itself, with --resume; this job's command is the first
+    one, and would run beside that resubmission. (The study's jobs are submitted with --no-requeue;
+    this holds should LAUNCH ask for --requeue.)"""
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    restarts = os.environ.get("SLURM_RESTART_COUNT", "0")
+    if restarts not in ("", "0"):
+        print(f"launch.py exec: SLURM requeued job {os.environ.get('SLURM_JOB_ID')} and started it again (restart "
+              f"{restarts}); the study resubmits its runs itself, so this job ends here and leaves {args.run_dir} "
+              f"as it is", flush=True)
+        return 0
     return run_wrapped(args.run_dir, args.done, command, args.heartbeat_seconds, in_process=False)
 
 

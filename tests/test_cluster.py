@@ -207,6 +207,47 @@ def test_slurm_a_refused_submission_is_reported_at_once(cluster, tmp_path):
     assert "waiting for" not in result.stdout and "2 failure(s):" in result.stdout
 
 
+def test_slurm_a_requeued_job_never_runs_beside_the_studys_resubmission(cluster, tmp_path, monkeypatch, capsys):
+    """SLURM requeues a job on preemption (PreemptMode=REQUEUE), on a failed node (JobRequeue=1, the
+    default) or by `scontrol requeue`: the job is stopped (SIGTERM) and pending again, to start ~2
+    minutes later (its BeginTime) with its first command. The study resubmits the run itself, so the
+    requeued job would run beside the resubmission (for a finetune.py run, in a directory whose lock
+    the resubmission holds: an error that then reads as the run's own). 1. The study's jobs are not
+    requeueable: `scontrol requeue` is refused and the job runs to its end, one attempt, nothing
+    left pending (before: requeued, retried, and the first job pending to start again). 2. With a
+    LAUNCH that asks for --requeue, the requeued job, started again at once (StartTime=now), ends at
+    once (SLURM_RESTART_COUNT) and leaves the run as the study's retry left it (before: it ran the
+    command again, a third attempt)."""
+    for phase, launcher in (("default", "sbatch --wrap"), ("requeue", "sbatch --requeue --wrap")):
+        monkeypatch.setenv("LAUNCH", launcher)
+        s = make_study(tmp_path / phase)
+        d = tmp_path / phase / "study" / "r"
+        write = f"import json, time; time.sleep(4); json.dump({{}}, open({str(d / 'results.json')!r}, 'w'))"
+        thread, _ = in_background(s.execute, [launch.Run(str(d), [sys.executable, "-c", write], str(d / "results.json"),
+                                                         resumable=False)])
+        wait_for(lambda: (d / "started.json").exists(), 60, "the job's start")
+        first = json.loads((d / "started.json").read_text())["job_id"]
+        requeue = subprocess.run(["scontrol", "requeue", first], env=cluster.env, capture_output=True, text=True)
+        thread.join(timeout=120)
+        out = capsys.readouterr().out
+        assert not thread.is_alive() and s.failures == [] and (d / "results.json").exists(), out
+        if phase == "default":
+            assert requeue.returncode != 0, requeue  # "Requested operation is presently disabled"
+            assert "RETRY" not in out and attempts(d) == 1, out
+            wait_for(lambda: cluster.jobs()[first] not in ("RUNNING", "COMPLETING"), 30, "the job's end")  # (its last second)
+            assert cluster.jobs()[first] == "COMPLETED"
+        else:
+            assert requeue.returncode == 0 and "RETRY r: failed (exit -15)" in out and attempts(d) == 2, out
+            assert cluster.jobs()[first] == "PENDING"
+            before = {name: (d / name).read_bytes() for name in ("status.json", "attempts.jsonl", "run.log")}
+            mtime = os.stat(d / "results.json").st_mtime_ns
+            subprocess.run(["scontrol", "update", f"jobid={first}", "StartTime=now"], env=cluster.env, check=True)
+            wait_for(lambda: cluster.jobs()[first] == "COMPLETED", 60, "the requeued job's end")
+            assert {name: (d / name).read_bytes() for name in before} == before
+            assert os.stat(d / "results.json").st_mtime_ns == mtime
+            assert "SLURM requeued job" in (d / f"slurm-{first}.out").read_text()
+
+
 # ----------------------------------------------------------------------------- no scheduler: a local background launcher
 
 BACKGROUND = "sh -c 'setsid sh -c \"$0\" >/dev/null 2>&1 &'"  # starts the command and returns at once

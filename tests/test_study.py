@@ -236,12 +236,12 @@ def test_dry_run_fits_every_job_in_its_kinds_time_limit_and_prints_the_disk_need
     lines = [line for line in short.splitlines() if line.startswith("RUN ")]
     finetunes = [line for line in lines if "finetune.py" in line and "/guard/" not in line]
     assert finetunes and all(line.startswith("RUN sbatch --partition=gpu-short --time=") for line in finetunes)
-    assert all("--mem=32G --cpus-per-task=8 --gres=gpu:1 --output=" in line and " --account=lab --wrap '" in line
+    assert all("--mem=32G --cpus-per-task=8 --gres=gpu:1 --no-requeue --output=" in line and " --account=lab --wrap '" in line
                for line in finetunes)
     hours = [int(line.split("--time=")[1].split(":")[0]) + int(line.split("--time=")[1].split(":")[1]) / 60
              for line in finetunes]
     assert max(hours) <= 4
-    assert all(line.startswith("RUN sbatch --partition=gpu-long --time=48:00:00 --output=") for line in lines
+    assert all(line.startswith("RUN sbatch --partition=gpu-long --time=48:00:00 --no-requeue --output=") for line in lines
                if "pretrain_it.py" in line)
 
 
@@ -375,8 +375,8 @@ def test_launch_prefix_in_dry_run(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("LAUNCH", "sbatch -o /logs/%j.out --wrap")  # the user's own --output is kept
     out = run_cli(study, ["it", "--dry-run", "--out-dir", str(tmp_path)], capsys)[1]
     lines = [line for line in out.splitlines() if line.startswith("RUN ")]
-    assert lines and all(line.startswith("RUN sbatch --time=") and line.split(None, 3)[3].startswith("-o /logs/%j.out --wrap '")
-                         for line in lines)
+    assert lines and all(line.startswith("RUN sbatch --time=")
+                         and line.split(None, 3)[3].startswith("--no-requeue -o /logs/%j.out --wrap '") for line in lines)
 
 
 # ----------------------------------------------------------------------------- the launcher
