@@ -44,10 +44,9 @@ PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP
 """
 
 
-# With accounting (Cluster(accounting=True), or a limit): slurmdbd on a MariaDB server of its own, and
-# slurmctld enforcing the association limits, so that sbatch refuses a user's job beyond
-# max_submit_jobs pending or running; slurmdbd also tells sbatch -M and squeue -M where each
-# cluster's controller is (Cluster.other_cluster)
+# With accounting (Cluster(max_submit_jobs=N)): slurmdbd on a MariaDB server of its own, and slurmctld
+# enforcing the association limits, so that sbatch refuses a user's job beyond N pending or running;
+# slurmdbd also tells sbatch -M and squeue -M where each cluster's controller is (Cluster.other_cluster)
 DBD_CONF = """\
 AuthType=auth/munge
 AuthInfo=socket={root}/munge.socket
@@ -95,13 +94,12 @@ def _wait_for_port(port, log, timeout=60):
 class Cluster:
     """Start with `Cluster(directory).start()`; `env` is the environment the SLURM commands need."""
 
-    def __init__(self, root, name="xlgen", accounting=False, max_submit_jobs=None, epilog_seconds=None):
-        """name: the ClusterName; accounting: slurmdbd (needed by other_cluster); max_submit_jobs:
-        accounting, and this limit for the user; epilog_seconds: an epilog that sleeps so long after
-        each job, which squeue shows COMPLETING meanwhile (a real cluster's epilog: cleaning up,
-        health checks)."""
+    def __init__(self, root, name="xlgen", max_submit_jobs=None, epilog_seconds=None):
+        """name: the ClusterName; max_submit_jobs: accounting (slurmdbd, which other_cluster needs),
+        and this limit for the user; epilog_seconds: an epilog that sleeps so long after each job,
+        which squeue shows COMPLETING meanwhile (a real cluster's epilog: cleaning up, health checks)."""
         self.root, self.name = str(root), name
-        self.accounting = accounting or max_submit_jobs is not None
+        self.accounting = max_submit_jobs is not None
         self.max_submit_jobs, self.epilog_seconds = max_submit_jobs, epilog_seconds
         self.processes = []
         self.env = dict(os.environ, SLURM_CONF=os.path.join(self.root, "slurm.conf"))
@@ -128,7 +126,7 @@ class Cluster:
                         f"--seed-file={self.root}/munged.seed"], check=True, capture_output=True)
         if self.accounting:
             self._start_accounting()
-        self._start_controller(self.env)
+        self._start_controller(self.env, self.name)
         self.processes.append(subprocess.Popen(["slurmd", "-D", "-f", self.env["SLURM_CONF"]], env=self.env,
                                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         deadline = time.time() + 60
@@ -145,12 +143,12 @@ class Cluster:
         own slurmctld, and a node declared FUTURE (never pinged: slurmctld stops in 1-2 s, not 5), so
         nothing runs there. Returns the environment of its login node: there, sbatch and squeue reach
         this cluster's jobs only with -M <self.name>."""
-        assert self.accounting, "sbatch -M finds the clusters through slurmdbd: Cluster(accounting=True)"
+        assert self.accounting, "sbatch -M finds the clusters through slurmdbd: Cluster(max_submit_jobs=N)"
         host = socket.gethostname().split(".")[0]
         env = dict(self.env, SLURM_CONF=os.path.join(self.root, f"{name}.conf"))
         self._write_conf(env["SLURM_CONF"], name, host, f"NodeName={host} NodeAddr=127.0.0.1 State=FUTURE", "")
         self._register(name)
-        self._start_controller(env)
+        self._start_controller(env, name)
         return env
 
     def _write_conf(self, path, name, host, node, epilog):
@@ -162,13 +160,13 @@ class Cluster:
             f.write(CONF.format(name=name, host=host, root=self.root, node=node, ctld_port=_free_port(),
                                 slurmd_port=_free_port(), accounting=accounting, epilog=epilog))
 
-    def _start_controller(self, env):
+    def _start_controller(self, env, name):
         self.processes.append(subprocess.Popen(["slurmctld", "-D", "-i", "-f", env["SLURM_CONF"]], env=env,
                                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         deadline = time.time() + 60
         while subprocess.run(["squeue", "-h"], env=env, capture_output=True).returncode != 0:
             if time.time() > deadline:
-                raise RuntimeError(f"slurmctld does not answer; see {os.path.dirname(env['SLURM_CONF'])}")
+                raise RuntimeError(f"slurmctld of {name} does not answer; see {self.root}/{name}-slurmctld.log")
             time.sleep(0.3)
 
     def _register(self, name):
@@ -176,7 +174,7 @@ class Cluster:
 
     def _start_accounting(self):
         """MariaDB (its own data directory and port, no grant tables: a throwaway database), slurmdbd,
-        then the cluster, and this user's limit MaxSubmitJobs if any."""
+        then the cluster, and this user's limit MaxSubmitJobs."""
         db, db_port = os.path.join(self.root, "db"), _free_port()
         subprocess.run(["mariadb-install-db", f"--datadir={db}", "--user=root", "--auth-root-authentication-method=normal"],
                        check=True, capture_output=True)
@@ -194,9 +192,8 @@ class Cluster:
         _wait_for_port(self.dbd_port, f"{self.root}/slurmdbd.log")
         # (adding the cluster gives user root an association in account root: the limit goes there)
         self._register(self.name)
-        if self.max_submit_jobs is not None:
-            subprocess.run(["sacctmgr", "-i", "modify", "user", "where", "name=root", "set",
-                            f"MaxSubmitJobs={self.max_submit_jobs}"], env=self.env, check=True, capture_output=True)
+        subprocess.run(["sacctmgr", "-i", "modify", "user", "where", "name=root", "set",
+                        f"MaxSubmitJobs={self.max_submit_jobs}"], env=self.env, check=True, capture_output=True)
 
     def jobs(self):
         """{job id: state} of every job slurmctld still knows (MinJobAge keeps finished ones)."""

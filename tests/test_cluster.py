@@ -327,17 +327,26 @@ def test_slurm_a_translation_in_three_shards_one_cancelled_merges_into_the_unsha
     assert not any(os.path.exists(r.done_file) for r in runs)  # the merge removed the shards
 
 
-@pytest.fixture
-def limited_cluster(tmp_path_factory, monkeypatch):
-    """A second real SLURM, with accounting (slurmdbd on MariaDB), MaxSubmitJobs=2 for this user and
-    a 3 s epilog after each job."""
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    """A second real SLURM, with accounting (slurmdbd on MariaDB), and two clusters: "gpu2", whose node
+    runs the jobs, with MaxSubmitJobs=2 for this user and a 3 s epilog after each job; and "login",
+    a controller of its own on the same slurmdbd whose node runs nothing (a multi-cluster site).
+    `site.env`: the environment of gpu2's login node; `site.login`: login's."""
     if not slurm_cluster.available(accounting=True):
         pytest.skip("SLURM accounting is not installed (.ci/run installs slurmdbd and mariadb-server)")
-    cluster = slurm_cluster.Cluster(tmp_path_factory.mktemp("slurm-limited"), max_submit_jobs=2,
+    cluster = slurm_cluster.Cluster(tmp_path_factory.mktemp("slurm-site"), name="gpu2", max_submit_jobs=2,
                                     epilog_seconds=3).start()
-    monkeypatch.setenv("SLURM_CONF", cluster.env["SLURM_CONF"])
+    cluster.login = cluster.other_cluster("login")
     yield cluster
     cluster.stop()
+
+
+@pytest.fixture
+def limited_cluster(site, monkeypatch):
+    """The study on gpu2's login node."""
+    monkeypatch.setenv("SLURM_CONF", site.env["SLURM_CONF"])
+    return site
 
 
 def test_slurm_a_submit_limit_is_waited_out_and_max_queued_stays_under_it(limited_cluster, tmp_path, monkeypatch, capsys):
@@ -401,15 +410,11 @@ def test_slurm_a_submit_limit_is_waited_out_and_max_queued_stays_under_it(limite
 
 
 @pytest.fixture
-def two_clusters(tmp_path_factory, monkeypatch):
-    """A multi-cluster site (one slurmdbd, a controller each): cluster "gpu2", whose node runs the
-    jobs, and cluster "login", on whose login node the study runs (its SLURM_CONF)."""
-    if not slurm_cluster.available(accounting=True):
-        pytest.skip("SLURM accounting is not installed (.ci/run installs slurmdbd and mariadb-server)")
-    cluster = slurm_cluster.Cluster(tmp_path_factory.mktemp("slurm-site"), name="gpu2", accounting=True).start()
-    monkeypatch.setenv("SLURM_CONF", cluster.other_cluster("login")["SLURM_CONF"])
-    yield cluster
-    cluster.stop()
+def two_clusters(site, monkeypatch):
+    """The study on login's login node; its jobs go to gpu2 (whose limit of 2 and epilog do not
+    matter to one job at a time)."""
+    monkeypatch.setenv("SLURM_CONF", site.login["SLURM_CONF"])
+    return site
 
 
 def test_slurm_jobs_sent_to_another_cluster_are_watched_there(two_clusters, tmp_path, monkeypatch, capsys):
