@@ -218,8 +218,13 @@ class Launcher:
         if not launch:  # here, to its end, in a forked child (see run_local)
             run_local(run.dir, run.done_file, command, self.heartbeat_seconds())
             return "started"
+        # SLURM sets SLURM_RESTART_COUNT in a job only once it has been requeued, and sbatch hands the
+        # submitting shell's environment on to the job (measured: a 1 in sbatch's environment reaches a
+        # fresh job unchanged). A study that runs in a requeued job of its own must not hand its count
+        # on: its runs' jobs would take themselves for restarts and end at once (exec_run)
+        env = {name: value for name, value in os.environ.items() if name != "SLURM_RESTART_COUNT"}
         result = subprocess.run(self.launch_line(run, command), shell=True, capture_output=True, text=True,
-                                env=dict(os.environ, **self.resources.variables(run)))
+                                env=dict(env, **self.resources.variables(run)))
         started = os.path.isfile(os.path.join(run.dir, "started.json"))  # a launcher that ran the command itself
         if result.returncode != 0 and not started:
             message = " ".join((result.stderr or result.stdout).split()) or f"exit status {result.returncode}"

@@ -217,9 +217,15 @@ def test_slurm_a_requeued_job_never_runs_beside_the_studys_resubmission(cluster,
     left pending (before: requeued, retried, and the first job pending to start again). 2. With a
     LAUNCH that asks for --requeue, the requeued job, started again at once (StartTime=now), ends at
     once (SLURM_RESTART_COUNT) and leaves the run as the study's retry left it (before: it ran the
-    command again, a third attempt)."""
+    command again, a third attempt). In 1 the study itself runs as in a job that SLURM requeued: its
+    own SLURM_RESTART_COUNT must not reach its runs' jobs (sbatch hands its environment on, and the
+    jobs would take themselves for restarts and end at once)."""
     for phase, launcher in (("default", "sbatch --wrap"), ("requeue", "sbatch --requeue --wrap")):
         monkeypatch.setenv("LAUNCH", launcher)
+        if phase == "default":
+            monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+        else:
+            monkeypatch.delenv("SLURM_RESTART_COUNT")
         s = make_study(tmp_path / phase)
         d = tmp_path / phase / "study" / "r"
         write = f"import json, time; time.sleep(4); json.dump({{}}, open({str(d / 'results.json')!r}, 'w'))"
