@@ -117,6 +117,16 @@ def run_dry_run(out_dir, *flags):
                           capture_output=True, text=True, check=True).stdout
 
 
+def dry_run_here(out_dir, capsys, *flags):
+    """The stdout of run_dry_run, from study.py's stage list `all` in this process: the imports are
+    paid once per test worker, not once per dry run (~1-3 s instead of ~7-10 s). That it lists what
+    run_all.sh lists: test_full_scope_lists_the_same_runs_under_every_rouge_mode."""
+    from conftest import run_cli
+    code, out, err = run_cli(study, ["all", "--dry-run", "--out-dir", str(out_dir), *flags], capsys)
+    assert code == 0, err
+    return out
+
+
 @pytest.fixture(scope="module")
 def full_dry_run(tmp_path_factory):
     """(study directory, stdout) of the full study's dry run, shared by the tests that read it."""
@@ -823,7 +833,7 @@ def dry_run_commands(out, text):
 
 @pytest.mark.parametrize("name,flags", [("full", []), ("tiny", ["--tiny", "--data-dir", DATA_DIR, "--xlsum-dir",
                                                                  os.path.join(REPO, "tests", "fixtures", "xlsum")])])
-def test_dry_run_lists_the_commands_recorded_before_the_refactor(name, flags, tmp_path, full_dry_run):
+def test_dry_run_lists_the_commands_recorded_before_the_refactor(name, flags, tmp_path, full_dry_run, capsys):
     """tests/fixtures/dry_run/NAME.txt.gz is the dry run of commit c782168, before the method
     registry, the task table and launch.py (run directory and command of each RUN line). The same
     flags list the same commands in the same order, except: the runs of methods added since (found
@@ -838,7 +848,7 @@ def test_dry_run_lists_the_commands_recorded_before_the_refactor(name, flags, tm
     recorded = [line.replace("OUT/guard/xquad.en ", "OUT/guard/xquad.en.json ").replace(
                 "OUT/guard/xlsum.en ", "OUT/guard/xlsum.en.jsonl ") for line in recorded]
     old_methods = ("full", "freeze", "adapters", "prompt", "mix", "multisrc")
-    out_dir, text = full_dry_run if name == "full" else (tmp_path, run_dry_run(tmp_path, *flags, "--scope", "full"))
+    out_dir, text = full_dry_run if name == "full" else (tmp_path, dry_run_here(tmp_path, capsys, *flags, "--scope", "full"))
     now = list(dict.fromkeys(re.sub(r" --(stop-after-steps \d+|shard \d+/\d+|rouge-mode gem)", "",
                                     re.sub(r"\.shard-\d+-of-\d+\t", "\t", line))
                              for line in dry_run_commands(out_dir, text)))
@@ -896,8 +906,8 @@ def expected_paper_stages():
 
 
 @pytest.mark.parametrize("rouge", ["gem", "multilingual", "xlsum"])
-def test_paper_scope_lists_the_runs_the_paper_describes(rouge, tmp_path):
-    out = run_dry_run(tmp_path, "--rouge", rouge)  # --scope paper is the default
+def test_paper_scope_lists_the_runs_the_paper_describes(rouge, tmp_path, capsys):
+    out = dry_run_here(tmp_path, capsys, "--rouge", rouge)  # --scope paper is the default
     table = out[out.index("estimated GPU-hours"):].split("\n\n")[0].splitlines()[1:]
     counts = {line.split()[0]: int(line.split()[1]) for line in table if line.strip()}
     assert counts.pop("total") == sum(counts.values()) == 520
@@ -990,10 +1000,11 @@ def test_report_renders_appendix_b_c_and_every_rouge_mode(tmp_path):
 
 
 @pytest.mark.parametrize("rouge", ["multilingual", "xlsum"])
-def test_full_scope_lists_the_same_runs_under_every_rouge_mode(rouge, full_dry_run, tmp_path):
-    """--scope full under the other ROUGE modes: the runs of the gem dry run (checked against the
-    protocol above), each finetuning run told the mode instead of gem."""
+def test_full_scope_lists_the_same_runs_under_every_rouge_mode(rouge, full_dry_run, tmp_path, capsys):
+    """--scope full under the other ROUGE modes: the runs of the gem dry run (run_all.sh's, checked
+    against the protocol above), each finetuning run told the mode instead of gem. The other modes'
+    dry runs are study.py's stage list `all`, in this process: so run_all.sh lists what `all` does."""
     out_dir, gem = full_dry_run
-    other = run_dry_run(tmp_path, "--scope", "full", "--rouge", rouge)
+    other = dry_run_here(tmp_path, capsys, "--scope", "full", "--rouge", rouge)
     assert dry_run_commands(tmp_path, other) == [line.replace("--rouge-mode gem", f"--rouge-mode {rouge}")
                                                  for line in dry_run_commands(out_dir, gem)]
