@@ -228,10 +228,12 @@ def test_slurm_a_requeued_job_never_runs_beside_the_studys_resubmission(cluster,
             monkeypatch.delenv("SLURM_RESTART_COUNT")
         s = make_study(tmp_path / phase)
         d = tmp_path / phase / "study" / "r"
-        write = f"import json, time; time.sleep(4); json.dump({{}}, open({str(d / 'results.json')!r}, 'w'))"
+        # (the command's own first file: the wrapper has started it and passes SIGTERM on by then)
+        write = (f"import json, time; open({str(d / 'running')!r}, 'w'); time.sleep(4); "
+                 f"json.dump({{}}, open({str(d / 'results.json')!r}, 'w'))")
         thread, _ = in_background(s.execute, [launch.Run(str(d), [sys.executable, "-c", write], str(d / "results.json"),
                                                          resumable=False)])
-        wait_for(lambda: (d / "started.json").exists(), 60, "the job's start")
+        wait_for(lambda: (d / "running").exists(), 60, "the job's command")
         first = json.loads((d / "started.json").read_text())["job_id"]
         requeue = subprocess.run(["scontrol", "requeue", first], env=cluster.env, capture_output=True, text=True)
         thread.join(timeout=120)
