@@ -586,9 +586,9 @@ def submitted_job(stdout):
     names none. sbatch prints "Submitted batch job N[ on cluster CLUSTER]", or with --parsable
     "N[;CLUSTER]" (SLURM 22.05). The cluster matters: job numbers are per cluster, and squeue sees
     another cluster's jobs only when asked with -M (slurm_job_states)."""
-    for line in reversed(stdout.strip().splitlines()):
-        job = (re.fullmatch(r"Submitted batch job (\d+)(?: on cluster (\S+))?", line.strip())
-               or re.fullmatch(r"(\d+)(?:;(\S+))?", line.strip()))
+    for line in reversed([line.strip() for line in stdout.splitlines()]):
+        job = (re.fullmatch(r"Submitted batch job (\d+)(?: on cluster (\S+))?", line)
+               or re.fullmatch(r"(\d+)(?:;(\S+))?", line))
         if job:
             return job.group(1) + (f";{job.group(2)}" if job.group(2) else "")
     return None

@@ -99,13 +99,16 @@ class Cluster:
         and this limit for the user; epilog_seconds: an epilog that sleeps so long after each job,
         which squeue shows COMPLETING meanwhile (a real cluster's epilog: cleaning up, health checks)."""
         self.root, self.name = str(root), name
-        self.accounting = max_submit_jobs is not None
         self.max_submit_jobs, self.epilog_seconds = max_submit_jobs, epilog_seconds
+        self.host = socket.gethostname().split(".")[0]
         self.processes = []
         self.env = dict(os.environ, SLURM_CONF=os.path.join(self.root, "slurm.conf"))
 
+    @property
+    def accounting(self):
+        return self.max_submit_jobs is not None
+
     def start(self):
-        host = socket.gethostname().split(".")[0]
         node = subprocess.run(["slurmd", "-C"], capture_output=True, text=True, check=True).stdout.splitlines()[0]
         node += " NodeAddr=127.0.0.1 State=UNKNOWN"
         self.dbd_port = _free_port()
@@ -116,7 +119,7 @@ class Cluster:
                 f.write(f"#!/bin/sh\nsleep {self.epilog_seconds:g}\n")
             os.chmod(script, 0o755)
             epilog = f"Epilog={script}"
-        self._write_conf(self.env["SLURM_CONF"], self.name, host, node, epilog)
+        self._write_conf(self.env["SLURM_CONF"], self.name, node, epilog)
         # munge, entirely in the temporary directory: its own key, socket, pid, log and seed files
         subprocess.run(["mungekey", "--create", "--keyfile", os.path.join(self.root, "munge.key")], check=True,
                        capture_output=True)
@@ -144,20 +147,19 @@ class Cluster:
         nothing runs there. Returns the environment of its login node: there, sbatch and squeue reach
         this cluster's jobs only with -M <self.name>."""
         assert self.accounting, "sbatch -M finds the clusters through slurmdbd: Cluster(max_submit_jobs=N)"
-        host = socket.gethostname().split(".")[0]
         env = dict(self.env, SLURM_CONF=os.path.join(self.root, f"{name}.conf"))
-        self._write_conf(env["SLURM_CONF"], name, host, f"NodeName={host} NodeAddr=127.0.0.1 State=FUTURE", "")
+        self._write_conf(env["SLURM_CONF"], name, f"NodeName={self.host} NodeAddr=127.0.0.1 State=FUTURE", "")
         self._register(name)
         self._start_controller(env, name)
         return env
 
-    def _write_conf(self, path, name, host, node, epilog):
+    def _write_conf(self, path, name, node, epilog):
         for sub in ("state", "spool"):
             os.makedirs(os.path.join(self.root, f"{name}-{sub}"), exist_ok=True)
         accounting = (ACCOUNTING.format(dbd_port=self.dbd_port, root=self.root) if self.accounting
                       else "AccountingStorageType=accounting_storage/none")
         with open(path, "w") as f:
-            f.write(CONF.format(name=name, host=host, root=self.root, node=node, ctld_port=_free_port(),
+            f.write(CONF.format(name=name, host=self.host, root=self.root, node=node, ctld_port=_free_port(),
                                 slurmd_port=_free_port(), accounting=accounting, epilog=epilog))
 
     def _start_controller(self, env, name):
