@@ -247,6 +247,8 @@ def test_slurm_a_requeued_job_never_runs_beside_the_studys_resubmission(cluster,
         else:
             assert requeue.returncode == 0 and "RETRY r: failed (exit -15)" in out and attempts(d) == 2, out
             assert cluster.jobs()[first] == "PENDING"
+            # the retry's own last files: written just after results.json, which ends the study's wait
+            wait_for(lambda: (d / "status.json").exists(), 30, "the retry's status")
             before = {name: (d / name).read_bytes() for name in ("status.json", "attempts.jsonl", "run.log")}
             mtime = os.stat(d / "results.json").st_mtime_ns
             subprocess.run(["scontrol", "update", f"jobid={first}", "StartTime=now"], env=cluster.env, check=True)
