@@ -32,7 +32,9 @@ most --max-retries times, then reported failed with their log; a run that ended 
 line (a usage or data error: the same on every attempt) is reported at once. A submission the launcher refuses
 (bad partition, quota, no sbatch) is reported at once with the scheduler's message. No wait is
 endless: a stage gives up on what is not finished after --max-wait hours, and prints what it is
-waiting for (running, queued, done, failed) at most once a minute.
+waiting for (running, queued, done, failed) at most once a minute. A stage run again (after the
+study was stopped, or gave up) watches the jobs the earlier one left queued or running
+(submission.json's job, if the scheduler still has it) instead of submitting them again.
 """
 
 import collections
@@ -145,11 +147,27 @@ class Launcher:
             if run not in todo:
                 check_same_command(run, self.out)
                 print(f"skip (done)  {os.path.relpath(run.dir, self.out)}")
+        # what an earlier invocation (stopped, or past its --max-wait) submitted: its jobs may still be
+        # queued or running, and are watched, not submitted again (one squeue call for all of them)
+        earlier = {run.dir: _read_submission(run.dir) for run in todo}
+        jobs = [submission["job_id"] for submission in earlier.values() if submission.get("job_id")]
+        job_states = (slurm_job_states(jobs) if jobs else None) or {}
         pending, waiting = [], []
         for run in todo:
-            if alive(run.dir, self.args.heartbeat_timeout):  # started by an earlier invocation, still running
-                print(f"running (started earlier)  {os.path.relpath(run.dir, self.out)}", flush=True)
-                run.attempts = 1
+            submission = earlier[run.dir]
+            # attempts go on counting from the earlier invocation's, so that a job of its attempt can
+            # tell that the run was submitted again since (exec_run)
+            run.attempts = submission.get("attempt", 0)
+            job = submission.get("job_id")
+            name = os.path.relpath(run.dir, self.out)
+            ended = os.path.isfile(os.path.join(run.dir, "status.json"))  # (its last attempt ended: submitted anew)
+            if not ended and alive(run.dir, self.args.heartbeat_timeout):  # started by an earlier invocation, running
+                print(f"running (started earlier{f' as {job_name(job)}' if job else ''})  {name}", flush=True)
+                run.attempts, run.job_id = max(1, run.attempts), job
+                pending.append(run)
+            elif not ended and job and job_states.get(job) is not None and not _ended(job_states[job]):
+                print(f"{job_states[job].lower()} (submitted earlier as {job_name(job)})  {name}", flush=True)
+                run.job_id = job
                 pending.append(run)
             else:
                 waiting.append(run)
@@ -168,9 +186,9 @@ class Launcher:
             argv += ["--stop-after-steps", str(steps)]
         return argv
 
-    def launch_line(self, run, command):
+    def launch_line(self, run, command, attempt):
         wrapped = [sys.executable, os.path.join(HERE, "launch.py"), "exec", "--run-dir", run.dir, "--done", run.done_file,
-                   "--heartbeat-seconds", f"{self.heartbeat_seconds():g}", "--"] + command
+                   "--heartbeat-seconds", f"{self.heartbeat_seconds():g}", "--attempt", str(attempt), "--"] + command
         launch = os.environ.get("LAUNCH", "").strip()
         if not launch:
             return shlex.join(wrapped)
@@ -216,6 +234,8 @@ class Launcher:
               flush=True)
         launch = os.environ.get("LAUNCH", "").strip()
         if not launch:  # here, to its end, in a forked child (see run_local)
+            common.write_json(os.path.join(run.dir, "submission.json"),
+                              {"attempt": run.attempts, "job_id": None, "time": time.time(), "launch": ""})
             run_local(run.dir, run.done_file, command, self.heartbeat_seconds())
             return "started"
         # SLURM sets SLURM_RESTART_COUNT in a job only once it has been requeued, and sbatch hands the
@@ -223,7 +243,7 @@ class Launcher:
         # fresh job unchanged). A study that runs in a requeued job of its own must not hand its count
         # on: its runs' jobs would take themselves for restarts and end at once (exec_run)
         env = {name: value for name, value in os.environ.items() if name != "SLURM_RESTART_COUNT"}
-        result = subprocess.run(self.launch_line(run, command), shell=True, capture_output=True, text=True,
+        result = subprocess.run(self.launch_line(run, command, run.attempts), shell=True, capture_output=True, text=True,
                                 env=dict(env, **self.resources.variables(run)))
         started = os.path.isfile(os.path.join(run.dir, "started.json"))  # a launcher that ran the command itself
         if result.returncode != 0 and not started:
@@ -333,8 +353,10 @@ class Launcher:
                       + f"{finished} done, {failed} failed", flush=True)
             if time.time() > deadline:
                 for run in pending + waiting:
+                    # (a job is left to the scheduler: the stage run again watches it, see execute)
+                    left = f"; {job_name(run.job_id)} is left in the queue" if run in pending and run.job_id else ""
                     self.fail(run.dir, f"FAILED: {os.path.relpath(run.dir, self.out)} not finished within --max-wait "
-                                       f"{self.args.max_wait:g} h ({states.get(run.dir, 'not submitted')}) -- log: "
+                                       f"{self.args.max_wait:g} h ({states.get(run.dir, 'not submitted')}{left}) -- log: "
                                        f"{os.path.join(run.dir, 'run.log')}")
                 break
             time.sleep(self.args.poll_seconds)
@@ -525,7 +547,7 @@ class DryRun(Launcher):
         for run in runs:
             if not os.path.exists(run.done_file) and run.dir not in self.printed:
                 self.printed[run.dir] = run
-                print(f"RUN {self.launch_line(run, self.command(run, resume=False))}")
+                print(f"RUN {self.launch_line(run, self.command(run, resume=False), 1)}")
 
     def results(self, run_dir):
         return None
@@ -657,6 +679,12 @@ def _read_status(run_dir):
     return common.read_json(path, "status.json") if os.path.isfile(path) else None
 
 
+def _read_submission(run_dir):
+    """The run's submission.json ({} before its first submission): its last attempt and job id."""
+    path = os.path.join(run_dir, "submission.json")
+    return common.read_json(path, "submission.json") if os.path.isfile(path) else {}
+
+
 # -----------------------------------------------------------------------------
 # One run, as a job runs it
 
@@ -666,13 +694,21 @@ def exec_run(args):
     leaves the run directory as it is: the study has seen the first start end (its status, or its
     heartbeat gone stale) and resubmits the run itself, with --resume; this job's command is the first
     one, and would run beside that resubmission. (The study's jobs are submitted with --no-requeue;
-    this holds should LAUNCH ask for --requeue.)"""
+    this holds should LAUNCH ask for --requeue.) Likewise a job of an earlier attempt (--attempt) that
+    starts after the run was submitted again: a study run again while its jobs were queued watches
+    them (Launcher.execute), but one that could not ask the scheduler about them submits anew."""
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     restarts = os.environ.get("SLURM_RESTART_COUNT", "0")
     if restarts not in ("", "0"):
         print(f"launch.py exec: SLURM requeued job {os.environ.get('SLURM_JOB_ID')} and started it again (restart "
               f"{restarts}); the study resubmits its runs itself, so this job ends here and leaves {args.run_dir} "
               f"as it is", flush=True)
+        return 0
+    latest = _read_submission(args.run_dir).get("attempt", 0)
+    if args.attempt is not None and latest > args.attempt:
+        print(f"launch.py exec: {args.run_dir} was submitted again (attempt {latest}) after this job's attempt "
+              f"{args.attempt}, whose job the study no longer watches; this job ends here and leaves the run as it is",
+              flush=True)
         return 0
     return run_wrapped(args.run_dir, args.done, command, args.heartbeat_seconds, in_process=False)
 
@@ -819,6 +855,9 @@ def parse_args(argv=None):
     ex.add_argument("--run-dir", required=True)
     ex.add_argument("--done", required=True)
     ex.add_argument("--heartbeat-seconds", type=common.positive_float, default=30)
+    ex.add_argument("--attempt", type=common.positive_int, default=None,
+                    help="the study's attempt number of this job: a job whose run was submitted again since "
+                         "(a later attempt in RUN/submission.json) ends at once")
     ex.add_argument("command", nargs="...")
     return p.parse_args(argv)
 

@@ -207,6 +207,20 @@ def test_slurm_a_refused_submission_is_reported_at_once(cluster, tmp_path):
     assert "waiting for" not in result.stdout and "2 failure(s):" in result.stdout
 
 
+def late_job_leaves_the_run_alone(cluster, d, job, says):
+    """Start `job`, pending since the study resubmitted its run in `d` (which is done), and check that
+    it ends saying `says` in its slurm-N.out and leaves the run's files as they are."""
+    # the last attempt's own last files: written just after results.json, which ends the study's wait
+    wait_for(lambda: (d / "status.json").exists(), 30, "the last attempt's status")
+    kept = {name: (d / name).read_bytes() for name in ("status.json", "attempts.jsonl", "run.log", "started.json")}
+    mtime = os.stat(d / "results.json").st_mtime_ns
+    subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], env=cluster.env, check=True)
+    wait_for(lambda: cluster.jobs()[job] == "COMPLETED", 60, "the late job's end")
+    assert {name: (d / name).read_bytes() for name in kept} == kept
+    assert os.stat(d / "results.json").st_mtime_ns == mtime
+    assert says in (d / f"slurm-{job}.out").read_text()
+
+
 def test_slurm_a_requeued_job_never_runs_beside_the_studys_resubmission(cluster, tmp_path, monkeypatch, capsys):
     """SLURM requeues a job on preemption (PreemptMode=REQUEUE), on a failed node (JobRequeue=1, the
     default) or by `scontrol requeue`: the job is stopped (SIGTERM) and pending again, to start ~2
@@ -247,15 +261,65 @@ def test_slurm_a_requeued_job_never_runs_beside_the_studys_resubmission(cluster,
         else:
             assert requeue.returncode == 0 and "RETRY r: failed (exit -15)" in out and attempts(d) == 2, out
             assert cluster.jobs()[first] == "PENDING"
-            # the retry's own last files: written just after results.json, which ends the study's wait
-            wait_for(lambda: (d / "status.json").exists(), 30, "the retry's status")
-            before = {name: (d / name).read_bytes() for name in ("status.json", "attempts.jsonl", "run.log")}
-            mtime = os.stat(d / "results.json").st_mtime_ns
+            late_job_leaves_the_run_alone(cluster, d, first, "SLURM requeued job")
+
+
+def test_slurm_jobs_an_earlier_invocation_left_queued_are_watched_not_submitted_again(cluster, tmp_path, monkeypatch, capsys):
+    """A study stopped (a lost login session, Ctrl-C) or past its --max-wait leaves its jobs in the
+    queue, and is run again. 1. The stage run again watches the queued job (submission.json's), and
+    submits nothing: one job ran the run (before: it submitted a second job, and the first one,
+    pending, would have run the command again later, beside or after it). 2. When the scheduler cannot
+    be asked (squeue fails: a controller that does not answer), the stage submits the run again, as
+    attempt 2, and the first job, once it starts, ends at once and leaves the run as attempt 2 left
+    it (its `launch.py exec --attempt 1` finds attempt 2 in submission.json; before, it ran the
+    command again). The first invocation gives up after --max-wait (~2 s) with its job pending
+    (--begin an hour ahead), saying the job is left in the queue; the test starts it with
+    `scontrol update StartTime=now` once the second invocation has asked the scheduler."""
+    asked = threading.Event()
+    real = launch.slurm_job_states
+    monkeypatch.setattr(launch, "slurm_job_states", lambda jobs: (real(jobs), asked.set())[0])  # (a spy: squeue runs)
+    for phase in ("watched", "unknown"):
+        d = tmp_path / phase / "r"
+        write = (f"import json, time; time.sleep(1); json.dump({{}}, open({str(d / 'results.json')!r}, 'w'))")
+        run = lambda: launch.Run(str(d), [sys.executable, "-c", write], str(d / "results.json"), resumable=False)
+        monkeypatch.setenv("LAUNCH", "sbatch --begin=now+3600 --wrap")
+        first_study = make_study(tmp_path / phase, max_wait=0.0005)
+        first_study.execute([run()])
+        first = json.loads((d / "submission.json").read_text())["job_id"]
+        out = capsys.readouterr().out
+        assert cluster.jobs()[first] == "PENDING", out
+        (_, message), = first_study.failures
+        assert message.startswith("FAILED: ../r not finished within --max-wait 0.0005 h"), message
+        assert f"(queued; job {first} is left in the queue)" in message, message
+        monkeypatch.setenv("LAUNCH", "sbatch --wrap")
+        if phase == "unknown":  # squeue fails, as when the controller does not answer
+            shim = tmp_path / "bin" / "squeue"
+            shim.parent.mkdir()
+            shim.write_text("#!/bin/sh\necho 'slurm_load_jobs error: Socket timed out on send/recv operation' >&2\n"
+                            "exit 1\n")
+            shim.chmod(0o755)
+            monkeypatch.setenv("PATH", f"{shim.parent}{os.pathsep}{os.environ['PATH']}")
+        before = set(cluster.jobs())
+        asked.clear()
+        s = make_study(tmp_path / phase)
+        thread, _ = in_background(s.execute, [run()])
+        wait_for(asked.is_set, 60, "the second invocation's question to the scheduler")
+        if phase == "watched":
             subprocess.run(["scontrol", "update", f"jobid={first}", "StartTime=now"], env=cluster.env, check=True)
-            wait_for(lambda: cluster.jobs()[first] == "COMPLETED", 60, "the requeued job's end")
-            assert {name: (d / name).read_bytes() for name in before} == before
-            assert os.stat(d / "results.json").st_mtime_ns == mtime
-            assert "SLURM requeued job" in (d / f"slurm-{first}.out").read_text()
+        thread.join(timeout=120)
+        out = capsys.readouterr().out
+        assert not thread.is_alive() and s.failures == [] and (d / "results.json").exists(), out
+        if phase == "watched":
+            assert f"pending (submitted earlier as job {first})  ../r" in out and "run  ../r" not in out, out
+            assert set(cluster.jobs()) == before, (before, cluster.jobs())  # no job submitted
+            assert json.loads((d / "submission.json").read_text())["job_id"] == first
+            wait_for(lambda: cluster.jobs()[first] == "COMPLETED", 30, "the job's end")
+        else:
+            monkeypatch.setenv("PATH", os.environ["PATH"].split(os.pathsep, 1)[1])
+            assert "run  ../r (attempt 2)" in out and attempts(d) == 2, out
+            second = json.loads((d / "submission.json").read_text())["job_id"]
+            assert second != first and set(cluster.jobs()) - before == {second}
+            late_job_leaves_the_run_alone(cluster, d, first, "was submitted again (attempt 2) after this job's attempt 1")
 
 
 # ----------------------------------------------------------------------------- no scheduler: a local background launcher

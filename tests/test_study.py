@@ -423,8 +423,10 @@ def test_runs_are_skipped_when_done_and_failures_retried_then_reported(tmp_path,
     s.execute(_runs(tmp_path))  # again: the finished run is skipped, the failed one tried anew
     out = capsys.readouterr().out
     assert "skip (done)  ok" in out
-    assert "run  bad" in out and "run  ok" not in out
-    assert f"FAILED (exit 3): bad -- failed (exit 3) after 3 attempts -- log: {log}" in out
+    # (attempts go on counting: 3 more, the 4th to the 6th)
+    assert "run  bad (attempt 4)" in out and "run  ok" not in out and "started earlier" not in out, out
+    assert f"FAILED (exit 3): bad -- failed (exit 3) after 6 attempts -- log: {log}" in out
+    assert log.read_text().count("$ ") == 6
 
 
 def _writer(run_dir, *flags):
