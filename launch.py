@@ -27,14 +27,15 @@ Each command runs inside `launch.py exec`, which leaves in the run directory:
 A stage reads them at every poll: status.json says done, stopped (exit 0 before the end: a chunk of
 --chunk-steps) or failed; a started run whose heartbeat is older than --heartbeat-timeout, or whose
 job the scheduler reports ended (cancelled, timed out, preempted, out of memory, node failure)
-without a status, is dead. Stopped runs are resubmitted with --resume; dead and failed ones too, at
-most --max-retries times, then reported failed with their log; a run that ended with an `error:`
-line (a usage or data error: the same on every attempt) is reported at once. A submission the launcher refuses
-(bad partition, quota, no sbatch) is reported at once with the scheduler's message. No wait is
-endless: a stage gives up on what is not finished after --max-wait hours, and prints what it is
-waiting for (running, queued, done, failed) at most once a minute. A stage run again (after the
-study was stopped, or gave up) watches the jobs the earlier one left queued or running
-(submission.json's job, if the scheduler still has it) instead of submitting them again.
+without a status, is dead (a job the scheduler has suspended is waited for). Stopped runs are
+resubmitted with --resume; dead and failed ones too, at most --max-retries times, then reported
+failed with their log; a run that ended with an `error:` line (a usage or data error: the same on
+every attempt) is reported at once. A submission the launcher refuses (bad partition, quota, no
+sbatch) is reported at once with the scheduler's message. No wait is endless: a stage gives up on
+what is not finished after --max-wait hours, and prints what it is waiting for (running, queued,
+done, failed) at most once a minute. A stage run again (after the study was stopped, or gave up)
+watches the jobs the earlier one left queued or running (submission.json's job, if the scheduler
+still has it) instead of submitting them again.
 """
 
 import collections
@@ -221,21 +222,23 @@ class Launcher:
             self.fail(run.dir, f"LOCKED: {os.path.relpath(run.dir, self.out)} is in use by {holder}; not started "
                                f"(run the stage again when that process has ended)")
             return "failed"
+        os.makedirs(run.dir, exist_ok=True)
+        run.attempts += 1
+        # the new attempt's number first: from now on a job of an earlier attempt leaves the run alone
+        # (exec_run, run_wrapped), so the files removed next are the new attempt's alone
+        submission = os.path.join(run.dir, "submission.json")
+        common.write_json(submission, {"attempt": run.attempts, "job_id": None, "time": time.time(), "launch": ""})
         for name in ("status.json", "started.json", "heartbeat"):
             _remove(os.path.join(run.dir, name))
-        os.makedirs(run.dir, exist_ok=True)
         if not os.path.isfile(os.path.join(run.dir, COMMAND_FILE)):
             common.write_json(os.path.join(run.dir, COMMAND_FILE), {"argv": portable(run.argv, self.out)})
-        run.attempts += 1
-        run.job_id, run.ended_seen = None, None
+        run.job_id, run.ended_seen, run.suspended_seen = None, None, None
         command = self.command(run)
         resumed = " with --resume" if "--resume" in command else ""
         print(f"run  {os.path.relpath(run.dir, self.out)}" + (f" (attempt {run.attempts}{resumed})" if run.attempts > 1 else ""),
               flush=True)
         launch = os.environ.get("LAUNCH", "").strip()
         if not launch:  # here, to its end, in a forked child (see run_local)
-            common.write_json(os.path.join(run.dir, "submission.json"),
-                              {"attempt": run.attempts, "job_id": None, "time": time.time(), "launch": ""})
             run_local(run.dir, run.done_file, command, self.heartbeat_seconds())
             return "started"
         # SLURM sets SLURM_RESTART_COUNT in a job only once it has been requeued, and sbatch hands the
@@ -257,14 +260,13 @@ class Launcher:
         run.job_id = submitted_job(result.stdout) if "sbatch" in launch else None
         if run.job_id:
             print(f"     submitted as {job_name(run.job_id)}", flush=True)
-        common.write_json(os.path.join(run.dir, "submission.json"),
-                          {"attempt": run.attempts, "job_id": run.job_id, "time": time.time(), "launch": launch})
+        common.write_json(submission, {"attempt": run.attempts, "job_id": run.job_id, "time": time.time(), "launch": launch})
         return "started"
 
     def state(self, run, job_states):
-        """done | stopped | failed (...) | error (...) | dead (...) | running | queued, from the run's
-        files, its heartbeat and, for a SLURM job, the scheduler's word (`job_states`: {job id:
-        state} of the poll's one squeue call for all its jobs)."""
+        """done | stopped | failed (...) | error (...) | dead (...) | running | suspended | queued, from
+        the run's files, its heartbeat and, for a SLURM job, the scheduler's word (`job_states`: {job
+        id: state} of the poll's one squeue call for all its jobs)."""
         if os.path.exists(run.done_file):
             return "done"
         status = _read_status(run.dir)
@@ -276,9 +278,14 @@ class Launcher:
                 return f"error (exit {code}): {status['error'][len('error: '):]}"
             return "stopped" if code == 0 else f"failed (exit {code})"
         started = os.path.isfile(os.path.join(run.dir, "started.json"))
-        if started and not alive(run.dir, self.args.heartbeat_timeout):
-            return f"dead (no heartbeat for over {self.args.heartbeat_timeout:g} s)"
         job_state = job_states.get(run.job_id) if run.job_id else None
+        if job_state == "SUSPENDED":
+            # (scontrol suspend, or preemption by gang scheduling: SIGSTOP, and later SIGCONT) its heartbeat
+            # stops while it is suspended; the time until it is seen running again does not count
+            run.suspended_seen = time.time()
+            return "suspended"
+        if started and not alive(run.dir, self.args.heartbeat_timeout, since=run.suspended_seen):
+            return f"dead (no heartbeat for over {self.args.heartbeat_timeout:g} s)"
         if _ended(job_state):
             # the scheduler says the job ended, yet no status.json: give a shared filesystem a moment
             run.ended_seen = run.ended_seen or time.time()
@@ -322,7 +329,7 @@ class Launcher:
                     finished += 1
                     if self.args.max_queued and run.job_id and _counted(job_states.get(run.job_id)):
                         self.draining.add(run.job_id)  # the scheduler still counts it
-                elif state not in ("running", "queued"):
+                elif state not in ("running", "suspended", "queued"):
                     log = os.path.join(run.dir, "run.log")
                     if state != "stopped":
                         run.failures += 1
@@ -349,7 +356,8 @@ class Launcher:
             if time.time() - last_print >= self.args.status_seconds:
                 last_print = time.time()
                 print(f"waiting for {len(pending) + len(waiting)} run(s): {counts['running']} running, "
-                      f"{counts['queued']} queued, " + (f"{len(waiting)} not submitted yet, " if waiting else "")
+                      + (f"{counts['suspended']} suspended, " if counts["suspended"] else "")
+                      + f"{counts['queued']} queued, " + (f"{len(waiting)} not submitted yet, " if waiting else "")
                       + f"{finished} done, {failed} failed", flush=True)
             if time.time() > deadline:
                 for run in pending + waiting:
@@ -589,6 +597,7 @@ class Run:
     failures: int = 0
     job_id: str = None
     ended_seen: float = None
+    suspended_seen: float = None
 
 
 # SLURM job states after which a job runs no more (squeue --states; GONE: purged from squeue)
@@ -663,10 +672,11 @@ def _counted(job_state):
     return job_state is not None and job_state != "COMPLETING" and not _ended(job_state)
 
 
-def alive(run_dir, timeout):
-    """The run's exec wrapper has refreshed its heartbeat within `timeout` seconds."""
+def alive(run_dir, timeout, since=None):
+    """The run's exec wrapper has refreshed its heartbeat within `timeout` seconds (of `since`, when
+    later: the last time its job was seen suspended)."""
     path = os.path.join(run_dir, "heartbeat")
-    return os.path.isfile(path) and time.time() - os.path.getmtime(path) <= timeout
+    return os.path.isfile(path) and time.time() - max(os.path.getmtime(path), since or 0.0) <= timeout
 
 
 def _remove(path):
@@ -704,16 +714,24 @@ def exec_run(args):
               f"{restarts}); the study resubmits its runs itself, so this job ends here and leaves {args.run_dir} "
               f"as it is", flush=True)
         return 0
-    latest = _read_submission(args.run_dir).get("attempt", 0)
-    if args.attempt is not None and latest > args.attempt:
-        print(f"launch.py exec: {args.run_dir} was submitted again (attempt {latest}) after this job's attempt "
-              f"{args.attempt}, whose job the study no longer watches; this job ends here and leaves the run as it is",
-              flush=True)
+    if superseded(args.run_dir, args.attempt):
         return 0
-    return run_wrapped(args.run_dir, args.done, command, args.heartbeat_seconds, in_process=False)
+    return run_wrapped(args.run_dir, args.done, command, args.heartbeat_seconds, in_process=False, attempt=args.attempt)
 
 
-def run_wrapped(run_dir, done, command, heartbeat_seconds, in_process):
+def superseded(run_dir, attempt, ending=False):
+    """The study has submitted the run again since this job's `attempt` (a later one in
+    submission.json; None: not known, never superseded). Says so in the job's output."""
+    latest = _read_submission(run_dir).get("attempt", 0)
+    if attempt is None or latest <= attempt:
+        return False
+    print(f"launch.py exec: {run_dir} was submitted again (attempt {latest}) after this job's attempt {attempt}, "
+          f"whose job the study no longer watches; this job " + ("leaves no status" if ending else
+          "ends here and leaves the run as it is"), flush=True)
+    return True
+
+
+def run_wrapped(run_dir, done, command, heartbeat_seconds, in_process, attempt=None):
     """Run one command of the study, as a job would: its output into RUN/run.log; RUN/started.json
     (host, pid, the scheduler's job id) when it starts; RUN/heartbeat touched every few seconds while
     it runs; RUN/status.json (exit status, done or not) and a line of RUN/attempts.jsonl when it
@@ -721,7 +739,9 @@ def run_wrapped(run_dir, done, command, heartbeat_seconds, in_process):
     command, which then ends with a status too; a SIGKILL or a lost node leaves no status, and the
     stale heartbeat tells the study. Under SLURM the command gets OMP_NUM_THREADS = the job's CPUs,
     unless it is set already. `in_process`: a stage script of this repository runs in this process
-    (a child forked for it by the local launcher, see run_local), without importing torch again."""
+    (a child forked for it by the local launcher, see run_local), without importing torch again. A
+    job of an `attempt` that the study has since superseded (it took the job for dead: its heartbeat
+    stopped, its node was lost) writes no status: status.json is the new attempt's."""
     os.makedirs(run_dir, exist_ok=True)
     heartbeat = os.path.join(run_dir, "heartbeat")
     start = time.time()
@@ -752,6 +772,8 @@ def run_wrapped(run_dir, done, command, heartbeat_seconds, in_process):
                     os.utime(heartbeat)
     status = {"returncode": code, "seconds": round(time.time() - start, 1), "done": os.path.exists(done),
               "host": socket.gethostname(), "job_id": os.environ.get("SLURM_JOB_ID")}
+    if superseded(run_dir, attempt, ending=True):
+        return code
     if code != 0:
         status["error"] = error_line(os.path.join(run_dir, "run.log"))
     with open(os.path.join(run_dir, "attempts.jsonl"), "a") as history:  # one line per attempt that ended

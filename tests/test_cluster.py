@@ -292,13 +292,8 @@ def test_slurm_jobs_an_earlier_invocation_left_queued_are_watched_not_submitted_
         assert message.startswith("FAILED: ../r not finished within --max-wait 0.0005 h"), message
         assert f"(queued; job {first} is left in the queue)" in message, message
         monkeypatch.setenv("LAUNCH", "sbatch --wrap")
-        if phase == "unknown":  # squeue fails, as when the controller does not answer
-            shim = tmp_path / "bin" / "squeue"
-            shim.parent.mkdir()
-            shim.write_text("#!/bin/sh\necho 'slurm_load_jobs error: Socket timed out on send/recv operation' >&2\n"
-                            "exit 1\n")
-            shim.chmod(0o755)
-            monkeypatch.setenv("PATH", f"{shim.parent}{os.pathsep}{os.environ['PATH']}")
+        if phase == "unknown":
+            failing_squeue(tmp_path, monkeypatch)
         before = set(cluster.jobs())
         asked.clear()
         s = make_study(tmp_path / phase)
@@ -320,6 +315,59 @@ def test_slurm_jobs_an_earlier_invocation_left_queued_are_watched_not_submitted_
             second = json.loads((d / "submission.json").read_text())["job_id"]
             assert second != first and set(cluster.jobs()) - before == {second}
             late_job_leaves_the_run_alone(cluster, d, first, "was submitted again (attempt 2) after this job's attempt 1")
+
+
+def failing_squeue(tmp_path, monkeypatch):
+    """squeue fails from now on, as when the controller does not answer (a shim first on PATH)."""
+    shim = tmp_path / "bin" / "squeue"
+    shim.parent.mkdir()
+    shim.write_text("#!/bin/sh\necho 'slurm_load_jobs error: Socket timed out on send/recv operation' >&2\nexit 1\n")
+    shim.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{shim.parent}{os.pathsep}{os.environ['PATH']}")
+
+
+def test_slurm_a_suspended_job_is_waited_for_and_a_superseded_one_leaves_no_status(cluster, tmp_path, monkeypatch, capsys):
+    """SLURM suspends a job (`scontrol suspend`; gang scheduling's preemption, PreemptMode=SUSPEND)
+    with SIGSTOP, and resumes it later: its heartbeat stops meanwhile. 1. The study waits for a
+    suspended job (squeue: SUSPENDED; the status line counts it) and its heartbeat timeout (2 s)
+    starts again when it runs again (suspended for 6 s): one job, one attempt (before: it was called
+    dead after 2 s and resubmitted while the first job, once resumed, ran on beside it). 2. When squeue
+    cannot say so (it fails), the study takes the suspended job for dead and submits attempt 2;
+    the first job, resumed after attempt 2 has ended, ends without writing status.json or a line of
+    attempts.jsonl, which stay attempt 2's (before: its status replaced attempt 2's)."""
+    monkeypatch.setenv("LAUNCH", "sbatch --wrap")
+    for phase in ("suspended", "unknown"):
+        d = tmp_path / phase / "r"
+        write = (f"import json, time; open({str(d / 'running')!r}, 'w'); time.sleep(3); "
+                 f"json.dump({{}}, open({str(d / 'results.json')!r}, 'w'))")
+        s = make_study(tmp_path / phase, heartbeat_timeout=2, status_seconds=0.5)
+        thread, _ = in_background(s.execute, [launch.Run(str(d), [sys.executable, "-c", write], str(d / "results.json"),
+                                                         resumable=False)])
+        wait_for(lambda: (d / "running").exists(), 60, "the job's command")
+        first = json.loads((d / "started.json").read_text())["job_id"]
+        if phase == "unknown":
+            failing_squeue(tmp_path, monkeypatch)
+        subprocess.run(["scontrol", "suspend", first], env=cluster.env, check=True)
+        if phase == "suspended":
+            time.sleep(6)
+            assert cluster.jobs()[first] == "SUSPENDED"
+            subprocess.run(["scontrol", "resume", first], env=cluster.env, check=True)
+        thread.join(timeout=120)
+        out = capsys.readouterr().out
+        assert not thread.is_alive() and s.failures == [] and (d / "results.json").exists(), out
+        if phase == "suspended":
+            assert "RETRY" not in out and attempts(d) == 1 and "1 suspended" in out, out
+            continue
+        monkeypatch.setenv("PATH", os.environ["PATH"].split(os.pathsep, 1)[1])
+        assert "RETRY ../r: dead (no heartbeat for over 2 s)" in out and attempts(d) == 2, out
+        wait_for(lambda: (d / "status.json").exists(), 30, "attempt 2's status")  # (just after results.json)
+        kept = {name: (d / name).read_bytes() for name in ("status.json", "attempts.jsonl")}
+        assert json.loads(kept["status.json"])["job_id"] != first
+        subprocess.run(["scontrol", "resume", first], env=cluster.env, check=True)
+        wait_for(lambda: cluster.jobs()[first] == "COMPLETED", 60, "the first job's end")
+        assert {name: (d / name).read_bytes() for name in kept} == kept
+        assert "was submitted again (attempt 2) after this job's attempt 1, whose job the study no longer watches; " \
+               "this job leaves no status" in (d / f"slurm-{first}.out").read_text()
 
 
 # ----------------------------------------------------------------------------- no scheduler: a local background launcher
