@@ -68,6 +68,7 @@ def english_questions():
     return data.read_references("xquad", data.xquad_path(DATA_DIR, "en"), N_TEST)
 
 
+@pytest.mark.xdist_group("portable-study")  # (one worker: the module fixture is made once, not once per worker)
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_a_full_runs_best_generates_its_predictions_with_plain_transformers(name, study):
@@ -97,6 +98,7 @@ def test_a_full_runs_best_generates_its_predictions_with_plain_transformers(name
         assert models.language_code(FAMILIES[name], "en") in card
 
 
+@pytest.mark.xdist_group("portable-study")
 @pytest.mark.slow
 def test_mt5_checkpoints_say_their_head_is_untied_and_weights_follow_the_umask(study):
     """config.json of an mT5 checkpoint says tie_word_embeddings false (what transformers 4.x reads
@@ -113,6 +115,7 @@ def test_mt5_checkpoints_say_their_head_is_untied_and_weights_follow_the_umask(s
                 assert oct(os.stat(entry.path).st_mode & 0o777) == "0o644", entry.path
 
 
+@pytest.mark.xdist_group("portable-study")
 @pytest.mark.slow
 @pytest.mark.parametrize("run_name", ["full/tiny-nllb", "adapters"])
 def test_predict_reproduces_a_runs_test_predictions_and_scores(run_name, study, tmp_path, capsys):
@@ -128,6 +131,7 @@ def test_predict_reproduces_a_runs_test_predictions_and_scores(run_name, study, 
     assert {k: scores[k] for k in results} == results
 
 
+@pytest.mark.xdist_group("portable-study")
 @pytest.mark.slow
 def test_a_moved_study_still_loads_and_predicts_and_its_prompt_loads_with_peft(study, tmp_path, capsys):
     """The prompt run's base model is the full run's best/, recorded relative to the checkpoint: the
@@ -163,6 +167,7 @@ def test_a_moved_study_still_loads_and_predicts_and_its_prompt_loads_with_peft(s
         os.rename(hidden, study)
 
 
+@pytest.mark.xdist_group("portable-study")
 @pytest.mark.slow
 def test_tensorboard_events_and_log_csv_hold_the_log_jsonl_scalars(study):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -301,6 +306,7 @@ def test_tensorboard_missing_is_one_line_naming_the_package(tmp_path, monkeypatc
     assert not (tmp_path / "r" / "log.jsonl").exists()
 
 
+@pytest.mark.xdist_group("portable-study")
 @pytest.mark.slow
 def test_predict_takes_inputs_without_references(study, tmp_path, capsys):
     """jsonl of {"id", "context", "question"} (QA): the same predictions as the official file gives,

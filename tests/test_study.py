@@ -134,6 +134,7 @@ def full_dry_run(tmp_path_factory):
     return out_dir, run_dry_run(out_dir, "--scope", "full")
 
 
+@pytest.mark.xdist_group("full-dry-run")  # (one worker: the module fixture is made once, not once per worker)
 def test_dry_run_lists_every_run_of_the_protocol(full_dry_run):
     tmp_path, out = full_dry_run
     commands = [line for line in out.splitlines() if line.startswith("RUN ")]
@@ -203,6 +204,7 @@ def assert_shards_fit(translations, shard_hours):
     assert len(xlsum) == 1 and len(xlsum[0]) > 50
 
 
+@pytest.mark.xdist_group("full-dry-run")
 def test_dry_run_fits_every_job_in_its_kinds_time_limit_and_prints_the_disk_need(full_dry_run, tmp_path, monkeypatch,
                                                                                   capsys):
     """The jobs-per-kind table of the real study: no job's estimate times the margin exceeds its
@@ -835,6 +837,7 @@ def dry_run_commands(out, text):
 
 @pytest.mark.parametrize("name,flags", [("full", []), ("tiny", ["--tiny", "--data-dir", DATA_DIR, "--xlsum-dir",
                                                                  os.path.join(REPO, "tests", "fixtures", "xlsum")])])
+@pytest.mark.xdist_group("full-dry-run")
 def test_dry_run_lists_the_commands_recorded_before_the_refactor(name, flags, tmp_path, full_dry_run, capsys):
     """tests/fixtures/dry_run/NAME.txt.gz is the dry run of commit c782168, before the method
     registry, the task table and launch.py (run directory and command of each RUN line). The same
@@ -1001,6 +1004,7 @@ def test_report_renders_appendix_b_c_and_every_rouge_mode(tmp_path):
     assert "Figure 5 (xlsum)" in text and "Figure 6 (xlsum)" in text and "![fig6_mixing_xlsum.png]" in text
 
 
+@pytest.mark.xdist_group("full-dry-run")
 @pytest.mark.parametrize("rouge", ["multilingual", "xlsum"])
 def test_full_scope_lists_the_same_runs_under_every_rouge_mode(rouge, full_dry_run, tmp_path, capsys):
     """--scope full under the other ROUGE modes: the runs of the gem dry run (run_all.sh's, checked
