@@ -29,7 +29,9 @@ import math
 import os
 import pickle
 import random
+import signal
 import sys
+import threading
 import time
 
 import numpy as np
@@ -865,6 +867,32 @@ class TrainSettings:
                    precision=args.precision, tensorboard=args.tensorboard, compile=args.compile, card=card)
 
 
+class TermSignal:
+    """SIGTERM while training (scancel, a job's time limit, preemption: SLURM sends SIGTERM, and SIGKILL
+    some seconds later): noted, and acted on at the next step boundary, where train() saves last/.
+    On leaving, the previous handler is restored, and a SIGTERM that came is delivered again, so the
+    process ends as it would have without this (exit -15), only later. Only in the main thread, where
+    handlers can be set; elsewhere SIGTERM acts at once, as before."""
+
+    def __init__(self):
+        self.received, self.installed, self.previous = False, False, None
+
+    def _note(self, signum, frame):
+        self.received = True
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.previous, self.installed = signal.signal(signal.SIGTERM, self._note), True
+        return self
+
+    def __exit__(self, *exc):
+        if self.installed:
+            # (None: a handler not set from Python, which cannot be set again; the default one then)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if self.previous is None else self.previous)
+            if self.received:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+
 def train(model, tokenizer, stream, evaluate_fn, settings):
     """Train `model` on batches from `stream` (a data.Mixture); returns (best_step, best_metric, stopped_at):
     stopped_at is the step of the checkpoint it stopped at (stop_at_step / stop_after_steps), else None.
@@ -875,7 +903,8 @@ def train(model, tokenizer, stream, evaluate_fn, settings):
     with a larger max_steps it extends a finished run. `stop_at_step` (an evaluation step):
     return right after its checkpoint, as a job with a time limit would; --resume continues it.
     `stop_after_steps`: the same at the first evaluation step at least that many steps after this
-    session's start.
+    session's start. A SIGTERM saves last/ at the next step boundary and then ends the process
+    (TermSignal); --resume continues from that step, bit for bit.
     """
     run_dir, base_model, device, lr, warmup_steps = (settings.run_dir, settings.base_model, settings.device,
                                                       settings.lr, settings.warmup_steps)
@@ -897,6 +926,10 @@ def train(model, tokenizer, stream, evaluate_fn, settings):
     card = settings.card or (lambda step, metric, name: None)
     better = (lambda a, b: a > b) if settings.metric_mode == "max" else (lambda a, b: a < b)
 
+    def state_at(step):  # what --resume needs to continue from `step` bit for bit
+        return {"step": step, "optimizer": optimizer.state_dict(), "stream": stream.state_dict(), "rng": rng_state(),
+                "best_step": best_step, "best_metric": best_metric}
+
     def new_window():
         return {"loss_sum": 0.0, "tokens": 0, "real": 0, "padded": 0, "time": time.perf_counter(),
                 "streams": collections.Counter()}
@@ -904,60 +937,73 @@ def train(model, tokenizer, stream, evaluate_fn, settings):
     bar = tqdm(total=max_steps, initial=start_step, desc="train", dynamic_ncols=True, file=sys.stderr)
     window = new_window()
     model.train()
-    for step in range(start_step, max_steps + 1):
-        # ---- evaluation and checkpoints, before stepping ----
-        is_eval_step = (step % eval_every == 0 and step > 0) or step == max_steps or (step == 0 and settings.eval_at_start)
-        if is_eval_step and not (resume and step == start_step):
-            metric = evaluate_fn(step)
-            if metric is not None and (best_metric is None or better(metric, best_metric)):
-                best_step, best_metric = step, metric
-                save_checkpoint(run_dir, "best", model, tokenizer, base_model, card=card(step, metric, "best"))
-            train_state = {"step": step, "optimizer": optimizer.state_dict(), "stream": stream.state_dict(),
-                           "rng": rng_state(), "best_step": best_step, "best_metric": best_metric}
-            save_checkpoint(run_dir, "last", model, tokenizer, base_model, train_state, card=card(step, metric, "last"))
-            model.train()
-            session_done = stop_after_steps is not None and step >= start_step + stop_after_steps
-            if (step == stop_at_step or session_done) and step < max_steps:
+    with TermSignal() as term:
+        for step in range(start_step, max_steps + 1):
+            # ---- evaluation and checkpoints, before stepping ----
+            is_eval_step = ((step % eval_every == 0 and step > 0) or step == max_steps
+                            or (step == 0 and settings.eval_at_start))
+            if is_eval_step and not (resume and step == start_step):
+                metric = evaluate_fn(step)
+                if metric is not None and (best_metric is None or better(metric, best_metric)):
+                    best_step, best_metric = step, metric
+                    save_checkpoint(run_dir, "best", model, tokenizer, base_model, card=card(step, metric, "best"))
+                save_checkpoint(run_dir, "last", model, tokenizer, base_model, state_at(step),
+                                card=card(step, metric, "last"))
+                model.train()
+                session_done = stop_after_steps is not None and step >= start_step + stop_after_steps
+                if (step == stop_at_step or session_done) and step < max_steps:
+                    bar.close()
+                    log.close()
+                    return best_step, best_metric, step
+            if term.received and step < max_steps:
+                # SIGTERM (scancel, the job's time limit, preemption): keep this step's state (last/ holds it
+                # already at an evaluation step, or when the run resumed here), then end as SIGTERM ends a
+                # process (TermSignal's exit): the job fails as before, but --resume goes on from here
+                if not (is_eval_step or (resume and step == start_step)):
+                    save_checkpoint(run_dir, "last", model, tokenizer, base_model, state_at(step),
+                                    card=card(step, None, "last"))
                 bar.close()
                 log.close()
+                print(f"SIGTERM: stopped at the checkpoint of step {step} ({os.path.join(run_dir, 'last')}); "
+                      f"--resume continues from there", flush=True)
                 return best_step, best_metric, step
-        if step == max_steps:
-            break
+            if step == max_steps:
+                break
 
-        # ---- one optimisation step ----
-        drawn = [next(stream) for _ in range(update_freq)]                   # [(path, indices)]
-        collated = [stream.stream(path).collate(indices, tokenizer.pad_token_id) for path, indices in drawn]
-        if settings.compile:                                                 # a few shapes: the graph is reused
-            collated = [data.pad_to_buckets(batch, tokenizer.pad_token_id) for batch in collated]
-        batches = [{k: v.to(device) for k, v in batch.items()} for batch in collated]
-        step_lr = get_lr(step + 1, lr, warmup_steps)
-        try:
-            loss, num_tokens, grad_norm = train_step(model, optimizer, batches, step_lr, settings.grad_clip, device,
-                                                     settings.precision, loss_fn)
-        except FloatingPointError as e:
-            bar.close()
-            log.close()
-            last = os.path.join(run_dir, "last")
-            where = f"the last good checkpoint is {last}" if os.path.isdir(last) else "no checkpoint was written yet"
-            raise common.TrainingError(f"{e} at step {step + 1} (lr {step_lr:.3e}); stopped; {where}") from None
+            # ---- one optimisation step ----
+            drawn = [next(stream) for _ in range(update_freq)]                   # [(path, indices)]
+            collated = [stream.stream(path).collate(indices, tokenizer.pad_token_id) for path, indices in drawn]
+            if settings.compile:                                                 # a few shapes: the graph is reused
+                collated = [data.pad_to_buckets(batch, tokenizer.pad_token_id) for batch in collated]
+            batches = [{k: v.to(device) for k, v in batch.items()} for batch in collated]
+            step_lr = get_lr(step + 1, lr, warmup_steps)
+            try:
+                loss, num_tokens, grad_norm = train_step(model, optimizer, batches, step_lr, settings.grad_clip, device,
+                                                         settings.precision, loss_fn)
+            except FloatingPointError as e:
+                bar.close()
+                log.close()
+                last = os.path.join(run_dir, "last")
+                where = f"the last good checkpoint is {last}" if os.path.isdir(last) else "no checkpoint was written yet"
+                raise common.TrainingError(f"{e} at step {step + 1} (lr {step_lr:.3e}); stopped; {where}") from None
 
-        # ---- diagnostics only below here ----
-        bar.update(1)
-        window["loss_sum"] += loss * num_tokens
-        window["tokens"] += num_tokens
-        for (path, _), batch in zip(drawn, batches):
-            window["real"] += int(batch["attention_mask"].sum()) + int((batch["labels"] != -100).sum())
-            window["padded"] += batch["input_ids"].numel() + batch["labels"].numel()
-            window["streams"]["/".join(path)] += 1
-        if (step + 1) % settings.log_every == 0 or step + 1 == max_steps:
-            elapsed = time.perf_counter() - window["time"]
-            row = {"step": step + 1, "loss": window["loss_sum"] / window["tokens"], "lr": step_lr,
-                   "grad_norm": grad_norm, "tokens_per_s": window["real"] / elapsed,
-                   "padding_efficiency": window["real"] / window["padded"],
-                   "streams": dict(sorted(window["streams"].items()))}
-            log.write(row, bar)
-            bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{step_lr:.2e}", tok_s=f"{row['tokens_per_s']:,.0f}")
-            window = new_window()
-    bar.close()
-    log.close()
+            # ---- diagnostics only below here ----
+            bar.update(1)
+            window["loss_sum"] += loss * num_tokens
+            window["tokens"] += num_tokens
+            for (path, _), batch in zip(drawn, batches):
+                window["real"] += int(batch["attention_mask"].sum()) + int((batch["labels"] != -100).sum())
+                window["padded"] += batch["input_ids"].numel() + batch["labels"].numel()
+                window["streams"]["/".join(path)] += 1
+            if (step + 1) % settings.log_every == 0 or step + 1 == max_steps:
+                elapsed = time.perf_counter() - window["time"]
+                row = {"step": step + 1, "loss": window["loss_sum"] / window["tokens"], "lr": step_lr,
+                       "grad_norm": grad_norm, "tokens_per_s": window["real"] / elapsed,
+                       "padding_efficiency": window["real"] / window["padded"],
+                       "streams": dict(sorted(window["streams"].items()))}
+                log.write(row, bar)
+                bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{step_lr:.2e}", tok_s=f"{row['tokens_per_s']:,.0f}")
+                window = new_window()
+        bar.close()
+        log.close()
     return best_step, best_metric, None

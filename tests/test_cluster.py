@@ -119,8 +119,8 @@ def timed_straight(tmp_path, name, *extra):
 
 
 def test_slurm_cancelled_job_resumes_bitwise_and_a_time_limit_is_beaten_by_chunks(cluster, tmp_path, monkeypatch, capsys):
-    """A: cancelled with scancel after its first checkpoint; the study notices, resubmits it with
-    --resume, and its final weights equal an uninterrupted run's. B: five chunks, longer than the
+    """A: cancelled with scancel after its first checkpoint; it saves the step the SIGTERM came in,
+    the study notices, resubmits it with --resume, and its final weights equal an uninterrupted run's. B: five chunks, longer than the
     partition's 1-minute time limit; with --chunk-steps each job trains a chunk and stops at a
     checkpoint, and B completes through automatic resubmissions, no job timed out. The chunk is
     ~20 s of training at the step rate of A's uninterrupted run measured just before (whatever the
@@ -152,6 +152,10 @@ def test_slurm_cancelled_job_resumes_bitwise_and_a_time_limit_is_beaten_by_chunk
     assert cluster.jobs()[job] == "CANCELLED" and attempts(a) >= 2  # (more when A's 50 steps take several chunks)
     assert "CANCELLED" in (a / f"slurm-{job}.out").read_text()  # sbatch's log beside the run, not in the cwd
     assert f"RETRY a: failed (exit -{signal.SIGTERM.value})" in out and "run  a (attempt 2 with --resume)" in out, out
+    # the job saved the step scancel's SIGTERM came in (loop.TermSignal), and the retry went on from it
+    log = (a / "run.log").read_text()
+    stopped = int(log.split("SIGTERM: stopped at the checkpoint of step ")[1].split()[0])
+    assert f"resuming from step {stopped} " in log, log[-3000:]
     assert equal(weights(a), reference)
     wait_for(lambda: (b / "status.json").exists(), 30, "B's last status")  # written just after results.json
     jobs = history(b)

@@ -224,6 +224,40 @@ def test_same_seed_bitwise_equal_and_resume_bitwise_equal(tmp_path, capsys):
 
 
 @pytest.mark.slow
+def test_sigterm_saves_the_step_it_came_in_and_resume_goes_on_bitwise(tmp_path, monkeypatch, capsys):
+    """SIGTERM (scancel, a job's time limit, preemption; SIGKILL follows some seconds later) during
+    the 13th of 20 steps, checkpoints every 10: the run saves last/ at step 13 and then delivers the
+    SIGTERM again to the handler that was there before (the default one ends the process: exit -15,
+    the study's killed job, tests/test_cluster.py; here, a handler that notes it), and --resume goes
+    on from step 13 to a straight run's weights and scores. Before, SIGTERM came to that handler at
+    once, training went on to its end, and a job's resume went back to step 10."""
+    delivered = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: delivered.append(len(calls)))
+    step, calls = loop.train_step, []
+
+    def train_step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 13:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return step(*args, **kwargs)
+    monkeypatch.setattr(loop, "train_step", train_step)
+    try:
+        assert run_finetune(tmp_path / "t", "--seed", "5") is None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    out = capsys.readouterr().out
+    assert delivered == [13] and len(calls) == 13, (delivered, calls)
+    assert f"SIGTERM: stopped at the checkpoint of step 13 ({tmp_path / 't' / 'last'})" in out, out
+    assert loop.load_train_state(str(tmp_path / "t" / "last"))["step"] == 13
+    assert not (tmp_path / "t" / "results.json").exists()
+    monkeypatch.setattr(loop, "train_step", step)
+    resumed = run_finetune(tmp_path / "t", "--seed", "5", "--resume")
+    straight = run_finetune(tmp_path / "straight", "--seed", "5")
+    assert _equal(_weights(tmp_path / "t" / "last"), _weights(tmp_path / "straight" / "last"))
+    assert resumed["test"] == straight["test"] and resumed["best_step"] == straight["best_step"]
+
+
+@pytest.mark.slow
 def test_resume_with_adapters_is_bitwise_equal(tmp_path):
     run_finetune(tmp_path / "a", method="adapters")
     run_finetune(tmp_path / "r", "--stop-at-step", "10", method="adapters")
