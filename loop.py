@@ -942,7 +942,8 @@ def train(model, tokenizer, stream, evaluate_fn, settings):
             # ---- evaluation and checkpoints, before stepping ----
             is_eval_step = ((step % eval_every == 0 and step > 0) or step == max_steps
                             or (step == 0 and settings.eval_at_start))
-            if is_eval_step and not (resume and step == start_step):
+            at_start = resume and step == start_step  # (last/ holds this step: the run resumed from it)
+            if is_eval_step and not at_start:
                 metric = evaluate_fn(step)
                 if metric is not None and (best_metric is None or better(metric, best_metric)):
                     best_step, best_metric = step, metric
@@ -959,7 +960,7 @@ def train(model, tokenizer, stream, evaluate_fn, settings):
                 # SIGTERM (scancel, the job's time limit, preemption): keep this step's state (last/ holds it
                 # already at an evaluation step, or when the run resumed here), then end as SIGTERM ends a
                 # process (TermSignal's exit): the job fails as before, but --resume goes on from here
-                if not (is_eval_step or (resume and step == start_step)):
+                if not (is_eval_step or at_start):
                     save_checkpoint(run_dir, "last", model, tokenizer, base_model, state_at(step),
                                     card=card(step, None, "last"))
                 bar.close()
