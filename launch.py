@@ -27,7 +27,8 @@ Each command runs inside `launch.py exec`, which leaves in the run directory:
 A stage reads them at every poll: status.json says done, stopped (exit 0 before the end: a chunk of
 --chunk-steps) or failed; a started run whose heartbeat is older than --heartbeat-timeout, or whose
 job the scheduler reports ended (cancelled, timed out, preempted, out of memory, node failure)
-without a status, is dead (a job the scheduler has suspended is waited for). Stopped runs are
+without a status, is dead (a job the scheduler has suspended is waited for; one it still shows
+running is cancelled, and the run retried once the job has ended). Stopped runs are
 resubmitted with --resume; dead and failed ones too, at most --max-retries times, then reported
 failed with their log; a run that ended with an `error:` line (a usage or data error: the same on
 every attempt) is reported at once. A submission the launcher refuses (bad partition, quota, no
@@ -66,6 +67,10 @@ def add_launch_args(parser):
                         help="hours a stage waits for its runs at most; what is not finished then is reported failed")
     parser.add_argument("--heartbeat-timeout", type=common.positive_float, default=300.0,
                         help="seconds without a heartbeat after which a started run is dead (killed, node lost)")
+    parser.add_argument("--stall-timeout", type=common.positive_float, default=1800.0,
+                        help="seconds without any output (a log line, a progress bar's update) after which a running "
+                             "command is taken for hung (a GPU or a filesystem that stopped answering), killed and "
+                             "retried like a dead one")
     parser.add_argument("--chunk-steps", type=common.positive_int, default=None,
                         help="each job trains about N steps (--stop-after-steps), then is resubmitted with --resume: "
                              "for partitions whose time limit is shorter than a run")
@@ -189,7 +194,8 @@ class Launcher:
 
     def launch_line(self, run, command, attempt):
         wrapped = [sys.executable, os.path.join(HERE, "launch.py"), "exec", "--run-dir", run.dir, "--done", run.done_file,
-                   "--heartbeat-seconds", f"{self.heartbeat_seconds():g}", "--attempt", str(attempt), "--"] + command
+                   "--heartbeat-seconds", f"{self.heartbeat_seconds():g}", "--stall-seconds", f"{self.stall_seconds():g}",
+                   "--attempt", str(attempt), "--"] + command
         launch = os.environ.get("LAUNCH", "").strip()
         if not launch:
             return shlex.join(wrapped)
@@ -208,6 +214,9 @@ class Launcher:
 
     def heartbeat_seconds(self):
         return max(1.0, min(30.0, self.args.heartbeat_timeout / 5))
+
+    def stall_seconds(self):
+        return getattr(self.args, "stall_timeout", None) or 0.0  # (0: no watchdog)
 
     def submit(self, run):
         """Start one attempt of `run`. Without LAUNCH it runs here, to the end; with LAUNCH the
@@ -232,14 +241,14 @@ class Launcher:
             _remove(os.path.join(run.dir, name))
         if not os.path.isfile(os.path.join(run.dir, COMMAND_FILE)):
             common.write_json(os.path.join(run.dir, COMMAND_FILE), {"argv": portable(run.argv, self.out)})
-        run.job_id, run.ended_seen, run.suspended_seen = None, None, None
+        run.job_id, run.ended_seen, run.suspended_seen, run.cancelled = None, None, None, None
         command = self.command(run)
         resumed = " with --resume" if "--resume" in command else ""
         print(f"run  {os.path.relpath(run.dir, self.out)}" + (f" (attempt {run.attempts}{resumed})" if run.attempts > 1 else ""),
               flush=True)
         launch = os.environ.get("LAUNCH", "").strip()
         if not launch:  # here, to its end, in a forked child (see run_local)
-            run_local(run.dir, run.done_file, command, self.heartbeat_seconds())
+            run_local(run.dir, run.done_file, command, self.heartbeat_seconds(), self.stall_seconds())
             return "started"
         # SLURM sets SLURM_RESTART_COUNT in a job only once it has been requeued, and sbatch hands the
         # submitting shell's environment on to the job (measured: a 1 in sbatch's environment reaches a
@@ -274,6 +283,8 @@ class Launcher:
             if status.get("done"):
                 return "done"
             code = status.get("returncode")
+            if status.get("hung"):  # (run_wrapped's watchdog killed it: a dead run, retried)
+                return f"hung (exit {code}): no output for over {status['hung']:g} s, killed (--stall-timeout)"
             if code != 0 and status.get("error"):
                 return f"error (exit {code}): {status['error'][len('error: '):]}"
             return "stopped" if code == 0 else f"failed (exit {code})"
@@ -292,6 +303,31 @@ class Launcher:
             if time.time() - run.ended_seen > max(10.0, 2 * self.args.poll_seconds):
                 return f"dead ({job_name(run.job_id)} {job_state.lower()} without a status)"
         return "running" if started else "queued"
+
+    def stale(self, run, state, job_states):
+        """`state`, or "cancelling" while the job of a run taken for dead is being cancelled. A run whose
+        heartbeat stopped while squeue still shows its job running (its processes stopped outside
+        SLURM, a node whose filesystem hangs, a node lost that SLURM has not noticed yet) is not
+        resubmitted beside it: the job would go on holding the run's lock (the resubmission then
+        fails, LOCKED) and its GPU, to its time limit. It is cancelled (scancel), and the run is
+        retried once the job has ended (a status, or squeue), or --heartbeat-timeout seconds later at
+        the latest; as the death it was, whatever status the cancellation left (failed, exit -15)."""
+        job_state = job_states.get(run.job_id) if run.job_id else None
+        if run.cancelled is None:
+            if not state.startswith("dead (no heartbeat") or job_state is None or _ended(job_state):
+                return state
+            name = os.path.relpath(run.dir, self.out)
+            run.cancelled = (time.time(), f"{state[:-1]}; {job_name(run.job_id)} still {job_state.lower()}: cancelled)")
+            said = cancel_job(run.job_id)
+            print(f"CANCEL {name}: {state}, yet squeue shows {job_name(run.job_id)} {job_state.lower()}; "
+                  + (f"scancel says: {said}" if said else "scancel'd") + "; retried once it has ended", flush=True)
+            return "cancelling"
+        if state == "done":
+            return state
+        ended = os.path.isfile(os.path.join(run.dir, "status.json")) or _ended(job_state)
+        if not ended and time.time() - run.cancelled[0] < self.args.heartbeat_timeout:
+            return "cancelling"
+        return run.cancelled[1]
 
     def fill(self, pending, waiting):
         """Submit waiting runs while fewer than --max-queued jobs are pending or draining; stop at the
@@ -323,13 +359,13 @@ class Launcher:
             self.draining = {job for job in self.draining if _counted(job_states.get(job))}
             states, requeued = {}, False
             for run in list(pending):
-                state = states[run.dir] = self.state(run, job_states)
+                state = states[run.dir] = self.stale(run, self.state(run, job_states), job_states)
                 if state == "done":
                     pending.remove(run)
                     finished += 1
                     if self.args.max_queued and run.job_id and _counted(job_states.get(run.job_id)):
                         self.draining.add(run.job_id)  # the scheduler still counts it
-                elif state not in ("running", "suspended", "queued"):
+                elif state not in ("running", "suspended", "queued", "cancelling"):
                     log = os.path.join(run.dir, "run.log")
                     if state != "stopped":
                         run.failures += 1
@@ -357,6 +393,7 @@ class Launcher:
                 last_print = time.time()
                 print(f"waiting for {len(pending) + len(waiting)} run(s): {counts['running']} running, "
                       + (f"{counts['suspended']} suspended, " if counts["suspended"] else "")
+                      + (f"{counts['cancelling']} being cancelled, " if counts["cancelling"] else "")
                       + f"{counts['queued']} queued, " + (f"{len(waiting)} not submitted yet, " if waiting else "")
                       + f"{finished} done, {failed} failed", flush=True)
             if time.time() > deadline:
@@ -598,6 +635,7 @@ class Run:
     job_id: str = None
     ended_seen: float = None
     suspended_seen: float = None
+    cancelled: tuple = None     # (time, why): the study cancelled its job, taken for dead yet running (Launcher.stale)
 
 
 # SLURM job states after which a job runs no more (squeue --states; GONE: purged from squeue)
@@ -655,6 +693,18 @@ def slurm_job_states(job_ids):
         known = dict(line.split()[:2] for line in result.stdout.splitlines() if len(line.split()) >= 2)
         states.update({job: known.get(number, "GONE") for job, number in zip(jobs, numbers)})
     return states or None
+
+
+def cancel_job(job_id):
+    """scancel the job ("N", or "N;CLUSTER": submitted_job): None, or what scancel said when it failed."""
+    number, _, cluster = job_id.partition(";")
+    try:
+        result = subprocess.run(["scancel"] + (["-M", cluster] if cluster else []) + [number],
+                                capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return str(e)
+    return None if result.returncode == 0 else " ".join((result.stderr or result.stdout).split()) or \
+        f"exit status {result.returncode}"
 
 
 def _ended(job_state):
@@ -716,7 +766,8 @@ def exec_run(args):
         return 0
     if superseded(args.run_dir, args.attempt):
         return 0
-    return run_wrapped(args.run_dir, args.done, command, args.heartbeat_seconds, in_process=False, attempt=args.attempt)
+    return run_wrapped(args.run_dir, args.done, command, args.heartbeat_seconds, in_process=False, attempt=args.attempt,
+                       stall_seconds=args.stall_seconds)
 
 
 def superseded(run_dir, attempt, ending=False):
@@ -731,7 +782,7 @@ def superseded(run_dir, attempt, ending=False):
     return True
 
 
-def run_wrapped(run_dir, done, command, heartbeat_seconds, in_process, attempt=None):
+def run_wrapped(run_dir, done, command, heartbeat_seconds, in_process, attempt=None, stall_seconds=0.0):
     """Run one command of the study, as a job would: its output into RUN/run.log; RUN/started.json
     (host, pid, the scheduler's job id) when it starts; RUN/heartbeat touched every few seconds while
     it runs; RUN/status.json (exit status, done or not) and a line of RUN/attempts.jsonl when it
@@ -741,21 +792,29 @@ def run_wrapped(run_dir, done, command, heartbeat_seconds, in_process, attempt=N
     unless it is set already. `in_process`: a stage script of this repository runs in this process
     (a child forked for it by the local launcher, see run_local), without importing torch again. A
     job of an `attempt` that the study has since superseded (it took the job for dead: its heartbeat
-    stopped, its node was lost) writes no status: status.json is the new attempt's."""
+    stopped, its node was lost) writes no status: status.json is the new attempt's. A command that
+    writes nothing into run.log for `stall_seconds` (0: no limit) is hung (a GPU that stopped
+    answering, a read from a filesystem that hangs: its heartbeat, this wrapper's, goes on): it is
+    killed, and its status says "hung", which the study retries as a dead run."""
     os.makedirs(run_dir, exist_ok=True)
-    heartbeat = os.path.join(run_dir, "heartbeat")
+    watchdog = Watchdog(run_dir, heartbeat_seconds, stall_seconds)
     start = time.time()
     common.write_json(os.path.join(run_dir, "started.json"),
                       {"host": socket.gethostname(), "pid": os.getpid(), "job_id": os.environ.get("SLURM_JOB_ID"),
                        "time": start, "command": command})
-    with open(heartbeat, "w"):
+    with open(watchdog.heartbeat, "w"):
         pass
     with open(os.path.join(run_dir, "run.log"), "a") as log:
         log.write(f"$ {shlex.join(command)}\n")
         log.flush()
         stage = STAGE_SCRIPTS.get(os.path.basename(command[1])) if len(command) > 1 and command[0] == sys.executable else None
+        hung = None
         if in_process and stage is not None:
-            code = run_stage_here(stage, command[2:], log, heartbeat, heartbeat_seconds)
+            def on_hang():  # (the stage's own thread is stuck: this process ends, with the attempt's status)
+                watchdog.say(log)
+                end_attempt(run_dir, done, start, -int(signal.SIGKILL), attempt, hung=stall_seconds)
+                os.kill(os.getpid(), signal.SIGKILL)
+            code = run_stage_here(stage, command[2:], log, watchdog, on_hang)
         else:
             env = dict(os.environ)
             cpus = env.get("SLURM_CPUS_PER_TASK") or env.get("SLURM_CPUS_ON_NODE")
@@ -766,20 +825,56 @@ def run_wrapped(run_dir, done, command, heartbeat_seconds, in_process, attempt=N
             signal.signal(signal.SIGTERM, lambda signum, frame: child.send_signal(signum))
             while True:
                 try:
-                    code = child.wait(timeout=heartbeat_seconds)
+                    code = child.wait(timeout=watchdog.tick)
                     break
                 except subprocess.TimeoutExpired:
-                    os.utime(heartbeat)
+                    if watchdog.beat() and hung is None:
+                        hung = stall_seconds
+                        watchdog.say(log)
+                        child.kill()
+    end_attempt(run_dir, done, start, code, attempt, hung=hung)
+    return code
+
+
+def end_attempt(run_dir, done, start, code, attempt, hung=None):
+    """Write the attempt's status (RUN/status.json, a line of RUN/attempts.jsonl), unless the study has
+    superseded it. hung: the watchdog's limit, when it killed the command."""
     status = {"returncode": code, "seconds": round(time.time() - start, 1), "done": os.path.exists(done),
               "host": socket.gethostname(), "job_id": os.environ.get("SLURM_JOB_ID")}
     if superseded(run_dir, attempt, ending=True):
-        return code
-    if code != 0:
+        return
+    if hung:
+        status["hung"] = hung
+    elif code != 0:
         status["error"] = error_line(os.path.join(run_dir, "run.log"))
     with open(os.path.join(run_dir, "attempts.jsonl"), "a") as history:  # one line per attempt that ended
         history.write(json.dumps(status) + "\n")
     common.write_json(os.path.join(run_dir, "status.json"), status)
-    return code
+
+
+class Watchdog:
+    """A running command's heartbeat (RUN/heartbeat, touched every `heartbeat_seconds`), and whether
+    it is hung: nothing written into RUN/run.log for `stall_seconds` (0: never)."""
+
+    def __init__(self, run_dir, heartbeat_seconds, stall_seconds):
+        self.heartbeat, self.log = os.path.join(run_dir, "heartbeat"), os.path.join(run_dir, "run.log")
+        self.stall = stall_seconds
+        # how often to look: the heartbeat's period, or often enough to see a short limit in time
+        self.tick = min(heartbeat_seconds, max(0.25, stall_seconds / 4)) if stall_seconds else heartbeat_seconds
+
+    def beat(self):
+        """Touch the heartbeat; True if the command is hung."""
+        os.utime(self.heartbeat)
+        try:
+            silent = time.time() - os.path.getmtime(self.log)
+        except OSError:  # (run.log removed by hand: the command's output goes on into the removed file)
+            return False
+        return bool(self.stall) and silent > self.stall
+
+    def say(self, log):
+        log.write(f"\nlaunch.py exec: no output for over {self.stall:g} s: the command is taken for hung and "
+                  f"killed (the study's --stall-timeout); the study retries it\n")
+        log.flush()
 
 
 def error_line(log_path):
@@ -796,9 +891,10 @@ def error_line(log_path):
 STAGE_SCRIPTS = {"finetune.py": "finetune", "pretrain_it.py": "pretrain_it", "translate_train.py": "translate_train"}
 
 
-def run_stage_here(module_name, argv, log, heartbeat, heartbeat_seconds):
+def run_stage_here(module_name, argv, log, watchdog, on_hang):
     """`python STAGE.py ARGV` in this process, as its own program would end: the exit status of
-    SystemExit, 1 with a traceback for any other exception. Output goes to `log`."""
+    SystemExit, 1 with a traceback for any other exception. Output goes to `log`; a thread keeps the
+    heartbeat (`watchdog`) and calls on_hang() when the stage has written nothing for too long."""
     import importlib
     import threading
     import traceback
@@ -809,8 +905,9 @@ def run_stage_here(module_name, argv, log, heartbeat, heartbeat_seconds):
     beating = threading.Event()
 
     def beat():
-        while not beating.wait(heartbeat_seconds):
-            os.utime(heartbeat)
+        while not beating.wait(watchdog.tick):
+            if watchdog.beat():
+                on_hang()
     threading.Thread(target=beat, daemon=True).start()
     module = importlib.import_module(module_name)
     try:
@@ -839,7 +936,7 @@ PRELOAD = ["finetune", "pretrain_it", "translate_train", "transformers.models.mt
 _LAUNCHER = []
 
 
-def run_local(run_dir, done, command, heartbeat_seconds):
+def run_local(run_dir, done, command, heartbeat_seconds, stall_seconds=0.0):
     """Run one command here, to its end, in a child process forked from a forkserver that has the
     stage modules imported (Python's multiprocessing; the server itself never runs torch, so each
     child starts clean). The child gets this process's current environment and directory."""
@@ -848,14 +945,14 @@ def run_local(run_dir, done, command, heartbeat_seconds):
         context = multiprocessing.get_context("forkserver")
         context.set_forkserver_preload(PRELOAD)
         _LAUNCHER.append(context)
-    child = _LAUNCHER[0].Process(target=_local_child, args=(run_dir, done, command, heartbeat_seconds,
+    child = _LAUNCHER[0].Process(target=_local_child, args=(run_dir, done, command, heartbeat_seconds, stall_seconds,
                                                            dict(os.environ), os.getcwd()))
     child.start()
     child.join()
     return child.exitcode
 
 
-def _local_child(run_dir, done, command, heartbeat_seconds, env, cwd):
+def _local_child(run_dir, done, command, heartbeat_seconds, stall_seconds, env, cwd):
     import threading
     from tqdm import tqdm
     # tqdm would make a multiprocessing lock, which a child ending with os._exit leaves to the
@@ -864,7 +961,7 @@ def _local_child(run_dir, done, command, heartbeat_seconds, env, cwd):
     os.environ.clear()
     os.environ.update(env)
     os.chdir(cwd)
-    code = run_wrapped(run_dir, done, command, heartbeat_seconds, in_process=True)
+    code = run_wrapped(run_dir, done, command, heartbeat_seconds, in_process=True, stall_seconds=stall_seconds)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code if isinstance(code, int) and 0 <= code < 256 else 1)
@@ -877,6 +974,8 @@ def parse_args(argv=None):
     ex.add_argument("--run-dir", required=True)
     ex.add_argument("--done", required=True)
     ex.add_argument("--heartbeat-seconds", type=common.positive_float, default=30)
+    ex.add_argument("--stall-seconds", type=common.non_negative_float, default=0.0,
+                    help="kill the command when it has written nothing for this many seconds (0: never)")
     ex.add_argument("--attempt", type=common.positive_int, default=None,
                     help="the study's attempt number of this job: a job whose run was submitted again since "
                          "(a later attempt in RUN/submission.json) ends at once")

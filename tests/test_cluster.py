@@ -5,8 +5,10 @@ Each test drives launch.Launcher.execute (through study.Study), the same code ev
 runs: cancelled jobs, killed processes, time limits, failing commands and refused submissions.
 """
 
+import fcntl
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -154,7 +156,7 @@ def test_slurm_cancelled_job_resumes_bitwise_and_a_time_limit_is_beaten_by_chunk
     assert f"RETRY a: failed (exit -{signal.SIGTERM.value})" in out and "run  a (attempt 2 with --resume)" in out, out
     # the job saved the step scancel's SIGTERM came in (loop.TermSignal), and the retry went on from it
     log = (a / "run.log").read_text()
-    stopped = int(log.split("SIGTERM: stopped at the checkpoint of step ")[1].split()[0])
+    stopped = int(re.search(r"SIGTERM: stopped at the checkpoint of step (\d+)", log).group(1))
     assert f"resuming from step {stopped} " in log, log[-3000:]
     assert equal(weights(a), reference)
     wait_for(lambda: (b / "status.json").exists(), 30, "B's last status")  # written just after results.json
@@ -374,6 +376,36 @@ def test_slurm_a_suspended_job_is_waited_for_and_a_superseded_one_leaves_no_stat
                "this job leaves no status" in (d / f"slurm-{first}.out").read_text()
 
 
+def test_slurm_a_job_without_heartbeat_that_squeue_shows_running_is_cancelled_before_its_retry(cluster, tmp_path,
+                                                                                                 monkeypatch, capsys):
+    """A run whose heartbeat stops while its job runs on (its processes stopped outside SLURM, here by
+    SIGSTOP; a node whose filesystem hangs; a lost node SLURM has not noticed yet) is taken for dead.
+    Its job is cancelled (scancel) and the run retried once the job has ended: attempt 2 runs and
+    the run is done, the first job CANCELLED. Before, the study resubmitted at once, beside the job
+    still holding the run's lock (the command takes common.DirectoryLock, as finetune.py does): the
+    run was reported LOCKED, for good, and the first job held its node to its time limit."""
+    monkeypatch.setenv("LAUNCH", "sbatch --wrap")
+    d = tmp_path / "r"
+    write = (f"import json, sys, time; sys.path.insert(0, {REPO!r}); import common\n"
+             f"with common.DirectoryLock({str(d)!r}, '--out-dir'):\n"
+             f"    open({str(d / 'running')!r}, 'w'); time.sleep(3); json.dump({{}}, open({str(d / 'results.json')!r}, 'w'))\n")
+    s = make_study(tmp_path, heartbeat_timeout=2, status_seconds=0.5)
+    thread, _ = in_background(s.execute, [launch.Run(str(d), [sys.executable, "-c", write], str(d / "results.json"),
+                                                     resumable=False)])
+    wait_for(lambda: (d / "running").exists(), 60, "the job's command")
+    first = json.loads((d / "started.json").read_text())["job_id"]
+    pids = subprocess.run(["scontrol", "listpids", first], env=cluster.env, capture_output=True, text=True, check=True)
+    for line in pids.stdout.splitlines()[1:]:  # (PID JOBID STEPID ...: the batch script, launch.py exec, the command)
+        os.kill(int(line.split()[0]), signal.SIGSTOP)
+    thread.join(timeout=120)
+    out = capsys.readouterr().out
+    assert not thread.is_alive() and s.failures == [] and (d / "results.json").exists(), out
+    assert f"CANCEL ../r: dead (no heartbeat for over 2 s), yet squeue shows job {first} running; scancel'd" in out, out
+    assert f"RETRY ../r: dead (no heartbeat for over 2 s; job {first} still running: cancelled); retry 1 of 2" in out, out
+    assert "being cancelled" in out and attempts(d) == 2, out
+    assert cluster.jobs()[first] == "CANCELLED"
+
+
 # ----------------------------------------------------------------------------- no scheduler: a local background launcher
 
 BACKGROUND = "sh -c 'setsid sh -c \"$0\" >/dev/null 2>&1 &'"  # starts the command and returns at once
@@ -405,6 +437,64 @@ def test_local_sigkilled_run_is_found_dead_and_resumed_bitwise(tmp_path, monkeyp
     assert len(history(a)) == 1  # the killed attempt left no status; the second one did
     reference.join(timeout=300)
     assert equal(weights(a), weights(tmp_path / "a-straight"))
+
+
+def test_local_a_command_silent_past_the_stall_timeout_is_killed_and_retried(tmp_path, monkeypatch, capsys):
+    """A command whose process hangs (a GPU or a filesystem that stopped answering) keeps its wrapper's
+    heartbeat fresh: without a watchdog the study waits for it forever (a job, to its time limit).
+    `launch.py exec` kills a command that writes nothing for --stall-timeout seconds (2 here) and
+    says "hung" in its status; the study retries it: attempt 1 prints a line and sleeps, attempt 2
+    prints a line every 0.5 s for 4 s (silent never more than 2 s: not killed) and is done."""
+    monkeypatch.delenv("LAUNCH", raising=False)  # the local launcher: a `python -c` command runs as a subprocess
+    d = tmp_path / "r"
+    code = (f"import json, os, time\nif not os.path.exists({str(d / 'first')!r}):\n"
+            f"    open({str(d / 'first')!r}, 'w'); print('started', flush=True); time.sleep(600)\n"
+            f"for i in range(8):\n    print('working', i, flush=True); time.sleep(0.5)\n"
+            f"json.dump({{}}, open({str(d / 'results.json')!r}, 'w'))\n")
+    s = make_study(tmp_path, stall_timeout=2)
+    thread, _ = in_background(s.execute, [launch.Run(str(d), [sys.executable, "-c", code], str(d / "results.json"),
+                                                     resumable=False)])
+    thread.join(timeout=120)
+    out = capsys.readouterr().out
+    assert not thread.is_alive() and s.failures == [] and (d / "results.json").exists(), out
+    assert "RETRY ../r: hung (exit -9): no output for over 2 s, killed (--stall-timeout); retry 1 of 2" in out, out
+    assert [(h["returncode"], h.get("hung")) for h in history(d)] == [(-9, 2), (0, None)]
+    assert "launch.py exec: no output for over 2 s: the command is taken for hung and killed" in (d / "run.log").read_text()
+
+
+@pytest.mark.slow
+def test_local_a_stage_hung_in_the_launchers_own_process_is_killed_and_reported(tmp_path, capsys):
+    """The local launcher runs the study's stage scripts in a forked child (run_stage_here), where the
+    watchdog is a thread beside the hung stage: it writes the attempt's status and kills its own
+    process. The hang is real: finetune.py waits for a token-cache entry's lock, which another
+    process (this test) holds and never releases, as a job on a node that stopped would. With
+    --max-retries 0 the study reports the run failed, hung, after --stall-timeout (3 s) of silence
+    (before: it waited forever)."""
+    cache = tmp_path / "tokens"
+    subprocess.run(finetune_argv(tmp_path / "warm", "--token-cache", str(cache), "--max-steps", "1"), check=True,
+                   capture_output=True)  # (builds the run's cache entries: their names and lock files)
+    locks = [open(p, "a") for p in cache.glob("*.lock")]
+    assert locks
+    for lock in locks:
+        shutil.rmtree(lock.name[:-len(".lock")])  # (the entry: built again, under its lock, by the next run)
+        fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+        d = tmp_path / "r"
+        s = make_study(tmp_path, stall_timeout=3, max_retries=0)
+        thread, _ = in_background(s.execute, [launch.Run(str(d), finetune_argv(d, "--token-cache", str(cache)),
+                                                         str(d / "results.json"))])
+        thread.join(timeout=120)
+        out = capsys.readouterr().out
+        assert not thread.is_alive(), out
+    finally:
+        for lock in locks:
+            lock.close()
+    (_, message), = s.failures
+    assert message == (f"FAILED (exit -9): ../r -- hung (exit -9): no output for over 3 s, killed (--stall-timeout) "
+                       f"-- log: {d / 'run.log'}")
+    assert json.loads((d / "status.json").read_text())["hung"] == 3
+    log = (d / "run.log").read_text()
+    assert "no output for over 3 s: the command is taken for hung and killed" in log and "Traceback" not in log, log
 
 
 # ----------------------------------------------------------------------------- translation shards, a submit limit
