@@ -21,6 +21,7 @@ The loop has one shape (llm.c / nanoGPT style); `step` counts finished updates:
 """
 
 import collections
+import contextlib
 import dataclasses
 import filecmp
 import inspect
@@ -867,18 +868,39 @@ class TrainSettings:
                    precision=args.precision, tensorboard=args.tensorboard, compile=args.compile, card=card)
 
 
+class Terminated(BaseException):
+    """SIGTERM came during an evaluation (TermSignal.raising). A BaseException, as KeyboardInterrupt is:
+    no `except Exception` of the code it interrupts takes it for that code's own error."""
+
+
 class TermSignal:
     """SIGTERM while training (scancel, a job's time limit, preemption: SLURM sends SIGTERM, and SIGKILL
-    some seconds later): noted, and acted on at the next step boundary, where train() saves last/.
-    On leaving, the previous handler is restored, and a SIGTERM that came is delivered again, so the
+    some seconds later): noted, and acted on at the next step boundary, where train() saves last/;
+    during an evaluation (`raising`), which can outlast the SIGKILL's delay, it interrupts the
+    evaluation at once (Terminated), so that train() saves the step before the SIGKILL comes. On
+    leaving, the previous handler is restored, and a SIGTERM that came is delivered again, so the
     process ends as it would have without this (exit -15), only later. Only in the main thread, where
     handlers can be set; elsewhere SIGTERM acts at once, as before."""
 
     def __init__(self):
-        self.received, self.installed, self.previous = False, False, None
+        self.received, self.installed, self.previous, self.raise_now = False, False, None, False
 
     def _note(self, signum, frame):
         self.received = True
+        if self.raise_now:
+            self.raise_now = False  # (once: a second SIGTERM during the save that follows is only noted)
+            raise Terminated()
+
+    @contextlib.contextmanager
+    def raising(self):
+        """Within: a SIGTERM raises Terminated (one that came already, at once)."""
+        if self.received and self.installed:
+            raise Terminated()
+        self.raise_now = self.installed
+        try:
+            yield
+        finally:
+            self.raise_now = False
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
@@ -904,7 +926,8 @@ def train(model, tokenizer, stream, evaluate_fn, settings):
     return right after its checkpoint, as a job with a time limit would; --resume continues it.
     `stop_after_steps`: the same at the first evaluation step at least that many steps after this
     session's start. A SIGTERM saves last/ at the next step boundary and then ends the process
-    (TermSignal); --resume continues from that step, bit for bit.
+    (TermSignal); --resume continues from that step, bit for bit. One during an evaluation stops it
+    and saves the step at once, marked not evaluated: --resume evaluates that step first.
     """
     run_dir, base_model, device, lr, warmup_steps = (settings.run_dir, settings.base_model, settings.device,
                                                       settings.lr, settings.warmup_steps)
@@ -914,14 +937,17 @@ def train(model, tokenizer, stream, evaluate_fn, settings):
     fused = True if settings.compile and torch.device(device).type == "cuda" else None
     optimizer = make_optimizer(model, lr, settings.weight_decay, settings.betas, settings.eps, fused=fused)
     loss_fn = compiled_loss() if settings.compile else loss_sum
-    start_step, best_step, best_metric = 0, None, None
+    start_step, best_step, best_metric, evaluated = 0, None, None, True
     if resume:
         state = load_train_state(os.path.join(run_dir, "last"))
         optimizer.load_state_dict(state["optimizer"])
         stream.load_state_dict(state["stream"])
         set_rng_state(state["rng"])
         start_step, best_step, best_metric = state["step"], state["best_step"], state["best_metric"]
-        print(f"resuming from step {start_step} (best step {best_step}, metric {best_metric})")
+        # (False: a SIGTERM stopped the run during this step's evaluation, which is done again now)
+        evaluated = state.get("evaluated", True)
+        print(f"resuming from step {start_step} (best step {best_step}, metric {best_metric})"
+              + ("; its evaluation, stopped by SIGTERM, first" if not evaluated else ""))
     log = RunLog(run_dir, resume_step=start_step if resume else None, tensorboard=settings.tensorboard)
     card = settings.card or (lambda step, metric, name: None)
     better = (lambda a, b: a > b) if settings.metric_mode == "max" else (lambda a, b: a < b)
@@ -943,8 +969,21 @@ def train(model, tokenizer, stream, evaluate_fn, settings):
             is_eval_step = ((step % eval_every == 0 and step > 0) or step == max_steps
                             or (step == 0 and settings.eval_at_start))
             at_start = resume and step == start_step  # (last/ holds this step: the run resumed from it)
-            if is_eval_step and not at_start:
-                metric = evaluate_fn(step)
+            if is_eval_step and not (at_start and evaluated):
+                before = rng_state()  # (what the evaluation starts from: a resume starts it again from here)
+                try:
+                    with term.raising():
+                        metric = evaluate_fn(step)
+                except Terminated:
+                    # the weights, optimizer and data are this step's still: save them (not the evaluation's
+                    # RNG), so that --resume evaluates this step again and goes on bit for bit
+                    save_checkpoint(run_dir, "last", model, tokenizer, base_model,
+                                    dict(state_at(step), rng=before, evaluated=False), card=card(step, None, "last"))
+                    bar.close()
+                    log.close()
+                    print(f"SIGTERM: stopped at the checkpoint of step {step}, during its evaluation "
+                          f"({os.path.join(run_dir, 'last')}); --resume evaluates it again and goes on", flush=True)
+                    return best_step, best_metric, step
                 if metric is not None and (best_metric is None or better(metric, best_metric)):
                     best_step, best_metric = step, metric
                     save_checkpoint(run_dir, "best", model, tokenizer, base_model, card=card(step, metric, "best"))

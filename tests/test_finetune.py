@@ -223,6 +223,38 @@ def test_same_seed_bitwise_equal_and_resume_bitwise_equal(tmp_path, capsys):
     assert run_finetune(tmp_path / "a", "--seed", "3")["best_step"] == straight["best_step"]
 
 
+def stopped_by_sigterm(tmp_path, monkeypatch, capsys, module, name, call):
+    """Run finetune.py into tmp_path/t with a SIGTERM sent in the `call`-th call of module.name, under a
+    handler that notes when it is delivered (the default one would end pytest). Returns (the calls
+    made when the SIGTERM reached that handler, the calls in all, the run's output)."""
+    delivered, calls, real = [], [], getattr(module, name)
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: delivered.append(len(calls)))
+
+    def wrapped(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == call:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(module, name, wrapped)
+    try:
+        assert run_finetune(tmp_path / "t", "--seed", "5") is None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        monkeypatch.setattr(module, name, real)
+    return delivered, len(calls), capsys.readouterr().out
+
+
+def resumed_as_straight(tmp_path, capsys):
+    """--resume the run in tmp_path/t to its end, and check it against a straight run: the same
+    weights, test scores and best step. Returns the resumed run's output."""
+    resumed = run_finetune(tmp_path / "t", "--seed", "5", "--resume")
+    out = capsys.readouterr().out
+    straight = run_finetune(tmp_path / "straight", "--seed", "5")
+    assert _equal(_weights(tmp_path / "t" / "last"), _weights(tmp_path / "straight" / "last"))
+    assert resumed["test"] == straight["test"] and resumed["best_step"] == straight["best_step"]
+    return out
+
+
 @pytest.mark.slow
 def test_sigterm_saves_the_step_it_came_in_and_resume_goes_on_bitwise(tmp_path, monkeypatch, capsys):
     """SIGTERM (scancel, a job's time limit, preemption; SIGKILL follows some seconds later) during
@@ -231,30 +263,35 @@ def test_sigterm_saves_the_step_it_came_in_and_resume_goes_on_bitwise(tmp_path, 
     the study's killed job, tests/test_cluster.py; here, a handler that notes it), and --resume goes
     on from step 13 to a straight run's weights and scores. Before, SIGTERM came to that handler at
     once, training went on to its end, and a job's resume went back to step 10."""
-    delivered = []
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: delivered.append(len(calls)))
-    step, calls = loop.train_step, []
-
-    def train_step(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 13:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return step(*args, **kwargs)
-    monkeypatch.setattr(loop, "train_step", train_step)
-    try:
-        assert run_finetune(tmp_path / "t", "--seed", "5") is None
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    out = capsys.readouterr().out
-    assert delivered == [13] and len(calls) == 13, (delivered, calls)
+    delivered, calls, out = stopped_by_sigterm(tmp_path, monkeypatch, capsys, loop, "train_step", 13)
+    assert delivered == [13] and calls == 13, (delivered, calls)
     assert f"SIGTERM: stopped at the checkpoint of step 13 ({tmp_path / 't' / 'last'})" in out, out
     assert loop.load_train_state(str(tmp_path / "t" / "last"))["step"] == 13
     assert not (tmp_path / "t" / "results.json").exists()
-    monkeypatch.setattr(loop, "train_step", step)
-    resumed = run_finetune(tmp_path / "t", "--seed", "5", "--resume")
-    straight = run_finetune(tmp_path / "straight", "--seed", "5")
-    assert _equal(_weights(tmp_path / "t" / "last"), _weights(tmp_path / "straight" / "last"))
-    assert resumed["test"] == straight["test"] and resumed["best_step"] == straight["best_step"]
+    resumed_as_straight(tmp_path, capsys)
+
+
+@pytest.mark.slow
+def test_sigterm_during_an_evaluation_stops_it_at_once_and_resume_evaluates_that_step_again(tmp_path, monkeypatch,
+                                                                                              capsys):
+    """SLURM's SIGKILL follows its SIGTERM after KillWait (30 s by default), long before a real model's
+    validation ends (minutes: XL-Sum's decodes thousands of summaries). SIGTERM in step 10's
+    validation stops the validation at once; last/ holds step 10 (weights, optimizer, data, and the
+    RNG the validation started from), marked not evaluated; --resume validates step 10 and goes on
+    to a straight run's weights, validation scores and test scores. Before, the validation went on
+    to its end after the SIGTERM (eval/step_10.json written), which a real job does not live to see:
+    it was SIGKILLed, and its resume went back to the checkpoint before (here: none, step 0)."""
+    delivered, _, out = stopped_by_sigterm(tmp_path, monkeypatch, capsys, finetune, "evaluate_split", 1)
+    assert delivered == [1], delivered
+    assert not (tmp_path / "t" / "eval" / "step_10.json").exists(), out
+    assert f"SIGTERM: stopped at the checkpoint of step 10, during its evaluation ({tmp_path / 't' / 'last'})" in out, out
+    state = loop.load_train_state(str(tmp_path / "t" / "last"))
+    assert (state["step"], state["evaluated"]) == (10, False)
+    out = resumed_as_straight(tmp_path, capsys)
+    assert "resuming from step 10 (best step None, metric None); its evaluation, stopped by SIGTERM, first" in out, out
+    for step in (10, 20):
+        assert (json.loads((tmp_path / "t" / "eval" / f"step_{step}.json").read_text())["langs"]
+                == json.loads((tmp_path / "straight" / "eval" / f"step_{step}.json").read_text())["langs"])
 
 
 @pytest.mark.slow
