@@ -735,14 +735,18 @@ def _remove(path):
 
 
 def _read_status(run_dir):
-    path = os.path.join(run_dir, "status.json")
-    return common.read_json(path, "status.json") if os.path.isfile(path) else None
+    """The run's status.json (None while its attempt has not ended)."""
+    return _read_run_file(run_dir, "status.json", None)
 
 
 def _read_submission(run_dir):
     """The run's submission.json ({} before its first submission): its last attempt and job id."""
-    path = os.path.join(run_dir, "submission.json")
-    return common.read_json(path, "submission.json") if os.path.isfile(path) else {}
+    return _read_run_file(run_dir, "submission.json", {})
+
+
+def _read_run_file(run_dir, name, missing):
+    path = os.path.join(run_dir, name)
+    return common.read_json(path, name) if os.path.isfile(path) else missing
 
 
 # -----------------------------------------------------------------------------
@@ -764,22 +768,24 @@ def exec_run(args):
               f"{restarts}); the study resubmits its runs itself, so this job ends here and leaves {args.run_dir} "
               f"as it is", flush=True)
         return 0
-    if superseded(args.run_dir, args.attempt):
+    latest = superseded_by(args.run_dir, args.attempt)
+    if latest:
+        say_superseded(args.run_dir, latest, args.attempt, "ends here and leaves the run as it is")
         return 0
     return run_wrapped(args.run_dir, args.done, command, args.heartbeat_seconds, in_process=False, attempt=args.attempt,
                        stall_seconds=args.stall_seconds)
 
 
-def superseded(run_dir, attempt, ending=False):
-    """The study has submitted the run again since this job's `attempt` (a later one in
-    submission.json; None: not known, never superseded). Says so in the job's output."""
+def superseded_by(run_dir, attempt):
+    """The later attempt the study has submitted the run as since this job's `attempt` (submission.json),
+    or None (none; or `attempt` None: not known, never superseded)."""
     latest = _read_submission(run_dir).get("attempt", 0)
-    if attempt is None or latest <= attempt:
-        return False
+    return latest if attempt is not None and latest > attempt else None
+
+
+def say_superseded(run_dir, latest, attempt, what):
     print(f"launch.py exec: {run_dir} was submitted again (attempt {latest}) after this job's attempt {attempt}, "
-          f"whose job the study no longer watches; this job " + ("leaves no status" if ending else
-          "ends here and leaves the run as it is"), flush=True)
-    return True
+          f"whose job the study no longer watches; this job {what}", flush=True)
 
 
 def run_wrapped(run_dir, done, command, heartbeat_seconds, in_process, attempt=None, stall_seconds=0.0):
@@ -841,7 +847,9 @@ def end_attempt(run_dir, done, start, code, attempt, hung=None):
     superseded it. hung: the watchdog's limit, when it killed the command."""
     status = {"returncode": code, "seconds": round(time.time() - start, 1), "done": os.path.exists(done),
               "host": socket.gethostname(), "job_id": os.environ.get("SLURM_JOB_ID")}
-    if superseded(run_dir, attempt, ending=True):
+    latest = superseded_by(run_dir, attempt)
+    if latest:
+        say_superseded(run_dir, latest, attempt, "leaves no status")
         return
     if hung:
         status["hung"] = hung
