@@ -921,7 +921,8 @@ def train(model, tokenizer, stream, evaluate_fn, settings):
 
     evaluate_fn(step) -> a scalar to select best/ by (higher is better for metric_mode "max"),
     or None to keep only last/. Resuming restores weights (from last/, loaded by the caller),
-    optimizer, schedule position, RNG and data-iterator state, so the run continues bit for bit;
+    optimizer, schedule position, RNG and data-iterator state, and the sums of the log row in
+    progress, so the run continues bit for bit, log rows included (all but their tokens/s);
     with a larger max_steps it extends a finished run. `stop_at_step` (an evaluation step):
     return right after its checkpoint, as a job with a time limit would; --resume continues it.
     `stop_after_steps`: the same at the first evaluation step at least that many steps after this
@@ -952,16 +953,24 @@ def train(model, tokenizer, stream, evaluate_fn, settings):
     card = settings.card or (lambda step, metric, name: None)
     better = (lambda a, b: a > b) if settings.metric_mode == "max" else (lambda a, b: a < b)
 
-    def state_at(step):  # what --resume needs to continue from `step` bit for bit
+    def state_at(step):  # what --resume needs to continue from `step` bit for bit (its log rows too)
         return {"step": step, "optimizer": optimizer.state_dict(), "stream": stream.state_dict(), "rng": rng_state(),
-                "best_step": best_step, "best_metric": best_metric}
+                "best_step": best_step, "best_metric": best_metric,
+                "log_window": dict({k: v for k, v in window.items() if k != "time"},
+                                   seconds=time.perf_counter() - window["time"])}
 
-    def new_window():
-        return {"loss_sum": 0.0, "tokens": 0, "real": 0, "padded": 0, "time": time.perf_counter(),
-                "streams": collections.Counter()}
+    def new_window(carried=None):
+        """The sums of the log row being gathered; `carried`: those of the steps before a checkpoint that
+        is not a log step (a SIGTERM's), so that the resumed run's next row is the straight run's (its
+        tokens/s over the training time of both sessions)."""
+        carried = carried or {}
+        window = {"loss_sum": 0.0, "tokens": 0, "real": 0, "padded": 0}
+        window.update({k: carried[k] for k in window if k in carried})
+        return dict(window, streams=collections.Counter(carried.get("streams", {})),
+                    time=time.perf_counter() - carried.get("seconds", 0.0))
 
     bar = tqdm(total=max_steps, initial=start_step, desc="train", dynamic_ncols=True, file=sys.stderr)
-    window = new_window()
+    window = new_window(state.get("log_window") if resume else None)
     model.train()
     with TermSignal() as term:
         for step in range(start_step, max_steps + 1):

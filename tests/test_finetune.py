@@ -246,12 +246,17 @@ def stopped_by_sigterm(tmp_path, monkeypatch, capsys, module, name, call):
 
 def resumed_as_straight(tmp_path, capsys):
     """--resume the run in tmp_path/t to its end, and check it against a straight run: the same
-    weights, test scores and best step. Returns the resumed run's output."""
+    weights, test scores and best step, and the same log rows (all but tokens/s, a time: the row
+    after a resume between log steps sums the steps on both sides of it). Returns the resumed run's
+    output."""
     resumed = run_finetune(tmp_path / "t", "--seed", "5", "--resume")
     out = capsys.readouterr().out
     straight = run_finetune(tmp_path / "straight", "--seed", "5")
     assert _equal(_weights(tmp_path / "t" / "last"), _weights(tmp_path / "straight" / "last"))
     assert resumed["test"] == straight["test"] and resumed["best_step"] == straight["best_step"]
+    rows = [[{k: v for k, v in row.items() if k != "tokens_per_s"} for row in steps(tmp_path / run)]
+            for run in ("t", "straight")]
+    assert rows[0] == rows[1] and [row["step"] for row in rows[0]] == [5, 10, 15, 20], rows
     return out
 
 
@@ -261,8 +266,10 @@ def test_sigterm_saves_the_step_it_came_in_and_resume_goes_on_bitwise(tmp_path, 
     the 13th of 20 steps, checkpoints every 10: the run saves last/ at step 13 and then delivers the
     SIGTERM again to the handler that was there before (the default one ends the process: exit -15,
     the study's killed job, tests/test_cluster.py; here, a handler that notes it), and --resume goes
-    on from step 13 to a straight run's weights and scores. Before, SIGTERM came to that handler at
-    once, training went on to its end, and a job's resume went back to step 10."""
+    on from step 13 to a straight run's weights, scores and log rows (its row of step 15 sums steps
+    11-15, as the straight run's does: the checkpoint carries the sums of steps 11-13). Before,
+    SIGTERM came to that handler at once, training went on to its end, and a job's resume went back
+    to step 10."""
     delivered, calls, out = stopped_by_sigterm(tmp_path, monkeypatch, capsys, loop, "train_step", 13)
     assert delivered == [13] and calls == 13, (delivered, calls)
     assert f"SIGTERM: stopped at the checkpoint of step 13 ({tmp_path / 't' / 'last'})" in out, out
