@@ -266,10 +266,12 @@ def write_bytes(path, content):
             f.write(content)
         os.chmod(tmp, file_mode())
         os.replace(tmp, path)
-    except OSError as e:
+    except BaseException as e:  # (also Ctrl-C, or a SIGTERM that stops an evaluation: loop.Terminated)
         if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
-        raise DataError(f"{path}: cannot write ({e.strerror or e})") from None
+        if isinstance(e, OSError):
+            raise DataError(f"{path}: cannot write ({e.strerror or e})") from None
+        raise
 
 
 def write_text(path, text):

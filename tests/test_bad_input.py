@@ -755,6 +755,22 @@ def test_a_full_disk_while_saving_a_checkpoint_leaves_the_old_ones_and_no_tempor
     assert {p: after[p] for p in before} == before  # last/ and best/ as they were: the run can resume from step 10
 
 
+def test_a_write_interrupted_by_a_signal_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch):
+    """Ctrl-C, or a SIGTERM that stops a validation (loop.Terminated), while common.write_json writes
+    a file: the previous file stays whole and no .part-* file is left beside it (before: the
+    temporary stayed, a full disk's OSError alone removed it)."""
+    path = tmp_path / "eval.json"
+    common.write_json(str(path), {"step": 10})
+
+    def interrupted(*args, **kwargs):
+        raise loop.Terminated()
+    monkeypatch.setattr(os, "replace", interrupted)
+    with pytest.raises(loop.Terminated):
+        common.write_json(str(path), {"step": 20})
+    monkeypatch.undo()
+    assert json.loads(path.read_text()) == {"step": 10} and stray_files(str(tmp_path)) == []
+
+
 def test_config_values_that_the_command_line_would_accept_are_accepted(world, tmp_path):
     """The strict --config check keeps what a saved args.json holds: numbers, strings of numbers,
     lists for the comma-separated and repeatable flags, null where the flag's default is null."""
