@@ -216,7 +216,7 @@ class Launcher:
         return max(1.0, min(30.0, self.args.heartbeat_timeout / 5))
 
     def stall_seconds(self):
-        return getattr(self.args, "stall_timeout", None) or 0.0  # (0: no watchdog)
+        return self.args.stall_timeout
 
     def submit(self, run):
         """Start one attempt of `run`. Without LAUNCH it runs here, to the end; with LAUNCH the
@@ -873,11 +873,12 @@ class Watchdog:
     def beat(self):
         """Touch the heartbeat; True if the command is hung."""
         os.utime(self.heartbeat)
+        if not self.stall:
+            return False
         try:
-            silent = time.time() - os.path.getmtime(self.log)
+            return time.time() - os.path.getmtime(self.log) > self.stall
         except OSError:  # (run.log removed by hand: the command's output goes on into the removed file)
             return False
-        return bool(self.stall) and silent > self.stall
 
     def say(self, log):
         log.write(f"\nlaunch.py exec: no output for over {self.stall:g} s: the command is taken for hung and "

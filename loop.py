@@ -969,6 +969,14 @@ def train(model, tokenizer, stream, evaluate_fn, settings):
         return dict(window, streams=collections.Counter(carried.get("streams", {})),
                     time=time.perf_counter() - carried.get("seconds", 0.0))
 
+    def stopped_by_sigterm(step, during_evaluation):  # (last/ holds `step`; the process ends on leaving TermSignal)
+        bar.close()
+        log.close()
+        print(f"SIGTERM: stopped at the checkpoint of step {step}" + (", during its evaluation" if during_evaluation else "")
+              + f" ({os.path.join(run_dir, 'last')}); --resume "
+              + ("evaluates it again and goes on" if during_evaluation else "continues from there"), flush=True)
+        return best_step, best_metric, step
+
     bar = tqdm(total=max_steps, initial=start_step, desc="train", dynamic_ncols=True, file=sys.stderr)
     window = new_window(state.get("log_window") if resume else None)
     model.train()
@@ -988,11 +996,7 @@ def train(model, tokenizer, stream, evaluate_fn, settings):
                     # RNG), so that --resume evaluates this step again and goes on bit for bit
                     save_checkpoint(run_dir, "last", model, tokenizer, base_model,
                                     dict(state_at(step), rng=before, evaluated=False), card=card(step, None, "last"))
-                    bar.close()
-                    log.close()
-                    print(f"SIGTERM: stopped at the checkpoint of step {step}, during its evaluation "
-                          f"({os.path.join(run_dir, 'last')}); --resume evaluates it again and goes on", flush=True)
-                    return best_step, best_metric, step
+                    return stopped_by_sigterm(step, during_evaluation=True)
                 if metric is not None and (best_metric is None or better(metric, best_metric)):
                     best_step, best_metric = step, metric
                     save_checkpoint(run_dir, "best", model, tokenizer, base_model, card=card(step, metric, "best"))
@@ -1011,11 +1015,7 @@ def train(model, tokenizer, stream, evaluate_fn, settings):
                 if not (is_eval_step or at_start):
                     save_checkpoint(run_dir, "last", model, tokenizer, base_model, state_at(step),
                                     card=card(step, None, "last"))
-                bar.close()
-                log.close()
-                print(f"SIGTERM: stopped at the checkpoint of step {step} ({os.path.join(run_dir, 'last')}); "
-                      f"--resume continues from there", flush=True)
-                return best_step, best_metric, step
+                return stopped_by_sigterm(step, during_evaluation=False)
             if step == max_steps:
                 break
 
