@@ -218,6 +218,10 @@ class Launcher:
     def stall_seconds(self):
         return self.args.stall_timeout
 
+    def no_heartbeat(self):
+        """Why a started run without a status is dead, its heartbeat stale (state)."""
+        return f"no heartbeat for over {self.args.heartbeat_timeout:g} s"
+
     def submit(self, run):
         """Start one attempt of `run`. Without LAUNCH it runs here, to the end; with LAUNCH the
         command's exit status and output are checked at once: a submission refused for a limit of
@@ -236,6 +240,7 @@ class Launcher:
         # the new attempt's number first: from now on a job of an earlier attempt leaves the run alone
         # (exec_run, run_wrapped), so the files removed next are the new attempt's alone
         submission = os.path.join(run.dir, "submission.json")
+        earlier = _read_submission(run.dir)  # (put back should the scheduler defer this attempt)
         common.write_json(submission, {"attempt": run.attempts, "job_id": None, "time": time.time(), "launch": ""})
         for name in ("status.json", "started.json", "heartbeat"):
             _remove(os.path.join(run.dir, name))
@@ -261,7 +266,13 @@ class Launcher:
         if result.returncode != 0 and not started:
             message = " ".join((result.stderr or result.stdout).split()) or f"exit status {result.returncode}"
             if SUBMIT_LIMIT.search(message):  # the scheduler's per-user limit: wait for our own jobs to end
+                # no attempt was made: the earlier submission stands, so that a study stopped before the
+                # next try counts on from it (else it would skip this attempt's number)
                 run.attempts -= 1
+                if earlier:
+                    common.write_json(submission, earlier)
+                else:
+                    _remove(submission)
                 print(f"     deferred: {launch.split()[0]} says: {message} (tried again when a job has ended)", flush=True)
                 return "deferred"
             self.fail(run.dir, f"SUBMIT FAILED: {os.path.relpath(run.dir, self.out)}: {launch.split()[0]} says: {message}")
@@ -296,7 +307,7 @@ class Launcher:
             run.suspended_seen = time.time()
             return "suspended"
         if started and not alive(run.dir, self.args.heartbeat_timeout, since=run.suspended_seen):
-            return f"dead (no heartbeat for over {self.args.heartbeat_timeout:g} s)"
+            return f"dead ({self.no_heartbeat()})"
         if _ended(job_state):
             # the scheduler says the job ended, yet no status.json: give a shared filesystem a moment
             run.ended_seen = run.ended_seen or time.time()
@@ -314,10 +325,11 @@ class Launcher:
         the latest; as the death it was, whatever status the cancellation left (failed, exit -15)."""
         job_state = job_states.get(run.job_id) if run.job_id else None
         if run.cancelled is None:
-            if not state.startswith("dead (no heartbeat") or job_state is None or _ended(job_state):
+            if state != f"dead ({self.no_heartbeat()})" or job_state is None or _ended(job_state):
                 return state
             name = os.path.relpath(run.dir, self.out)
-            run.cancelled = (time.time(), f"{state[:-1]}; {job_name(run.job_id)} still {job_state.lower()}: cancelled)")
+            run.cancelled = (time.time(), f"dead ({self.no_heartbeat()}; {job_name(run.job_id)} still {job_state.lower()}: "
+                                          f"cancelled)")
             said = cancel_job(run.job_id)
             print(f"CANCEL {name}: {state}, yet squeue shows {job_name(run.job_id)} {job_state.lower()}; "
                   + (f"scancel says: {said}" if said else "scancel'd") + "; retried once it has ended", flush=True)

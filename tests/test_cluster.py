@@ -101,7 +101,6 @@ def history(run_dir):
     return [json.loads(line) for line in open(os.path.join(run_dir, "attempts.jsonl"))]
 
 
-@pytest.mark.slow
 def timed_straight(tmp_path, name, *extra):
     """straight(), reading the run's step lines as they come: (weights, seconds per training step,
     seconds before the first step). The chunk test sizes its jobs from these, so it holds on a
@@ -120,6 +119,7 @@ def timed_straight(tmp_path, name, *extra):
     return weights(out), per_step, seen[first] - start - first * per_step
 
 
+@pytest.mark.slow
 def test_slurm_cancelled_job_resumes_bitwise_and_a_time_limit_is_beaten_by_chunks(cluster, tmp_path, monkeypatch, capsys):
     """A: cancelled with scancel after its first checkpoint; it saves the step the SIGTERM came in,
     the study notices, resubmits it with --resume, and its final weights equal an uninterrupted run's. B: five chunks, longer than the
@@ -623,6 +623,33 @@ def test_slurm_a_submit_limit_is_waited_out_and_max_queued_stays_under_it(limite
     # one squeue call per poll asks about every job the stage waits for, not one call per job
     asked = [line.split("-j ")[1].split()[0].split(",") for line in calls.read_text().splitlines() if "-j " in line]
     assert asked and max(len(jobs) for jobs in asked) >= 2, asked  # (before: one call per job, one id each)
+
+
+def test_slurm_a_study_stopped_while_its_submission_is_deferred_counts_no_attempt(limited_cluster, tmp_path,
+                                                                                   monkeypatch, capsys):
+    """Two held jobs fill MaxSubmitJobs=2: the run's submission is deferred, and the study stops
+    there (the launcher's submit, then nothing). The next invocation, the jobs gone, runs it as its
+    first attempt: `run  r`, submission.json's attempt 1 (before: `run  r (attempt 2)`, as the
+    deferred submission had left its number in submission.json)."""
+    monkeypatch.setenv("LAUNCH", "sbatch --wrap")
+    wait_for(lambda: not limited_cluster.jobs() or set(limited_cluster.jobs().values()) <= set(launch.SLURM_ENDED),
+             60, "an empty queue")
+    held = [launch.submitted_job(subprocess.run(["sbatch", "--hold", "--wrap", "true"], env=limited_cluster.env,
+                                                check=True, capture_output=True, text=True).stdout) for _ in range(2)]
+    d = tmp_path / "study" / "r"
+    run = launch.Run(str(d), [sys.executable, "-c", f"open({str(d / 'results.json')!r}, 'w').write('{{}}')"],
+                     str(d / "results.json"), resumable=False)
+    try:
+        assert make_study(tmp_path).launcher.submit(run) == "deferred"
+    finally:
+        subprocess.run(["scancel"] + held, env=limited_cluster.env, check=True)
+    assert "deferred: sbatch says: sbatch: error: AssocMaxSubmitJobLimit" in capsys.readouterr().out
+    s = make_study(tmp_path)
+    s.execute([launch.Run(run.dir, run.argv, run.done_file, resumable=False)])
+    out = capsys.readouterr().out
+    assert s.failures == [] and os.path.exists(run.done_file), out
+    assert "run  r\n" in out and "attempt 2" not in out, out
+    assert attempts(d) == 1
 
 
 @pytest.fixture
