@@ -180,14 +180,16 @@ def test_overfitting_one_batch_halves_the_loss(tokenizers, squad_train):
     optimizer = loop.make_optimizer(model, 1e-3)
     model.train()
     losses = []
-    for _ in range(50):
+    for _ in range(50):  # (halved in 25 steps here; 50 at most)
         loss, _ = loop.token_loss(model, batch)
         losses.append(loss.item())
+        if losses[-1] < losses[0] / 2:
+            break
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-    print(f"overfitting one batch: loss {losses[0]:.3f} -> {losses[-1]:.3f}")
-    assert min(losses) < losses[0] / 2
+    print(f"overfitting one batch: loss {losses[0]:.3f} -> {losses[-1]:.3f} in {len(losses) - 1} steps")
+    assert losses[-1] < losses[0] / 2
 
 
 # ----------------------------------------------------------------------------- determinism and resume
