@@ -81,6 +81,16 @@ def _decoder_dims(config):
     return layers, heads, d_kv
 
 
+def cache_dtype(model, device):
+    """The dtype of the keys and values that the decoder's attention writes into its cache: under
+    autocast (--precision bf16) its projections compute in bf16 while the weights stay fp32, so bf16,
+    as in HF generate's cache; otherwise the weights'. (Not the encoder states': mT5's and mBART's
+    final layer norm gives fp32 under autocast too.)"""
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return next(model.parameters()).dtype
+
+
 def row_bytes(config, source_len, max_new_tokens, dtype_bytes=2, beams=1):
     """Bytes one row of a generation batch needs on the device (a model config of any family):
 
@@ -291,7 +301,7 @@ class StaticDecoder:
         encoder_states, mask, index = self._encode(input_ids, attention_mask, pad)
         rows = len(index)
 
-        cache = self._cache(rows, max_new_tokens, encoder_states.shape[1], encoder_states.dtype, device)
+        cache = self._cache(rows, max_new_tokens, encoder_states.shape[1], cache_dtype(model, device), device)
         out = torch.full((batch_size, 1 + max_new_tokens), pad, dtype=torch.long, device=device)
         out[:, 0] = start
         slot_row = index.clone()                                       # row of `out` each slot writes
@@ -353,7 +363,8 @@ class StaticDecoder:
         # translate_train.py's limit (2 x the longest source + 10) is about twice what is written
         capacity = bucket(max_new_tokens)
         length = min(capacity, SELF_CACHE_START)
-        cache = self._cache(items * beams, length, encoder_states.shape[1], encoder_states.dtype, device, capacity)
+        cache = self._cache(items * beams, length, encoder_states.shape[1], cache_dtype(self.model, device), device,
+                            capacity)
         keep = 2 * beams                      # candidates per source: `beams` of them do not end in </s>
         top = torch.arange(keep, device=device) < beams          # only these may become hypotheses
         # per source: running beams (ids, log-probability) and finished hypotheses (ids, score, set)
