@@ -144,7 +144,7 @@ def test_gpu_sh_steps_fit_its_eight_minutes(tmp_path):
     """bench/gpu.sh has to finish in under 8 minutes (issue 23; a lent device has ~15 minutes in
     all, its start included). Its steps' limits add up to the figure its header states (it said
     445 s when they were 465 s), and none runs past BUDGET from the start: with a budget of 2 s and
-    a `timeout` that takes its whole limit, the first step is cut to it and the other four are
+    a `timeout` that takes its whole limit, the first step is cut to it and the other five are
     skipped, each said on stderr. The header's budget is the script's, and leaves 25 s of the 480
     for what has no limit (the tiny models' load, cost.py and two dry runs: ~20 s on 2 cores)."""
     import re
@@ -153,12 +153,12 @@ def test_gpu_sh_steps_fit_its_eight_minutes(tmp_path):
     stated = int(re.search(r"time limits of (\d+) s in all", script).group(1))
     budget = int(re.search(r"BUDGET \((\d+) s\)", script).group(1))
     _, _, limits, _ = _run_gpu_sh(tmp_path / "full", "exit 0")
-    assert len(limits) == 5  # training, mT5 decoding, mBART and NLLB decoding, beam search
+    assert len(limits) == 6  # training, mT5 decoding, mBART and NLLB decoding, beam search, the fp32 token check
     assert sum(limits) == stated
     assert re.search(rf"GPU_SH_BUDGET:-{budget}\b", script) and budget <= 8 * 60 - 25
     code, err, limits, _ = _run_gpu_sh(tmp_path / "spent", 'sleep "$1"', GPU_SH_BUDGET="2")
     assert code == 1 and len(limits) == 1 and limits[0] <= 2
-    assert err.count("bench/gpu.sh: skipped, its 2 s are spent: bench/") == 4
+    assert err.count("bench/gpu.sh: skipped, its 2 s are spent: bench/") == 5
 
 
 def test_gpu_sh_installs_its_wheels_ahead_of_the_pythons_own(tmp_path):
