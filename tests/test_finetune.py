@@ -73,6 +73,20 @@ def test_every_method_produces_the_run_directory(name, method, task, tmp_path):
     assert results["best_step"] in (10, 20) and results["main_metric"] == main
 
 
+def test_a_run_at_a_gpus_precision_decodes_its_validations_and_test(tmp_path):
+    """A GPU's settings bar the compile, here on CPU: bf16 autocast (--precision bf16) and the static
+    decoder (--decoder static; a GPU's auto is it, compiled). Training, the validations at steps 10
+    and 20 and the test all run in bf16, and results.json records the precision. Before
+    decode.cache_dtype the first validation raised ("index_copy_(): self and source expected to have
+    the same dtype ... Float and ... BFloat16"): every GPU run would have failed there."""
+    results = run_finetune(tmp_path, "--precision", "bf16", "--decoder", "static", task="xlsum", method="adapters",
+                           model="tiny-mbart")
+    assert results["provenance"]["precision"] == "bf16" and results["config"]["decoder"] == "static"
+    assert [json.loads((tmp_path / "eval" / f"step_{s}.json").read_text())["step"] for s in (10, 20)] == [10, 20]
+    assert set(results["test"]) == {"ko", "ru"}
+    assert all((tmp_path / "predictions" / f"test.{lang}.json").exists() for lang in ("ko", "ru"))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_lora_finetunes_on_every_family(name, tmp_path):
