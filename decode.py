@@ -201,11 +201,12 @@ class StaticDecoder:
         torch._dynamo.mark_static_address(view)
         return mark_dynamic(view, *dynamic)
 
-    def _cache(self, rows, self_len, cross_len, dtype, device, self_capacity=0):
+    def _cache(self, rows, self_len, cross_len, device, self_capacity=0):
         """An EncoderDecoderCache of StaticCache layers whose keys and values are buffer views (the
         self-attention buffers room for `self_capacity` positions, _grow_self_cache's), and whose
-        length is their keys' (_view_layer)."""
+        length is their keys' (_view_layer), in the dtype the attention writes (cache_dtype)."""
         from transformers import EncoderDecoderCache, StaticCache
+        dtype = cache_dtype(self.model, device)
         layers, heads, d_kv = _decoder_dims(self.model.config)
         caches = []
         for kind, length, capacity in (("self", self_len, self_capacity), ("cross", cross_len, 0)):
@@ -301,7 +302,7 @@ class StaticDecoder:
         encoder_states, mask, index = self._encode(input_ids, attention_mask, pad)
         rows = len(index)
 
-        cache = self._cache(rows, max_new_tokens, encoder_states.shape[1], cache_dtype(model, device), device)
+        cache = self._cache(rows, max_new_tokens, encoder_states.shape[1], device)
         out = torch.full((batch_size, 1 + max_new_tokens), pad, dtype=torch.long, device=device)
         out[:, 0] = start
         slot_row = index.clone()                                       # row of `out` each slot writes
@@ -363,8 +364,7 @@ class StaticDecoder:
         # translate_train.py's limit (2 x the longest source + 10) is about twice what is written
         capacity = bucket(max_new_tokens)
         length = min(capacity, SELF_CACHE_START)
-        cache = self._cache(items * beams, length, encoder_states.shape[1], cache_dtype(self.model, device), device,
-                            capacity)
+        cache = self._cache(items * beams, length, encoder_states.shape[1], device, capacity)
         keep = 2 * beams                      # candidates per source: `beams` of them do not end in </s>
         top = torch.arange(keep, device=device) < beams          # only these may become hypotheses
         # per source: running beams (ids, log-probability) and finished hypotheses (ids, score, set)

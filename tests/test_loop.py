@@ -248,17 +248,15 @@ def test_static_decoder_under_bf16_autocast_decodes_as_hf_generate():
     expected to have the same dtype", so every GPU validation with the default decoder failed. The
     bf16 tokens are not all fp32's (mT5's, checked), so the comparison is one at bf16's numerics."""
     bf16 = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
-    unlike_fp32 = 0
     for name, method in (("tiny-mt5", "prompt"), ("tiny-mbart", "adapters"), ("tiny-nllb", "lora")):
         model, tokenizer, encoded, generation = adapted_and_encoded(name, method, "es", 8)
         rule = Lengths([2 + (5 * i) % 9 for i in range(len(encoded))], tokenizer.eos_token_id)  # ends at steps 2..10
         with bf16():
             reference = one_by_one(model, tokenizer, encoded, generation, 12, rule)
             beams = one_by_one(model, tokenizer, encoded, generation, 12, rule, beams=4)
-        if name == "tiny-mt5":
-            unlike_fp32 += sum(a != b for a, b in zip(reference, one_by_one(model, tokenizer, encoded, generation, 12, rule)))
         decoders = [decode.StaticDecoder(model)]
         if name == "tiny-mt5":  # (compiled once: dynamo takes ~3 s a family here, and the graphs are the fp32 tests')
+            unlike_fp32 = sum(a != b for a, b in zip(reference, one_by_one(model, tokenizer, encoded, generation, 12, rule)))
             torch._dynamo.reset()
             decoders.append(decode.StaticDecoder(model, compile=True, backend="aot_eager"))
         for decoder in decoders:
