@@ -839,8 +839,13 @@ def run_wrapped(run_dir, done, command, heartbeat_seconds, in_process, attempt=N
             if cpus and "OMP_NUM_THREADS" not in env:
                 # as many threads as the job has CPUs: two jobs on one node must not both spin on all cores
                 env["OMP_NUM_THREADS"] = cpus
+            # SIGTERM (scancel, a time limit) is passed on to the command; one that comes while it starts
+            # is held until it has a pid (before, it ended this wrapper there: no status, the command orphaned)
+            child, held = None, []
+            signal.signal(signal.SIGTERM, lambda signum, frame: child.send_signal(signum) if child else held.append(signum))
             child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
-            signal.signal(signal.SIGTERM, lambda signum, frame: child.send_signal(signum))
+            for signum in held:
+                child.send_signal(signum)
             while True:
                 try:
                     code = child.wait(timeout=watchdog.tick)

@@ -439,6 +439,36 @@ def test_local_sigkilled_run_is_found_dead_and_resumed_bitwise(tmp_path, monkeyp
     assert equal(weights(a), weights(tmp_path / "a-straight"))
 
 
+def test_exec_a_sigterm_while_it_starts_its_command_is_passed_on_once_the_command_has_a_pid(tmp_path):
+    """`launch.py exec` passes SIGTERM (scancel, a time limit) on to its command. One that comes while
+    the command is being started -- sent here by the wrapper to itself as subprocess.Popen has started
+    the command, before Popen returns -- is held and passed on once the command has a pid: the
+    command ends by it, and the attempt's status says so. Before, the signal ended the wrapper there:
+    no status.json, and the command ran on, orphaned."""
+    run_dir, marker = tmp_path / "r", tmp_path / "still-running"
+    command = [sys.executable, "-c", f"import pathlib, time; time.sleep(1.5); pathlib.Path({str(marker)!r}).touch()"]
+    script = f"""
+import os, signal, subprocess, sys
+sys.path.insert(0, {REPO!r})
+import launch
+
+class Popen(subprocess.Popen):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)      # the command has started; Popen has not returned
+subprocess.Popen = Popen
+launch.main(launch.parse_args(["exec", "--run-dir", {str(run_dir)!r}, "--done", {str(tmp_path / "done")!r},
+                               "--heartbeat-seconds", "1", "--"] + {command!r}))
+"""
+    wrapper = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    time.sleep(2)   # (an orphaned command would have touched the marker by now)
+    assert (run_dir / "status.json").exists(), (wrapper.returncode, wrapper.stderr)
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["returncode"] == -signal.SIGTERM and not status["done"], status
+    # the wrapper ends with its command's status (sys.exit(-15): 241), not killed by the signal
+    assert wrapper.returncode == -signal.SIGTERM % 256 and not marker.exists(), (wrapper.returncode, wrapper.stderr)
+
+
 def test_local_a_command_silent_past_the_stall_timeout_is_killed_and_retried(tmp_path, monkeypatch, capsys):
     """A command whose process hangs (a GPU or a filesystem that stopped answering) keeps its wrapper's
     heartbeat fresh: without a watchdog the study waits for it forever (a job, to its time limit).
