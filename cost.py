@@ -49,6 +49,9 @@ class Rates:
     generate: dict             # family: (FLOP/s, decoder) of greedy decoding's fastest decoder measured
     beam: dict                 # family: (FLOP/s, decoder) of beam search (translations): its fastest decoder
                                # measured, or where none was, greedy's "dynamic" rate (HF-generate-like)
+    agreement: dict = dataclasses.field(default_factory=dict)
+                               # (section, family): "139/141 as hf-sorted", the predictions of the decoder
+                               # priced that were its bench run's first configuration's (same_as_first)
 
     def decoding(self, name, beams=1):
         """FLOP/s of decoding with model `name`: its family's rate, or mT5's when the family was not
@@ -58,8 +61,10 @@ class Rates:
         return (table.get(family) or table.get("mt5") or next(iter(table.values())))[0]
 
     def describe(self):
-        greedy = ", ".join(f"{family} {rate / 1e12:.1f} ({path})" for family, (rate, path) in self.generate.items())
-        beam = ", ".join(f"{family} {rate / 1e12:.1f} ({path})" for family, (rate, path) in self.beam.items())
+        def listed(section, table):
+            return ", ".join(f"{family} {rate / 1e12:.1f} ({'; '.join(filter(None, (path, self.agreement.get((section, family)))))})"
+                             for family, (rate, path) in table.items())
+        greedy, beam = listed("generate", self.generate), listed("beam", self.beam)
         return (f"GPU: {self.gpu}, training at {self.train_mfu:.1%} MFU of {self.peak_flops / 1e12:.0f} TFLOP/s "
                 f"({self.train_path}); greedy decoding TFLOP/s {greedy}; beam search {beam} (measured {self.date}, "
                 f"bench/gpu.sh -> {os.path.relpath(RATES_FILE)})")
@@ -88,6 +93,15 @@ def _fastest(measured, where):
     return rates[path], path
 
 
+def _agreement(entry, path):
+    """"139/141 as hf-sorted": how many of a measured decoder's predictions were those of the first
+    configuration of its bench run (generate_throughput.py's "same as" column), when that was
+    another configuration; None for an entry that does not say (or was compared with itself)."""
+    if not entry or "same_as_first" not in entry or entry.get("compared_with") in (None, path):
+        return None
+    return f"{entry['same_as_first']}/{entry['examples']} as {entry['compared_with']}"
+
+
 @functools.lru_cache(maxsize=None)
 def read_rates(path=None):
     """The rates of bench/rates.json (or `path`); a missing or malformed file is a one-line error."""
@@ -106,7 +120,11 @@ def read_rates(path=None):
                      for family, paths in raw.get("beam", {}).items()})
         if not beam:
             raise KeyError("no 'beam' rate and no family with a 'dynamic' decoding rate (beam search is priced at one)")
-        return Rates(raw["gpu"], raw["date"], raw["peak_flops"], train / raw["peak_flops"], train_path, generate, beam)
+        agreement = {(section, family): _agreement(raw[section][family].get(path), path)
+                     for section, table in (("generate", generate), ("beam", beam))
+                     for family, (_, path) in table.items() if family in raw.get(section, {})}
+        return Rates(raw["gpu"], raw["date"], raw["peak_flops"], train / raw["peak_flops"], train_path, generate, beam,
+                     {key: text for key, text in agreement.items() if text})
     except FileNotFoundError:
         raise common.UsageError(f"cost: no rates file {path}; bash bench/gpu.sh writes it on a GPU") from None
     except (ValueError, KeyError, TypeError, AttributeError, ZeroDivisionError) as e:

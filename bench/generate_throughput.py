@@ -242,7 +242,7 @@ def run_workload(name, args, model, tokenizer, encoder, device, on_row=None):
         reference = reference or predictions
         same = sum(a == b for a, b in zip(predictions, reference))
         rows[key] = {"seconds": seconds, "cold_seconds": cold, "tokens_per_s": tokens / seconds, "same": same,
-                     "examples": len(encoded), "flops": flops}
+                     "compared_with": chosen[0], "examples": len(encoded), "flops": flops}
         rate = f"{flops / seconds / 1e12:>9.2f}" if flops else f"{'-':>9}"
         print(f"{key:<15}{cold:>8.2f}{seconds:>9.2f}{tokens / seconds:>12,.0f}{rate}"
               f"{rows[chosen[0]]['seconds'] / seconds:>9.2f}x{f'{same}/{len(encoded)}':>24}", flush=True)
@@ -319,7 +319,8 @@ def main(args):
     def record(workload_name, key, row):
         if recording and workload_name == measured and key in RATE_PATHS:
             entry = {"flops": row["flops"], "seconds": row["seconds"], "tokens_per_s": row["tokens_per_s"],
-                     "examples": row["examples"], "same_as_first": row["same"], "model": DIMS[args.dims],
+                     "examples": row["examples"], "same_as_first": row["same"], "compared_with": row["compared_with"],
+                     "model": DIMS[args.dims],
                      "beams": args.num_beams}
             cost.record_rates(args.rates, [section, family], {RATE_PATHS[key]: entry}, name,
                               time.strftime("%Y-%m-%d"), cost.peak_flops(name))

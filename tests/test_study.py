@@ -327,6 +327,26 @@ def test_cost_prices_from_the_rates_file_bench_writes(tmp_path, monkeypatch):
     assert cost.translate_hours("facebook/nllb-200-3.3B", "xlsum", 1000)[1] == pytest.approx(translation / 8, rel=1e-12)
 
 
+def test_cost_says_how_many_predictions_of_each_priced_decoder_were_hf_generates(tmp_path, monkeypatch):
+    """bench/gpu.sh's step 2 compares every decoder's predictions with HF generate's (its first
+    configuration): the rate cost.py prices with is printed with that count, so a fast decoder whose
+    tokens were not HF's shows it in the pricing. A decoder measured alone (step 3's compiled-auto
+    for mBART: compared with itself) and the shipped file's entries (no count) say nothing."""
+    import cost
+    fast = {"flops": 2.06e13, "seconds": 0.5, "examples": 141, "same_as_first": 139, "compared_with": "hf-sorted"}
+    alone = {"flops": 2.06e13, "seconds": 1.0, "examples": 141, "same_as_first": 141, "compared_with": "compiled-auto"}
+    slow = {"flops": 2.06e13, "seconds": 11.5, "examples": 141, "same_as_first": 141, "compared_with": "hf-sorted"}
+    _rates_file(tmp_path, monkeypatch, {"eager": EAGER},
+                {"mt5": {"hf-sorted": slow, "compiled-auto": fast}, "mbart": {"compiled-auto": alone}},
+                beam={"nllb": {"hf-sorted": slow, "compiled": dict(fast, same_as_first=281, examples=297)}})
+    described = cost.rates().describe()
+    assert "mt5 41.2 (compiled-auto; 139/141 as hf-sorted)" in described, described
+    assert "mbart 20.6 (compiled-auto)" in described and "nllb 41.2 (compiled; 281/297 as hf-sorted)" in described
+    monkeypatch.delenv("XLGEN_RATES")
+    cost.read_rates.cache_clear()
+    assert "decoding TFLOP/s mt5 1.8 (dynamic);" in cost.rates().describe()
+
+
 def test_rates_file_errors_and_merges(tmp_path, monkeypatch):
     """A missing or malformed rates file is a one-line error naming it; record_rates adds a bench's
     paths beside the others' (temp file, then rename), and starts over for another GPU."""
