@@ -122,6 +122,9 @@ def batch_limits(model, device, lengths, max_new_tokens, precision=None, beams=1
     source takes that many rows."""
     if device.type != "cuda":
         return CPU_LIMITS
+    # memory torch's caching allocator holds without using it (a validation follows training steps,
+    # whose activations it keeps cached) is the driver's again first, so that "free" counts it
+    torch.cuda.empty_cache()
     free, _ = torch.cuda.mem_get_info(device)
     return limits_for_memory(model.config, MEMORY_SHARE * free, lengths, max_new_tokens,
                              2 if precision == "bf16" else 4, beams)
