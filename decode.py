@@ -14,8 +14,10 @@ loop.generate is the entry point; this module holds what it needs to go fast:
 - **StaticDecoder**: the greedy decode of one batch with every shape fixed in advance. The batch is
   padded to a bucket of rows and its sources to a bucket of lengths (`bucket`: 4 sizes an octave);
   the cache is preallocated (one flat buffer per tensor, so every bucket's cache is a view at the
-  same address); a finished row keeps its place, writing padding, until the rows still going fit
-  a smaller bucket -- only then is the batch re-packed (copied to the front of the buffers):
+  same address), once per loop.generate call for its largest batch (`reserve`), so no input of the
+  step ever moves and a shape's CUDA graph replays in every batch; a finished row keeps its place,
+  writing padding, until the rows still going fit a smaller bucket -- only then is the batch
+  re-packed (copied to the front of the buffers):
 
         rows still going    16   15   14   13   12   11   10    9  ...
         bucket (shape)      16   16   14   14   12   12   10   10  ...   re-packed at 14, 12, 10
@@ -186,11 +188,38 @@ class StaticDecoder:
         self.model = model
         self.max_source = adapt.max_source_length(model)   # a bucket never passes the positions the model has
         self.buffers = {}       # name -> flat tensor; every bucket's cache is a view at its start
+        self.reserved = {}      # name -> elements a buffer is allocated with at least (reserve)
         self.step = _step
         if compile:
             cuda = next(model.parameters()).device.type == "cuda"
             mode = "reduce-overhead" if cuda and backend == "inductor" else None
             self.step = torch.compile(_step, mode=mode, backend=backend)
+
+    def _padded(self, batch_size, source_len):
+        """(rows, source positions) of a batch of `batch_size` sources, the longest `source_len` tokens,
+        padded to the buckets (never past the positions the model has)."""
+        return row_bucket(batch_size), max(source_len, min(bucket(source_len), self.max_source))
+
+    def reserve(self, batches, beams=1):
+        """Allocate each buffer, when next allocated, for the largest of the `batches` to come ((sources,
+        longest source's tokens, new tokens) each: loop.generate's, translate_train.py's), so that none
+        is reallocated between them. A
+        buffer that moved would hand the step its static inputs at new addresses, and CUDA graphs
+        record anew every shape after that (test_decode.py). Grown batch by batch instead, the encoder's
+        and the cross-attention's buffers moved 6 times in the 14 length-sorted batches of XQuAD's 7,140
+        questions (6 languages) at mT5-base's limits on an 80 GB GPU."""
+        layers, heads, d_kv = _decoder_dims(self.model.config)
+        for batch_size, source_len, max_new_tokens in batches:
+            rows, length = self._padded(batch_size, source_len)
+            rows *= beams
+            positions = bucket(max_new_tokens) if beams > 1 else max_new_tokens   # beam_search's capacity
+            need = {"encoder": rows * length * self.model.config.d_model, "mask": rows * length}
+            for i in range(layers):
+                for attr in "kv":
+                    need[f"self{i}{attr}"] = rows * heads * positions * d_kv
+                    need[f"cross{i}{attr}"] = rows * heads * length * d_kv
+            for name, numel in need.items():
+                self.reserved[name] = max(numel, self.reserved.get(name, 0))
 
     def _view(self, name, shape, dtype, device, capacity=0, dynamic=()):
         """A tensor of `shape` at the start of the flat buffer `name` (grown when too small, to at least
@@ -199,7 +228,8 @@ class StaticDecoder:
         numel = math.prod(shape)
         flat = self.buffers.get(name)
         if flat is None or flat.numel() < max(numel, capacity) or flat.dtype != dtype:
-            flat = self.buffers[name] = torch.zeros(max(numel, capacity), dtype=dtype, device=device)
+            flat = self.buffers[name] = torch.zeros(max(numel, capacity, self.reserved.get(name, 0)), dtype=dtype,
+                                                    device=device)
         view = flat[:numel].view(shape)
         torch._dynamo.mark_static_address(view)
         return mark_dynamic(view, *dynamic)
@@ -224,8 +254,9 @@ class StaticDecoder:
                 layer.values.zero_()
                 layer.device, layer.batch_size, layer.num_heads = device, rows, heads
                 layer.k_head_dim = layer.v_head_dim = d_kv
-                layer.cumulative_length = torch.zeros((), dtype=torch.long, device=device)
-                torch._dynamo.mark_static_address(layer.cumulative_length)
+                # positions written: a buffer too, so that it stays where the recorded step saw it
+                layer.cumulative_length = self._view(f"length-{kind}{i}", (), torch.long, device)
+                layer.cumulative_length.zero_()
                 layer.is_initialized = True
             caches.append(cache)
         return EncoderDecoderCache(*caches)
@@ -275,7 +306,7 @@ class StaticDecoder:
         states, the mask and, per slot before the repeat, the row of the batch it holds."""
         batch_size, source_len = input_ids.shape
         device = input_ids.device
-        rows, length = row_bucket(batch_size), max(source_len, min(bucket(source_len), self.max_source))
+        rows, length = self._padded(batch_size, source_len)
         index = torch.cat([torch.arange(batch_size, device=device),
                            torch.zeros(rows - batch_size, dtype=torch.long, device=device)])
         padded_ids = torch.full((rows, length), pad, dtype=input_ids.dtype, device=device)

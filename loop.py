@@ -812,6 +812,8 @@ def generate(model, tokenizer, encoded, generation_kwargs, device, max_new_token
     static = decoder if isinstance(decoder, decode.StaticDecoder) else static_decoder(model, decoder, device,
                                                                                        num_beams)
     batches = data.generation_batches(lengths, max_tokens, max_batch_size)
+    if static is not None:   # its buffers sized for the largest batch at once: they stay where they are
+        static.reserve([(len(batch), max(lengths[i] for i in batch), max_new_tokens) for batch in batches], num_beams)
     predictions = [None] * len(encoded)
     for batch in tqdm(batches, desc=desc, leave=False, disable=len(batches) < 2, file=sys.stderr):
         batch_fn = None if logits_fn is None else _rows_to_examples(logits_fn, torch.tensor(batch))

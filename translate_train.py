@@ -360,11 +360,14 @@ def translate_sentences(model, tokenizer, encoder, sentences, args, device, bar,
     encoded = encoder.encode(examples)
     generation = encoder.generation_kwargs(args.tgt_lang)
     lengths = [len(e["input_ids"]) for e in encoded]
-    for batch in data.generation_batches(lengths, args.max_tokens):
+    batches = data.generation_batches(lengths, args.max_tokens)
+    longest = [max(lengths[i] for i in batch) for batch in batches]
+    limits = [min(encoder.max_target_length, int(args.max_length_ratio * n) + args.max_length_offset) for n in longest]
+    if decoder is not None:   # its buffers sized for the chunk's largest batch at once: they stay where they are
+        decoder.reserve(list(zip(map(len, batches), longest, limits)), args.num_beams)
+    for batch, limit in zip(batches, limits):
         if done and all(sentences[i] in done for i in batch):
             continue
-        longest = max(lengths[i] for i in batch)
-        limit = min(encoder.max_target_length, int(args.max_length_ratio * longest) + args.max_length_offset)
         out = loop.generate_batch(model, tokenizer, [encoded[i]["input_ids"] for i in batch], generation, device,
                                   limit, args.num_beams, precision=args.precision, decoder=decoder)
         texts = loop.decode_generated(tokenizer, out, generation)

@@ -172,15 +172,19 @@ def test_the_static_beam_search_translates_byte_for_byte_as_hf_generate(tmp_path
     """--decoder static (decode.StaticDecoder.beam_search: 4 beams, each batch its own output limit),
     and auto, which is static on CPU, write the file HF generate writes (--decoder dynamic), for a
     sharpened tiny NLLB (conftest.sharpened: its translations depend on the source and on each
-    beam's history)."""
+    beam's history). The decoder's buffers are the first batch's in every batch (decode.reserve:
+    on a GPU a buffer that moved would make CUDA graphs record every shape again; at --max-tokens
+    100 a later batch needs more room than the first, and before the reservation the buffers moved)."""
     load = models.load_model
     monkeypatch.setattr(models, "load_model", lambda *args, **kwargs: sharpened(load(*args, **kwargs)))
-    searched = []
+    searched, buffers = [], []
     search = decode.StaticDecoder.beam_search
 
     def counted(self, input_ids, *args, **kwargs):
         searched.append(input_ids.shape[0])
-        return search(self, input_ids, *args, **kwargs)
+        out = search(self, input_ids, *args, **kwargs)
+        buffers.append(dict(self.buffers))    # (kept: a buffer freed and allocated again could reuse its address)
+        return out
 
     monkeypatch.setattr(decode.StaticDecoder, "beam_search", counted)
     predictions = os.path.join(DATA_DIR, "xquad", "predictions", "CL-mt5base.en.json")
@@ -188,9 +192,11 @@ def test_the_static_beam_search_translates_byte_for_byte_as_hf_generate(tmp_path
     for decoder in ("dynamic", "static", "auto"):       # auto: static on CPU (faster than HF generate there)
         files[decoder] = tmp_path / f"preds.{decoder}.json"
         searched.clear()
+        buffers.clear()
         run("--predictions", predictions, "--tgt-lang", "de", "--out-file", str(files[decoder]), "--limit", "40",
-            "--max-tokens", "150", "--decoder", decoder)
+            "--max-tokens", "100", "--decoder", decoder)
         sources[decoder] = list(searched)
+        assert [name for later in buffers[1:] for name, buffer in later.items() if buffer is not buffers[0][name]] == []
     # every batch but HF generate's: the 25 distinct sentences of the 40, in several batches
     assert sources["dynamic"] == [] and sum(sources["static"]) == 25 and len(sources["static"]) > 1
     assert sources["auto"] == sources["static"]
