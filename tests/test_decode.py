@@ -52,7 +52,7 @@ def test_every_static_input_of_the_step_is_where_the_first_batch_had_it():
     decoder, which outlasts a batch: a second batch of the same shapes, greedy and beam search, hands
     every step of every bucket the tensors at the first batch's addresses. (Before, the caches'
     positions written were new tensors in each batch, 24 of them at mT5-base's 12 layers: every shape
-    of every batch would have been recorded again, at least 37 batches of up to 32 row buckets in a
+    of every batch would have been recorded again, at least 37 batches of up to 31 row buckets in a
     device-sized validation of XL-Sum.) The first batch's tensors are kept, so no address of theirs
     is reused."""
     model = models.load_model("tiny-mt5", DATA_DIR).eval()
