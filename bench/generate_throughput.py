@@ -194,6 +194,27 @@ def loop_sync(device):
         torch.cuda.synchronize()
 
 
+def cuda_graphs(device):
+    """(CUDA graphs recorded, cudagraph skips) so far by torch.compile's cudagraph trees (mode
+    "reduce-overhead": the compiled decoder's on a GPU) on `device`; None off CUDA. A shape is run
+    once without a graph (warm-up), recorded at its second call, then replayed: a timed run records
+    the shapes its cold run called once only, and any whose static inputs moved (a shape captured
+    again: decode.StaticDecoder.reserve); a skip is torch deciding to run a compiled function
+    without graphs (TORCH_LOGS=cudagraphs says why). The recordings are a counter private to torch
+    (CUDAGraphTreeManager.debug_fail_counter: each recording after a function's warm-up run), None
+    where this torch has none."""
+    if device.type != "cuda":
+        return None
+    from torch._dynamo.utils import counters
+    try:
+        from torch._inductor import cudagraph_trees
+        manager = cudagraph_trees.get_manager(device.index or 0, create_if_none_exists=False)
+        recorded = 0 if manager is None else int(manager.debug_fail_counter)
+    except (ImportError, AttributeError, TypeError):
+        recorded = None
+    return recorded, counters["inductor"]["cudagraph_skips"]
+
+
 def run_workload(name, args, model, tokenizer, encoder, device, on_row=None):
     """Each configuration's row ({"seconds", "tokens_per_s", "same", ...}), by key; on_row(key, row)
     is called as each is measured, before the next starts (main records rates there, so a run cut
@@ -238,6 +259,7 @@ def run_workload(name, args, model, tokenizer, encoder, device, on_row=None):
     rows, reference = {}, None
     for key in chosen:   # each row printed when measured: a configuration that hangs leaves the others'
         _, cold = timed(configurations[key], device)   # kernels chosen, graphs compiled
+        graphs = cuda_graphs(device)
         predictions, seconds = timed(configurations[key], device)
         reference = reference or predictions
         same = sum(a == b for a, b in zip(predictions, reference))
@@ -246,6 +268,12 @@ def run_workload(name, args, model, tokenizer, encoder, device, on_row=None):
         rate = f"{flops / seconds / 1e12:>9.2f}" if flops else f"{'-':>9}"
         print(f"{key:<15}{cold:>8.2f}{seconds:>9.2f}{tokens / seconds:>12,.0f}{rate}"
               f"{rows[chosen[0]]['seconds'] / seconds:>9.2f}x{f'{same}/{len(encoded)}':>24}", flush=True)
+        if graphs is not None and key.startswith("compiled"):   # what its timed run did with CUDA graphs
+            recorded, skipped = cuda_graphs(device)
+            recorded = "?" if recorded is None else recorded - graphs[0]
+            print(f"{'':<15}CUDA graphs recorded in the timed run: {recorded} (shapes the cold run called once, "
+                  f"or whose inputs moved); cudagraph skips: {skipped - graphs[1]} (TORCH_LOGS=cudagraphs says why)",
+                  flush=True)
         if on_row is not None:
             on_row(key, rows[key])
     return rows
