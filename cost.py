@@ -61,8 +61,9 @@ class Rates:
         return (table.get(family) or table.get("mt5") or next(iter(table.values())))[0]
 
     def describe(self):
-        def listed(section, table):
-            return ", ".join(f"{family} {rate / 1e12:.1f} ({'; '.join(filter(None, (path, self.agreement.get((section, family)))))})"
+        def listed(section, table):  # "mt5 41.2 (compiled-auto; 139/141 as hf-sorted)", the count where known
+            agreement = {family: f"; {text}" for (part, family), text in self.agreement.items() if part == section}
+            return ", ".join(f"{family} {rate / 1e12:.1f} ({path}{agreement.get(family, '')})"
                              for family, (rate, path) in table.items())
         greedy, beam = listed("generate", self.generate), listed("beam", self.beam)
         return (f"GPU: {self.gpu}, training at {self.train_mfu:.1%} MFU of {self.peak_flops / 1e12:.0f} TFLOP/s "

@@ -203,11 +203,11 @@ class StaticDecoder:
     def reserve(self, batches, beams=1):
         """Allocate each buffer, when next allocated, for the largest of the `batches` to come ((sources,
         longest source's tokens, new tokens) each: loop.generate's, translate_train.py's), so that none
-        is reallocated between them. A
-        buffer that moved would hand the step its static inputs at new addresses, and CUDA graphs
-        record anew every shape after that (test_decode.py). Grown batch by batch instead, the encoder's
-        and the cross-attention's buffers moved 6 times in the 14 length-sorted batches of XQuAD's 7,140
-        questions (6 languages) at mT5-base's limits on an 80 GB GPU."""
+        is reallocated between them. A buffer that moved would hand the step its static inputs at new
+        addresses, and CUDA graphs record anew every shape after that (test_decode.py). Grown batch by
+        batch instead, the encoder's and the cross-attention's buffers moved 6 times in the 14
+        length-sorted batches of XQuAD's 7,140 questions (6 languages) at mT5-base's limits on an
+        80 GB GPU."""
         layers, heads, d_kv = _decoder_dims(self.model.config)
         for batch_size, source_len, max_new_tokens in batches:
             rows, length = self._padded(batch_size, source_len)

@@ -259,7 +259,7 @@ def run_workload(name, args, model, tokenizer, encoder, device, on_row=None):
     rows, reference = {}, None
     for key in chosen:   # each row printed when measured: a configuration that hangs leaves the others'
         _, cold = timed(configurations[key], device)   # kernels chosen, graphs compiled
-        graphs = cuda_graphs(device)
+        graphs = cuda_graphs(device) if key.startswith("compiled") else None   # (CUDA: the counts before)
         predictions, seconds = timed(configurations[key], device)
         reference = reference or predictions
         same = sum(a == b for a, b in zip(predictions, reference))
@@ -268,7 +268,7 @@ def run_workload(name, args, model, tokenizer, encoder, device, on_row=None):
         rate = f"{flops / seconds / 1e12:>9.2f}" if flops else f"{'-':>9}"
         print(f"{key:<15}{cold:>8.2f}{seconds:>9.2f}{tokens / seconds:>12,.0f}{rate}"
               f"{rows[chosen[0]]['seconds'] / seconds:>9.2f}x{f'{same}/{len(encoded)}':>24}", flush=True)
-        if graphs is not None and key.startswith("compiled"):   # what its timed run did with CUDA graphs
+        if graphs is not None:   # what its timed run did with CUDA graphs
             recorded, skipped = cuda_graphs(device)
             recorded = "?" if recorded is None else recorded - graphs[0]
             print(f"{'':<15}CUDA graphs recorded in the timed run: {recorded} (shapes the cold run called once, "
@@ -348,8 +348,7 @@ def main(args):
         if recording and workload_name == measured and key in RATE_PATHS:
             entry = {"flops": row["flops"], "seconds": row["seconds"], "tokens_per_s": row["tokens_per_s"],
                      "examples": row["examples"], "same_as_first": row["same"], "compared_with": row["compared_with"],
-                     "model": DIMS[args.dims],
-                     "beams": args.num_beams}
+                     "model": DIMS[args.dims], "beams": args.num_beams}
             cost.record_rates(args.rates, [section, family], {RATE_PATHS[key]: entry}, name,
                               time.strftime("%Y-%m-%d"), cost.peak_flops(name))
             written.append(RATE_PATHS[key])
