@@ -1009,9 +1009,15 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def exit_status(code):
+    """The wrapper's own exit status for its command's: a command ended by signal N exits 128 + N, as
+    a shell reports it (143 for SIGTERM, where sys.exit(-15) gave 241)."""
+    return 128 - code if code < 0 else code
+
+
 @common.exits_on_error
 def main(args):
-    sys.exit(exec_run(args))
+    sys.exit(exit_status(exec_run(args)))
 
 
 if __name__ == "__main__":
